@@ -1,0 +1,134 @@
+"""The update-rule protocol shared by deployment (torch.optim) and meta-training (torch.func).
+
+An update rule is a *pure* function of torch tensors. The same code serves both engines:
+
+* ``LearnedOptimizer`` calls it on each parameter tensor of a real model, one tensor at a time;
+* the meta-trainer calls it under ``torch.func.vmap`` over a leading axis of tasks ×
+  perturbations and differentiates it with respect to ``theta``.
+
+So a rule must never mutate its inputs, never call ``.item()`` or branch on tensor *values*
+(branching on shapes is fine), and must build every new tensor from its inputs.
+
+Conventions:
+
+* ``theta`` is a flat ``dict[str, Tensor]`` (float32) — exactly what goes into
+  ``model.safetensors``.
+* ``state`` is a flat ``dict[str, Tensor]`` per parameter tensor, float32.
+* ``update`` returns the *step to subtract*: ``new_param = param - lr * step``. The deployed
+  optimizer multiplies by its ``lr`` (default 1.0) so LR schedulers work.
+* ``step`` is the 0-based iteration count *before* this update (int or a scalar tensor; under
+  vmap it may be batched).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+Theta = dict[str, Tensor]
+State = dict[str, Tensor]
+
+
+class RuleConfigError(ValueError):
+    """A rule name or hyper-parameter is invalid."""
+
+
+class UpdateRule(ABC):
+    """Base class of every learned update rule.
+
+    Subclasses are dataclasses whose fields are the rule's hyper-parameters (JSON-serialisable
+    values only); they are recorded in the artifact's ``config.json`` and passed back to the
+    constructor on load.
+    """
+
+    name: ClassVar[str]
+
+    # ----------------------------------------------------------------- hyper-parameters
+    def hyperparameters(self) -> dict[str, Any]:
+        """All hyper-parameters (defaults included) as JSON-serialisable values."""
+        values = dataclasses.asdict(self)  # type: ignore[call-overload]
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in values.items()}
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: dict[str, Any]) -> "UpdateRule":
+        """Build the rule from a config dict; unknown keys are an error."""
+        known = {field.name: field for field in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(hyperparameters) - set(known))
+        if unknown:
+            raise RuleConfigError(f"rule {cls.name!r} has no hyper-parameter(s) {unknown}; known: {sorted(known)}")
+        converted = {}
+        for key, value in hyperparameters.items():
+            default = known[key].default
+            converted[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+        return cls(**converted)
+
+    # ------------------------------------------------------------------ meta-parameters
+    @abstractmethod
+    def theta_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Name → shape of every meta-parameter tensor (all float32)."""
+
+    @abstractmethod
+    def init_theta(self, generator: torch.Generator | None = None) -> Theta:
+        """A fresh random ``theta`` (deterministic given the generator's seed)."""
+
+    # ------------------------------------------------------------------------ per tensor
+    @abstractmethod
+    def init_state(self, param: Tensor) -> State:
+        """Optimizer state for one parameter tensor (float32 tensors)."""
+
+    @abstractmethod
+    def update(
+        self,
+        theta: Theta,
+        param: Tensor,
+        grad: Tensor,
+        state: State,
+        step: Tensor | int,
+        chunk_size: int | None = None,
+    ) -> tuple[Tensor, State]:
+        """One step for one tensor: returns ``(step_to_subtract, new_state)``.
+
+        ``chunk_size`` bounds how many elements go through the per-element network at once
+        (deployment memory/speed); ``None`` processes the tensor whole (what ``vmap`` wants).
+        It never changes the result beyond float rounding.
+        """
+
+
+_REGISTRY: dict[str, type[UpdateRule]] = {}
+
+
+def register_rule(cls: type[UpdateRule]) -> type[UpdateRule]:
+    """Class decorator: make ``cls`` loadable by its ``name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise RuleConfigError(f"rule name {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available_rules() -> list[str]:
+    """Names of all registered rules."""
+    return sorted(_REGISTRY)
+
+
+def rule_class(name: str) -> type[UpdateRule]:
+    """The rule class registered under ``name``."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise RuleConfigError(f"unknown rule {name!r}; available rules: {available_rules()}") from None
+
+
+def build_rule(name: str, **hyperparameters: Any) -> UpdateRule:
+    """Instantiate the rule ``name`` with the given hyper-parameters (others default)."""
+    return rule_class(name).from_hyperparameters(hyperparameters)
+
+
+def as_step_tensor(step: Tensor | int, like: Tensor) -> Tensor:
+    """The iteration count as a float32 scalar tensor on ``like``'s device (vmap-friendly)."""
+    if isinstance(step, Tensor):
+        return step.to(device=like.device, dtype=torch.float32)
+    return torch.tensor(float(step), device=like.device, dtype=torch.float32)

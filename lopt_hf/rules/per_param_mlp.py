@@ -1,0 +1,82 @@
+"""``per_param_mlp``: the per-parameter MLP learned optimizer of the learned-optimizers tutorial.
+
+Each element sees ``[param, momentum, grad]`` (momentum = EMA of the gradient, updated before
+the features are built, no normalisation); an MLP maps them to ``(a, b)`` and the step is
+``a * step_mult * exp(b * exp_mult)`` (0.01 and 0.01 in the tutorial).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from .base import State, Theta, UpdateRule, register_rule
+from .features import activation_fn, chunk_slices, ema
+
+NUM_INPUTS = 3  # param, momentum, grad
+
+
+@register_rule
+@dataclasses.dataclass(frozen=True)
+class PerParamMLP(UpdateRule):
+    """The tutorial's per-parameter MLP on ``[param, momentum, grad]``."""
+
+    name = "per_param_mlp"
+
+    hidden_sizes: tuple[int, ...] = (64,)
+    activation: str = "relu"
+    momentum_decay: float = 0.9
+    step_mult: float = 0.01
+    exp_mult: float = 0.01
+
+    def __post_init__(self) -> None:
+        activation_fn(self.activation)  # validate early
+        if not self.hidden_sizes or any(int(size) <= 0 for size in self.hidden_sizes):
+            raise ValueError(f"hidden_sizes must be positive integers, got {self.hidden_sizes}")
+
+    @property
+    def _layer_sizes(self) -> list[int]:
+        return [NUM_INPUTS, *map(int, self.hidden_sizes), 2]
+
+    def theta_shapes(self) -> dict[str, tuple[int, ...]]:
+        sizes = self._layer_sizes
+        shapes: dict[str, tuple[int, ...]] = {}
+        for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            shapes[f"w{layer}"] = (fan_in, fan_out)
+            shapes[f"b{layer}"] = (fan_out,)
+        return shapes
+
+    def init_theta(self, generator: torch.Generator | None = None) -> Theta:
+        # The tutorial draws weights from a unit normal (no fan-in scaling) and zero biases.
+        theta = {}
+        for key, shape in self.theta_shapes().items():
+            if key.startswith("w"):
+                theta[key] = torch.randn(shape, generator=generator, dtype=torch.float32)
+            else:
+                theta[key] = torch.zeros(shape, dtype=torch.float32)
+        return theta
+
+    def init_state(self, param: Tensor) -> State:
+        return {"momentum": torch.zeros_like(param, dtype=torch.float32)}
+
+    def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
+               chunk_size: int | None = None) -> tuple[Tensor, State]:
+        momentum = ema(state["momentum"], grad, self.momentum_decay)
+        act = activation_fn(self.activation)
+        num_layers = len(self._layer_sizes) - 1
+        flat_p, flat_m, flat_g = param.reshape(-1), momentum.reshape(-1), grad.reshape(-1)
+        w0 = theta["w0"]
+        pieces = []
+        for rows in chunk_slices(flat_p.shape[0], chunk_size):
+            # First layer as broadcast products: a 3-input matmul is a poor fit for BLAS.
+            h = (flat_p[rows, None] * w0[0] + flat_m[rows, None] * w0[1] + flat_g[rows, None] * w0[2]
+                 + theta["b0"])
+            for layer in range(1, num_layers):
+                h = act(h) @ theta[f"w{layer}"] + theta[f"b{layer}"]
+            pieces.append(h[:, 0] * self.step_mult * torch.exp(h[:, 1] * self.exp_mult))
+        step_out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+        return step_out.reshape(param.shape), {"momentum": momentum}
+
+
