@@ -1,0 +1,153 @@
+"""Optimizer step-time and memory benchmark: every learned rule against ``torch.optim.AdamW``.
+
+All optimizers step the same model (by default the 512→1024→1024→10 MLP, 1.59M parameters)
+with the same fixed gradients. Times are medians over repeated ``step()`` calls after warm-up,
+measured in one process so the AdamW ratio compares like with like. Peak extra memory is
+measured in a fresh subprocess per optimizer (on Linux, by resetting the peak-RSS counter
+right before the first step; on CUDA with the allocator's peak counter).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from .optim import LearnedOptimizer
+from .rules import available_rules, build_rule
+
+ADAMW = "adamw"
+DEFAULT_LAYERS = (512, 1024, 1024, 10)
+
+
+@dataclasses.dataclass
+class StepResult:
+    """Timing and memory of one optimizer on the benchmark model."""
+
+    name: str
+    step_ms: float
+    ratio_to_adamw: float | None = None
+    state_mb: float | None = None
+    peak_extra_mb: float | None = None
+
+
+def make_mlp(layers: Sequence[int], device: str = "cpu") -> nn.Module:
+    """An MLP with ReLU between the given layer widths, with deterministic random gradients."""
+    torch.manual_seed(0)
+    modules: list[nn.Module] = []
+    for fan_in, fan_out in zip(layers[:-1], layers[1:]):
+        modules += [nn.Linear(fan_in, fan_out), nn.ReLU()]
+    model = nn.Sequential(*modules[:-1]).to(device)
+    for param in model.parameters():
+        param.grad = 1e-2 * torch.randn_like(param)
+    return model
+
+
+def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
+    """``torch.optim.AdamW`` for ``"adamw"``, otherwise a LearnedOptimizer with a seeded random theta."""
+    if name == ADAMW:
+        return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rule = build_rule(name)
+    return LearnedOptimizer(model.parameters(), rule, rule.init_theta(torch.Generator().manual_seed(0)))
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_steps(step: Callable[[], object], device: str, warmup: int, repeats: int) -> float:
+    """Median wall time of ``step()`` in milliseconds."""
+    for _ in range(warmup):
+        step()
+    _synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        _synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def state_megabytes(optimizer: torch.optim.Optimizer) -> float:
+    """Size of the optimizer's per-parameter state tensors in MB."""
+    total = sum(value.numel() * value.element_size() for state in optimizer.state.values()
+                for value in state.values() if isinstance(value, torch.Tensor))
+    return total / 2**20
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak_extra_memory(name: str, layers: Sequence[int], device: str) -> tuple[float, float]:
+    """(state MB, peak extra MB over the model+grads) for two steps of optimizer ``name``."""
+    model = make_mlp(layers, device)
+    optimizer = make_optimizer(name, model)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        optimizer.step()
+        optimizer.step()
+        torch.cuda.synchronize()
+        return state_megabytes(optimizer), (torch.cuda.max_memory_allocated() - base) / 2**20
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset the peak-RSS counter (VmHWM) to the current RSS
+    base_kb = _rss_kb("VmRSS:")
+    optimizer.step()
+    optimizer.step()
+    return state_megabytes(optimizer), (_rss_kb("VmHWM:") - base_kb) / 1024
+
+
+def run_benchmark(names: Sequence[str] | None = None, layers: Sequence[int] = DEFAULT_LAYERS, device: str = "cpu",
+                  warmup: int = 3, repeats: int = 10, measure_memory: bool = True) -> list[StepResult]:
+    """Time AdamW and every named rule on the same model; return one result per optimizer."""
+    names = [ADAMW, *[n for n in (names or available_rules()) if n != ADAMW]]
+    results = []
+    for name in names:
+        model = make_mlp(layers, device)
+        optimizer = make_optimizer(name, model)
+        results.append(StepResult(name, time_steps(optimizer.step, device, warmup, repeats)))
+    adamw_ms = results[0].step_ms
+    for result in results:
+        result.ratio_to_adamw = result.step_ms / adamw_ms
+        if measure_memory:
+            result.state_mb, result.peak_extra_mb = _memory_in_subprocess(result.name, layers, device)
+    return results
+
+
+def _memory_in_subprocess(name: str, layers: Sequence[int], device: str) -> tuple[float | None, float | None]:
+    code = ("import json, sys; from lopt_hf.bench import measure_peak_extra_memory; "
+            f"print(json.dumps(measure_peak_extra_memory({name!r}, {list(layers)!r}, {device!r})))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+        state_mb, peak_mb = json.loads(out.stdout.strip().splitlines()[-1])
+        return state_mb, peak_mb
+    except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+        return None, None  # e.g. no /proc on this platform: report timing only
+
+
+def format_results(results: Sequence[StepResult], layers: Sequence[int], device: str) -> str:
+    """A plain-text table of the results."""
+    num_params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(layers[:-1], layers[1:]))
+    lines = [f"optimizer step on MLP {'→'.join(map(str, layers))} ({num_params / 1e6:.2f}M parameters), "
+             f"device={device}, torch {torch.__version__}, threads={torch.get_num_threads()}",
+             f"{'optimizer':<16}{'step ms':>10}{'× AdamW':>10}{'state MB':>10}{'peak extra MB':>15}"]
+    for r in results:
+        state = f"{r.state_mb:.1f}" if r.state_mb is not None else "n/a"
+        peak = f"{r.peak_extra_mb:.1f}" if r.peak_extra_mb is not None else "n/a"
+        lines.append(f"{r.name:<16}{r.step_ms:>10.2f}{r.ratio_to_adamw:>10.1f}{state:>10}{peak:>15}")
+    return "\n".join(lines)

@@ -1,0 +1,103 @@
+"""The ``lopt-hf`` command line: ``bench``, ``create``, ``push``, ``rules``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Sequence
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import format_results, run_benchmark
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    layers = [int(width) for width in args.layers.split(",")]
+    results = run_benchmark(args.rules or None, layers=layers, device=args.device, warmup=args.warmup,
+                            repeats=args.repeats, measure_memory=not args.no_memory)
+    print(format_results(results, layers, args.device))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump([vars(r) for r in results], out, indent=2)
+    return 0
+
+
+def _cmd_rules(args: argparse.Namespace) -> int:
+    from .rules import available_rules, build_rule
+
+    for name in available_rules():
+        rule = build_rule(name)
+        num = sum(math.prod(shape) for shape in rule.theta_shapes().values())
+        print(f"{name:<16} {num:>7} meta-parameters  {json.dumps(rule.hyperparameters())}")
+    return 0
+
+
+def _cmd_create(args: argparse.Namespace) -> int:
+    from .hub import create_artifact
+
+    rule_config = json.loads(args.rule_config) if args.rule_config else None
+    artifact = create_artifact(args.rule, seed=args.seed, rule_config=rule_config,
+                               provenance={"source": f"lopt-hf create {args.rule} --seed {args.seed} (random init)"})
+    artifact.save_pretrained(args.out_dir)
+    print(f"wrote {args.rule} artifact (random init, seed {args.seed}) to {args.out_dir}")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import load_artifact
+
+    artifact = load_artifact(args.directory)  # validates before anything is uploaded
+    url = artifact.push_to_hub(args.repo_id, private=args.private, revision=args.revision,
+                               commit_message=args.message)
+    print(f"pushed {args.directory} to {args.repo_id}: {url}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lopt-hf``."""
+    parser = argparse.ArgumentParser(prog="lopt-hf", description="Learned optimizers for PyTorch on the Hub.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    bench = sub.add_parser("bench", help="step time and memory of each rule vs torch.optim.AdamW")
+    bench.add_argument("--rules", nargs="*", help="rules to time (default: all registered)")
+    bench.add_argument("--layers", default="512,1024,1024,10", help="MLP widths (default 512,1024,1024,10)")
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--warmup", type=int, default=3)
+    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    bench.add_argument("--json", help="also write the results to this JSON file")
+    bench.set_defaults(func=_cmd_bench)
+
+    rules = sub.add_parser("rules", help="list the registered update rules and their hyper-parameters")
+    rules.set_defaults(func=_cmd_rules)
+
+    create = sub.add_parser("create", help="write a randomly initialised artifact for a rule")
+    create.add_argument("rule")
+    create.add_argument("out_dir")
+    create.add_argument("--seed", type=int, default=0)
+    create.add_argument("--rule-config", help="JSON object of rule hyper-parameters")
+    create.set_defaults(func=_cmd_create)
+
+    push = sub.add_parser("push", help="validate an artifact folder and push it to the Hub")
+    push.add_argument("directory")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to push to")
+    push.add_argument("--message", default="Upload learned optimizer with lopt_hf")
+    push.set_defaults(func=_cmd_push)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lopt-hf`` console script."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

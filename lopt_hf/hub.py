@@ -1,0 +1,517 @@
+"""The Hub artifact of a learned optimizer: ``config.json`` + ``model.safetensors`` + ``README.md``.
+
+``LearnedOptimizerConfig`` / ``LearnedOptimizerModel`` are a transformers config / model pair
+registered with ``AutoConfig`` / ``AutoModel`` (model type ``learned_optimizer``), so the usual
+``from_pretrained`` / ``save_pretrained`` / ``push_to_hub`` work — but every one of them is
+overridden here:
+
+* loading reads ``config.json`` as JSON and ``model.safetensors`` as safetensors, validates
+  both against the update rule named in the config (looked up in lopt_hf's own registry) and
+  only then builds the model; it never unpickles, never imports or runs code from the artifact,
+  and never random-initialises a missing tensor (transformers' loader would);
+* saving writes exactly the three files, with our model card;
+* ``push_to_hub`` uploads exactly those three files (transformers' own would replace our card
+  with its auto-generated one).
+
+Problems with an artifact raise :class:`ArtifactError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+
+from .artifact_validation import (CONFIG_NAME, DEFAULT_OPTIMIZER_DEFAULTS, FORMAT_VERSION, MODEL_CARD_NAME,
+                                  MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, ArtifactError, build_rule_checked,
+                                  check_theta_tensors, expected_theta, read_config_file, read_theta_file,
+                                  validate_config_dict)
+from .rules import UpdateRule
+
+__all__ = ["ArtifactError", "FORMAT_VERSION", "LearnedOptimizerConfig", "LearnedOptimizerModel", "create_artifact",
+           "load_artifact"]
+
+# Keyword arguments transformers' Auto classes pass along that mean nothing for an artifact.
+_IGNORED_LOADER_KWARGS = frozenset({"_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs",
+                                    "code_revision", "_commit_hash", "name_or_path"})
+# Keyword arguments of PreTrainedConfig's constructor that from_dict may pass; anything else is a typo.
+_CONFIG_INIT_KWARGS = TRANSFORMERS_KEYS | {"name_or_path", "attn_implementation", "experts_implementation",
+                                           "num_labels"}
+_SNAPSHOT_COMMIT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]")
+
+
+def _lopt_hf_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("lopt_hf")
+    except Exception:  # not installed (running from a source tree)
+        return "unknown"
+
+
+# ================================================================================ config
+
+
+class LearnedOptimizerConfig(PretrainedConfig):
+    """``config.json`` of a learned-optimizer artifact.
+
+    Args:
+        rule: name of a registered update rule (``lopt_hf.available_rules()``).
+        rule_config: the rule's hyper-parameters; missing ones take the rule's defaults and the
+            stored value always lists every hyper-parameter (``rule.hyperparameters()``).
+        optimizer_defaults: settings ``load_lopt`` uses unless overridden, a free dict of JSON
+            values (``lr`` / ``weight_decay`` must be finite and >= 0); default
+            ``{"lr": 1.0, "weight_decay": 0.0}``.
+        harness: ``None`` or a dict for rules that route some parameters elsewhere (e.g. AdamW
+            for 1-D parameters); stored as given.
+        format_version: artifact format, at most :data:`FORMAT_VERSION`.
+        provenance: free JSON dict: ``created_by``, ``created_at``, ``source``, ``meta_training``,
+            ``evaluation``, ``license``, ... (see ``lopt_hf.model_card`` for the keys the card uses).
+
+    Invalid values raise :class:`ArtifactError`. ``from_pretrained`` takes a local folder or a Hub
+    repo id and validates ``config.json`` before building the config; ``AutoConfig`` goes through
+    the same checks via :meth:`from_dict`.
+    """
+
+    model_type = MODEL_TYPE
+
+    rule: str | None = None
+    rule_config: dict[str, Any] | None = None
+    optimizer_defaults: dict[str, Any] | None = None
+    harness: dict[str, Any] | None = None
+    format_version: int = FORMAT_VERSION
+    provenance: dict[str, Any] | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        unknown = sorted(set(kwargs) - _CONFIG_INIT_KWARGS)
+        if unknown:
+            raise TypeError(f"LearnedOptimizerConfig got unknown argument(s) {unknown}")
+        kwargs.pop("model_type", None)
+        super().__post_init__(**kwargs)
+        if self.rule is None:
+            raise ArtifactError("LearnedOptimizerConfig()", "a rule name is required (e.g. rule='per_param_mlp')")
+        fields = validate_config_dict(
+            {"model_type": MODEL_TYPE, "rule": self.rule, "rule_config": self.rule_config,
+             "optimizer_defaults": self.optimizer_defaults, "harness": self.harness,
+             "format_version": self.format_version, "provenance": self.provenance},
+            "LearnedOptimizerConfig()")
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def build_rule(self) -> UpdateRule:
+        """A new ``UpdateRule`` instance with this config's rule name and hyper-parameters."""
+        return build_rule_checked(str(self.rule), self.rule_config or {}, "LearnedOptimizerConfig")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """Build from a ``config.json`` dict, validating it first (the ``AutoConfig`` path).
+
+        Raises ``ArtifactError`` naming ``<name_or_path>/config.json`` when the dict is invalid.
+        """
+        name_or_path = kwargs.get("name_or_path")
+        source = kwargs.pop("_artifact_source", None) or (
+            f"{name_or_path}/{CONFIG_NAME}" if name_or_path else f"{CONFIG_NAME} dict")
+        fields = validate_config_dict(config_dict, source)
+        extra = {key: config_dict[key] for key in ("transformers_version", "architectures") if key in config_dict}
+        return super().from_dict({**fields, **extra}, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *, revision: str | None = None,
+                        **hub_kwargs: Any) -> "LearnedOptimizerConfig":
+        """Load and validate ``config.json`` from a local artifact folder or a Hub repo id.
+
+        Args:
+            pretrained_model_name_or_path: local folder or Hub repo id (``"user/name"``).
+            revision: branch, tag or commit on the Hub.
+            **hub_kwargs: ``cache_dir``, ``force_download``, ``local_files_only``, ``token``,
+                ``subfolder``, ``endpoint``.
+        """
+        location = _ArtifactLocation.create(pretrained_model_name_or_path, revision, hub_kwargs,
+                                            "LearnedOptimizerConfig.from_pretrained")
+        config, _ = location.load_config()
+        return config
+
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """Not supported: push the whole artifact with ``LearnedOptimizerModel.push_to_hub``.
+
+        (transformers' config push would upload config.json with its own auto-generated README.)
+        """
+        raise NotImplementedError("push the whole artifact with LearnedOptimizerModel.push_to_hub(repo_id)")
+
+
+# ================================================================================= model
+
+
+class LearnedOptimizerModel(PreTrainedModel):
+    """A learned optimizer's meta-parameters ``theta`` plus its config, as a transformers model.
+
+    ``theta`` is held as float32 ``nn.Parameter`` s (``requires_grad=False``) whose names are
+    exactly the rule's theta names (no prefix), so ``state_dict()`` and ``model.safetensors`` keys
+    are e.g. ``w0``, ``b0``. Theta names may be any string (``mlp/~/linear_0/w``), so they are not
+    necessarily Python attributes: use :meth:`theta` or ``state_dict()``.
+
+    Args:
+        config: the artifact config.
+        theta: name → tensor for every meta-parameter (validated against the rule: names,
+            shapes, floating dtype, finite; stored as float32 copies); ``None`` draws a fresh
+            ``rule.init_theta`` from a ``torch.Generator`` seeded with ``seed``.
+        seed: seed of the random init when ``theta`` is ``None``.
+
+    This is not a callable network: apply it through ``lopt_hf.load_lopt`` (a
+    ``torch.optim.Optimizer``) or ``model.rule.update(model.theta(), ...)``.
+    """
+
+    config_class = LearnedOptimizerConfig
+    config: LearnedOptimizerConfig
+    base_model_prefix = ""
+    main_input_name = "theta"
+    _no_split_modules: list[str] = []
+    _keys_to_ignore_on_load_missing = None
+    _keys_to_ignore_on_load_unexpected = None
+
+    def __init__(self, config: LearnedOptimizerConfig, theta: dict[str, Tensor] | None = None, *,
+                 seed: int | None = 0) -> None:
+        if not isinstance(config, LearnedOptimizerConfig):
+            raise TypeError(f"LearnedOptimizerModel needs a LearnedOptimizerConfig, got {type(config).__name__}")
+        super().__init__(config)
+        self._rule = config.build_rule()
+        if theta is None:
+            theta = self._rule.init_theta(_generator(seed))
+        check_theta_tensors(theta, self._rule, "LearnedOptimizerModel(theta=...)", require_float32=False)
+        for name in expected_theta(self._rule):
+            # Direct insertion rather than register_parameter: theta names are arbitrary strings
+            # (may contain '.', or shadow attributes such as 'config'), and must stay unprefixed.
+            value = theta[name].detach().to(dtype=torch.float32).clone().contiguous()
+            self._parameters[name] = nn.Parameter(value, requires_grad=False)
+        config.architectures = [type(self).__name__]
+        self.post_init()
+
+    # -------------------------------------------------------------------- accessors
+    @property
+    def rule(self) -> UpdateRule:
+        """The ``UpdateRule`` built from the config (immutable; shared, not copied)."""
+        return self._rule
+
+    def theta(self) -> dict[str, Tensor]:
+        """The meta-parameters as **detached clones** (float32, on the model's device), in rule order.
+
+        Modifying the returned tensors does not modify the model; use ``state_dict()`` /
+        ``named_parameters()`` for the live tensors.
+        """
+        return {name: self._parameters[name].detach().clone() for name in expected_theta(self._rule)}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """Not callable: use ``lopt_hf.load_lopt(...)`` or ``self.rule.update(self.theta(), ...)``."""
+        raise NotImplementedError("a LearnedOptimizerModel is not called; build an optimizer with "
+                                  "lopt_hf.load_lopt(artifact, model) or use "
+                                  "artifact.rule.update(artifact.theta(), ...)")
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # theta is set in __init__ (rule.init_theta or given tensors); transformers' generic
+        # initialisation must not touch it.
+        return
+
+    # ------------------------------------------------------------------------ save
+    def save_pretrained(self, save_directory: str | os.PathLike[str], *, repo_id: str | None = None,
+                        is_main_process: bool = True, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``save_directory``.
+
+        Args:
+            save_directory: created if missing; other files in it are left alone.
+            repo_id: Hub repo the card's usage snippets should name (``push_to_hub`` passes it).
+            is_main_process: only the main process writes (distributed runs).
+            push_to_hub: after saving, also push to ``repo_id`` (default: the folder's name) with
+                the remaining ``kwargs`` (see :meth:`push_to_hub`).
+            **kwargs: ``max_shard_size`` / ``safe_serialization=True`` are accepted for
+                transformers compatibility and ignored; anything else is an error.
+
+        Raises ``ArtifactError`` (writing nothing) if theta is no longer valid, e.g. non-finite.
+        """
+        if push_to_hub:
+            target = repo_id or Path(save_directory).name
+            self.save_pretrained(save_directory, repo_id=target, is_main_process=is_main_process)
+            self.push_to_hub(target, **kwargs)
+            return
+        kwargs.pop("max_shard_size", None)
+        if kwargs.pop("safe_serialization", True) is not True:
+            raise ValueError("learned-optimizer artifacts are saved as safetensors only")
+        if kwargs.pop("state_dict", None) is not None:
+            raise ValueError("save_pretrained saves the model's own theta; pass theta to create_artifact instead")
+        if kwargs:
+            raise TypeError(f"save_pretrained got unexpected keyword argument(s) {sorted(kwargs)}")
+        if not is_main_process:
+            return
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"{directory} exists and is not a directory")
+
+        theta = {name: tensor.to(device="cpu", dtype=torch.float32).contiguous()
+                 for name, tensor in self.theta().items()}
+        check_theta_tensors(theta, self._rule, f"{directory / WEIGHTS_NAME} (refusing to save)")
+        # Validate the config exactly as a loader will see it, before writing anything.
+        config_text = self.config.to_json_string(use_diff=True)
+        validate_config_dict(json.loads(config_text), f"{directory / CONFIG_NAME} (refusing to save)")
+        card = self.model_card(repo_id=repo_id)
+
+        from safetensors.torch import save as save_safetensors
+
+        directory.mkdir(parents=True, exist_ok=True)
+        _write_atomic(directory / CONFIG_NAME, config_text.encode("utf-8"))
+        _write_atomic(directory / WEIGHTS_NAME, save_safetensors(theta, metadata={"format": "pt"}))
+        _write_atomic(directory / MODEL_CARD_NAME, str(card).encode("utf-8"))
+
+    def model_card(self, repo_id: str | None = None) -> Any:
+        """The ``huggingface_hub.ModelCard`` written as ``README.md``."""
+        from .model_card import render_model_card
+
+        config = self.config
+        return render_model_card(rule=str(config.rule), rule_config=config.rule_config or {},
+                                 theta_shapes=expected_theta(self._rule),
+                                 optimizer_defaults=config.optimizer_defaults or {}, harness=config.harness,
+                                 provenance=config.provenance or {}, format_version=config.format_version,
+                                 repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
+                    private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
+                    create_pr: bool = False, endpoint: str | None = None, **kwargs: Any) -> Any:
+        """Upload ``config.json``, ``model.safetensors`` and our ``README.md`` to a Hub model repo.
+
+        Creates the repo (and the ``revision`` branch) if needed. Other files already in the repo
+        are left as they are; an existing README.md is replaced by the rendered card.
+
+        Returns:
+            the ``huggingface_hub.CommitInfo`` of the upload (a ``str`` subclass: the commit URL).
+        """
+        kwargs.pop("max_shard_size", None)
+        kwargs.pop("safe_serialization", None)
+        if kwargs:
+            raise TypeError(f"push_to_hub got unexpected keyword argument(s) {sorted(kwargs)}")
+        from huggingface_hub import HfApi
+
+        api = HfApi(endpoint=endpoint, token=token, library_name="lopt_hf", library_version=_lopt_hf_version())
+        repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
+        if revision is not None and not revision.startswith("refs/pr"):
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, repo_id=repo_id)
+            return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp,
+                                     allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME],
+                                     commit_message=commit_message or f"Upload learned optimizer ({self.config.rule})",
+                                     commit_description=commit_description, revision=revision, create_pr=create_pr)
+
+    # ------------------------------------------------------------------------ load
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *model_args: Any,
+                        config: LearnedOptimizerConfig | None = None, revision: str | None = None,
+                        **kwargs: Any) -> "LearnedOptimizerModel":
+        """Load a validated artifact from a local folder or a Hub repo id.
+
+        Everything is checked before the model is built (all-or-nothing): config.json (model
+        type, format version, rule, hyper-parameters), model.safetensors (header sanity, exactly
+        the rule's tensors, float32, shapes, finite values). Only ``config.json`` and
+        ``model.safetensors`` are read; nothing is unpickled and no code is run.
+
+        Args:
+            pretrained_model_name_or_path: local folder or Hub repo id.
+            config: use this config instead of the artifact's ``config.json`` (``AutoModel``
+                passes the one it already loaded and validated).
+            revision: branch, tag or commit on the Hub (both files come from the same commit).
+            **kwargs: hub options ``cache_dir``, ``force_download``, ``local_files_only``, ``token``,
+                ``subfolder``, ``endpoint``; ``dtype`` / ``torch_dtype`` may only be float32 or
+                ``"auto"``; ``use_safetensors`` may not be False; transformers' bookkeeping
+                kwargs (``trust_remote_code``, ``adapter_kwargs``, ...) are ignored — code is never run.
+
+        Raises:
+            ArtifactError: any problem with the artifact, naming the file and the problem.
+        """
+        if model_args:
+            raise TypeError("LearnedOptimizerModel.from_pretrained takes no extra positional arguments")
+        for key in ("dtype", "torch_dtype"):
+            value = kwargs.pop(key, None)
+            if value not in (None, "auto", "float32", torch.float32):
+                raise ValueError(f"learned-optimizer theta is float32; {key}={value!r} is not supported")
+        if kwargs.pop("use_safetensors", None) is False:
+            raise ValueError("learned-optimizer artifacts are loaded from safetensors only (use_safetensors=False)")
+        for key in _IGNORED_LOADER_KWARGS:
+            kwargs.pop(key, None)
+        location = _ArtifactLocation.create(pretrained_model_name_or_path, revision, kwargs,
+                                            "LearnedOptimizerModel.from_pretrained")
+        if config is None:
+            config, config_source = location.load_config()
+        elif isinstance(config, LearnedOptimizerConfig):
+            config_source = "config argument"
+            validate_config_dict(config.to_dict(), config_source)
+        else:
+            raise TypeError(f"config must be a LearnedOptimizerConfig, got {type(config).__name__}")
+        rule = build_rule_checked(str(config.rule), config.rule_config or {}, config_source)
+        weights_path, weights_source = location.fetch(WEIGHTS_NAME)
+        theta = read_theta_file(weights_path, rule, weights_source)
+        config.name_or_path = str(pretrained_model_name_or_path)
+        model = cls(config, theta=theta)
+        model.eval()
+        return model
+
+
+# ============================================================================== helpers
+
+
+def create_artifact(rule: str, *, seed: int | None = 0, theta: dict[str, Tensor] | None = None,
+                    rule_config: dict[str, Any] | None = None, optimizer_defaults: dict[str, Any] | None = None,
+                    harness: dict[str, Any] | None = None,
+                    provenance: dict[str, Any] | None = None) -> LearnedOptimizerModel:
+    """Build an artifact in memory (``save_pretrained`` / ``push_to_hub`` it afterwards).
+
+    Args:
+        rule: registered rule name.
+        seed: seed of the ``torch.Generator`` for ``rule.init_theta`` when ``theta`` is None
+            (``None``: a non-deterministic seed). Ignored when ``theta`` is given.
+        theta: meta-parameters to use; must match ``rule.theta_shapes()`` exactly, be floating
+            point and finite; stored as float32.
+        rule_config: rule hyper-parameters (missing ones take the rule's defaults).
+        optimizer_defaults: default ``{"lr": 1.0, "weight_decay": 0.0}``.
+        harness: ``None`` or a dict (see :class:`LearnedOptimizerConfig`).
+        provenance: merged over ``created_by`` / ``created_at`` / ``source`` defaults.
+
+    Raises:
+        ArtifactError: unknown rule or hyper-parameter, or theta not matching the rule.
+    """
+    source = "create_artifact()"
+    base_provenance: dict[str, Any] = {
+        "created_by": f"lopt_hf {_lopt_hf_version()}",
+        "created_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "source": (f"create_artifact: random init (rule.init_theta, seed {seed})" if theta is None
+                   else "create_artifact: given theta"),
+    }
+    fields = validate_config_dict({
+        "model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "rule": rule, "rule_config": rule_config,
+        "optimizer_defaults": (dict(DEFAULT_OPTIMIZER_DEFAULTS) if optimizer_defaults is None
+                               else optimizer_defaults),
+        "harness": harness, "provenance": {**base_provenance, **(provenance or {})},
+    }, source)
+    config = LearnedOptimizerConfig(**fields)
+    if theta is not None:
+        check_theta_tensors(theta, config.build_rule(), f"{source} theta", require_float32=False)
+    return LearnedOptimizerModel(config, theta=theta, seed=seed)
+
+
+def load_artifact(path_or_repo_id: str | os.PathLike[str], revision: str | None = None,
+                  **hub_kwargs: Any) -> LearnedOptimizerModel:
+    """Load and validate an artifact from a local folder or a Hub repo id.
+
+    Same as ``LearnedOptimizerModel.from_pretrained``; ``hub_kwargs``: ``cache_dir``,
+    ``force_download``, ``local_files_only``, ``token``, ``subfolder``, ``endpoint``.
+
+    Raises:
+        ArtifactError: naming the file and the problem (see ``lopt_hf.artifact_validation``).
+    """
+    return LearnedOptimizerModel.from_pretrained(path_or_repo_id, revision=revision, **hub_kwargs)
+
+
+def register_auto_classes() -> None:
+    """Register the config / model with transformers' ``AutoConfig`` / ``AutoModel`` (idempotent)."""
+    AutoConfig.register(MODEL_TYPE, LearnedOptimizerConfig, exist_ok=True)
+    AutoModel.register(LearnedOptimizerConfig, LearnedOptimizerModel, exist_ok=True)
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    generator = torch.Generator()
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(int(seed))
+    return generator
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+_HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "subfolder", "endpoint")
+
+
+@dataclass
+class _ArtifactLocation:
+    """Where an artifact's files come from: a local folder or a Hub repo at one revision."""
+
+    name: str
+    local_dir: Path | None
+    revision: str | None
+    hub_options: dict[str, Any]
+
+    @classmethod
+    def create(cls, path_or_repo_id: str | os.PathLike[str], revision: str | None, options: dict[str, Any],
+               caller: str) -> "_ArtifactLocation":
+        unknown = sorted(set(options) - set(_HUB_OPTIONS))
+        if unknown:
+            raise TypeError(f"{caller} got unexpected keyword argument(s) {unknown}; hub options are "
+                            f"{list(_HUB_OPTIONS)}")
+        hub_options = {key: value for key, value in options.items() if value is not None}
+        name = os.fspath(path_or_repo_id)
+        if os.path.isdir(name):
+            local_dir = Path(name) / hub_options.get("subfolder", "")
+            return cls(name, local_dir, revision, hub_options)
+        if os.path.exists(name):
+            raise ArtifactError(name, "is a file; expected an artifact folder (config.json + model.safetensors) "
+                                      "or a Hub repo id")
+        return cls(name, None, revision, hub_options)
+
+    def fetch(self, filename: str) -> tuple[Path, str]:
+        """Local path of ``filename`` (downloading it from the Hub if needed) and its label for errors."""
+        if self.local_dir is not None:
+            path = self.local_dir / filename
+            if not path.is_file():
+                raise ArtifactError(str(path), f"missing file: a learned-optimizer artifact needs {filename}")
+            return path, str(path)
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+
+        subfolder = self.hub_options.get("subfolder") or ""
+        in_repo = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
+        at = f"@{self.revision}" if self.revision else ""
+        label = f"{self.name}{at}/{in_repo}"
+        try:
+            path = hf_hub_download(self.name, filename, revision=self.revision, repo_type="model",
+                                   library_name="lopt_hf", library_version=_lopt_hf_version(), **self.hub_options)
+        except HFValidationError:
+            raise ArtifactError(self.name, "no such local folder, and not a valid Hub repo id") from None
+        except RepositoryNotFoundError:
+            raise ArtifactError(self.name, "no such local folder, and no such Hub repo (or it is private or gated: "
+                                           "pass token=)") from None
+        except RevisionNotFoundError:
+            raise ArtifactError(f"{self.name}{at}", f"revision {self.revision!r} not found on the Hub") from None
+        except LocalEntryNotFoundError:
+            raise ArtifactError(label, "not in the local cache and the Hub could not be reached "
+                                       "(offline, or local_files_only=True)") from None
+        except EntryNotFoundError:
+            raise ArtifactError(label, f"missing file: a learned-optimizer artifact needs {filename}") from None
+        if self.revision is None or not re.fullmatch(r"[0-9a-f]{40}", self.revision):
+            # Pin the commit the first file came from, so config and theta always match.
+            match = _SNAPSHOT_COMMIT.search(os.fspath(path))
+            if match:
+                self.revision = match.group(1)
+        return Path(path), f"{label} ({path})"
+
+    def load_config(self) -> tuple[LearnedOptimizerConfig, str]:
+        path, source = self.fetch(CONFIG_NAME)
+        raw = read_config_file(path, source)
+        config = LearnedOptimizerConfig.from_dict(raw, _artifact_source=source, name_or_path=self.name)
+        return config, source
+
+
+register_auto_classes()

@@ -1,0 +1,155 @@
+"""The model card (``README.md``) of a learned-optimizer artifact.
+
+Rendered with ``huggingface_hub.ModelCard.from_template`` from ``lopt_hf/templates/model_card.md``
+(a Jinja template; jinja2 comes with torch). Tables are built here as Markdown strings so the
+template stays readable.
+
+Provenance keys the card knows about (all optional):
+
+* ``name`` — card title; ``description`` — a paragraph under the title;
+* ``license`` (default ``apache-2.0``), ``tags`` (extra Hub tags), ``citation`` (BibTeX);
+* ``meta_training`` — a dict, shown flattened as the "Meta-training config" table;
+* ``evaluation`` — a list of row dicts (one table), a dict of metric → value, or a dict with
+  ``results`` (either of those), an optional ``description`` and an optional ``plot`` (an image
+  path relative to the repo, shown under the table).
+
+Every other provenance key is listed in the "Provenance" table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from importlib import resources
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+TEMPLATE_PACKAGE = "lopt_hf"
+TEMPLATE_NAME = "templates/model_card.md"
+DEFAULT_LICENSE = "apache-2.0"
+BASE_TAGS = ("learned-optimizer", "lopt_hf")
+# Provenance keys rendered in their own sections rather than in the provenance table.
+CARD_KEYS = ("name", "description", "license", "tags", "citation", "meta_training", "evaluation")
+
+
+def template_text() -> str:
+    """The packaged model-card template."""
+    return resources.files(TEMPLATE_PACKAGE).joinpath(TEMPLATE_NAME).read_text(encoding="utf-8")
+
+
+def render_model_card(*, rule: str, rule_config: Mapping[str, Any], theta_shapes: Mapping[str, tuple[int, ...]],
+                      optimizer_defaults: Mapping[str, Any], harness: Mapping[str, Any] | None,
+                      provenance: Mapping[str, Any], format_version: int, repo_id: str | None = None) -> ModelCard:
+    """Render the card of an artifact.
+
+    Args:
+        rule, rule_config, optimizer_defaults, harness, provenance, format_version: the config fields.
+        theta_shapes: name → shape of the meta-parameters.
+        repo_id: the Hub repo the card is for (used in the usage snippets); ``None`` for a local folder.
+    """
+    provenance = dict(provenance)
+    tags = [*BASE_TAGS, rule]
+    extra_tags = provenance.get("tags")
+    if isinstance(extra_tags, list):
+        tags += [str(tag) for tag in extra_tags if str(tag) not in tags]
+    card_data = ModelCardData(library_name="lopt_hf", license=str(provenance.get("license", DEFAULT_LICENSE)),
+                              tags=tags)
+    num_meta_parameters = sum(math.prod(shape) for shape in theta_shapes.values())
+    name = provenance.get("name") or (repo_id.split("/")[-1] if repo_id else f"{rule} learned optimizer")
+
+    meta_training = provenance.get("meta_training")
+    evaluation = provenance.get("evaluation")
+    other = {key: value for key, value in provenance.items() if key not in CARD_KEYS}
+    citation = provenance.get("citation")
+    return ModelCard.from_template(
+        card_data,
+        template_str=template_text(),
+        model_name=str(name),
+        description=str(provenance["description"]) if provenance.get("description") else "",
+        rule=rule,
+        repo_id=repo_id,
+        load_path=repo_id or "path/to/this/folder",
+        num_meta_parameters=f"{num_meta_parameters:,}",
+        hyperparameter_table=key_value_table(rule_config, ("Hyper-parameter", "Value"), code_keys=True),
+        theta_table=markdown_table(("Tensor", "Shape"), [(f"`{name}`", _shape(shape))
+                                                         for name, shape in theta_shapes.items()]),
+        optimizer_defaults_table=key_value_table(optimizer_defaults, ("Setting", "Value"), code_keys=True),
+        harness_table=key_value_table(_flatten(harness), ("Setting", "Value")) if harness else "",
+        meta_training_table=(key_value_table(_flatten(meta_training), ("Key", "Value"))
+                             if isinstance(meta_training, Mapping) and meta_training else ""),
+        evaluation_section=evaluation_section(evaluation) if evaluation else "",
+        provenance_table=key_value_table(_flatten(other), ("Key", "Value")) if other else "(none recorded)",
+        format_version=format_version,
+        citation=str(citation).strip() if citation else "",
+    )
+
+
+def evaluation_section(evaluation: Any) -> str:
+    """Markdown for ``provenance["evaluation"]`` (see the module docstring for accepted shapes)."""
+    description, plot, results = "", None, evaluation
+    if isinstance(evaluation, Mapping) and ("results" in evaluation or "plot" in evaluation
+                                            or "description" in evaluation):
+        description = str(evaluation.get("description") or "")
+        plot = evaluation.get("plot")
+        results = evaluation.get("results")
+    parts = [description] if description else []
+    if isinstance(results, list) and results and all(isinstance(row, Mapping) for row in results):
+        columns: list[str] = []
+        for row in results:
+            columns += [str(key) for key in row if str(key) not in columns]
+        parts.append(markdown_table(columns, [[_cell(row.get(column, "")) for column in columns] for row in results]))
+    elif isinstance(results, Mapping) and results:
+        parts.append(key_value_table(_flatten(results), ("Metric", "Value")))
+    elif results:
+        parts.append(_cell(results))
+    if plot:
+        parts.append(f"![evaluation]({plot})")
+    return "\n\n".join(parts)
+
+
+def key_value_table(values: Mapping[str, Any], header: tuple[str, str], *, code_keys: bool = False) -> str:
+    """A two-column Markdown table of ``values``."""
+    if not values:
+        return "(none)"
+    rows = [(f"`{_cell(key)}`" if code_keys else _cell(key), _cell(value)) for key, value in values.items()]
+    return markdown_table(header, rows)
+
+
+def markdown_table(header: Any, rows: Any) -> str:
+    """A Markdown table; cells are escaped for pipes and newlines."""
+    header = [str(cell) for cell in header]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _flatten(values: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to dotted keys: ``{"inner": {"lr": 1}}`` → ``{"inner.lr": 1}``."""
+    if not isinstance(values, Mapping):
+        return {prefix or "value": values}
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping) and value:
+            flat.update(_flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, float):
+        text = repr(value)
+    elif isinstance(value, (list, tuple, dict)) or value is None or isinstance(value, bool):
+        text = json.dumps(value, default=str)
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(" + ", ".join(str(size) for size in shape) + ("," if len(shape) == 1 else "") + ")"
