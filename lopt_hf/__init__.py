@@ -1,12 +1,21 @@
-"""lopt_hf: learned optimizers for PyTorch, shared like models on the Hugging Face Hub."""
+"""lopt_hf: learned optimizers for PyTorch, shared like models on the Hugging Face Hub.
 
-from .rules import UpdateRule, available_rules, build_rule
+Public API: ``load_lopt`` (artifact → ``torch.optim.Optimizer``), ``LearnedOptimizer``, the
+artifact classes ``LearnedOptimizerConfig`` / ``LearnedOptimizerModel`` (registered with
+``AutoConfig`` / ``AutoModel`` on import), ``create_artifact`` / ``load_artifact`` and the rule
+registry (``build_rule``, ``available_rules``).
+"""
 
 __version__ = "0.1.0"
+
+from .rules import UpdateRule, available_rules, build_rule  # noqa: E402
+from .optim import LearnedOptimizer  # noqa: E402
 
 # Importing hub registers LearnedOptimizerConfig / LearnedOptimizerModel with AutoConfig / AutoModel.
 from .hub import (FORMAT_VERSION, ArtifactError, LearnedOptimizerConfig, LearnedOptimizerModel,  # noqa: E402
                   create_artifact, load_artifact)
+from .load import load_lopt  # noqa: E402
 
-__all__ = ["UpdateRule", "available_rules", "build_rule", "__version__", "ArtifactError", "FORMAT_VERSION",
-           "LearnedOptimizerConfig", "LearnedOptimizerModel", "create_artifact", "load_artifact"]
+__all__ = ["__version__", "ArtifactError", "FORMAT_VERSION", "LearnedOptimizer", "LearnedOptimizerConfig",
+           "LearnedOptimizerModel", "UpdateRule", "available_rules", "build_rule", "create_artifact",
+           "load_artifact", "load_lopt"]
