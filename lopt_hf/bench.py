@@ -20,11 +20,23 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .harness import route_parameters
+from .layout import infer_layouts
 from .optim import LearnedOptimizer
 from .rules import available_rules, build_rule
 
 ADAMW = "adamw"
 DEFAULT_LAYERS = (512, 1024, 1024, 10)
+# Named setups of a rule with a harness, timed like a rule: name -> (rule, rule_config, harness).
+PRESETS: dict[str, tuple[str, dict, dict | None]] = {
+    "celo2": ("celo2", {"orthogonalize": True}, {"type": "celo2"}),  # learned+NS for matrices, AdamW for 1-D
+    "celo2-base": ("celo2", {"orthogonalize": False}, None),  # learned rule for every tensor
+}
+
+
+def benchmark_names() -> list[str]:
+    """Every rule (a preset replaces the rule of the same name) and every preset."""
+    return [*available_rules(), *[name for name in PRESETS if name not in available_rules()]]
 
 
 @dataclasses.dataclass
@@ -51,11 +63,19 @@ def make_mlp(layers: Sequence[int], device: str = "cpu") -> nn.Module:
 
 
 def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW`` for ``"adamw"``, otherwise a LearnedOptimizer with a seeded random theta."""
+    """``torch.optim.AdamW`` for ``"adamw"``, otherwise a LearnedOptimizer with a seeded random theta.
+
+    A :data:`PRESETS` name builds its rule with its hyper-parameters and harness (e.g. Celo2:
+    AdamW param groups for 1-D tensors), as ``load_lopt`` would for such an artifact.
+    """
     if name == ADAMW:
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
-    rule = build_rule(name)
-    return LearnedOptimizer(model.parameters(), rule, rule.init_theta(torch.Generator().manual_seed(0)))
+    rule_name, rule_config, harness = PRESETS.get(name, (name, {}, None))
+    rule = build_rule(rule_name, **rule_config)
+    theta = rule.init_theta(torch.Generator().manual_seed(0))
+    lr = 1e-3 if name in PRESETS else 1.0
+    params = route_parameters(harness, model, lr=lr)
+    return LearnedOptimizer(params, rule, theta, lr=lr, param_layouts=infer_layouts(model))
 
 
 def _synchronize(device: str) -> None:
@@ -115,7 +135,7 @@ def measure_peak_extra_memory(name: str, layers: Sequence[int], device: str) -> 
 def run_benchmark(names: Sequence[str] | None = None, layers: Sequence[int] = DEFAULT_LAYERS, device: str = "cpu",
                   warmup: int = 3, repeats: int = 10, measure_memory: bool = True) -> list[StepResult]:
     """Time AdamW and every named rule on the same model; return one result per optimizer."""
-    names = [ADAMW, *[n for n in (names or available_rules()) if n != ADAMW]]
+    names = [ADAMW, *[n for n in (names or benchmark_names()) if n != ADAMW]]
     results = []
     for name in names:
         model = make_mlp(layers, device)

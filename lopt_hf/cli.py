@@ -1,4 +1,4 @@
-"""The ``lopt-hf`` command line: ``bench``, ``create``, ``push``, ``rules``."""
+"""The ``lopt-hf`` command line: ``bench``, ``convert``, ``create``, ``push``, ``rules``."""
 
 from __future__ import annotations
 
@@ -57,13 +57,27 @@ def _cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .artifact_validation import ArtifactError
+    from .convert.celo2 import convert_celo2
+
+    try:
+        artifact = convert_celo2(args.checkpoint, args.out_dir, variant=args.variant)
+    except ArtifactError as err:
+        print(f"lopt-hf convert: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.variant} artifact (rule {artifact.config.rule}, harness "
+          f"{json.dumps(artifact.config.harness)}) converted from {args.checkpoint} to {args.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lopt-hf``."""
     parser = argparse.ArgumentParser(prog="lopt-hf", description="Learned optimizers for PyTorch on the Hub.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     bench = sub.add_parser("bench", help="step time and memory of each rule vs torch.optim.AdamW")
-    bench.add_argument("--rules", nargs="*", help="rules to time (default: all registered)")
+    bench.add_argument("--rules", nargs="*", help="rules or presets (celo2, celo2-base) to time (default: all)")
     bench.add_argument("--layers", default="512,1024,1024,10", help="MLP widths (default 512,1024,1024,10)")
     bench.add_argument("--device", default="cpu")
     bench.add_argument("--warmup", type=int, default=3)
@@ -82,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--seed", type=int, default=0)
     create.add_argument("--rule-config", help="JSON object of rule hyper-parameters")
     create.set_defaults(func=_cmd_create)
+
+    convert = sub.add_parser("convert", help="convert another library's learned-optimizer checkpoint to an artifact")
+    convert.add_argument("format", choices=["celo2"], help="checkpoint format (celo2: the authors' flax theta.state)")
+    convert.add_argument("checkpoint", help="path of the checkpoint file (e.g. celo2/theta.state)")
+    convert.add_argument("out_dir", help="artifact folder to write (config.json, model.safetensors, README.md)")
+    convert.add_argument("--variant", choices=["celo2", "celo2-base"], default="celo2",
+                         help="celo2: orthogonalisation + AdamW for 1-D/embeddings; celo2-base: learned rule only")
+    convert.set_defaults(func=_cmd_convert)
 
     push = sub.add_parser("push", help="validate an artifact folder and push it to the Hub")
     push.add_argument("directory")

@@ -5,7 +5,8 @@ Importing this package registers every built-in rule.
 
 from .base import (RuleConfigError, State, Theta, UpdateRule, available_rules, build_rule, register_rule,
                    rule_class)
-from . import per_param_mlp  # noqa: F401  (registers the rule)
+from . import mlp_lopt, per_param_mlp, small_fc_lopt  # noqa: F401  (registers the rules)
+from . import celo2  # noqa: F401  (registers the rule)
 
 __all__ = ["RuleConfigError", "State", "Theta", "UpdateRule", "available_rules", "build_rule", "register_rule",
            "rule_class"]

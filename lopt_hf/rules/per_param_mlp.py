@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import activation_fn, chunk_slices, ema
+from .features import activation_fn, bias_folded_mlp, bias_folded_weights, chunk_slices, ema
 
 NUM_INPUTS = 3  # param, momentum, grad
 
@@ -64,19 +64,16 @@ class PerParamMLP(UpdateRule):
     def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                chunk_size: int | None = None) -> tuple[Tensor, State]:
         momentum = ema(state["momentum"], grad, self.momentum_decay)
-        act = activation_fn(self.activation)
         num_layers = len(self._layer_sizes) - 1
+        layers = [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(num_layers)]
+        weights = bias_folded_weights(layers, activation_fn(self.activation))
+        in_place = not torch.is_grad_enabled()  # deployment: rectify activations in place
         flat_p, flat_m, flat_g = param.reshape(-1), momentum.reshape(-1), grad.reshape(-1)
-        w0 = theta["w0"]
         pieces = []
         for rows in chunk_slices(flat_p.shape[0], chunk_size):
-            # First layer as broadcast products: a 3-input matmul is a poor fit for BLAS.
-            h = (flat_p[rows, None] * w0[0] + flat_m[rows, None] * w0[1] + flat_g[rows, None] * w0[2]
-                 + theta["b0"])
-            for layer in range(1, num_layers):
-                h = act(h) @ theta[f"w{layer}"] + theta[f"b{layer}"]
+            # [p, m, g, 1] per element; the trailing 1 carries the biases (see bias_folded_weights).
+            x = torch.stack([flat_p[rows], flat_m[rows], flat_g[rows], torch.ones_like(flat_p[rows])])
+            h = bias_folded_mlp(x.t(), weights, self.activation, in_place=in_place)
             pieces.append(h[:, 0] * self.step_mult * torch.exp(h[:, 1] * self.exp_mult))
         step_out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         return step_out.reshape(param.shape), {"momentum": momentum}
-
-

@@ -1,0 +1,1 @@
+"""Converters from other learned-optimizer checkpoint formats to lopt_hf artifacts."""

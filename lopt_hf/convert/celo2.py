@@ -1,0 +1,186 @@
+"""Convert a published Celo2 / Celo2-base ``theta.state`` (flax msgpack) into a lopt_hf artifact.
+
+The original checkpoints (``hf download amoudgl/celo2`` / ``amoudgl/celo2-base``) hold the
+haiku tree ``ff_mod_stack/~/{w0__0 … w0__13, b0, w1, b1, w2, b2}`` as written by
+``flax.serialization.to_bytes``. This module reads it with ``msgpack`` only
+(:mod:`lopt_hf.convert.flax_msgpack`), checks that it is exactly a Celo2 theta (tree, names,
+shapes, finite float values) and writes ``config.json`` + ``model.safetensors`` + a model card
+with ``create_artifact(...).save_pretrained(out_dir)``.
+
+The two variants share the rule (``celo2``) and differ in its ``orthogonalize`` flag and the
+harness (see :mod:`lopt_hf.harness`):
+
+* ``celo2``: ``orthogonalize=True``; harness ``{"type": "celo2", "mult_1d": 20, "adamw_betas":
+  [0.9, 0.95], "adamw_eps": 1e-8, "embedding_patterns": []}`` — hidden matrices and conv
+  kernels through the learned rule, biases/1-D tensors/embeddings through AdamW(lr·20);
+* ``celo2-base``: ``orthogonalize=False``; no harness — every tensor through the learned rule.
+
+Command line: ``lopt-hf convert celo2 PATH/theta.state OUT_DIR --variant celo2|celo2-base``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..artifact_validation import ArtifactError
+from ..harness import HARNESS_DEFAULTS
+from ..rules.celo2 import HAIKU_PREFIX, Celo2
+from .flax_msgpack import FlaxMsgpackError, flatten_tree, read_flax_msgpack, to_torch
+
+__all__ = ["VARIANTS", "convert_celo2", "read_celo2_theta"]
+
+PAPER = "https://arxiv.org/abs/2602.19142"
+CODE = "https://github.com/amoudgl/celo2"
+AUTHORS = "Abhinav Moudgil, Boris Knyazev, Eugene Belilovsky"
+CITATION = """@misc{moudgil2026celo2,
+      title={Celo2: Towards Learned Optimization Free Lunch},
+      author={Abhinav Moudgil and Boris Knyazev and Eugene Belilovsky},
+      year={2026},
+      eprint={2602.19142},
+      archivePrefix={arXiv},
+      primaryClass={cs.LG},
+      url={https://arxiv.org/abs/2602.19142},
+}"""
+# Meta-training setup of the published checkpoints (from the authors' model cards).
+META_TRAINING = {
+    "optimizer_architecture": "MLP, 2 hidden layers, 8 units each",
+    "meta_training_tasks": "4 image classification tasks (MNIST, FMNIST, CIFAR-10, SVHN)",
+    "task_architecture": "MLP (64-32-10)",
+    "meta_trainer": "Persistent Evolution Strategies (PES)",
+    "outer_iterations": "100K",
+    "truncation_length": 50,
+    "min_unroll_length": 100,
+    "max_unroll_length": 2000,
+    "step_mult": 0.001,
+}
+# The learned step has unit RMS; the meta-training step multiplier was 1e-3.
+OPTIMIZER_DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "celo2": {
+        "rule_config": {"orthogonalize": True},
+        "harness": {"type": "celo2", **HARNESS_DEFAULTS["celo2"]},
+        "name": "Celo2",
+        "description": (
+            "Celo2 learned optimizer (Moudgil, Knyazev, Belilovsky — [arXiv 2602.19142](" + PAPER + ")), "
+            "converted from the authors' published `theta.state` for PyTorch. The learned MLP update rule, "
+            "followed by Newton–Schulz orthogonalisation, updates hidden matrices and conv kernels; biases, "
+            "other 1-D parameters and embeddings use AdamW with a 20× learning rate and betas (0.9, 0.95), "
+            "as in the authors' optax recipe. Original code: [" + CODE + "](" + CODE + ") (MIT licence)."),
+    },
+    "celo2-base": {
+        "rule_config": {"orthogonalize": False},
+        "harness": None,
+        "name": "Celo2-base",
+        "description": (
+            "Celo2-base learned optimizer (Moudgil, Knyazev, Belilovsky — [arXiv 2602.19142](" + PAPER + ")), "
+            "converted from the authors' published `theta.state` for PyTorch. The learned MLP update rule "
+            "updates every parameter, without orthogonalisation or AdamW harness; for better performance the "
+            "authors recommend Celo2. Original code: [" + CODE + "](" + CODE + ") (MIT licence)."),
+    },
+}
+
+def read_celo2_theta(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, int]]:
+    """Read and check a Celo2 ``theta.state``; return ``(theta, architecture)``.
+
+    ``theta`` has lopt_hf names (the haiku prefix ``ff_mod_stack/~/`` removed), float32;
+    ``architecture`` is ``{"hidden_size": ..., "hidden_layers": ...}`` as found in the file.
+
+    Raises:
+        ArtifactError: the file is not msgpack, not a flax tree of arrays, not the Celo2 tree,
+            or holds wrong shapes, non-float or non-finite values.
+    """
+    source = str(path)
+    try:
+        tree = read_flax_msgpack(path)
+    except FlaxMsgpackError as err:
+        raise ArtifactError(source, f"not a flax msgpack checkpoint: {err.reason}") from None
+    stack = tree.get("ff_mod_stack")
+    if set(tree) != {"ff_mod_stack"} or not isinstance(stack, dict) or set(stack) != {"~"} \
+            or not isinstance(stack["~"], dict):
+        top = sorted(map(str, tree))
+        raise ArtifactError(source, f"not a Celo2 checkpoint: expected the tree ff_mod_stack/~/{{w0__0, ..., b2}}, "
+                                    f"found top-level key(s) {top}")
+    flat = {name[len(HAIKU_PREFIX):]: value for name, value in flatten_tree(tree).items()}
+    problems = [f"{HAIKU_PREFIX}{name}: not an array ({type(value).__name__})"
+                for name, value in flat.items() if not isinstance(value, np.ndarray)]
+    if problems:
+        raise ArtifactError(source, problems, headline="not a Celo2 checkpoint")
+
+    # The architecture as stored: hidden width from b0, depth from the w1, w2, ... present.
+    hidden_layers = 0
+    while f"w{hidden_layers + 1}" in flat:  # w1, w2, ... : one per layer after the first
+        hidden_layers += 1
+    has_b0 = "b0" in flat and flat["b0"].ndim == 1 and flat["b0"].shape[0] > 0
+    hidden_size = int(flat["b0"].shape[0]) if hidden_layers and has_b0 else 8
+    try:
+        rule = Celo2(hidden_size=hidden_size, hidden_layers=hidden_layers)
+    except ValueError as err:
+        raise ArtifactError(source, f"not a Celo2 checkpoint: {err}") from None
+    expected = rule.theta_shapes()
+    for name in expected:
+        if name not in flat:
+            problems.append(f"missing {HAIKU_PREFIX}{name} (shape {expected[name]})")
+    for name, value in flat.items():
+        if name not in expected:
+            problems.append(f"unexpected array {HAIKU_PREFIX}{name} {tuple(value.shape)}")
+        elif tuple(value.shape) != expected[name]:
+            problems.append(f"{HAIKU_PREFIX}{name}: shape {tuple(value.shape)}, expected {expected[name]}")
+        elif value.dtype.kind != "f":
+            problems.append(f"{HAIKU_PREFIX}{name}: dtype {value.dtype}, expected floating point")
+        elif not np.isfinite(value).all():
+            problems.append(f"{HAIKU_PREFIX}{name}: {int((~np.isfinite(value)).sum())} non-finite value(s)")
+    if problems:
+        raise ArtifactError(source, problems, headline="not a valid Celo2 checkpoint")
+    theta = {name: to_torch(flat[name]).to(torch.float32) for name in expected}
+    return theta, {"hidden_size": hidden_size, "hidden_layers": hidden_layers}
+
+
+def convert_celo2(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
+                  variant: str = "celo2", provenance: dict[str, Any] | None = None) -> Any:
+    """Convert a Celo2 ``theta.state`` into an artifact; write it to ``out_dir`` if given.
+
+    Args:
+        checkpoint: path of the flax msgpack ``theta.state``.
+        out_dir: folder to write ``config.json``, ``model.safetensors``, ``README.md`` into.
+        variant: ``"celo2"`` (orthogonalisation + AdamW harness) or ``"celo2-base"``.
+        provenance: extra provenance entries (merged over the defaults).
+
+    Returns:
+        the ``LearnedOptimizerModel``.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown Celo2 variant {variant!r}; choose one of {sorted(VARIANTS)}")
+    from ..hub import create_artifact
+
+    spec = VARIANTS[variant]
+    theta, architecture = read_celo2_theta(checkpoint)
+    meta_training = dict(META_TRAINING)
+    if architecture != {"hidden_size": 8, "hidden_layers": 2}:
+        meta_training.pop("optimizer_architecture")
+    info = {
+        "name": spec["name"],
+        "description": spec["description"],
+        "license": "mit",
+        "tags": ["celo2", "converted-from-jax"],
+        "citation": CITATION,
+        "meta_training": meta_training,
+        "source": f"converted by lopt_hf from the flax checkpoint {Path(checkpoint).name} ({variant})",
+        "original_authors": AUTHORS,
+        "paper": PAPER,
+        "original_code": CODE,
+        "original_license": "MIT",
+        **(provenance or {}),
+    }
+    artifact = create_artifact("celo2", theta=theta, rule_config={**architecture, **spec["rule_config"]},
+                               optimizer_defaults=dict(OPTIMIZER_DEFAULTS), harness=spec["harness"],
+                               provenance=info)
+    if out_dir is not None:
+        artifact.save_pretrained(out_dir)
+    return artifact

@@ -1,0 +1,219 @@
+"""``small_fc_lopt``: learned_optimization's ``AdafacMLPLOpt``, an MLP on Adafactor-style features.
+
+Accumulators (plain EMAs, no bias correction), each with a learned decay
+``1 - (1 - d0) * exp(10 * offset)`` (theta ``momentum_decays``, ``rms_decays``,
+``adafactor_decays``, offsets initialised to zero):
+
+* momentum ``m`` (0.9, 0.99, 0.999) of ``g``; ``rms`` (0.999) of ``g**2``;
+* factored second moments (0.9, 0.99, 0.999) of ``g**2 + 1e-30``: for tensors with ≥ 2 dims a
+  ``row`` and a ``col`` vector — means over the largest dim ``d0`` and over the second-largest
+  ``d1`` (:func:`~lopt_hf.rules.features.factored_dims`); for 0-/1-D tensors a full
+  ``diag`` accumulator that stands in for both.
+
+As in the original, the rms and factored decays are clipped to [0, 1], the momentum decays are
+not; and for 0-/1-D tensors fac_g uses ``rsqrt(max(v + 1e-9, 1e-9))`` while fac_mom_mult uses
+``(v + 1e-6) ** -0.5``.
+
+Features, from the accumulators *after* this step's update (28 with the defaults): g, p, m,
+rms, m·rsqrt(rms+1e-6), rsqrt(rms+1e-6), fac_g (g preconditioned by the factored moments),
+row, col, rsqrt(row+1e-8), rsqrt(col+1e-8), fac_mom_mult (m preconditioned likewise). Each is
+normalised per tensor by its second moment (eps 1e-5); 11 tanh time features are appended and
+a ReLU MLP 39→32→32→2 gives ``(direction, magnitude)``; the step is
+``direction * exp(magnitude * exp_mult) * step_mult``.
+
+Theta names are the haiku ones without the ``nn/~/`` prefix (:data:`HAIKU_NAMES`), weights
+(in, out). State per tensor, decay axis first (the JAX state has it last): ``momentum``
+``(3, *shape)``, ``rms`` ``(1, *shape)`` and either ``v_row`` ``(3, *shape without d0)`` and
+``v_col`` ``(3, *shape without d1)``, or ``v_diag`` ``(3, *shape)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
+from .features import (factored_dims, normalized_mlp, step_from_direction_magnitude, tanh_time_features,
+                       truncated_normal_init)
+
+NUM_TIME_FEATURES = 11
+DECAY_NAMES = ("momentum_decays", "rms_decays", "adafactor_decays")
+
+
+def haiku_names(hidden_layers: int = 2) -> dict[str, str]:
+    """learned_optimization's haiku parameter names → ours, for ``hidden_layers`` hidden layers."""
+    names = {name: name for name in DECAY_NAMES}
+    for layer in range(hidden_layers + 1):
+        names[f"nn/~/w{layer}"] = f"w{layer}"
+        names[f"nn/~/b{layer}"] = f"b{layer}"
+    return names
+
+
+# Haiku name → lopt_hf name for the default architecture (2 hidden layers).
+HAIKU_NAMES: dict[str, str] = haiku_names(2)
+
+
+def learned_decay(initial: tuple[float, ...], offset: Tensor) -> Tensor:
+    """``param_to_decay(decay_to_param(initial) + offset)``, computed the way the original does."""
+    initial_tensor = torch.tensor(initial, dtype=offset.dtype, device=offset.device)
+    return 1.0 - torch.exp((torch.log(1.0 - initial_tensor) / 10.0 + offset) * 10.0)
+
+
+def _safe_rsqrt(x: Tensor) -> Tensor:
+    return torch.rsqrt(torch.clamp(x, min=1e-9))
+
+
+def _compatible(a: int, b: int) -> bool:
+    return a == b or a == 1 or b == 1
+
+
+@register_rule
+@dataclasses.dataclass(frozen=True)
+class SmallFCLOpt(UpdateRule):
+    """MLP learned optimizer with Adafactor-style features (learned_optimization AdafacMLPLOpt)."""
+
+    name = "small_fc_lopt"
+
+    hidden_size: int = 32
+    hidden_layers: int = 2
+    exp_mult: float = 1e-3
+    step_mult: float = 1e-3
+    initial_momentum_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    initial_rms_decays: tuple[float, ...] = (0.999,)
+    initial_adafactor_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    normalization_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if int(self.hidden_size) <= 0 or int(self.hidden_layers) < 0:
+            raise ValueError(f"hidden_size must be positive and hidden_layers non-negative, got "
+                             f"{self.hidden_size}, {self.hidden_layers}")
+        counts = (len(self.initial_momentum_decays), len(self.initial_rms_decays),
+                  len(self.initial_adafactor_decays))
+        if min(counts) == 0:
+            raise ValueError("every list of initial decays needs at least one decay")
+        # momentum is multiplied by functions of rms and of the factored moments, decay by decay.
+        if not (_compatible(counts[0], counts[1]) and _compatible(counts[0], counts[2])):
+            raise ValueError(f"rms and adafactor decay counts must equal the momentum count or be 1, got {counts}")
+
+    @property
+    def num_features(self) -> int:
+        """Normalised per-element inputs (28 with the default decays)."""
+        moms, rmss, facs = (len(self.initial_momentum_decays), len(self.initial_rms_decays),
+                            len(self.initial_adafactor_decays))
+        return 2 + moms + rmss + max(moms, rmss) + rmss + facs + 4 * facs + max(moms, facs)
+
+    def theta_shapes(self) -> dict[str, tuple[int, ...]]:
+        sizes = [self.num_features + NUM_TIME_FEATURES] + [int(self.hidden_size)] * int(self.hidden_layers) + [2]
+        shapes: dict[str, tuple[int, ...]] = {
+            "momentum_decays": (len(self.initial_momentum_decays),),
+            "rms_decays": (len(self.initial_rms_decays),),
+            "adafactor_decays": (len(self.initial_adafactor_decays),),
+        }
+        for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            shapes[f"w{layer}"] = (fan_in, fan_out)
+            shapes[f"b{layer}"] = (fan_out,)
+        return shapes
+
+    def init_theta(self, generator: torch.Generator | None = None) -> Theta:
+        theta = {}
+        for key, shape in self.theta_shapes().items():
+            if key.startswith("w"):
+                theta[key] = truncated_normal_init(shape, 1.0 / math.sqrt(shape[0]), generator)
+            else:  # biases and decay offsets
+                theta[key] = torch.zeros(shape, dtype=torch.float32)
+        return theta
+
+    def init_state(self, param: Tensor) -> State:
+        shape = tuple(param.shape)
+
+        def zeros(count: int, of_shape: tuple[int, ...]) -> Tensor:
+            return torch.zeros((count, *of_shape), dtype=torch.float32, device=param.device)
+
+        facs = len(self.initial_adafactor_decays)
+        state = {"momentum": zeros(len(self.initial_momentum_decays), shape),
+                 "rms": zeros(len(self.initial_rms_decays), shape)}
+        dims = factored_dims(shape)
+        if dims is None:
+            state["v_diag"] = zeros(facs, shape)
+        else:
+            d1, d0 = dims
+            state["v_row"] = zeros(facs, shape[:d0] + shape[d0 + 1:])
+            state["v_col"] = zeros(facs, shape[:d1] + shape[d1 + 1:])
+        return state
+
+    def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
+               chunk_size: int | None = None) -> tuple[Tensor, State]:
+        ndim = param.dim()
+
+        def per_decay(decay: Tensor) -> Tensor:  # (k,) → (k, 1, …, 1) against (k, *shape)
+            return decay.reshape(-1, *([1] * ndim))
+
+        # --- accumulators (the new state), decay axis first
+        mom_decay = per_decay(learned_decay(self.initial_momentum_decays, theta["momentum_decays"]))
+        rms_decay = per_decay(torch.clamp(learned_decay(self.initial_rms_decays, theta["rms_decays"]), 0.0, 1.0))
+        fac_decay = torch.clamp(learned_decay(self.initial_adafactor_decays, theta["adafactor_decays"]), 0.0, 1.0)
+        g = grad.unsqueeze(0)
+        momentum = mom_decay * state["momentum"] + (1.0 - mom_decay) * g
+        rms = rms_decay * state["rms"] + (1.0 - rms_decay) * (g * g)
+        grad_sqr = grad * grad + 1e-30
+        new_state = {"momentum": momentum, "rms": rms}
+
+        dims = factored_dims(tuple(param.shape))
+        full = (fac_decay.shape[0], *param.shape)
+        if dims is None:
+            decay = per_decay(fac_decay)
+            v_diag = decay * state["v_diag"] + (1.0 - decay) * grad_sqr.unsqueeze(0)
+            new_state["v_diag"] = v_diag
+            fac_g_factor = _safe_rsqrt(v_diag + 1e-9)
+            fac_mom_factor = (v_diag + 1e-6) ** -0.5
+            row_feature = col_feature = v_diag
+            row_rsqrt = col_rsqrt = torch.rsqrt(v_diag + 1e-8)
+        else:
+            d1, d0 = dims
+            decay = fac_decay.reshape(-1, *([1] * (ndim - 1)))
+            v_row = decay * state["v_row"] + (1.0 - decay) * torch.mean(grad_sqr, dim=d0).unsqueeze(0)
+            v_col = decay * state["v_col"] + (1.0 - decay) * torch.mean(grad_sqr, dim=d1).unsqueeze(0)
+            new_state["v_row"], new_state["v_col"] = v_row, v_col
+            # axis d1 inside v_row (which lacks d0), shifted by the leading decay axis
+            row_axis_d1 = (d1 - 1 if d1 > d0 else d1) + 1
+            row_col_mean = torch.mean(v_row, dim=row_axis_d1, keepdim=True)
+            row_factor = _safe_rsqrt(v_row / (row_col_mean + 1e-9))
+            col_factor = _safe_rsqrt(v_col)
+
+            # Broadcast views of (facs, *shape): nothing of full size is allocated here.
+            def along_row(x: Tensor) -> Tensor:
+                return x.unsqueeze(1 + d0).expand(full)
+
+            def along_col(x: Tensor) -> Tensor:
+                return x.unsqueeze(1 + d1).expand(full)
+
+            # fac_g and fac_mom_mult share the factor row_factor * col_factor (built per chunk).
+            fac_g_factor = (along_row(row_factor), along_col(col_factor))
+            fac_mom_factor = fac_g_factor
+            row_feature, col_feature = along_row(v_row), along_col(v_col)
+            row_rsqrt, col_rsqrt = along_row(torch.rsqrt(v_row + 1e-8)), along_col(torch.rsqrt(v_col + 1e-8))
+
+        def factor_at(factor: Tensor | tuple[Tensor, Tensor], index: tuple) -> Tensor:
+            if isinstance(factor, tuple):
+                return factor[0][index] * factor[1][index]
+            return factor[index]
+
+        def features(index: tuple) -> list[Tensor]:
+            at = (slice(None), *index)
+            g_i, m_i = grad[index], momentum[at]
+            rsqrt_rms = torch.rsqrt(rms[at] + 1e-6)
+            fac_g_i = factor_at(fac_g_factor, at)
+            fac_mom_i = fac_g_i if fac_mom_factor is fac_g_factor else factor_at(fac_mom_factor, at)
+            return [
+                g_i.unsqueeze(0), param[index].unsqueeze(0), m_i, rms[at], m_i * rsqrt_rms, rsqrt_rms,
+                g_i * fac_g_i, row_feature[at], col_feature[at], row_rsqrt[at], col_rsqrt[at], m_i * fac_mom_i,
+            ]
+
+        time_features = tanh_time_features(as_step_tensor(step, param))
+        step_out = normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
+                                  step_from_direction_magnitude(self.exp_mult, self.step_mult),
+                                  chunk_size=chunk_size, eps=self.normalization_eps)
+        return step_out, new_state

@@ -1,0 +1,160 @@
+"""Every registered rule is a pure torch function: vmap-able, differentiable in theta, deterministic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import grad as func_grad
+from torch.func import vmap
+
+from lopt_hf.rules import available_rules, build_rule
+from lopt_hf.rules.features import chunk_indices
+
+RULES = available_rules()
+SHAPES = [(5, 4), (6,), (2, 3, 4), (1,)]
+BATCH = 3
+
+
+def warm_state(rule, theta, param: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A non-trivial state: the rule's own state after one step on a random gradient."""
+    _, state = rule.update(theta, param, torch.randn(param.shape, generator=gen), rule.init_state(param), 0)
+    return state
+
+
+def perturbed_theta(rule, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    # Non-zero biases and offsets so that every meta-parameter matters.
+    theta = rule.init_theta(gen)
+    return {key: value + 0.05 * torch.randn(value.shape, generator=gen) for key, value in theta.items()}
+
+
+def stack(dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([d[key] for d in dicts]) for key in dicts[0]}
+
+
+def test_rules_registered() -> None:
+    assert {"per_param_mlp", "mlp_lopt", "small_fc_lopt"} <= set(RULES)
+
+
+@pytest.mark.parametrize("rule_name", RULES)
+def test_init_theta_deterministic_and_shaped(rule_name: str) -> None:
+    rule = build_rule(rule_name)
+    first = rule.init_theta(torch.Generator().manual_seed(3))
+    again = rule.init_theta(torch.Generator().manual_seed(3))
+    other = rule.init_theta(torch.Generator().manual_seed(4))
+    assert {key: tuple(value.shape) for key, value in first.items()} == rule.theta_shapes()
+    assert all(value.dtype == torch.float32 for value in first.values())
+    for key in first:
+        torch.testing.assert_close(first[key], again[key], rtol=0, atol=0)
+    assert any(not torch.equal(first[key], other[key]) for key in first)
+    assert all(torch.isfinite(value).all() for value in first.values())
+
+
+@pytest.mark.parametrize("rule_name", RULES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("grad_enabled, chunk_size", [(True, None), (False, None), (False, 7)])
+def test_vmap_equals_loop(rule_name: str, shape: tuple[int, ...], grad_enabled: bool, chunk_size: int | None) -> None:
+    # No-grad vmap is what evolution-strategies meta-training runs; chunks are the deployment path.
+    rule = build_rule(rule_name)
+    gen = torch.Generator().manual_seed(1)
+    thetas = [perturbed_theta(rule, gen) for _ in range(BATCH)]
+    params = [0.1 * torch.randn(shape, generator=gen) for _ in range(BATCH)]
+    grads = [torch.randn(shape, generator=gen) * scale for scale in (1e-2, 1.0, 1e3)]
+    states = [warm_state(rule, theta, param, gen) for theta, param in zip(thetas, params)]
+    steps = torch.tensor([0, 3, 250])
+
+    with torch.set_grad_enabled(grad_enabled):
+        batched_step, batched_state = vmap(rule.update, in_dims=(0, 0, 0, 0, 0, None))(
+            stack(thetas), torch.stack(params), torch.stack(grads), stack(states), steps, chunk_size)
+    for i in range(BATCH):
+        step, state = rule.update(thetas[i], params[i], grads[i], states[i], int(steps[i]))
+        torch.testing.assert_close(batched_step[i], step, rtol=1e-5, atol=1e-6 * step.abs().max().item() + 1e-12)
+        assert set(batched_state) == set(state)
+        for key in state:
+            torch.testing.assert_close(batched_state[key][i], state[key], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("rule_name", RULES)
+def test_step_int_or_tensor(rule_name: str) -> None:
+    rule = build_rule(rule_name)
+    gen = torch.Generator().manual_seed(2)
+    theta = perturbed_theta(rule, gen)
+    param, grad = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
+    state = warm_state(rule, theta, param, gen)
+    from_int, _ = rule.update(theta, param, grad, state, 42)
+    for step in (torch.tensor(42), torch.tensor(42.0)):
+        from_tensor, _ = rule.update(theta, param, grad, state, step)
+        torch.testing.assert_close(from_tensor, from_int, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rule_name", RULES)
+def test_grad_wrt_theta_matches_finite_differences(rule_name: str) -> None:
+    rule = build_rule(rule_name)
+    gen = torch.Generator().manual_seed(5)
+    theta32 = perturbed_theta(rule, gen)
+    param32 = 0.1 * torch.randn(6, 5, generator=gen)
+    state32 = warm_state(rule, theta32, param32, gen)
+    theta = {key: value.double() for key, value in theta32.items()}
+    param = param32.double()
+    grad = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    state = {key: value.double() for key, value in state32.items()}
+    weights = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    state_weights = {key: torch.randn(value.shape, generator=gen, dtype=torch.float64) for key, value in state.items()}
+
+    # The update is ~step_mult small and state entries are O(1): weight both to matter equally.
+    base_step, base_state = rule.update(theta, param, grad, state, 11)
+    step_scale = 1.0 / base_step.abs().max().clamp_min(1e-30)
+    state_scales = {key: 1.0 / value.abs().max().clamp_min(1e-30) for key, value in base_state.items()}
+
+    def loss(theta_: dict[str, torch.Tensor]) -> torch.Tensor:
+        step, new_state = rule.update(theta_, param, grad, state, 11)
+        total = (step * weights).sum() * step_scale
+        for key, value in new_state.items():
+            total = total + (value * state_weights[key]).sum() * state_scales[key]
+        return total
+
+    analytic = func_grad(loss)(theta)
+    assert set(analytic) == set(theta)
+    assert all(torch.isfinite(value).all() for value in analytic.values())
+    assert any(value.abs().max() > 0 for value in analytic.values())
+    eps = 1e-6
+    for key, value in analytic.items():
+        if value.abs().max() == 0:
+            continue  # e.g. a weight row fed by an all-zero input
+        index = int(value.abs().argmax())
+        plus = {k: v.clone() for k, v in theta.items()}
+        minus = {k: v.clone() for k, v in theta.items()}
+        plus[key].view(-1)[index] += eps
+        minus[key].view(-1)[index] -= eps
+        numeric = (loss(plus) - loss(minus)) / (2 * eps)
+        torch.testing.assert_close(value.reshape(-1)[index], numeric, rtol=1e-4, atol=1e-8, msg=key)
+
+
+@pytest.mark.parametrize("rule_name", RULES)
+@pytest.mark.parametrize("chunk_size", [None, 7])
+def test_update_does_not_mutate_inputs(rule_name: str, chunk_size: int | None) -> None:
+    rule = build_rule(rule_name)
+    gen = torch.Generator().manual_seed(6)
+    theta = perturbed_theta(rule, gen)
+    param, grad = torch.randn(5, 6, generator=gen), torch.randn(5, 6, generator=gen)
+    state = warm_state(rule, theta, param, gen)
+    step = torch.tensor(9)
+    copies = [{k: v.clone() for k, v in d.items()} for d in (theta, state)] + [param.clone(), grad.clone(),
+                                                                               step.clone()]
+    update, new_state = rule.update(theta, param, grad, state, step, chunk_size=chunk_size)
+    for before, after in zip(copies, [theta, state, param, grad, step]):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert update.shape == param.shape
+    assert set(new_state) == set(state)
+    for key in state:
+        assert new_state[key].shape == state[key].shape
+        assert new_state[key].data_ptr() != state[key].data_ptr()
+
+
+@pytest.mark.parametrize("shape", [(), (10,), (7, 5), (3, 4, 5), (2, 1, 30), (3, 4000)])
+@pytest.mark.parametrize("chunk_size", [None, 1, 6, 13, 4096])
+def test_chunk_indices_cover_tensor_in_order(shape: tuple[int, ...], chunk_size: int | None) -> None:
+    values = torch.arange(torch.Size(shape).numel()).reshape(shape)
+    pieces = chunk_indices(shape, chunk_size)
+    assert torch.equal(torch.cat([values[index].reshape(-1) for index in pieces]), values.reshape(-1))
+    if chunk_size is not None:
+        assert all(values[index].numel() <= chunk_size for index in pieces)
