@@ -8,6 +8,7 @@ vmap-friendly (no in-place ops on their inputs, no data-dependent Python control
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Iterator
 
 import torch
@@ -69,6 +70,35 @@ def mlp_forward(theta: dict[str, Tensor], x: Tensor, num_layers: int, activation
         if layer < num_layers - 1:
             h = activation(h)
     return h
+
+
+def mlp_theta_shapes(layer_sizes: list[int], prefix: str = "") -> dict[str, tuple[int, ...]]:
+    """Shapes of an MLP's ``{prefix}w{i}`` (in, out) and ``{prefix}b{i}`` for the given widths."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer, (fan_in, fan_out) in enumerate(zip(layer_sizes[:-1], layer_sizes[1:])):
+        shapes[f"{prefix}w{layer}"] = (int(fan_in), int(fan_out))
+        shapes[f"{prefix}b{layer}"] = (int(fan_out),)
+    return shapes
+
+
+def init_mlp_theta(shapes: dict[str, tuple[int, ...]], generator: torch.Generator | None,
+                   weight_init: str = "haiku") -> dict[str, Tensor]:
+    """Random weights for every 2-D entry of ``shapes``, zeros for the rest (biases, offsets).
+
+    ``weight_init``: ``"haiku"`` — truncated normal with std 1/sqrt(fan_in) (haiku's Linear
+    default, used by learned_optimization); ``"normal"`` — unit normal (the JAX tutorial).
+    """
+    theta = {}
+    for key, shape in shapes.items():
+        if len(shape) != 2:
+            theta[key] = torch.zeros(shape, dtype=torch.float32)
+        elif weight_init == "haiku":
+            theta[key] = truncated_normal_init(shape, 1.0 / math.sqrt(shape[0]), generator)
+        elif weight_init == "normal":
+            theta[key] = torch.randn(shape, generator=generator, dtype=torch.float32)
+        else:
+            raise ValueError(f"unknown weight_init {weight_init!r}; use 'haiku' or 'normal'")
+    return theta
 
 
 def truncated_normal_init(shape: tuple[int, ...], std: float, generator: torch.Generator | None) -> Tensor:

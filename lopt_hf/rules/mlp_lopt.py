@@ -15,13 +15,13 @@ axis first; the JAX state has it last).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import normalized_mlp, step_from_direction_magnitude, tanh_time_features, truncated_normal_init
+from .features import (init_mlp_theta, mlp_theta_shapes, normalized_mlp, step_from_direction_magnitude,
+                       tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 
@@ -66,22 +66,11 @@ class MLPLOpt(UpdateRule):
         return 2 + len(self.momentum_decays)
 
     def theta_shapes(self) -> dict[str, tuple[int, ...]]:
-        sizes = [self.num_features + NUM_TIME_FEATURES] + [int(self.hidden_size)] * int(self.hidden_layers) + [2]
-        shapes: dict[str, tuple[int, ...]] = {}
-        for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            shapes[f"w{layer}"] = (fan_in, fan_out)
-            shapes[f"b{layer}"] = (fan_out,)
-        return shapes
+        return mlp_theta_shapes([self.num_features + NUM_TIME_FEATURES]
+                                + [int(self.hidden_size)] * int(self.hidden_layers) + [2])
 
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
-        # haiku's Linear: truncated normal with std 1/sqrt(fan_in), zero biases.
-        theta = {}
-        for key, shape in self.theta_shapes().items():
-            if key.startswith("w"):
-                theta[key] = truncated_normal_init(shape, 1.0 / math.sqrt(shape[0]), generator)
-            else:
-                theta[key] = torch.zeros(shape, dtype=torch.float32)
-        return theta
+        return init_mlp_theta(self.theta_shapes(), generator, "haiku")
 
     def init_state(self, param: Tensor) -> State:
         return {"momentum": torch.zeros((len(self.momentum_decays), *param.shape), dtype=torch.float32,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import activation_fn, bias_folded_mlp, bias_folded_weights, chunk_slices, ema
+from .features import init_mlp_theta, mlp_theta_shapes, activation_fn, bias_folded_mlp, bias_folded_weights, chunk_slices, ema
 
 NUM_INPUTS = 3  # param, momentum, grad
 
@@ -41,22 +41,11 @@ class PerParamMLP(UpdateRule):
         return [NUM_INPUTS, *map(int, self.hidden_sizes), 2]
 
     def theta_shapes(self) -> dict[str, tuple[int, ...]]:
-        sizes = self._layer_sizes
-        shapes: dict[str, tuple[int, ...]] = {}
-        for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            shapes[f"w{layer}"] = (fan_in, fan_out)
-            shapes[f"b{layer}"] = (fan_out,)
-        return shapes
+        return mlp_theta_shapes(self._layer_sizes)
 
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
         # The tutorial draws weights from a unit normal (no fan-in scaling) and zero biases.
-        theta = {}
-        for key, shape in self.theta_shapes().items():
-            if key.startswith("w"):
-                theta[key] = torch.randn(shape, generator=generator, dtype=torch.float32)
-            else:
-                theta[key] = torch.zeros(shape, dtype=torch.float32)
-        return theta
+        return init_mlp_theta(self.theta_shapes(), generator, "normal")
 
     def init_state(self, param: Tensor) -> State:
         return {"momentum": torch.zeros_like(param, dtype=torch.float32)}

@@ -30,14 +30,12 @@ Theta names are the haiku ones without the ``nn/~/`` prefix (:data:`HAIKU_NAMES`
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (factored_dims, normalized_mlp, step_from_direction_magnitude, tanh_time_features,
-                       truncated_normal_init)
+from .features import (init_mlp_theta, mlp_theta_shapes, factored_dims, normalized_mlp, step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 DECAY_NAMES = ("momentum_decays", "rms_decays", "adafactor_decays")
@@ -106,25 +104,16 @@ class SmallFCLOpt(UpdateRule):
         return 2 + moms + rmss + max(moms, rmss) + rmss + facs + 4 * facs + max(moms, facs)
 
     def theta_shapes(self) -> dict[str, tuple[int, ...]]:
-        sizes = [self.num_features + NUM_TIME_FEATURES] + [int(self.hidden_size)] * int(self.hidden_layers) + [2]
-        shapes: dict[str, tuple[int, ...]] = {
+        decay_offsets: dict[str, tuple[int, ...]] = {
             "momentum_decays": (len(self.initial_momentum_decays),),
             "rms_decays": (len(self.initial_rms_decays),),
             "adafactor_decays": (len(self.initial_adafactor_decays),),
         }
-        for layer, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-            shapes[f"w{layer}"] = (fan_in, fan_out)
-            shapes[f"b{layer}"] = (fan_out,)
-        return shapes
+        return decay_offsets | mlp_theta_shapes([self.num_features + NUM_TIME_FEATURES]
+                                                + [int(self.hidden_size)] * int(self.hidden_layers) + [2])
 
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
-        theta = {}
-        for key, shape in self.theta_shapes().items():
-            if key.startswith("w"):
-                theta[key] = truncated_normal_init(shape, 1.0 / math.sqrt(shape[0]), generator)
-            else:  # biases and decay offsets
-                theta[key] = torch.zeros(shape, dtype=torch.float32)
-        return theta
+        return init_mlp_theta(self.theta_shapes(), generator, "haiku")  # decay offsets start at 0
 
     def init_state(self, param: Tensor) -> State:
         shape = tuple(param.shape)
