@@ -10,6 +10,7 @@ right before the first step; on CUDA with the allocator's peak counter).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import statistics
 import subprocess
@@ -75,7 +76,10 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     theta = rule.init_theta(torch.Generator().manual_seed(0))
     lr = 1e-3 if name in PRESETS else 1.0
     params = route_parameters(harness, model, lr=lr)
-    return LearnedOptimizer(params, rule, theta, lr=lr, param_layouts=infer_layouts(model))
+    optimizer = LearnedOptimizer(params, rule, theta, lr=lr, param_layouts=infer_layouts(model))
+    if rule.needs_loss:  # fixed gradients, no forward pass: give such rules (opt2vec) a constant loss
+        optimizer.step = functools.partial(optimizer.step, loss=1.0)  # type: ignore[method-assign]
+    return optimizer
 
 
 def _synchronize(device: str) -> None:

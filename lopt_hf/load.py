@@ -69,7 +69,9 @@ def load_lopt(repo_or_path: str | os.PathLike[str] | LearnedOptimizerModel,
         params = route_parameters(harness, params_or_model if isinstance(params_or_model, nn.Module) else params,
                                   lr=float(settings.get("lr", 1.0)))
     layouts = infer_layouts(params_or_model) if isinstance(params_or_model, nn.Module) else None
-    return LearnedOptimizer(params, artifact.rule, artifact.theta(), param_layouts=layouts, **settings)
+    optimizer = LearnedOptimizer(params, artifact.rule, artifact.theta(), param_layouts=layouts, **settings)
+    optimizer.artifact_defaults = dict(artifact.config.optimizer_defaults or {})
+    return optimizer
 
 
 def _trainable_parameters(params_or_model: nn.Module | Iterable[Any]) -> list[Any]:

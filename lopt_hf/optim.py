@@ -8,6 +8,11 @@ torch optimizer:
   work; decoupled ``weight_decay`` shrinks parameters by ``lr * weight_decay`` per step
   (optax's ``add_decayed_weights`` followed by the learning rate, like AdamW);
 * param groups, ``step(closure)`` returning the loss;
+* the training loss, for rules that need it (``rule.needs_loss``, e.g. ``opt2vec``): the loss of
+  ``step(closure)``, or ``step(loss=loss)``, or ``record_loss(loss)`` before a plain ``step()``
+  (for callers that cannot pass arguments to ``step``: ``transformers.Trainer`` callbacks,
+  Accelerate's wrapped optimizer). Without one such a rule's step raises a clear error; a
+  non-finite loss skips the learned tensors like a non-finite gradient. Other rules ignore it;
 * ``state_dict()`` holds only tensors and plain Python values, so it loads with
   ``torch.load(weights_only=True)`` (how ``transformers.Trainer`` reloads ``optimizer.pt``);
 * a tensor whose gradient (or computed step) is not finite is left untouched, its state is not
@@ -19,6 +24,11 @@ torch optimizer:
   step is mapped back — see :mod:`lopt_hf.layout`. ``param_layouts`` says which tensor is which
   (``load_lopt`` infers it from the model); tensors it does not list follow
   :func:`lopt_hf.layout.default_layout` (PyTorch conventions by rank);
+* ``set_total_steps(n)`` records the planned length of training in every param group
+  (``"total_steps"``; saved with ``state_dict``) for rules and tools that need it —
+  ``lopt_hf.LearnedOptimizerCallback`` sets it from ``transformers.Trainer``'s ``max_steps``;
+* every ``step()`` keeps cheap statistics of what it did (:meth:`LearnedOptimizer.last_step_stats`:
+  RMS of the applied update per route, tensors updated / skipped), for logging;
 * a param group with ``"route": "adamw"`` (and ``betas``, ``eps``) is stepped by plain AdamW
   math (optax.adamw / torch.optim.AdamW: bias-corrected moments, decoupled weight decay) instead
   of the rule — how harnesses such as Celo2's send biases and embeddings to AdamW while staying
@@ -39,6 +49,7 @@ from .rules.base import Theta, UpdateRule
 from .rules.features import DEFAULT_CHUNK_SIZE
 
 STEP_KEY = "step"
+TOTAL_STEPS_KEY = "total_steps"
 SKIPPED_KEY = "skipped_nonfinite"
 _RESERVED_KEYS = {STEP_KEY, SKIPPED_KEY}
 
@@ -87,8 +98,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._theta_by_device: dict[torch.device, Theta] = {}
         check_layouts(param_layouts)
         self.param_layouts: dict[Tensor, str] = dict(param_layouts or {})
+        # Settings of the artifact this optimizer was loaded from (``load_lopt`` fills it in), so
+        # tools can tell e.g. a learning rate far from the one the rule was meta-trained with.
+        self.artifact_defaults: dict[str, Any] = {}
+        self._step_stats = _StepStats()
+        self._recorded_loss: Tensor | None = None  # set by record_loss, consumed by the next step()
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "rule": rule.name,
-                                  ROUTE_KEY: LEARNED_ROUTE})
+                                  ROUTE_KEY: LEARNED_ROUTE, TOTAL_STEPS_KEY: None})
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; an ``"adamw"``-routed group gets torch's AdamW ``betas``/``eps`` if unset."""
@@ -140,14 +156,87 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """How many tensor-steps were skipped because the gradient or step was not finite."""
         return sum(int(state.get(SKIPPED_KEY, 0)) for state in self.state.values())
 
+    # ----------------------------------------------------------------------- training length
+    def set_total_steps(self, total_steps: int | None) -> None:
+        """Record the planned number of optimizer steps of this training run (``None``: unknown).
+
+        Stored as ``"total_steps"`` in every param group, so it is saved and restored with
+        ``state_dict()``. ``LearnedOptimizerCallback`` calls this with ``transformers.Trainer``'s
+        ``state.max_steps``; in a plain loop call it yourself before training.
+        """
+        if total_steps is not None:
+            if isinstance(total_steps, bool) or int(total_steps) != total_steps or total_steps <= 0:
+                raise ValueError(f"total_steps must be a positive integer or None, got {total_steps!r}")
+            total_steps = int(total_steps)
+        for group in self.param_groups:
+            group[TOTAL_STEPS_KEY] = total_steps
+
+    @property
+    def total_steps(self) -> int | None:
+        """The planned number of steps set by :meth:`set_total_steps` (``None`` if never set)."""
+        values = {group.get(TOTAL_STEPS_KEY) for group in self.param_groups}
+        return values.pop() if len(values) == 1 else None
+
+    # --------------------------------------------------------------------------- statistics
+    def last_step_stats(self) -> dict[str, float | int]:
+        """What the last ``step()`` did, as plain numbers (empty before the first step).
+
+        * ``update_rms`` — root mean square of the applied change ``new - old`` (float32, before
+          rounding to the parameter dtype; learning rate and weight decay included) over every
+          element of every tensor the learned rule updated; ``update_rms_adamw`` likewise for
+          ``"adamw"``-routed groups (only if there are any);
+        * ``updated_tensors`` / ``skipped_nonfinite_tensors`` — tensors updated / skipped because
+          their gradient or step was not finite.
+
+        The sums are kept as tensors during ``step()``; reading them here is the only sync.
+        """
+        return self._step_stats.as_dict()
+
+    # --------------------------------------------------------------------------------- loss
+    def record_loss(self, loss: Tensor | float) -> None:
+        """Record the training loss of the current batch for the next ``step()`` (which consumes it).
+
+        For rules with ``needs_loss`` when ``step()`` is called by someone else (a
+        ``transformers.Trainer`` callback, Accelerate's wrapped optimizer). The tensor is detached
+        and not read until the step, so recording costs no device sync.
+        """
+        self._recorded_loss = _scalar_loss(loss)
+
+    def _loss_for_rule(self, given: Tensor | float | None) -> Tensor | None:
+        """The loss handed to the rule this step (``None`` for rules that do not use it)."""
+        recorded, self._recorded_loss = self._recorded_loss, None
+        if not self.rule.needs_loss:
+            return None
+        if given is not None:
+            return _scalar_loss(given)
+        if recorded is not None:
+            return recorded
+        if any(param.grad is not None for group in self.param_groups
+               if group.get(ROUTE_KEY, LEARNED_ROUTE) == LEARNED_ROUTE for param in group["params"]):
+            raise RuntimeError(f"rule {self.rule.name!r} needs the training loss: call step(closure), "
+                               f"step(loss=loss) or record_loss(loss) before step()")
+        return None
+
     # --------------------------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """Apply one learned update to every parameter that has a gradient; return the loss."""
-        loss = None
+    def step(self, closure: Callable[[], float] | None = None, *,  # type: ignore[override]
+             loss: Tensor | float | None = None) -> float | None:
+        """Apply one learned update to every parameter that has a gradient; return the closure's loss.
+
+        Args:
+            closure: re-evaluates the model and returns the loss (torch convention).
+            loss: the training loss of this batch, for rules with ``needs_loss`` (ignored by
+                others); instead of a closure, or of an earlier :meth:`record_loss`.
+        """
+        if closure is not None and loss is not None:
+            raise ValueError("pass either a closure or loss=..., not both")
+        closure_loss = None
         if closure is not None:
             with torch.enable_grad():
-                loss = closure()
+                closure_loss = closure()
+        rule_loss = self._loss_for_rule(closure_loss if closure is not None else loss)
+        skip_learned = rule_loss is not None and not bool(torch.isfinite(rule_loss))
+        self._step_stats = _StepStats()
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
             adamw = group.get(ROUTE_KEY, LEARNED_ROUTE) == ADAMW_ROUTE
@@ -159,29 +248,34 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if adamw:
                     self._adamw_step_tensor(param, lr, weight_decay, group["betas"], group["eps"])
                 else:
-                    self._step_tensor(param, lr, weight_decay)
-        return loss
+                    self._step_tensor(param, lr, weight_decay, rule_loss, skip_learned)
+        return closure_loss
 
-    def _step_tensor(self, param: Tensor, lr: float, weight_decay: float) -> None:
+    def _step_tensor(self, param: Tensor, lr: float, weight_decay: float, loss: Tensor | None = None,
+                     skip: bool = False) -> None:
         state = self.state[param]
         if not state:
             state.update(self._init_param_state(param))
         rule_state = {key: value for key, value in state.items() if key not in _RESERVED_KEYS}
         param32 = param.detach().to(torch.float32)
         grad32 = param.grad.detach().to(torch.float32)
-        if not bool(torch.isfinite(grad32).all()):
+        if skip or not bool(torch.isfinite(grad32).all()):
             state[SKIPPED_KEY] += 1
+            self._step_stats.skipped += 1
             return
         layout = self.layout_of(param)
+        loss_kwargs = {} if loss is None else {"loss": loss.to(param.device)}
         direction, new_rule_state = self.rule.update(
             self.theta_on(param.device), to_rule_layout(param32, layout), to_rule_layout(grad32, layout), rule_state,
-            state[STEP_KEY], chunk_size=self.chunk_size)
+            state[STEP_KEY], chunk_size=self.chunk_size, **loss_kwargs)
         direction = from_rule_layout(direction, layout)
         if not bool(torch.isfinite(direction).all()):
             state[SKIPPED_KEY] += 1
+            self._step_stats.skipped += 1
             return
         new_param = param32 if weight_decay == 0.0 else param32 * (1.0 - lr * weight_decay)
         new_param = new_param - lr * direction
+        self._step_stats.add(LEARNED_ROUTE, direction, new_param, param32, lr, weight_decay)
         param.copy_(new_param)  # one rounding to the parameter dtype (e.g. bf16)
         state.update(new_rule_state)
         state[STEP_KEY] += 1
@@ -196,6 +290,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         grad32 = param.grad.detach().to(torch.float32)
         if not bool(torch.isfinite(grad32).all()):
             state[SKIPPED_KEY] += 1
+            self._step_stats.skipped += 1
             return
         beta1, beta2 = betas
         count = state[STEP_KEY] + 1
@@ -204,7 +299,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         step = (exp_avg / (1.0 - beta1 ** count)) / ((exp_avg_sq / (1.0 - beta2 ** count)).sqrt() + eps)
         param32 = param.detach().to(torch.float32)
         new_param = param32 if weight_decay == 0.0 else param32 * (1.0 - lr * weight_decay)
-        param.copy_(new_param - lr * step)
+        new_param = new_param - lr * step
+        self._step_stats.add(ADAMW_ROUTE, step, new_param, param32, lr, weight_decay)
+        param.copy_(new_param)
         state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
         state[STEP_KEY] = count
 
@@ -231,3 +328,47 @@ class LearnedOptimizer(torch.optim.Optimizer):
                            f"weight_decay={g['weight_decay']}, {len(g['params'])} tensors"
                            for i, g in enumerate(self.param_groups))
         return f"LearnedOptimizer(rule={self.rule.name!r}, {groups})"
+
+
+def _scalar_loss(loss: Tensor | float) -> Tensor:
+    """A loss as a detached float32 scalar tensor (on its own device)."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"the loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+        return loss.detach().to(torch.float32).reshape(())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return torch.tensor(float(loss), dtype=torch.float32)
+    raise TypeError(f"the loss must be a scalar tensor or a number, got {type(loss).__name__}")
+
+
+class _StepStats:
+    """Running sums of one ``step()``: squared update norms per route, element and tensor counts."""
+
+    def __init__(self) -> None:
+        self.squared_sums: dict[str, Tensor] = {}
+        self.numels: dict[str, int] = {}
+        self.updated = 0
+        self.skipped = 0
+
+    def add(self, route: str, direction: Tensor, new_param: Tensor, old_param: Tensor, lr: float,
+            weight_decay: float) -> None:
+        if weight_decay == 0.0:
+            # new - old = -lr * direction: a norm of the direction needs no temporary tensor.
+            squared = (lr * torch.linalg.vector_norm(direction)) ** 2
+        else:
+            squared = torch.linalg.vector_norm(new_param - old_param) ** 2
+        previous = self.squared_sums.get(route)
+        self.squared_sums[route] = squared if previous is None else previous + squared.to(previous.device)
+        self.numels[route] = self.numels.get(route, 0) + new_param.numel()
+        self.updated += 1
+
+    def as_dict(self) -> dict[str, float | int]:
+        if not self.updated and not self.skipped:
+            return {}
+        stats: dict[str, float | int] = {}
+        for route, key in ((LEARNED_ROUTE, "update_rms"), (ADAMW_ROUTE, "update_rms_adamw")):
+            if route in self.squared_sums:
+                stats[key] = float((self.squared_sums[route] / max(self.numels[route], 1)).sqrt())
+        stats["updated_tensors"] = self.updated
+        stats["skipped_nonfinite_tensors"] = self.skipped
+        return stats

@@ -206,3 +206,21 @@ def hub_env(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPat
                      cache_dir=home / "hub", env=dict(os.environ))
     finally:
         undo_leftovers()
+
+
+@pytest.fixture
+def single_torch_thread() -> Iterator[None]:
+    """Run the test with one intra-op thread (restored afterwards).
+
+    The integration tests train tiny models, for which one thread is fastest; on a shared 2-core
+    machine two spinning OpenMP threads next to another busy process made a 27K-parameter GPT-2
+    step ~100x slower.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)

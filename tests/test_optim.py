@@ -34,7 +34,7 @@ def train(model: nn.Module, opt: torch.optim.Optimizer, data) -> list[float]:
         opt.zero_grad()
         loss = nn.functional.cross_entropy(model(x.to(next(model.parameters()).dtype)).float(), y)
         loss.backward()
-        opt.step()
+        opt.step(loss=loss)  # rules with needs_loss (opt2vec) use it, the others ignore it
         losses.append(loss.item())
     return losses
 

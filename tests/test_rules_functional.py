@@ -15,9 +15,22 @@ SHAPES = [(5, 4), (6,), (2, 3, 4), (1,)]
 BATCH = 3
 
 
+def loss_kwargs(rule, loss) -> dict[str, torch.Tensor]:
+    """``{"loss": loss}`` for rules that need the training loss (``needs_loss``), else nothing."""
+    return {"loss": torch.as_tensor(loss, dtype=torch.float32)} if rule.needs_loss else {}
+
+
+def update_with_loss(rule):
+    """``rule.update`` taking the loss positionally (vmap batches positional arguments only)."""
+    def update(theta, param, grad, state, step, chunk_size, loss):
+        return rule.update(theta, param, grad, state, step, chunk_size, **({"loss": loss} if rule.needs_loss else {}))
+    return update
+
+
 def warm_state(rule, theta, param: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """A non-trivial state: the rule's own state after one step on a random gradient."""
-    _, state = rule.update(theta, param, torch.randn(param.shape, generator=gen), rule.init_state(param), 0)
+    _, state = rule.update(theta, param, torch.randn(param.shape, generator=gen), rule.init_state(param), 0,
+                           **loss_kwargs(rule, 2.3))
     return state
 
 
@@ -61,12 +74,14 @@ def test_vmap_equals_loop(rule_name: str, shape: tuple[int, ...], grad_enabled: 
     grads = [torch.randn(shape, generator=gen) * scale for scale in (1e-2, 1.0, 1e3)]
     states = [warm_state(rule, theta, param, gen) for theta, param in zip(thetas, params)]
     steps = torch.tensor([0, 3, 250])
+    losses = torch.tensor([0.5, 2.0, 7.0])
 
     with torch.set_grad_enabled(grad_enabled):
-        batched_step, batched_state = vmap(rule.update, in_dims=(0, 0, 0, 0, 0, None))(
-            stack(thetas), torch.stack(params), torch.stack(grads), stack(states), steps, chunk_size)
+        batched_step, batched_state = vmap(update_with_loss(rule), in_dims=(0, 0, 0, 0, 0, None, 0))(
+            stack(thetas), torch.stack(params), torch.stack(grads), stack(states), steps, chunk_size, losses)
     for i in range(BATCH):
-        step, state = rule.update(thetas[i], params[i], grads[i], states[i], int(steps[i]))
+        step, state = rule.update(thetas[i], params[i], grads[i], states[i], int(steps[i]),
+                                  **loss_kwargs(rule, losses[i]))
         torch.testing.assert_close(batched_step[i], step, rtol=1e-5, atol=1e-6 * step.abs().max().item() + 1e-12)
         assert set(batched_state) == set(state)
         for key in state:
@@ -80,9 +95,9 @@ def test_step_int_or_tensor(rule_name: str) -> None:
     theta = perturbed_theta(rule, gen)
     param, grad = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
     state = warm_state(rule, theta, param, gen)
-    from_int, _ = rule.update(theta, param, grad, state, 42)
+    from_int, _ = rule.update(theta, param, grad, state, 42, **loss_kwargs(rule, 1.5))
     for step in (torch.tensor(42), torch.tensor(42.0)):
-        from_tensor, _ = rule.update(theta, param, grad, state, step)
+        from_tensor, _ = rule.update(theta, param, grad, state, step, **loss_kwargs(rule, 1.5))
         torch.testing.assert_close(from_tensor, from_int, rtol=0, atol=0)
 
 
@@ -99,14 +114,15 @@ def test_grad_wrt_theta_matches_finite_differences(rule_name: str) -> None:
     state = {key: value.double() for key, value in state32.items()}
     weights = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     state_weights = {key: torch.randn(value.shape, generator=gen, dtype=torch.float64) for key, value in state.items()}
+    extra = {key: value.double() for key, value in loss_kwargs(rule, 1.7).items()}
 
     # The update is ~step_mult small and state entries are O(1): weight both to matter equally.
-    base_step, base_state = rule.update(theta, param, grad, state, 11)
+    base_step, base_state = rule.update(theta, param, grad, state, 11, **extra)
     step_scale = 1.0 / base_step.abs().max().clamp_min(1e-30)
     state_scales = {key: 1.0 / value.abs().max().clamp_min(1e-30) for key, value in base_state.items()}
 
     def loss(theta_: dict[str, torch.Tensor]) -> torch.Tensor:
-        step, new_state = rule.update(theta_, param, grad, state, 11)
+        step, new_state = rule.update(theta_, param, grad, state, 11, **extra)
         total = (step * weights).sum() * step_scale
         for key, value in new_state.items():
             total = total + (value * state_weights[key]).sum() * state_scales[key]
@@ -140,7 +156,8 @@ def test_update_does_not_mutate_inputs(rule_name: str, chunk_size: int | None) -
     step = torch.tensor(9)
     copies = [{k: v.clone() for k, v in d.items()} for d in (theta, state)] + [param.clone(), grad.clone(),
                                                                                step.clone()]
-    update, new_state = rule.update(theta, param, grad, state, step, chunk_size=chunk_size)
+    update, new_state = rule.update(theta, param, grad, state, step, chunk_size=chunk_size,
+                                    **loss_kwargs(rule, 0.7))
     for before, after in zip(copies, [theta, state, param, grad, step]):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert update.shape == param.shape

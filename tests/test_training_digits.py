@@ -35,7 +35,7 @@ def run(model: nn.Module, optimizer: torch.optim.Optimizer, digits) -> list[floa
         loss = nn.functional.cross_entropy(model(inputs[batch]), labels[batch])
         optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        optimizer.step(loss=loss) if isinstance(optimizer, LearnedOptimizer) else optimizer.step()
         losses.append(loss.item())
     return losses
 

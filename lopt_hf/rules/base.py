@@ -18,6 +18,11 @@ Conventions:
   optimizer multiplies by its ``lr`` (default 1.0) so LR schedulers work.
 * ``step`` is the 0-based iteration count *before* this update (int or a scalar tensor; under
   vmap it may be batched).
+* A rule that needs the training loss declares ``needs_loss = True`` and takes it as the
+  keyword ``loss`` (a scalar tensor; under vmap batched like ``step``). ``LearnedOptimizer``
+  passes it to such rules only — other rules are called exactly as before — and raises a clear
+  error when a step has no loss. Wrap ``update`` in a function taking the loss positionally to
+  ``vmap`` over it (``vmap`` does not batch keyword arguments).
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class UpdateRule(ABC):
     """
 
     name: ClassVar[str]
+    # True: ``update`` requires the keyword ``loss`` (the training loss of the batch, a scalar).
+    needs_loss: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- hyper-parameters
     def hyperparameters(self) -> dict[str, Any]:

@@ -1,0 +1,283 @@
+"""``transformers.Trainer`` integration: an optimizer factory and ``LearnedOptimizerCallback``.
+
+Two ways to give ``Trainer`` a learned optimizer; both build the same ``LearnedOptimizer`` as
+``load_lopt(artifact, model)`` — the whole model, so harness routing (embeddings, biases → AdamW)
+and layouts (``nn.Linear`` vs GPT-2 ``Conv1D`` weights) are those of the model:
+
+* ``Trainer(model, args, optimizers=(load_lopt(path_or_repo, model), None))``
+* ``Trainer(model, args, optimizer_cls_and_kwargs=trainer_optimizer(path_or_repo))`` — the
+  artifact is loaded (and validated) at once; the optimizer is built when training starts.
+
+What ``Trainer`` does and does not apply to a learned optimizer (both ways):
+
+* ``TrainingArguments.learning_rate`` is **not** used. A learned optimizer's ``lr`` multiplies
+  the step it learned; its right value is the artifact's own (``optimizer_defaults["lr"]`` in
+  ``config.json``, usually 1.0), and ``5e-5`` — Trainer's default, an AdamW learning rate — would
+  all but stop training. Change it on purpose with ``load_lopt(..., lr=...)`` /
+  ``trainer_optimizer(..., lr=...)``.
+* ``TrainingArguments.weight_decay`` is **not** used either (nor Trainer's "no decay for biases and
+  norms" grouping): the artifact's ``weight_decay`` applies unless overridden the same way.
+* The LR scheduler **is** applied: it scales the optimizer's ``lr``. Trainer's default
+  ``lr_scheduler_type="linear"`` decays the learned step to zero over training, which a learned
+  optimizer (with its own notion of time) was not meta-trained with: use ``"constant"``.
+* ``max_grad_norm`` (default 1.0) clips gradients *before* the rule sees them: use ``0``.
+  (``None`` is not accepted by this version of Trainer.)
+* Gradient accumulation, bf16/fp16, checkpoints (``optimizer.pt``, loaded with
+  ``weights_only=True``) and multi-process (DDP) training need nothing special.
+* Trainer measures the gradient norm every step with ``clip_grad_norm_(params, inf)`` even when
+  ``max_grad_norm=0``; if one gradient holds a NaN/inf, torch multiplies *every* gradient by
+  ``inf / nan``, so the learned optimizer then skips every tensor of that step (counted in
+  ``lopt/skipped_nonfinite``) — the parameters stay finite.
+
+``LearnedOptimizerCallback`` tells the optimizer the planned number of steps, logs its statistics
+and warns once about the settings above.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from typing import Any
+
+from torch import nn
+from transformers import TrainerCallback
+
+from .hub import LearnedOptimizerModel, load_artifact
+from .load import HUB_KWARGS, OPTIMIZER_SETTINGS, load_lopt
+from .optim import ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY, LearnedOptimizer
+
+__all__ = ["LearnedOptimizerCallback", "LearnedOptimizerFactory", "LearnedOptimizerSettingsWarning",
+           "trainer_optimizer", "unwrap_optimizer"]
+
+logger = logging.getLogger(__name__)
+
+# A learning rate this far below the artifact's own is almost surely an AdamW learning rate
+# (Trainer's default 5e-5) used as the multiplier of a learned step.
+TINY_LR_RATIO = 0.01
+# Prefix of the keys LearnedOptimizerCallback adds to Trainer's logs.
+LOG_PREFIX = "lopt/"
+
+
+class LearnedOptimizerSettingsWarning(UserWarning):
+    """A Trainer setting silently changes what a learned optimizer does."""
+
+
+def unwrap_optimizer(optimizer: Any) -> Any:
+    """The optimizer inside wrappers such as Accelerate's ``AcceleratedOptimizer``."""
+    seen = set()
+    while not isinstance(optimizer, LearnedOptimizer) and hasattr(optimizer, "optimizer") and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+# ================================================================================== factory
+
+
+class LearnedOptimizerFactory:
+    """What ``trainer_optimizer`` hands to ``Trainer(optimizer_cls_and_kwargs=...)``.
+
+    transformers (≥ 5.x) treats an ``optimizer_cls`` that is not a ``torch.optim.Optimizer``
+    subclass as a factory: it calls ``optimizer_cls()(model, **kwargs)``, so the optimizer is built
+    from the whole model, exactly like ``load_lopt(artifact, model, **overrides)``.
+
+    Trainers that instead call ``optimizer_cls(param_groups, **kwargs)`` (older transformers) get a
+    ``LearnedOptimizer`` over those groups; their ``weight_decay`` entries (from
+    ``args.weight_decay``) then apply, and without the model, layouts follow
+    :func:`lopt_hf.layout.default_layout` and harnesses route by tensor rank only.
+    """
+
+    def __new__(cls, params: Any = None, **kwargs: Any) -> Any:
+        if params is None:
+            return super().__new__(cls)
+        return cls._build(params, **kwargs)
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> LearnedOptimizer:
+        return self._build(model, **kwargs)
+
+    @staticmethod
+    def _build(params_or_model: Any, artifact: LearnedOptimizerModel | None = None,
+               **overrides: Any) -> LearnedOptimizer:
+        if not isinstance(artifact, LearnedOptimizerModel):
+            raise TypeError("LearnedOptimizerFactory needs artifact=<LearnedOptimizerModel>; build its arguments with "
+                            "lopt_hf.trainer_optimizer(path_or_repo)")
+        optimizer = load_lopt(artifact, params_or_model, **overrides)
+        label = artifact.config.name_or_path or "the artifact"
+        logger.info("learned optimizer for Trainer: %s from %s; lr=%s, weight_decay=%s (TrainingArguments."
+                    "learning_rate and weight_decay are not used)", artifact.rule.name, label,
+                    optimizer.defaults["lr"], optimizer.defaults["weight_decay"])
+        return optimizer
+
+
+def trainer_optimizer(repo_or_path: str | os.PathLike[str] | LearnedOptimizerModel,
+                      **overrides: Any) -> tuple[type[LearnedOptimizerFactory], dict[str, Any]]:
+    """``(optimizer_cls, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)``.
+
+    Args:
+        repo_or_path: local artifact folder, Hub repo id or loaded ``LearnedOptimizerModel``;
+            loaded and validated now (errors surface before training starts).
+        **overrides: as for :func:`lopt_hf.load_lopt`: ``lr``, ``weight_decay``, ``chunk_size``,
+            ``harness`` (used when Trainer builds the optimizer) and the Hub options ``revision``,
+            ``cache_dir``, ``token``, ``local_files_only``, ``force_download`` (used now).
+
+    The optimizer's ``lr`` and ``weight_decay`` are the artifact's (or ``overrides``), never
+    ``TrainingArguments.learning_rate`` / ``weight_decay`` — see the module documentation.
+    """
+    unknown = sorted(set(overrides) - set(HUB_KWARGS) - set(OPTIMIZER_SETTINGS) - {"harness"})
+    if unknown:
+        raise TypeError(f"trainer_optimizer got unknown keyword argument(s) {unknown}; optimizer settings are "
+                        f"{list(OPTIMIZER_SETTINGS)} and 'harness', hub options are {list(HUB_KWARGS)}")
+    hub_kwargs = {key: overrides.pop(key) for key in HUB_KWARGS if key in overrides}
+    if isinstance(repo_or_path, LearnedOptimizerModel):
+        if hub_kwargs:
+            raise TypeError(f"hub options {sorted(hub_kwargs)} make no sense with an already loaded artifact")
+        artifact = repo_or_path
+    else:
+        artifact = load_artifact(repo_or_path, **hub_kwargs)
+    return LearnedOptimizerFactory, {"artifact": artifact, **overrides}
+
+
+# ================================================================================= callback
+
+
+class LearnedOptimizerCallback(TrainerCallback):
+    """``transformers.TrainerCallback`` for learned optimizers.
+
+    * At the start of training: ``optimizer.set_total_steps(state.max_steps)`` (rules that need
+      the planned length of training read it from there), and one
+      :class:`LearnedOptimizerSettingsWarning` (main process only) listing every setting that
+      silently changes what the learned optimizer does — an LR schedule that is not constant,
+      gradient clipping, a learning rate far below the artifact's, an unused
+      ``args.learning_rate`` / ``args.weight_decay``.
+    * At each log: adds ``lopt/update_rms`` (RMS of the last step's parameter change through the
+      learned rule), ``lopt/update_rms_adamw`` (AdamW-routed tensors, if any) and
+      ``lopt/skipped_nonfinite`` (tensor-steps skipped so far for a non-finite gradient or step)
+      to the logs, and to ``state.log_history``.
+
+    Trainer runs reporting integrations (``report_to``: TensorBoard, W&B, ...) *before* callbacks
+    passed as ``callbacks=[...]``, so those would not see these keys: use :meth:`attach` to put the
+    callback first.
+
+    Does nothing (and says so once) if the optimizer is not a ``LearnedOptimizer``.
+
+    Args:
+        warn: emit the settings warning (default ``True``).
+        log_stats: add the statistics to the logs (default ``True``).
+    """
+
+    def __init__(self, warn: bool = True, log_stats: bool = True) -> None:
+        self.warn = warn
+        self.log_stats = log_stats
+        self._warned = False
+        self._not_learned_noted = False
+
+    @classmethod
+    def attach(cls, trainer: Any, **kwargs: Any) -> LearnedOptimizerCallback:
+        """Add a new callback to ``trainer`` *first*, so reporting integrations see its log keys."""
+        callback = cls(**kwargs)
+        trainer.callback_handler.callbacks.insert(0, callback)
+        return callback
+
+    # --------------------------------------------------------------------------- events
+    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None,
+                       **kwargs: Any) -> None:
+        learned = unwrap_optimizer(optimizer)
+        if not isinstance(learned, LearnedOptimizer):
+            if not self._not_learned_noted:
+                logger.info("LearnedOptimizerCallback: the optimizer is %s, not a LearnedOptimizer; doing nothing",
+                            type(learned).__name__)
+                self._not_learned_noted = True
+            return
+        if state.max_steps and state.max_steps > 0:
+            learned.set_total_steps(int(state.max_steps))
+        if self.warn and not self._warned and state.is_local_process_zero:
+            problems = settings_problems(args, learned, lr_scheduler, int(state.max_steps or 0))
+            if problems:
+                warnings.warn("Trainer settings change what the learned optimizer does:\n"
+                              + "\n".join(f"  - {problem}" for problem in problems)
+                              + "\n(recommended: lr_scheduler_type='constant', max_grad_norm=0; the optimizer's lr "
+                                "is the artifact's unless you pass lr= to load_lopt / trainer_optimizer)",
+                              LearnedOptimizerSettingsWarning, stacklevel=2)
+            self._warned = True
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, optimizer: Any = None,
+               **kwargs: Any) -> None:
+        learned = unwrap_optimizer(optimizer)
+        if not self.log_stats or logs is None or not isinstance(learned, LearnedOptimizer):
+            return
+        if "loss" not in logs:  # training logs only (not eval / the final summary)
+            return
+        stats = learned.last_step_stats()
+        extra: dict[str, float] = {}
+        for key in ("update_rms", "update_rms_adamw"):
+            if key in stats:
+                extra[LOG_PREFIX + key] = stats[key]
+        extra[LOG_PREFIX + "skipped_nonfinite"] = learned.num_skipped_nonfinite
+        logs.update(extra)
+        # Trainer.log appended a copy of `logs` to the history before calling us: add ours there too.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step \
+                and state.log_history[-1].get("loss") == logs.get("loss"):
+            state.log_history[-1].update(extra)
+
+
+def settings_problems(args: Any, optimizer: LearnedOptimizer, lr_scheduler: Any, max_steps: int) -> list[str]:
+    """Human-readable list of Trainer settings that silently change a learned optimizer's behaviour."""
+    problems = []
+    learned_groups = [g for g in optimizer.param_groups if g.get(ROUTE_KEY, LEARNED_ROUTE) != ADAMW_ROUTE]
+    groups = learned_groups or optimizer.param_groups
+    base_lr = float(groups[0].get("initial_lr", groups[0]["lr"]))
+
+    factors = _schedule_factors(lr_scheduler, max_steps)
+    if factors is not None:
+        low, high = min(factors), max(factors)
+        if not (math.isclose(low, 1.0, rel_tol=1e-6) and math.isclose(high, 1.0, rel_tol=1e-6)):
+            problems.append(
+                f"the LR scheduler (lr_scheduler_type={_scheduler_name(args)}, "
+                f"warmup={getattr(args, 'warmup_steps', 0) or getattr(args, 'warmup_ratio', 0) or 0}) scales the "
+                f"learned step by factors from {low:.3g} to {high:.3g} over {max_steps} steps; a learned optimizer "
+                "has its own schedule and was meta-trained with a constant multiplier: "
+                "use lr_scheduler_type='constant'")
+    elif lr_scheduler is not None and _scheduler_name(args) != "constant":
+        problems.append(f"lr_scheduler_type={_scheduler_name(args)} scales the learned step during training "
+                        "(unless you passed your own scheduler); use lr_scheduler_type='constant'")
+
+    max_grad_norm = getattr(args, "max_grad_norm", 0) or 0
+    if max_grad_norm > 0:
+        problems.append(f"max_grad_norm={max_grad_norm} clips the global gradient norm before the learned rule sees "
+                        "the gradients (it was meta-trained on raw gradients): use max_grad_norm=0")
+
+    reference_lr = float(optimizer.artifact_defaults.get("lr", 1.0))
+    if reference_lr > 0 and base_lr < TINY_LR_RATIO * reference_lr:
+        problems.append(f"the learned optimizer's lr is {base_lr:g}, {reference_lr / max(base_lr, 1e-300):.3g}x "
+                        f"smaller than the artifact's {reference_lr:g}: lr multiplies the learned step (it is not "
+                        "an AdamW learning rate), so training will barely move")
+    args_lr = getattr(args, "learning_rate", None)
+    if args_lr is not None and not math.isclose(float(args_lr), base_lr, rel_tol=1e-6):
+        problems.append(f"TrainingArguments.learning_rate={args_lr:g} is not used: the learned optimizer's lr is "
+                        f"{base_lr:g} (the artifact's, or what you passed to load_lopt / trainer_optimizer)")
+    args_wd = getattr(args, "weight_decay", 0.0) or 0.0
+    group_wds = sorted({float(g["weight_decay"]) for g in optimizer.param_groups})
+    if args_wd > 0 and group_wds != [float(args_wd)]:
+        problems.append(f"TrainingArguments.weight_decay={args_wd:g} is not used: the learned optimizer's "
+                        f"weight_decay is {', '.join(f'{wd:g}' for wd in group_wds)} (pass weight_decay= to "
+                        "load_lopt / trainer_optimizer to change it)")
+    return problems
+
+
+def _scheduler_name(args: Any) -> str:
+    kind = getattr(args, "lr_scheduler_type", "constant")
+    return str(getattr(kind, "value", kind))
+
+
+def _schedule_factors(lr_scheduler: Any, max_steps: int) -> list[float] | None:
+    """The multipliers a ``LambdaLR``-style scheduler applies at a few steps, or ``None`` if unknown."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if not lambdas or max_steps <= 0:
+        return None
+    probe_steps = sorted({0, 1, max_steps // 4, max_steps // 2, (3 * max_steps) // 4, max(max_steps - 1, 0)})
+    try:
+        return [float(lambdas[0](step)) for step in probe_steps]
+    except Exception:  # noqa: BLE001 -- a stateful or unusual lambda: do not guess
+        return None

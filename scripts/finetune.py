@@ -1,0 +1,234 @@
+"""Train a tiny causal LM with transformers.Trainer: a learned optimizer vs AdamW, and plot both loss curves.
+
+A character-level GPT-2 (built from a GPT2Config, nothing downloaded) learns public-domain text
+embedded in this script (or --text FILE). It is trained twice from the same initialisation:
+
+1. with a learned optimizer — ``Trainer(..., optimizer_cls_and_kwargs=lopt_hf.trainer_optimizer(LOPT))``
+   plus ``LearnedOptimizerCallback``, with the settings recommended for learned optimizers
+   (constant LR schedule, no gradient clipping, the artifact's own lr);
+2. with AdamW — Trainer's own optimizer, with its usual recipe (linear decay, clipping at 1.0).
+
+LOPT is ``--lopt`` (a local artifact folder or a Hub repo id). Without it a *randomly
+initialised* ``small_fc_lopt`` artifact is created on the fly: lopt_hf ships no meta-trained
+optimizer yet, so expect that one to lose to AdamW — the script shows the mechanics end to end.
+Runs offline on CPU in about a minute with the defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import Dataset  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers.trainer_callback import PrinterCallback  # noqa: E402
+
+import lopt_hf  # noqa: E402
+from lopt_hf import LearnedOptimizerCallback, create_artifact, load_artifact, trainer_optimizer  # noqa: E402
+
+# Public-domain text: the Gettysburg Address (Lincoln, 1863), the opening paragraphs of "A Tale of
+# Two Cities" (Dickens, 1859) and "Pride and Prejudice" (Austen, 1813), and the preamble of the
+# Declaration of Independence (1776).
+DEFAULT_TEXT = """\
+Four score and seven years ago our fathers brought forth on this continent, a new nation, conceived in Liberty, \
+and dedicated to the proposition that all men are created equal. Now we are engaged in a great civil war, testing \
+whether that nation, or any nation so conceived and so dedicated, can long endure. We are met on a great \
+battle-field of that war. We have come to dedicate a portion of that field, as a final resting place for those who \
+here gave their lives that that nation might live. It is altogether fitting and proper that we should do this. \
+But, in a larger sense, we can not dedicate -- we can not consecrate -- we can not hallow -- this ground. The brave \
+men, living and dead, who struggled here, have consecrated it, far above our poor power to add or detract. The \
+world will little note, nor long remember what we say here, but it can never forget what they did here. It is for \
+us the living, rather, to be dedicated here to the unfinished work which they who fought here have thus far so \
+nobly advanced. It is rather for us to be here dedicated to the great task remaining before us -- that from these \
+honored dead we take increased devotion to that cause for which they gave the last full measure of devotion -- \
+that we here highly resolve that these dead shall not have died in vain -- that this nation, under God, shall have \
+a new birth of freedom -- and that government of the people, by the people, for the people, shall not perish from \
+the earth.
+It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it \
+was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of \
+Darkness, it was the spring of hope, it was the winter of despair, we had everything before us, we had nothing \
+before us, we were all going direct to Heaven, we were all going direct the other way -- in short, the period was \
+so far like the present period, that some of its noisiest authorities insisted on its being received, for good or \
+for evil, in the superlative degree of comparison only.
+It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a \
+wife. However little known the feelings or views of such a man may be on his first entering a neighbourhood, this \
+truth is so well fixed in the minds of the surrounding families, that he is considered the rightful property of \
+some one or other of their daughters.
+When in the Course of human events, it becomes necessary for one people to dissolve the political bands which \
+have connected them with another, and to assume among the powers of the earth, the separate and equal station to \
+which the Laws of Nature and of Nature's God entitle them, a decent respect to the opinions of mankind requires \
+that they should declare the causes which impel them to the separation. We hold these truths to be self-evident, \
+that all men are created equal, that they are endowed by their Creator with certain unalienable Rights, that \
+among these are Life, Liberty and the pursuit of Happiness.
+"""
+
+
+class CharBlocks(Dataset):
+    """Overlapping windows of ``block_size`` character ids (stride ``block_size // 2``); labels = inputs."""
+
+    def __init__(self, ids: torch.Tensor, block_size: int) -> None:
+        stride = max(1, block_size // 2)
+        starts = range(0, len(ids) - block_size + 1, stride)
+        self.blocks = torch.stack([ids[start:start + block_size] for start in starts])
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+def make_data(text: str, block_size: int, eval_fraction: float = 0.1) -> tuple[int, CharBlocks, CharBlocks]:
+    """Character vocabulary, then train / held-out blocks (the held-out part is the end of the text)."""
+    vocab = sorted(set(text))
+    ids = torch.tensor([vocab.index(char) for char in text])
+    split = int(len(ids) * (1 - eval_fraction))
+    return len(vocab), CharBlocks(ids[:split], block_size), CharBlocks(ids[split:], block_size)
+
+
+def make_model(vocab_size: int, block_size: int, args: argparse.Namespace) -> GPT2LMHeadModel:
+    config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=args.n_embd, n_layer=args.n_layer,
+                        n_head=args.n_head, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(args.seed)
+    return GPT2LMHeadModel(config)
+
+
+def common_args(output_dir: Path, args: argparse.Namespace, **overrides) -> TrainingArguments:
+    return TrainingArguments(output_dir=str(output_dir), max_steps=args.steps,
+                             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
+                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                             dataloader_num_workers=0, disable_tqdm=True, seed=args.seed, **overrides)
+
+
+def run(name: str, trainer: Trainer, eval_dataset: Dataset) -> dict:
+    trainer.remove_callback(PrinterCallback)  # one summary line per run instead of a dict per step
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    eval_loss = trainer.evaluate(eval_dataset)["eval_loss"]
+    print(f"{name}: {len(losses)} steps in {seconds:.1f} s ({1000 * seconds / max(len(losses), 1):.0f} ms/step), "
+          f"train loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of last 10), "
+          f"held-out loss {eval_loss:.3f}")
+    return {"losses": losses, "eval_loss": eval_loss, "seconds": seconds}
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(curves: dict[str, dict], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (label, result), color in zip(curves.items(), ("tab:red", "tab:blue")):
+        losses = result["losses"]
+        steps = range(1, len(losses) + 1)
+        ax.plot(steps, losses, color=color, alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(losses, 10), color=color, label=f"{label} (held-out {result['eval_loss']:.2f})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (nats/char)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--lopt", default=None,
+                        help="learned-optimizer artifact: local folder or Hub repo id (default: create a random-init "
+                             "--rule artifact in --out; NOT meta-trained)")
+    parser.add_argument("--rule", default="small_fc_lopt",
+                        help="rule of the on-the-fly artifact when --lopt is not given")
+    parser.add_argument("--lopt-lr", type=float, default=None,
+                        help="multiplier of the learned step (default: the artifact's own lr, usually 1.0)")
+    parser.add_argument("--adamw-lr", type=float, default=3e-3, help="AdamW learning rate")
+    parser.add_argument("--text", type=Path, default=None, help="UTF-8 text file to train on (default: embedded "
+                                                                 "public-domain text, ~4 KB)")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--n-layer", type=int, default=2)
+    parser.add_argument("--n-embd", type=int, default=64)
+    parser.add_argument("--n-head", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (1 is fastest for this tiny model; 0 = torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("finetune_out"))
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    if args.lopt is None:
+        artifact_dir = args.out / f"{args.rule}-random-init"
+        create_artifact(args.rule, seed=args.seed,
+                        provenance={"source": "scripts/finetune.py: random init, not meta-trained"}
+                        ).save_pretrained(artifact_dir)
+        lopt_source, meta_trained = str(artifact_dir), False
+        print(f"NOTE: no --lopt given; created {artifact_dir} with RANDOMLY INITIALISED meta-parameters. It is not "
+              "meta-trained, so expect it to lose to AdamW: this run shows the mechanics, not a learned optimizer's "
+              "quality. Pass --lopt <folder or user/repo> to try a meta-trained one.")
+    else:
+        lopt_source, meta_trained = args.lopt, None
+    artifact = load_artifact(lopt_source)  # validated now; no code from the artifact is run
+    provenance = (artifact.config.provenance or {}).get("source", "unknown provenance")
+    print(f"learned optimizer: rule {artifact.rule.name!r} from {lopt_source} ({provenance}); "
+          f"optimizer_defaults {artifact.config.optimizer_defaults}")
+
+    text = args.text.read_text(encoding="utf-8") if args.text else DEFAULT_TEXT
+    vocab_size, train_data, eval_data = make_data(text, args.block_size)
+    model = make_model(vocab_size, args.block_size, args)
+    print(f"data: {len(text)} characters, vocabulary {vocab_size}, {len(train_data)} training blocks of "
+          f"{args.block_size}; model: GPT-2 {args.n_layer} layers × {args.n_embd}, "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters; {args.steps} steps of batch {args.batch_size}")
+
+    overrides = {} if args.lopt_lr is None else {"lr": args.lopt_lr}
+    lopt_lr = args.lopt_lr if args.lopt_lr is not None else float(artifact.config.optimizer_defaults.get("lr", 1.0))
+    # Settings recommended for learned optimizers: the optimizer's own lr, constant schedule, no clipping.
+    lopt_trainer = Trainer(model=model, args=common_args(args.out / "trainer_lopt", args, learning_rate=lopt_lr,
+                                                         lr_scheduler_type="constant", max_grad_norm=0.0),
+                           train_dataset=train_data,
+                           optimizer_cls_and_kwargs=trainer_optimizer(artifact, **overrides))
+    LearnedOptimizerCallback.attach(lopt_trainer)
+    label = f"{artifact.rule.name}" + (" (random init)" if meta_trained is False else "")
+    curves = {label: run(f"learned optimizer {label}", lopt_trainer, eval_data)}
+
+    model = make_model(vocab_size, args.block_size, args)  # same initialisation
+    adamw_trainer = Trainer(model=model, args=common_args(args.out / "trainer_adamw", args,
+                                                          learning_rate=args.adamw_lr),
+                            train_dataset=train_data)
+    curves[f"AdamW lr={args.adamw_lr:g}"] = run(f"AdamW lr={args.adamw_lr:g} (linear decay, clip 1.0)",
+                                                 adamw_trainer, eval_data)
+
+    plot_path = args.out / "loss_curves.png"
+    title = (f"char-level GPT-2 ({args.n_layer}×{args.n_embd}) on {len(text)} chars, Trainer, {args.steps} steps"
+             + ("\nlearned optimizer: random init (not meta-trained)" if meta_trained is False else ""))
+    plot(curves, plot_path, title)
+    summary = {"lopt": lopt_source, "rule": artifact.rule.name, "meta_trained": meta_trained,
+               "lopt_version": lopt_hf.__version__, "steps": args.steps,
+               **{name: {"final_train_loss_mean10": sum(r["losses"][-10:]) / len(r["losses"][-10:]),
+                         "eval_loss": r["eval_loss"], "seconds": r["seconds"]} for name, r in curves.items()}}
+    (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))
+    assert all(math.isfinite(loss) for result in curves.values() for loss in result["losses"])
+    print(f"plot: {plot_path.resolve()}\nmetrics: {(args.out / 'metrics.json').resolve()}")
+
+
+if __name__ == "__main__":
+    main()

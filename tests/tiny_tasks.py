@@ -1,0 +1,171 @@
+"""Tiny real tasks for the integration tests: models built from configs, data made locally.
+
+* a character-level causal LM (``GPT2LMHeadModel`` from a 2-layer ``GPT2Config``) on public-domain
+  text embedded here, tokenized by a character vocabulary built from that text;
+* a sequence classifier (``BertForSequenceClassification`` from a tiny ``BertConfig``) on
+  scikit-learn's digits: each 8×8 image is a sequence of 64 tokens (pixel intensity 0–16) after a
+  ``[CLS]`` token, labelled with its digit.
+
+Nothing is downloaded. Also a learned-optimizer artifact whose theta is *built by hand* to
+descend (clipped momentum, see :func:`clipped_momentum_artifact`), for tests that need the loss
+to go down — random-init theta does not promise that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+# The Gettysburg Address (Lincoln, 1863, Bliss copy) and the opening of "A Tale of Two Cities"
+# (Dickens, 1859): both in the public domain.
+TEXT = (
+    "Four score and seven years ago our fathers brought forth on this continent, a new nation, conceived in "
+    "Liberty, and dedicated to the proposition that all men are created equal. Now we are engaged in a great "
+    "civil war, testing whether that nation, or any nation so conceived and so dedicated, can long endure. We "
+    "are met on a great battle-field of that war. We have come to dedicate a portion of that field, as a final "
+    "resting place for those who here gave their lives that that nation might live. It is altogether fitting "
+    "and proper that we should do this. But, in a larger sense, we can not dedicate -- we can not consecrate -- "
+    "we can not hallow -- this ground. The brave men, living and dead, who struggled here, have consecrated it, "
+    "far above our poor power to add or detract. The world will little note, nor long remember what we say "
+    "here, but it can never forget what they did here. It is for us the living, rather, to be dedicated here "
+    "to the unfinished work which they who fought here have thus far so nobly advanced. It is rather for us to "
+    "be here dedicated to the great task remaining before us -- that from these honored dead we take increased "
+    "devotion to that cause for which they gave the last full measure of devotion -- that we here highly "
+    "resolve that these dead shall not have died in vain -- that this nation, under God, shall have a new "
+    "birth of freedom -- and that government of the people, by the people, for the people, shall not perish "
+    "from the earth. "
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it "
+    "was the season of Darkness, it was the spring of hope, it was the winter of despair, we had everything "
+    "before us, we had nothing before us, we were all going direct to Heaven, we were all going direct the "
+    "other way."
+)
+
+BLOCK_SIZE = 32
+
+
+class CharTokenizer:
+    """Characters ↔ ids, vocabulary = the sorted characters of a text."""
+
+    def __init__(self, text: str) -> None:
+        self.chars = sorted(set(text))
+        self.index = {char: i for i, char in enumerate(self.chars)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.index[char] for char in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+
+class LMBlocks(Dataset):
+    """Non-overlapping blocks of ``block_size`` token ids; ``labels`` = ``input_ids`` (the model shifts)."""
+
+    def __init__(self, ids: list[int], block_size: int = BLOCK_SIZE) -> None:
+        usable = len(ids) // block_size * block_size
+        self.blocks = torch.tensor(ids[:usable]).view(-1, block_size)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+
+
+def lm_data() -> tuple[CharTokenizer, LMBlocks]:
+    tokenizer = CharTokenizer(TEXT)
+    return tokenizer, LMBlocks(tokenizer.encode(TEXT))
+
+
+def tiny_gpt2(vocab_size: int, seed: int = 0, dropout: float = 0.1):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=BLOCK_SIZE, vocab_size=vocab_size,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+class DigitTokens(Dataset):
+    """scikit-learn digits as token sequences: ``[CLS]`` then 64 pixel intensities (tokens 0–16)."""
+
+    CLS = 17
+    VOCAB_SIZE = 18
+
+    def __init__(self, limit: int | None = None) -> None:
+        from sklearn.datasets import load_digits
+
+        images, labels = load_digits(return_X_y=True)
+        tokens = torch.tensor(images, dtype=torch.long)[:limit]
+        self.input_ids = torch.cat([torch.full((len(tokens), 1), self.CLS), tokens], dim=1)
+        self.labels = torch.tensor(labels, dtype=torch.long)[:limit]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.input_ids[index], "attention_mask": torch.ones_like(self.input_ids[index]),
+                "labels": self.labels[index]}
+
+
+def tiny_bert_classifier(seed: int = 0):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=DigitTokens.VOCAB_SIZE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=65, num_labels=10)
+    torch.manual_seed(seed)
+    return BertForSequenceClassification(config)
+
+
+def clipped_momentum_theta(step_size: float = 2e-3, sharpness: float = 1e3) -> dict[str, torch.Tensor]:
+    """``per_param_mlp`` theta whose step is ``step_size · clip(sharpness · momentum, −1, 1)``.
+
+    Hidden units ``relu(k·m + 1)`` and ``relu(k·m − 1)``; their difference minus 1 is ``clip(k·m, −1, 1)``
+    (the rule multiplies the first output by its ``step_mult`` 0.01 and ``exp(0.01 · 0)`` = 1).
+    A sign-descent-with-momentum optimizer written as a learned one: it reliably lowers a loss.
+    """
+    theta = {"w0": torch.zeros(3, 64), "b0": torch.zeros(64), "w1": torch.zeros(64, 2), "b1": torch.zeros(2)}
+    theta["w0"][1, 0], theta["b0"][0] = sharpness, 1.0
+    theta["w0"][1, 1], theta["b0"][1] = sharpness, -1.0
+    scale = step_size / 0.01
+    theta["w1"][0, 0], theta["w1"][1, 0], theta["b1"][0] = scale, -scale, -scale
+    return theta
+
+
+def clipped_momentum_artifact(directory: Path, step_size: float = 2e-3) -> Path:
+    """Save a :func:`clipped_momentum_theta` artifact (a real artifact folder) and return its path."""
+    from lopt_hf import create_artifact
+
+    create_artifact("per_param_mlp", theta=clipped_momentum_theta(step_size),
+                    provenance={"source": "tests/tiny_tasks.py: hand-built clipped-momentum theta"}
+                    ).save_pretrained(directory)
+    return directory
+
+
+# Trainer settings recommended for learned optimizers (see lopt_hf.trainer), plus quiet, fast test settings.
+RECOMMENDED = {"lr_scheduler_type": "constant", "max_grad_norm": 0.0, "learning_rate": 1.0}
+
+
+def training_args(output_dir: Path, **overrides):
+    """``TrainingArguments`` for a quick CPU test run: recommended learned-optimizer settings, no reporting."""
+    from transformers import TrainingArguments
+
+    settings = {"output_dir": str(output_dir), "max_steps": 8, "per_device_train_batch_size": 8, "logging_steps": 1,
+                "save_strategy": "no", "report_to": [], "use_cpu": True, "dataloader_num_workers": 0,
+                "disable_tqdm": True, "seed": 0, **RECOMMENDED, **overrides}
+    return TrainingArguments(**settings)
+
+
+def train_losses(trainer) -> list[float]:
+    """Per-log training losses from ``trainer.state.log_history`` (one per step with ``logging_steps=1``)."""
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+# Environment for subprocess launches: one intra-op thread per process (see conftest.single_torch_thread).
+SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
