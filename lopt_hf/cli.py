@@ -1,4 +1,4 @@
-"""The ``lopt-hf`` command line: ``bench``, ``convert``, ``create``, ``push``, ``rules``."""
+"""The ``lopt-hf`` command line: ``bench``, ``card``, ``convert``, ``create``, ``export``, ``metatrain``, ``push``, ``rules``."""
 
 from __future__ import annotations
 
@@ -48,13 +48,63 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import load_artifact
+    from .metatrain.export import push_artifact_folder
 
-    artifact = load_artifact(args.directory)  # validates before anything is uploaded
-    url = artifact.push_to_hub(args.repo_id, private=args.private, revision=args.revision,
+    # Validates before anything is uploaded; also uploads the images the card shows (meta-loss plot).
+    url = push_artifact_folder(args.directory, args.repo_id, private=args.private, revision=args.revision,
                                commit_message=args.message)
     print(f"pushed {args.directory} to {args.repo_id}: {url}")
     return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .metatrain.checkpoint import CheckpointError, latest_checkpoint
+    from .metatrain.export import export_checkpoint
+
+    checkpoint = Path(args.checkpoint)
+    if not (checkpoint / "trainer_state.json").is_file():
+        # A run folder (or its checkpoints/ folder): take the newest complete checkpoint.
+        found = latest_checkpoint(checkpoint / "checkpoints") or latest_checkpoint(checkpoint)
+        if found is None:
+            print(f"lopt-hf export: {checkpoint} is neither a checkpoint (no trainer_state.json) nor a run folder "
+                  f"with checkpoints/step-*", file=sys.stderr)
+            return 2
+        checkpoint = found
+    try:
+        artifact = export_checkpoint(checkpoint, args.out_dir, evaluate=args.evaluate, push_to_hub=args.push_to_hub,
+                                     progress=True)
+    except CheckpointError as err:
+        print(f"lopt-hf export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {checkpoint} (rule {artifact.config.rule}) to {args.out_dir}: "
+          f"{sorted(p.name for p in Path(args.out_dir).iterdir())}")
+    if args.push_to_hub:
+        print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def _cmd_card(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .hub import load_artifact
+
+    artifact = load_artifact(args.directory)
+    card = str(artifact.model_card(repo_id=args.repo_id))
+    if args.stdout:
+        print(card)
+    else:
+        target = Path(args.directory) / "README.md"
+        target.write_text(card, encoding="utf-8")
+        print(f"wrote {target}")
+    return 0
+
+
+def _cmd_metatrain(args: argparse.Namespace) -> int:
+    from .metatrain.trainer import main as metatrain_main
+
+    return metatrain_main(args.metatrain_args, prog="lopt-hf metatrain")
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
@@ -105,7 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
                          help="celo2: orthogonalisation + AdamW for 1-D/embeddings; celo2-base: learned rule only")
     convert.set_defaults(func=_cmd_convert)
 
-    push = sub.add_parser("push", help="validate an artifact folder and push it to the Hub")
+    metatrain = sub.add_parser("metatrain", add_help=False,
+                               help="meta-train a learned optimizer (same options as scripts/metatrain.py; "
+                                    "`lopt-hf metatrain --help`)")
+    metatrain.add_argument("metatrain_args", nargs=argparse.REMAINDER)
+    metatrain.set_defaults(func=_cmd_metatrain)
+
+    export = sub.add_parser("export", help="write the artifact folder (config.json, model.safetensors, model card, "
+                                           "meta-loss plot) of a meta-training checkpoint")
+    export.add_argument("checkpoint", help="a checkpoint folder (runs/NAME/checkpoints/step-…) or a run folder "
+                                           "(its newest checkpoint)")
+    export.add_argument("out_dir", help="artifact folder to write")
+    export.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the digits evaluation for the model card (default: if the run's config has "
+                             "evaluation.steps > 0)")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="also publish the artifact to this Hub repo")
+    export.set_defaults(func=_cmd_export)
+
+    card = sub.add_parser("card", help="re-render the model card (README.md) of an artifact folder from its "
+                                       "config.json")
+    card.add_argument("directory")
+    card.add_argument("--repo-id", help="Hub repo the usage snippets should name")
+    card.add_argument("--stdout", action="store_true", help="print the card instead of writing README.md")
+    card.set_defaults(func=_cmd_card)
+
+    push = sub.add_parser("push", help="validate an artifact folder and push it (and the images its card shows) "
+                                       "to the Hub")
     push.add_argument("directory")
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
@@ -117,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lopt-hf`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["metatrain"]:  # everything after it belongs to the meta-training parser (incl. --help)
+        from .metatrain.trainer import main as metatrain_main
+
+        return metatrain_main(argv[1:], prog="lopt-hf metatrain")
     args = build_parser().parse_args(argv)
     return args.func(args)
 

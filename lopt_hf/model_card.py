@@ -8,7 +8,12 @@ Provenance keys the card knows about (all optional):
 
 * ``name`` — card title; ``description`` — a paragraph under the title;
 * ``license`` (default ``apache-2.0``), ``tags`` (extra Hub tags), ``citation`` (BibTeX);
-* ``meta_training`` — a dict, shown flattened as the "Meta-training config" table;
+* ``meta_training`` — a dict, shown flattened as the "Meta-training config" table; or, as
+  ``lopt_hf.metatrain.export`` writes it, a dict with ``summary`` (display label → value, shown
+  in order like the Celo2 card's table: optimizer architecture, tasks, meta-trainer, truncation,
+  unroll range, outer iterations, meta-optimizer, processes, wall time, ...), ``plot`` (meta-loss
+  curve image, a path relative to the repo) and ``config`` (the full YAML config, shown folded);
+  any other keys are added to the table flattened;
 * ``evaluation`` — a list of row dicts (one table), a dict of metric → value, or a dict with
   ``results`` (either of those), an optional ``description`` and an optional ``plot`` (an image
   path relative to the repo, shown under the table).
@@ -77,13 +82,76 @@ def render_model_card(*, rule: str, rule_config: Mapping[str, Any], theta_shapes
                                                          for name, shape in theta_shapes.items()]),
         optimizer_defaults_table=key_value_table(optimizer_defaults, ("Setting", "Value"), code_keys=True),
         harness_table=key_value_table(_flatten(harness), ("Setting", "Value")) if harness else "",
-        meta_training_table=(key_value_table(_flatten(meta_training), ("Key", "Value"))
-                             if isinstance(meta_training, Mapping) and meta_training else ""),
+        meta_training_section=(meta_training_section(meta_training)
+                               if isinstance(meta_training, Mapping) and meta_training else ""),
         evaluation_section=evaluation_section(evaluation) if evaluation else "",
         provenance_table=key_value_table(_flatten(other), ("Key", "Value")) if other else "(none recorded)",
         format_version=format_version,
+        extra_files=extra_files_table_rows(meta_training, evaluation),
         citation=str(citation).strip() if citation else "",
     )
+
+
+def meta_training_section(meta_training: Mapping[str, Any]) -> str:
+    """Markdown for ``provenance["meta_training"]`` (see the module docstring for accepted shapes)."""
+    summary = meta_training.get("summary")
+    if not isinstance(summary, Mapping):
+        return key_value_table(_flatten(meta_training), ("Key", "Value"))
+    rows = [(f"**{_cell(label)}**", _cell(value)) for label, value in summary.items()]
+    rest = {key: value for key, value in meta_training.items() if key not in ("summary", "plot", "config")}
+    rows += [(_cell(key), _cell(value)) for key, value in _flatten(rest).items()] if rest else []
+    parts = [markdown_table(("Key", "Value"), rows)]
+    plot = meta_training.get("plot")
+    if isinstance(plot, str) and plot:
+        parts.append(f"![meta-loss during meta-training]({plot})")
+    config = meta_training.get("config")
+    if isinstance(config, Mapping) and config:
+        import yaml
+
+        text = _yaml_block(config)
+        parts.append("<details>\n<summary>Full meta-training config (YAML; reproduce with "
+                     "<code>accelerate launch scripts/metatrain.py --config config.yaml</code>)</summary>\n\n"
+                     f"```yaml\n{text}\n```\n\n</details>")
+    return "\n\n".join(parts)
+
+
+def _yaml_block(values: Mapping[str, Any]) -> str:
+    """YAML with mappings as blocks and lists of scalars inline (``hidden_sizes: [32]``), like a config file."""
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> Any:
+        flow = all(not isinstance(item, (dict, list)) for item in data)
+        return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+    def represent_str(dumper: yaml.SafeDumper, data: str) -> Any:
+        return dumper.represent_scalar("tag:yaml.org,2002:str", data, style="|" if "\n" in data else None)
+
+    _Dumper.add_representer(list, represent_list)
+    _Dumper.add_representer(str, represent_str)
+    return yaml.dump(_plain(values), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                     allow_unicode=True).strip()
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
+
+
+def extra_files_table_rows(meta_training: Any, evaluation: Any) -> str:
+    """Rows of the "Files" table for the images the card shows (they travel with the artifact)."""
+    rows = []
+    for section, description in ((meta_training, "meta-loss curve of meta-training"),
+                                 (evaluation, "evaluation plot")):
+        plot = section.get("plot") if isinstance(section, Mapping) else None
+        if isinstance(plot, str) and plot:
+            rows.append(f"| `{_cell(plot)}` | {description} |")
+    return "\n".join(rows)
 
 
 def evaluation_section(evaluation: Any) -> str:

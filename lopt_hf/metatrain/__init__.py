@@ -1,0 +1,1 @@
+"""Meta-training: task families, vectorised inner training, meta-gradient estimators, outer loop."""

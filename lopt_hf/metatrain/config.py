@@ -1,0 +1,466 @@
+"""Meta-training configuration: a YAML file → a typed, validated :class:`MetaTrainConfig`.
+
+A config is a YAML mapping with the sections below (every key optional; defaults shown by
+``MetaTrainConfig()``)::
+
+    name: quickstart              # run name: default output_dir is runs/<name>
+    seed: 0
+    outer_steps: 300
+    rule:            {name: per_param_mlp, config: {hidden_sizes: [32]}}
+    task:            {dataset: digits, hidden_sizes: [32], batch_size: 128, image_size: 8, ...}
+    estimator:       {name: pes, num_tasks: 8, truncation_length: 10, min_unroll: 50, max_unroll: 100, std: 0.01}
+    meta_optimizer:  {lr: 0.003, weight_decay: 0.0, grad_clip: 1.0}
+    checkpoint_every: 50
+    keep_checkpoints: 2
+    log_every: 10
+    output_dir: null              # default runs/<name>
+    push_to_hub: null             # a Hub repo id to publish the final artifact to
+    card:            {description: ..., license: apache-2.0, tags: [...]}
+    evaluation:      {steps: 200, ...}   # post-training digits evaluation for the model card
+    lolo: null                    # reserved for LoLO (replay buffer + behaviour cloning)
+
+Unknown keys are errors naming the key (``estimator.num_task: unknown key; did you mean
+'num_tasks'?``), values are checked against the field types, and any value can be overridden
+from the command line with ``--set estimator.num_tasks=8`` or ``--estimator.num_tasks 8``
+(values are parsed as YAML, so ``--set task.hidden_sizes=[64,32]`` works).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+__all__ = ["ConfigError", "MetaTrainConfig", "RuleSection", "TaskSection", "EstimatorSection",
+           "MetaOptimizerSection", "CardSection", "EvaluationSection", "load_config", "config_from_dict",
+           "config_to_dict", "apply_overrides", "parse_override", "ESTIMATOR_NAMES"]
+
+ESTIMATOR_NAMES = ("full_bptt", "truncated_bptt", "es", "truncated_es", "pes")
+
+
+class ConfigError(ValueError):
+    """An invalid meta-training config: unknown key, wrong type or out-of-range value."""
+
+
+# =============================================================================== sections
+
+
+@dataclass
+class RuleSection:
+    """The update rule being meta-trained (``lopt_hf.available_rules()``)."""
+
+    name: str = "per_param_mlp"
+    config: dict[str, Any] = field(default_factory=dict)  # rule hyper-parameters, others default
+
+
+@dataclass
+class TaskSection:
+    """The inner problems: MLP classifiers on small grayscale images (``tasks.MLPImageTaskFamily``).
+
+    ``dataset`` is one name or a list (each task draws one uniformly; all need the same number
+    of classes): ``digits`` (scikit-learn, offline), ``fashion_mnist``, ``mnist`` or a Hugging
+    Face ``datasets`` id (see ``lopt_hf.metatrain.data``). Images are resized to
+    ``image_size × image_size``. ``reparam_scale_range: [low, high]`` rescales every parameter
+    tensor of a task by a log-uniform factor (null: no rescaling).
+    """
+
+    dataset: Union[str, list[str]] = "digits"
+    hidden_sizes: list[int] = field(default_factory=lambda: [32])
+    batch_size: int = 128
+    image_size: int = 8
+    activation: str = "relu"
+    reparam_scale_range: Union[list[float], None] = None
+    data_dir: Union[str, None] = None  # dataset cache folder (default $LOPT_HF_CACHE or ~/.cache/lopt_hf)
+
+    def family_options(self) -> dict[str, Any]:
+        """Keyword arguments of ``tasks.build_task_family("mlp_image", ...)``."""
+        datasets = [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
+        return {"datasets": datasets, "hidden_sizes": list(self.hidden_sizes), "image_size": self.image_size,
+                "batch_size": self.batch_size, "activation": self.activation,
+                "param_scale_range": list(self.reparam_scale_range or [1.0, 1.0]), "cache_dir": self.data_dir}
+
+
+@dataclass
+class EstimatorSection:
+    """The meta-gradient estimator (``lopt_hf.metatrain.estimators.build_estimator``)."""
+
+    name: str = "pes"
+    num_tasks: int = 8  # task slots (inner problems) per outer step, split across processes
+    truncation_length: int = 10  # inner steps per outer step (truncated estimators)
+    min_unroll: int = 50  # each inner problem runs a length drawn from [min_unroll, max_unroll]
+    max_unroll: int = 100
+    std: float = 0.01  # ES / PES perturbation standard deviation
+    num_antithetic: int = 1  # antithetic pairs per task slot (ES / PES)
+    stagger: bool = True  # first trajectories get lengths uniform in [1, L] so slots do not reset in lock-step
+    compile: bool = True  # Inductor-compiled inner step (seconds to compile once; much faster per step)
+
+    def options(self, seed: int) -> dict[str, Any]:
+        """Keyword arguments of ``estimators.build_estimator``."""
+        return {"truncation_length": self.truncation_length, "min_unroll": self.min_unroll,
+                "max_unroll": self.max_unroll, "std": self.std, "num_antithetic": self.num_antithetic,
+                "seed": seed, "stagger": self.stagger, "compile": self.compile}
+
+
+@dataclass
+class MetaOptimizerSection:
+    """AdamW on theta."""
+
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    grad_clip: Union[float, None] = None  # clip the meta-gradient's global L2 norm (null: no clipping)
+
+
+@dataclass
+class CardSection:
+    """What the exported artifact's model card says about itself."""
+
+    name: Union[str, None] = None  # card title (default: the run name)
+    description: Union[str, None] = None
+    license: str = "apache-2.0"
+    tags: list[str] = field(default_factory=list)
+    citation: Union[str, None] = None  # BibTeX shown at the end of the card
+
+
+@dataclass
+class EvaluationSection:
+    """Post-training evaluation on digits (learned optimizer vs its random init vs AdamW), for the card.
+
+    ``steps: 0`` skips it. The model is an MLP 64→hidden_sizes→10 trained with batches of
+    ``batch_size``; AdamW runs once per learning rate in ``adamw_lrs`` (the default's 1e-3 and a
+    tuned-for-small-MLPs 1e-2, so the card does not only compare against an untuned baseline).
+    """
+
+    steps: int = 0
+    hidden_sizes: list[int] = field(default_factory=lambda: [32])
+    batch_size: int = 128
+    adamw_lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-2])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+@dataclass
+class MetaTrainConfig:
+    """A whole meta-training run."""
+
+    name: str = "metatrain"
+    seed: int = 0
+    outer_steps: int = 100
+    rule: RuleSection = field(default_factory=RuleSection)
+    task: TaskSection = field(default_factory=TaskSection)
+    estimator: EstimatorSection = field(default_factory=EstimatorSection)
+    meta_optimizer: MetaOptimizerSection = field(default_factory=MetaOptimizerSection)
+    checkpoint_every: int = 50  # outer steps between checkpoints (0: only the final one)
+    keep_checkpoints: int = 2  # how many of the newest checkpoints to keep
+    log_every: int = 10  # outer steps between TensorBoard / console log lines
+    log_with: list[str] = field(default_factory=lambda: ["tensorboard"])  # Accelerate trackers ([] for none)
+    # torch intra-op threads per process (null: torch's default). On a shared CPU machine 1 is far
+    # more robust: two spinning OpenMP threads next to another busy process ran 20x slower here.
+    num_threads: Union[int, None] = None
+    output_dir: Union[str, None] = None  # default: runs/<name>
+    push_to_hub: Union[str, None] = None  # Hub repo id the final artifact is pushed to
+    card: CardSection = field(default_factory=CardSection)
+    evaluation: EvaluationSection = field(default_factory=EvaluationSection)
+    lolo: Union[dict[str, Any], None] = None  # reserved: LoLO replay + behaviour cloning (not implemented yet)
+
+    def __post_init__(self) -> None:
+        _check_values(self)
+
+    @property
+    def run_dir(self) -> Path:
+        """``output_dir``, or ``runs/<name>`` when it is not set."""
+        return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+
+# ============================================================================== checking
+
+
+def _check_values(config: MetaTrainConfig) -> None:
+    def need(condition: bool, key: str, message: str) -> None:
+        if not condition:
+            raise ConfigError(f"{key}: {message}")
+
+    need(config.outer_steps >= 1, "outer_steps", f"must be >= 1, got {config.outer_steps}")
+    need(config.checkpoint_every >= 0, "checkpoint_every", f"must be >= 0, got {config.checkpoint_every}")
+    need(config.keep_checkpoints >= 1, "keep_checkpoints", f"must be >= 1, got {config.keep_checkpoints}")
+    need(config.num_threads is None or config.num_threads >= 1, "num_threads",
+         f"must be >= 1 or null, got {config.num_threads}")
+    need(config.log_every >= 1, "log_every", f"must be >= 1, got {config.log_every}")
+    need(bool(config.name) and "/" not in config.name, "name", f"must be a non-empty name without '/', "
+                                                               f"got {config.name!r}")
+    estimator = config.estimator
+    need(estimator.name in ESTIMATOR_NAMES, "estimator.name",
+         f"unknown estimator {estimator.name!r}; choose one of {list(ESTIMATOR_NAMES)}")
+    need(estimator.num_tasks >= 1, "estimator.num_tasks", f"must be >= 1, got {estimator.num_tasks}")
+    need(estimator.truncation_length >= 1, "estimator.truncation_length",
+         f"must be >= 1, got {estimator.truncation_length}")
+    need(1 <= estimator.min_unroll <= estimator.max_unroll, "estimator.min_unroll",
+         f"need 1 <= min_unroll <= max_unroll, got {estimator.min_unroll} and {estimator.max_unroll}")
+    need(estimator.std > 0, "estimator.std", f"must be > 0, got {estimator.std}")
+    need(estimator.num_antithetic >= 1, "estimator.num_antithetic", f"must be >= 1, got {estimator.num_antithetic}")
+    meta = config.meta_optimizer
+    need(meta.lr > 0, "meta_optimizer.lr", f"must be > 0, got {meta.lr}")
+    need(meta.weight_decay >= 0, "meta_optimizer.weight_decay", f"must be >= 0, got {meta.weight_decay}")
+    need(len(meta.betas) == 2 and all(0 <= b < 1 for b in meta.betas), "meta_optimizer.betas",
+         f"must be two numbers in [0, 1), got {meta.betas}")
+    need(meta.grad_clip is None or meta.grad_clip > 0, "meta_optimizer.grad_clip",
+         f"must be > 0 or null, got {meta.grad_clip}")
+    task = config.task
+    need(task.activation in ("relu", "tanh"), "task.activation", f"must be relu or tanh, got {task.activation!r}")
+    need(task.image_size >= 1, "task.image_size", f"must be >= 1, got {task.image_size}")
+    need(bool(task.dataset), "task.dataset", "name at least one dataset")
+    need(task.batch_size >= 1, "task.batch_size", f"must be >= 1, got {task.batch_size}")
+    need(all(size >= 1 for size in task.hidden_sizes), "task.hidden_sizes",
+         f"must be positive, got {task.hidden_sizes}")
+    if task.reparam_scale_range is not None:
+        low_high = task.reparam_scale_range
+        need(len(low_high) == 2 and 0 < low_high[0] <= low_high[1], "task.reparam_scale_range",
+             f"must be [low, high] with 0 < low <= high, got {low_high}")
+    try:
+        from ..rules import build_rule
+
+        config.rule.config = _coerce_rule_config(config.rule.name, config.rule.config)
+        build_rule(config.rule.name, **config.rule.config)
+    except (ValueError, TypeError) as err:  # RuleConfigError is a ValueError
+        raise ConfigError(f"rule: {err}") from None
+    need(config.evaluation.steps >= 0, "evaluation.steps", f"must be >= 0, got {config.evaluation.steps}")
+    need(config.lolo is None, "lolo", "LoLO meta-training is reserved but not implemented yet; leave it null")
+    unknown_trackers = sorted(set(config.log_with) - {"tensorboard", "wandb", "mlflow", "comet_ml", "aim",
+                                                      "clearml", "dvclive", "swanlab", "trackio"})
+    need(not unknown_trackers, "log_with", f"unknown tracker(s) {unknown_trackers}")
+
+
+def _coerce_rule_config(rule_name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """Rule hyper-parameters typed like the rule's defaults (YAML reads ``1e-3`` as a string)."""
+    from ..rules import rule_class
+
+    try:
+        fields = {item.name: item for item in dataclasses.fields(rule_class(rule_name))}  # type: ignore[arg-type]
+    except (ValueError, TypeError):
+        return values
+    coerced = dict(values)
+    for key, value in values.items():
+        default = fields[key].default if key in fields else None
+        if isinstance(default, float) and not isinstance(default, bool) and isinstance(value, (str, int)) \
+                and not isinstance(value, bool):
+            try:
+                coerced[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"rule.config.{key}: expected a number, got {value!r}") from None
+        elif isinstance(default, tuple) and default and isinstance(default[0], float) and isinstance(value, list):
+            try:
+                coerced[key] = [float(item) for item in value]
+            except (TypeError, ValueError):
+                raise ConfigError(f"rule.config.{key}: expected a list of numbers, got {value!r}") from None
+    return coerced
+
+
+def config_from_dict(values: Any, *, source: str = "config") -> MetaTrainConfig:
+    """Build a :class:`MetaTrainConfig` from a plain dict (e.g. parsed YAML), strictly."""
+    if values is None:
+        values = {}
+    config = _build(MetaTrainConfig, values, prefix="", source=source)
+    assert isinstance(config, MetaTrainConfig)
+    return config
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain JSON/YAML-serialisable data (round-trips through :func:`config_from_dict`)."""
+    return _plain(dataclasses.asdict(config))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MetaTrainConfig:
+    """Read a YAML config (``None``: all defaults) and apply ``key.sub=value`` overrides."""
+    values: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config must be a YAML mapping, got {type(loaded).__name__}")
+        values = loaded
+    values = apply_overrides(values, overrides or [])
+    return config_from_dict(values, source=source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"estimator.num_tasks=8"`` → ``("estimator.num_tasks", 8)`` (the value is parsed as YAML)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. estimator.num_tasks=8")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
+    return key, value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``values`` with every ``key.sub=value`` override set (sections created as needed).
+
+    Keys are checked against the config schema so a typo fails naming the key.
+    """
+    import copy
+
+    result = copy.deepcopy(values)
+    for text in overrides:
+        key, value = parse_override(text)
+        parts = key.split(".")
+        _check_key_path(parts, text)
+        target = result
+        for depth, part in enumerate(parts[:-1]):
+            node = target.get(part)
+            if node is None:
+                node = target[part] = {}
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            target = node
+        target[parts[-1]] = value
+    return result
+
+
+def _check_key_path(parts: list[str], text: str) -> None:
+    """Every component of an override key must be a field (free dicts like ``rule.config`` end the check)."""
+    cls: Any = MetaTrainConfig
+    for depth, part in enumerate(parts):
+        if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+            return  # inside a free dict (rule.config.*, lolo.*): anything goes
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            raise ConfigError(f"override {text!r}: {_unknown_key_message('.'.join(parts[:depth + 1]), part, hints)}")
+        cls = hints[part]
+
+
+# ============================================================================ conversion
+
+
+def _unknown_key_message(dotted: str, key: str, known: Any) -> str:
+    suggestion = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean {suggestion[0]!r}?" if suggestion else ""
+    return f"{dotted}: unknown key{hint} (known: {', '.join(sorted(known))})"
+
+
+def _build(cls: type, values: Any, *, prefix: str, source: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(values).__name__} {values!r}")
+    hints = typing.get_type_hints(cls)
+    unknown = [key for key in values if key not in hints]
+    if unknown:
+        raise ConfigError(f"{source}: {_unknown_key_message(prefix + str(unknown[0]), str(unknown[0]), hints)}")
+    kwargs = {key: _convert(hints[key], value, prefix + key, source) for key, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _convert(annotation: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(option, value, key, source)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else
+                          f"{source}: {key}: expected {_type_name(annotation)}, got {value!r}")
+    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+        return _build(annotation, {} if value is None else value, prefix=key + ".", source=source)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"{source}: {key}: expected {_type_name(annotation)}, got {value!r}")
+
+    if annotation is Any:
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(annotation) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise bad()
+        return [_convert(item_type, item, f"{key}[{index}]", source) for index, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise bad()
+        return {str(k): v for k, v in value.items()}
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)  # 1e5 in YAML is a float
+            if isinstance(value, str):
+                try:
+                    number = float(value)
+                except ValueError:
+                    raise bad() from None
+                if number.is_integer():
+                    return int(number)
+            raise bad()
+        return value
+    if annotation is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad() from None
+        raise bad()
+    if annotation is str:
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if option is type(None) else _type_name(option)
+                           for option in typing.get_args(annotation))
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (Any,)
+        return f"a list ({_type_name(item)} each)"
+    if origin is dict:
+        return "a mapping"
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,416 @@
+"""From a meta-training checkpoint to a Hub artifact (and optionally to the Hub).
+
+``export_checkpoint(checkpoint_dir, out_dir)`` writes the artifact folder::
+
+    config.json          rule, hyper-parameters, optimizer defaults, provenance: the meta-training
+                         summary and the full config (provenance.meta_training), evaluation
+    model.safetensors    theta of that checkpoint
+    README.md            model card (lopt_hf/templates/model_card.md): YAML metadata, usage,
+                         Celo2-style meta-training table, meta-loss plot, evaluation
+    meta_loss.png        meta-loss curve, referenced by the card
+    evaluation.png       (when evaluated) digits training curves: learned vs random init vs AdamW
+
+``push_artifact_folder(folder, repo_id)`` validates such a folder and publishes it, the images
+the card references included (``LearnedOptimizerModel.push_to_hub`` only knows the three core
+files). Used by ``lopt-hf export``, ``lopt-hf push`` and ``scripts/metatrain.py --push-to-hub``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..hub import LearnedOptimizerModel, create_artifact, load_artifact
+from .checkpoint import read_theta, read_trainer_state
+from .config import MetaTrainConfig, config_from_dict
+
+__all__ = ["export_checkpoint", "push_artifact_folder", "plot_meta_loss", "meta_training_provenance",
+           "evaluate_on_digits", "describe_rule_architecture", "format_duration", "META_LOSS_PLOT",
+           "EVALUATION_PLOT"]
+
+META_LOSS_PLOT = "meta_loss.png"
+EVALUATION_PLOT = "evaluation.png"
+ESTIMATOR_TITLES = {
+    "pes": "Persistent Evolution Strategies (PES)",
+    "es": "Evolution Strategies (ES), full unrolls",
+    "truncated_es": "Truncated Evolution Strategies",
+    "full_bptt": "Backpropagation through time (full unrolls)",
+    "truncated_bptt": "Truncated backpropagation through time",
+}
+
+
+# ================================================================================ export
+
+
+def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
+                      evaluate: bool | None = None, push_to_hub: str | None = None,
+                      progress: bool = False) -> LearnedOptimizerModel:
+    """Write the artifact folder of a checkpoint (see the module docstring) and return the artifact.
+
+    Args:
+        checkpoint_dir: a ``<run>/checkpoints/step-…`` folder.
+        out_dir: the artifact folder (created; existing files of the same names are replaced).
+        evaluate: run the config's digits evaluation (``evaluation.steps``) for the card;
+            ``None``: when the config asks for it (``evaluation.steps > 0``).
+        push_to_hub: also publish the folder to this Hub repo id.
+        progress: show tqdm bars during the evaluation.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    state = read_trainer_state(checkpoint_dir)
+    config = config_from_dict(state["config"], source=f"{checkpoint_dir}/trainer_state.json")
+    theta = read_theta(checkpoint_dir)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    history = state.get("history") or {}
+    has_curve = bool(history.get("meta_loss"))
+    if has_curve:
+        plot_meta_loss(history, out / META_LOSS_PLOT, title=f"{config.name}: meta-loss")
+    provenance = meta_training_provenance(config, state, plot=META_LOSS_PLOT if has_curve else None)
+    provenance["source"] = f"lopt_hf meta-training, checkpoint {checkpoint_dir.name} of run {config.name!r}"
+    artifact = create_artifact(config.rule.name, theta=theta, rule_config=config.rule.config, provenance=provenance)
+
+    if evaluate is None:
+        evaluate = config.evaluation.steps > 0
+    if evaluate:
+        steps = config.evaluation.steps or 200
+        evaluation = evaluate_on_digits(artifact, config, steps=steps, plot_path=out / EVALUATION_PLOT,
+                                        progress=progress)
+        artifact.config.provenance = {**artifact.config.provenance, "evaluation": evaluation}
+    artifact.save_pretrained(out)
+    if push_to_hub:
+        push_artifact_folder(out, push_to_hub)
+    return artifact
+
+
+def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], *,
+                             plot: str | None = META_LOSS_PLOT) -> dict[str, Any]:
+    """The provenance of an exported artifact: card fields plus ``meta_training`` (summary, plot, config)."""
+    from ..rules import build_rule
+
+    rule = build_rule(config.rule.name, **config.rule.config)
+    estimator = config.estimator
+    history = state.get("history") or {}
+    losses = [value for value in history.get("meta_loss", []) if isinstance(value, (int, float))]
+    datasets = [config.task.dataset] if isinstance(config.task.dataset, str) else list(config.task.dataset)
+    step = int(state.get("step", 0))
+    truncated = estimator.name in ("pes", "truncated_es", "truncated_bptt")
+    summary: dict[str, Any] = {
+        "Update rule": f"`{config.rule.name}`",
+        "Optimizer architecture": describe_rule_architecture(rule),
+        "Meta-training tasks": (f"{len(datasets)} image classification task{'s' if len(datasets) > 1 else ''} "
+                                f"({', '.join(datasets)})"),
+        "Task architecture": _describe_task_model(config, (state.get("extra") or {}).get("task_family")),
+        "Meta-trainer": ESTIMATOR_TITLES.get(estimator.name, estimator.name),
+        "Task slots per outer step": (f"{estimator.num_tasks}"
+                                      + (f" × {estimator.num_antithetic} antithetic pair"
+                                         f"{'s' if estimator.num_antithetic > 1 else ''}"
+                                         if estimator.name in ("pes", "es", "truncated_es") else "")),
+        "Outer iterations": _count(step) + ("" if step == config.outer_steps
+                                            else f" (of {_count(config.outer_steps)} configured)"),
+    }
+    if truncated:
+        summary["Truncation length"] = estimator.truncation_length
+    summary["Min unroll length"] = estimator.min_unroll
+    summary["Max unroll length"] = estimator.max_unroll
+    if estimator.name in ("pes", "es", "truncated_es"):
+        summary["Perturbation std"] = estimator.std
+    meta = config.meta_optimizer
+    summary["Meta-optimizer"] = (f"AdamW (lr {meta.lr:g}, weight decay {meta.weight_decay:g}"
+                                 + (f", grad clip {meta.grad_clip:g}" if meta.grad_clip else "") + ")")
+    summary["Processes"] = int(state.get("num_processes", 1))
+    summary["Wall time"] = format_duration(float(state.get("elapsed_s", 0.0)))
+    if losses:
+        window = max(1, min(10, len(losses) // 5))
+        summary["Meta-loss (first → last)"] = (
+            f"{sum(losses[:window]) / window:.4f} → {sum(losses[-window:]) / window:.4f}"
+            + (f" (means of {window} outer steps)" if window > 1 else ""))
+    summary["Seed"] = config.seed
+
+    meta_training: dict[str, Any] = {"summary": summary}
+    if plot:
+        meta_training["plot"] = plot
+    meta_training["config"] = config.to_dict()
+    card = config.card
+    description = card.description or (
+        f"Meta-trained with `lopt_hf` ({ESTIMATOR_TITLES.get(estimator.name, estimator.name)}) for "
+        f"{_count(step)} outer iterations on {', '.join(datasets)} MLP training tasks.")
+    tags = [*card.tags]
+    for tag in ("meta-trained", estimator.name, *datasets):
+        if tag not in tags:
+            tags.append(tag)
+    provenance = {"name": card.name or config.name, "description": description, "license": card.license,
+                  "tags": tags, "meta_training": meta_training}
+    if card.citation:
+        provenance["citation"] = card.citation
+    return provenance
+
+
+def describe_rule_architecture(rule: Any) -> str:
+    """E.g. ``per-element MLP 3→32→2 (1 hidden layer of 32 units, 194 meta-parameters)``."""
+    shapes = rule.theta_shapes()
+    num = sum(math.prod(shape) for shape in shapes.values())
+    biases = []
+    index = 0
+    while f"b{index}" in shapes and len(shapes[f"b{index}"]) == 1:
+        biases.append(shapes[f"b{index}"][0])
+        index += 1
+    first_layer = [shape for name, shape in shapes.items() if name == "w0" or name.startswith("w0__")]
+    if len(biases) < 2 or not first_layer or any(len(shape) != 2 for shape in first_layer):
+        return f"{num:,} meta-parameters"
+    inputs = sum(shape[0] for shape in first_layer)
+    hidden = biases[:-1]
+    widths = "→".join(str(width) for width in (inputs, *biases))
+    if len(set(hidden)) == 1:
+        layers = f"{len(hidden)} hidden layer{'s' if len(hidden) > 1 else ''} of {hidden[0]} units"
+    else:
+        layers = f"hidden layers {hidden}"
+    return f"per-element MLP {widths} ({layers}, {num:,} meta-parameters)"
+
+
+def _describe_task_model(config: MetaTrainConfig, family: Mapping[str, Any] | None) -> str:
+    task = config.task
+    classes = family.get("num_classes") if isinstance(family, Mapping) else None
+    widths = "-".join(str(width) for width in [task.image_size ** 2, *task.hidden_sizes]
+                      + ([classes] if classes else []))
+    text = (f"MLP ({widths}), {task.activation}, batch {task.batch_size}, "
+            f"{task.image_size}×{task.image_size} grayscale images")
+    if task.reparam_scale_range:
+        low, high = task.reparam_scale_range
+        text += f", parameter reparameterisation scale ∈ [{low:g}, {high:g}]"
+    return text
+
+
+def _count(value: int) -> str:
+    if value >= 1000 and value % 1000 == 0:
+        return f"{value // 1000}K"
+    return f"{value:,}"
+
+
+def format_duration(seconds: float) -> str:
+    """``95.3`` → ``1 min 35 s``; ``7384`` → ``2 h 3 min``."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "unknown"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 48:
+        return f"{hours} h {minutes} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h"
+
+
+# ================================================================================= plots
+
+
+def plot_meta_loss(history: Mapping[str, Sequence[float]], path: str | os.PathLike[str], *,
+                   title: str = "meta-loss") -> Path:
+    """Save the meta-loss curve (raw and a moving average) as a PNG; returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    losses = [float(value) for value in history.get("meta_loss", [])]
+    steps = list(history.get("step", range(1, len(losses) + 1)))[:len(losses)]
+    figure = Figure(figsize=(6, 3.6))
+    axis = figure.add_subplot()
+    axis.plot(steps, losses, linewidth=0.8, alpha=0.45, label="per outer step")
+    window = max(1, len(losses) // 20)
+    if window > 1:
+        smoothed = []
+        running = 0.0
+        for index, value in enumerate(losses):
+            running += value
+            if index >= window:
+                running -= losses[index - window]
+            smoothed.append(running / min(index + 1, window))
+        axis.plot(steps, smoothed, linewidth=1.6, label=f"moving average ({window})")
+    axis.set(xlabel="outer step", ylabel="meta-loss", title=title)
+    finite = [value for value in losses if math.isfinite(value)]
+    if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
+        axis.set_yscale("log")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
+    figure.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+    return path
+
+
+# ============================================================================ evaluation
+
+
+def _digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The same digits train/test split meta-training uses (``lopt_hf.metatrain.data``)."""
+    from .data import load_image_dataset
+
+    train = load_image_dataset("digits", image_size=8, split="train")
+    test = load_image_dataset("digits", image_size=8, split="test")
+    return train.images, train.labels, test.images, test.labels
+
+
+def _digits_mlp(hidden_sizes: Sequence[int], seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    width = 64
+    for hidden in hidden_sizes:
+        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, 10))
+    return nn.Sequential(*layers)
+
+
+def evaluate_on_digits(artifact: LearnedOptimizerModel, config: MetaTrainConfig, *, steps: int | None = None,
+                       plot_path: str | os.PathLike[str] | None = None,
+                       progress: bool = False) -> dict[str, Any]:
+    """Train a digits MLP with the learned optimizer, its random initialisation and AdamW.
+
+    Every optimizer trains the same models (``evaluation.seeds``) on the same batches
+    (``evaluation.batch_size``, the 1,438 training images of ``data.load_image_dataset``) for ``steps`` steps; reported: the mean
+    training loss over the last 10% of steps, test loss and test accuracy on the 359 held-out
+    images, each averaged over seeds. Returns the card's ``evaluation`` provenance entry.
+    """
+    from ..load import load_lopt
+    from .trainer import initial_theta
+
+    settings = config.evaluation
+    steps = int(steps or settings.steps or 200)
+    train_x, train_y, test_x, test_y = _digits_split()
+    initial = create_artifact(config.rule.name, theta=initial_theta(config), rule_config=config.rule.config)
+    candidates: dict[str, Any] = {
+        "learned (this artifact)": lambda model: load_lopt(artifact, model),
+        "random init θ₀": lambda model: load_lopt(initial, model),
+    }
+    for lr in settings.adamw_lrs:
+        candidates[f"AdamW (lr {lr:g})"] = (lambda lr: lambda model: torch.optim.AdamW(model.parameters(), lr=lr))(lr)
+    curves: dict[str, list[list[float]]] = {name: [] for name in candidates}
+    finals: dict[str, list[tuple[float, float, float]]] = {name: [] for name in candidates}
+    tail = max(1, steps // 10)
+    from tqdm.auto import tqdm
+
+    for name, make_optimizer in candidates.items():
+        for seed in settings.seeds:
+            model = _digits_mlp(settings.hidden_sizes, seed)
+            optimizer = make_optimizer(model)
+            generator = torch.Generator().manual_seed(seed)
+            losses = []
+            for _ in tqdm(range(steps), desc=f"eval {name} seed {seed}", disable=not progress, leave=False):
+                batch = torch.randint(0, len(train_x), (settings.batch_size,), generator=generator)
+                loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+            with torch.no_grad():
+                logits = model(test_x)
+                test_loss = float(nn.functional.cross_entropy(logits, test_y))
+                accuracy = float((logits.argmax(dim=1) == test_y).float().mean())
+            curves[name].append(losses)
+            finals[name].append((sum(losses[-tail:]) / tail, test_loss, accuracy))
+
+    def mean(values: Sequence[float]) -> float:
+        return sum(values) / len(values)
+
+    results = []
+    for name, rows in finals.items():
+        results.append({"optimizer": name,
+                        f"train loss (last {tail} steps)": round(mean([row[0] for row in rows]), 4),
+                        "test loss": round(mean([row[1] for row in rows]), 4),
+                        "test accuracy": round(mean([row[2] for row in rows]), 4)})
+    hidden = "-".join(str(width) for width in settings.hidden_sizes)
+    evaluation: dict[str, Any] = {
+        "description": (f"Digits (scikit-learn, 8×8): MLP 64-{hidden}-10, batch {settings.batch_size}, "
+                        f"{steps} steps, mean over seeds {list(settings.seeds)}; test = 359 held-out images. "
+                        f"'random init θ₀' is this rule with the meta-parameters meta-training started from."),
+        "results": results,
+    }
+    if plot_path is not None:
+        _plot_curves(curves, Path(plot_path), title=f"digits MLP 64-{hidden}-10: training loss")
+        evaluation["plot"] = Path(plot_path).name
+    return evaluation
+
+
+def _plot_curves(curves: Mapping[str, list[list[float]]], path: Path, *, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 3.6))
+    axis = figure.add_subplot()
+    for name, runs in curves.items():
+        length = min(len(run) for run in runs)
+        average = [sum(run[index] for run in runs) / len(runs) for index in range(length)]
+        axis.plot(range(1, length + 1), average, linewidth=1.2, label=name)
+    axis.set(xlabel="step", ylabel="training loss (mean over seeds)", title=title, yscale="log")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="best", fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+# ================================================================================= push
+
+
+def _referenced_files(artifact: LearnedOptimizerModel, directory: Path) -> list[str]:
+    """Images the card shows (provenance plots), relative to the folder; must stay inside it."""
+    provenance = artifact.config.provenance or {}
+    names = []
+    for key in ("meta_training", "evaluation"):
+        section = provenance.get(key)
+        plot = section.get("plot") if isinstance(section, Mapping) else None
+        if not isinstance(plot, str) or not plot:
+            continue
+        relative = PurePosixPath(plot)
+        if relative.is_absolute() or ".." in relative.parts:
+            raise ValueError(f"{directory}/config.json: provenance.{key}.plot {plot!r} must be a path inside "
+                             f"the artifact folder")
+        if (directory / relative).is_file():
+            names.append(str(relative))
+    return names
+
+
+def push_artifact_folder(directory: str | os.PathLike[str], repo_id: str, *, private: bool | None = None,
+                         revision: str | None = None, commit_message: str | None = None,
+                         token: str | None = None, endpoint: str | None = None) -> Any:
+    """Validate an artifact folder and upload it to a Hub model repo in one commit.
+
+    Uploads ``config.json``, ``model.safetensors``, a ``README.md`` re-rendered for ``repo_id``
+    (usage snippets name the repo) and the images the card references. Returns the
+    ``CommitInfo`` (a str: the commit URL).
+    """
+    from huggingface_hub import HfApi
+
+    from ..hub import _lopt_hf_version
+
+    directory = Path(directory)
+    artifact = load_artifact(directory)  # validates before anything is uploaded
+    assets = _referenced_files(artifact, directory)
+    api = HfApi(endpoint=endpoint, token=token, library_name="lopt_hf", library_version=_lopt_hf_version())
+    repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
+    if revision is not None and not revision.startswith("refs/pr"):
+        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact.save_pretrained(tmp, repo_id=repo_id)
+        for name in assets:
+            target = Path(tmp) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(directory / name, target)
+        return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp,
+                                 allow_patterns=["config.json", "model.safetensors", "README.md", *assets],
+                                 commit_message=commit_message or f"Upload learned optimizer ({artifact.config.rule})",
+                                 revision=revision)

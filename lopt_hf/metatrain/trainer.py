@@ -1,0 +1,446 @@
+"""The meta-training outer loop on 🤗 Accelerate: ``MetaTrainer`` and the ``metatrain`` command.
+
+One outer step:
+
+1. every process runs the meta-gradient estimator on its own contiguous block of global task
+   ids (process ``r`` of ``W`` owns ids ``[r·N/W, (r+1)·N/W)`` of the ``N = estimator.num_tasks``
+   slots); the estimator seeds all randomness of a slot by ``(seed, global task id, outer
+   step)``, so how the ids are split does not change what is computed;
+2. the per-process sums (meta-gradient, meta-loss, task count) are all-reduced (sum) in one
+   flat tensor and divided by the total task count — 2 processes give the 1-process
+   meta-gradient up to float summation order;
+3. AdamW updates theta (the same on every process), after optional global-norm clipping;
+   a non-finite meta-gradient skips the update (counted in ``skipped_updates``).
+
+Around it: a tqdm bar on the main process (meta-loss, steps/s, ETA), Accelerate trackers
+(TensorBoard by default: ``<run>/logs``), atomic checkpoints every ``checkpoint_every`` steps
+(``lopt_hf.metatrain.checkpoint``; ``--resume`` continues bit-for-bit), the meta-loss plot
+``<run>/meta_loss.png``, and at the end the exported artifact ``<run>/final`` (config.json,
+model.safetensors, model card, plots), optionally pushed to the Hub.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..rules import build_rule
+from .checkpoint import (CheckpointData, CheckpointError, capture_rng_state, latest_checkpoint, list_checkpoints,
+                         load_checkpoint, restore_rng_state, save_checkpoint)
+from .config import ConfigError, MetaTrainConfig, config_from_dict, config_to_dict, load_config
+
+__all__ = ["MetaTrainer", "TrainResult", "task_block", "initial_theta", "main", "build_parser"]
+
+# Config keys a resumed run may change; anything else must match the checkpoint.
+RESUMABLE_CHANGES = ("outer_steps", "checkpoint_every", "keep_checkpoints", "log_every", "log_with", "output_dir",
+                     "push_to_hub", "card", "evaluation", "num_threads")
+
+
+def task_block(num_tasks: int, rank: int, world_size: int) -> list[int]:
+    """The contiguous block of global task ids process ``rank`` of ``world_size`` owns."""
+    if world_size > num_tasks:
+        raise ConfigError(f"estimator.num_tasks ({num_tasks}) must be >= the number of processes ({world_size}): "
+                          f"every process needs at least one task slot")
+    start = rank * num_tasks // world_size
+    stop = (rank + 1) * num_tasks // world_size
+    return list(range(start, stop))
+
+
+def initial_theta(config: MetaTrainConfig) -> dict[str, Tensor]:
+    """The meta-parameters meta-training starts from: ``rule.init_theta`` seeded with ``config.seed``."""
+    rule = build_rule(config.rule.name, **config.rule.config)
+    return rule.init_theta(torch.Generator().manual_seed(config.seed))
+
+
+@dataclass
+class TrainResult:
+    """What :meth:`MetaTrainer.train` returns (on every process)."""
+
+    run_dir: Path
+    final_step: int
+    theta: dict[str, Tensor]
+    meta_losses: list[float]
+    artifact_dir: Path | None  # <run>/final (main process; None when export=False)
+    elapsed_s: float
+
+
+class MetaTrainer:
+    """Meta-trains ``config.rule`` on ``config.task`` with ``config.estimator``.
+
+    Args:
+        config: the run's config.
+        resume: ``False`` (fresh run; refuses a run folder that already has checkpoints),
+            ``True`` (continue from the newest checkpoint in ``<run>/checkpoints``; a fresh start
+            if there is none) or a checkpoint folder.
+        accelerator: an ``accelerate.Accelerator`` (default: a new one logging to
+            ``config.log_with`` under ``<run>``).
+        progress: show the tqdm bar (main process only).
+    """
+
+    def __init__(self, config: MetaTrainConfig, *, resume: bool | str | os.PathLike[str] = False,
+                 accelerator: Any = None, progress: bool = True) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.run_dir = config.run_dir
+        self.checkpoint_root = self.run_dir / "checkpoints"
+        if accelerator is None:
+            project = ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs"))
+            # Launched as several processes (accelerate launch --multi_gpu / torchrun) on a machine
+            # without CUDA, Accelerate needs cpu=True to form a gloo group; otherwise every process
+            # would believe it is alone (rank 0 of 1).
+            distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+            accelerator = Accelerator(log_with=list(config.log_with) or None, project_config=project,
+                                      cpu=distributed and not torch.cuda.is_available())
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index
+        self.world_size = accelerator.num_processes
+        self.is_main = accelerator.is_main_process
+        self.device = accelerator.device
+        self.progress = progress
+        self.task_ids = task_block(config.estimator.num_tasks, self.rank, self.world_size)
+
+        from .estimators import build_estimator
+        from .tasks import build_task_family
+
+        self.rule = build_rule(config.rule.name, **config.rule.config)
+        self.task_family = build_task_family("mlp_image", **config.task.family_options())
+        estimator = config.estimator
+        self.estimator = build_estimator(estimator.name, self.task_family, self.rule, **estimator.options(config.seed))
+
+        self.names = list(self.rule.theta_shapes())
+        theta = initial_theta(config)
+        self.theta = {name: theta[name].to(self.device, torch.float32).clone() for name in self.names}
+        meta = config.meta_optimizer
+        self.meta_optimizer = torch.optim.AdamW([self.theta[name] for name in self.names], lr=meta.lr,
+                                                betas=tuple(meta.betas), eps=meta.eps, weight_decay=meta.weight_decay)
+        self.step = 0
+        self.history: dict[str, list[float]] = {"step": [], "meta_loss": [], "grad_norm": []}
+        self.elapsed_s = 0.0
+        self.skipped_updates = 0
+        self.last_meta_gradient: dict[str, Tensor] | None = None
+        self.estimator_state: dict[str, Tensor] = {}
+
+        checkpoint = self._checkpoint_to_resume(resume)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        else:
+            self.estimator_state = self.estimator.init_state(self._theta_copy(), self.task_ids, 0)
+        self._save_config()
+
+    # ------------------------------------------------------------------------------ resume
+    def _checkpoint_to_resume(self, resume: bool | str | os.PathLike[str]) -> Path | None:
+        if resume is False or resume is None:
+            if list_checkpoints(self.checkpoint_root):
+                raise CheckpointError(f"{self.checkpoint_root} already holds checkpoints: pass --resume to continue "
+                                      f"that run, or choose another output_dir / name")
+            return None
+        if resume is True:
+            return latest_checkpoint(self.checkpoint_root)
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+            if found is None:
+                raise CheckpointError(f"{path}: no checkpoint to resume from")
+            path = found
+        return path
+
+    def _restore(self, path: Path) -> None:
+        data = load_checkpoint(path, rank=self.rank, num_processes=self.world_size, task_ids=self.task_ids,
+                               device=self.device)
+        saved = config_from_dict(data.config, source=f"{path}/trainer_state.json").to_dict()
+        current = self.config.to_dict()
+        changed = sorted(key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key])
+        if changed:
+            details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}" for key in changed)
+            raise CheckpointError(f"{path}: the config differs from the checkpoint's in {changed} ({details}); "
+                                  f"only {list(RESUMABLE_CHANGES)} may change on resume")
+        missing = sorted(set(self.names) - set(data.theta))
+        if missing:
+            raise CheckpointError(f"{path}: theta lacks {missing}")
+        with torch.no_grad():
+            for name in self.names:
+                self.theta[name].copy_(data.theta[name])
+        self.meta_optimizer.load_state_dict(data.meta_optimizer)
+        self.estimator_state = data.estimator_state
+        self.step = data.step
+        self.history = {key: list(values) for key, values in data.history.items()}
+        self.elapsed_s = data.elapsed_s
+        self.skipped_updates = int(data.extra.get("skipped_updates", 0))
+        restore_rng_state(data.rng)
+        if self.is_main:
+            print(f"resumed from {path} (outer step {self.step})", file=sys.stderr)
+
+    def _save_config(self) -> None:
+        if self.is_main:
+            import yaml
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            text = yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+            (self.run_dir / "config.yaml").write_text(text, encoding="utf-8")
+
+    # ------------------------------------------------------------------------------- steps
+    def _theta_copy(self) -> dict[str, Tensor]:
+        # A copy: estimators may keep what they are given, and AdamW updates theta in place.
+        return {name: value.detach().clone() for name, value in self.theta.items()}
+
+    def meta_gradient(self) -> tuple[dict[str, Tensor], float, dict[str, float]]:
+        """Estimate this step's meta-gradient (averaged over all processes' tasks) and advance the estimator state.
+
+        Returns ``(meta_gradient, meta_loss, stats)``; does not update theta.
+        """
+        result = self.estimator.estimate(self._theta_copy(), self.estimator_state, self.task_ids, self.step)
+        stat_names = sorted(result.stats)
+        pieces = [result.grad_sum[name].detach().reshape(-1).to(self.device, torch.float32) for name in self.names]
+        pieces.append(torch.as_tensor(result.meta_loss_sum, dtype=torch.float32, device=self.device).reshape(1).detach())
+        pieces.append(torch.tensor([float(result.num_tasks)], dtype=torch.float32, device=self.device))
+        pieces.append(torch.tensor([float(result.stats[name]) for name in stat_names], dtype=torch.float32,
+                                   device=self.device))
+        flat = torch.cat(pieces)
+        if self.world_size > 1:
+            flat = self.accelerator.reduce(flat, reduction="sum")
+        total_grad = sum(self.theta[name].numel() for name in self.names)
+        total_tasks = float(flat[total_grad + 1])
+        if round(total_tasks) != self.config.estimator.num_tasks:
+            raise RuntimeError(f"the estimator reported {total_tasks:g} tasks over all processes, expected "
+                               f"estimator.num_tasks = {self.config.estimator.num_tasks}")
+        grads, offset = {}, 0
+        for name in self.names:
+            size = self.theta[name].numel()
+            grads[name] = (flat[offset:offset + size] / total_tasks).reshape(self.theta[name].shape)
+            offset += size
+        meta_loss = float(flat[total_grad]) / total_tasks
+        stats = {name: float(value) / self.world_size
+                 for name, value in zip(stat_names, flat[total_grad + 2:].tolist())}
+        self.estimator_state = result.new_state
+        return grads, meta_loss, stats
+
+    def outer_step(self) -> dict[str, float]:
+        """One outer step (estimate, all-reduce, clip, AdamW); returns the logged values."""
+        grads, meta_loss, stats = self.meta_gradient()
+        self.last_meta_gradient = grads
+        grad_norm = float(torch.sqrt(sum(torch.sum(g.double() ** 2) for g in grads.values())))
+        finite = math.isfinite(grad_norm)
+        if finite:
+            clip = self.config.meta_optimizer.grad_clip
+            scale = min(1.0, clip / (grad_norm + 1e-12)) if clip else 1.0
+            for name in self.names:
+                self.theta[name].grad = grads[name] * scale if scale != 1.0 else grads[name]
+            self.meta_optimizer.step()
+            self.meta_optimizer.zero_grad(set_to_none=True)
+        else:
+            self.skipped_updates += 1
+        self.step += 1
+        self.history["step"].append(self.step)
+        self.history["meta_loss"].append(meta_loss)
+        self.history["grad_norm"].append(grad_norm)
+        return {"meta_loss": meta_loss, "grad_norm": grad_norm, "skipped_updates": float(self.skipped_updates),
+                **{f"estimator/{key}": value for key, value in stats.items()}}
+
+    # ------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step (collective: every process calls it)."""
+        data = CheckpointData(step=self.step, theta=self.theta, meta_optimizer=self.meta_optimizer.state_dict(),
+                              estimator_state=self.estimator_state, config=self.config.to_dict(),
+                              history=self.history, num_processes=self.world_size, elapsed_s=self.elapsed_s,
+                              rng=capture_rng_state(),
+                              extra={"skipped_updates": self.skipped_updates,
+                                     "task_family": self.task_family.config()},
+                              task_ids=self.task_ids)
+        path = save_checkpoint(self.checkpoint_root, data, rank=self.rank, barrier=self.accelerator.wait_for_everyone,
+                               keep=self.config.keep_checkpoints)
+        if self.is_main:
+            self._write_curves()
+        return path
+
+    def _write_curves(self) -> None:
+        from .export import plot_meta_loss
+
+        if self.history["meta_loss"]:
+            plot_meta_loss(self.history, self.run_dir / "meta_loss.png", title=f"{self.config.name}: meta-loss")
+        lines = ["step,meta_loss,grad_norm"]
+        lines += [f"{s},{loss!r},{norm!r}" for s, loss, norm in zip(self.history["step"], self.history["meta_loss"],
+                                                                     self.history["grad_norm"])]
+        tmp = self.run_dir / f".metrics.csv.tmp-{os.getpid()}"
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, self.run_dir / "metrics.csv")
+
+    # ------------------------------------------------------------------------------ train
+    def train(self, *, export: bool = True, stop_after: int | None = None) -> TrainResult:
+        """Run outer steps up to ``config.outer_steps`` (or ``stop_after`` more), then checkpoint and export."""
+        from tqdm.auto import tqdm
+
+        config = self.config
+        target = config.outer_steps if stop_after is None else min(config.outer_steps, self.step + stop_after)
+        trackers = bool(config.log_with)
+        if trackers:
+            self.accelerator.init_trackers(config.name, config=_tracker_hparams(config.to_dict()))
+        bar = tqdm(total=config.outer_steps, initial=self.step, desc=config.name, unit="step", dynamic_ncols=True,
+                   disable=not (self.progress and self.is_main), smoothing=0.1)
+        start = time.perf_counter()
+        elapsed_before = self.elapsed_s
+        recent: list[float] = []
+        try:
+            while self.step < target:
+                values = self.outer_step()
+                self.elapsed_s = elapsed_before + time.perf_counter() - start
+                recent = (recent + [values["meta_loss"]])[-config.log_every:]
+                bar.update(1)
+                bar.set_postfix(meta_loss=f"{values['meta_loss']:.4f}",
+                                avg=f"{sum(recent) / len(recent):.4f}", refresh=False)
+                if trackers and (self.step % config.log_every == 0 or self.step == target):
+                    self.accelerator.log({**values, "meta_loss_avg": sum(recent) / len(recent),
+                                          "elapsed_s": self.elapsed_s}, step=self.step)
+                if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < target:
+                    self.save_checkpoint()
+        finally:
+            bar.close()
+        self.save_checkpoint()
+        artifact_dir = None
+        if export and self.is_main:
+            from .export import export_checkpoint
+
+            artifact_dir = self.run_dir / "final"
+            checkpoint = latest_checkpoint(self.checkpoint_root)
+            assert checkpoint is not None
+            export_checkpoint(checkpoint, artifact_dir, push_to_hub=config.push_to_hub, progress=self.progress)
+            print(f"exported the learned optimizer to {artifact_dir}"
+                  + (f" and pushed it to {config.push_to_hub}" if config.push_to_hub else ""), file=sys.stderr)
+        self.accelerator.wait_for_everyone()
+        if trackers:
+            self.accelerator.end_training()
+        return TrainResult(run_dir=self.run_dir, final_step=self.step,
+                           theta={name: value.detach().cpu().clone() for name, value in self.theta.items()},
+                           meta_losses=list(self.history["meta_loss"]), artifact_dir=artifact_dir,
+                           elapsed_s=self.elapsed_s)
+
+
+def _tracker_hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flat ``section.key`` → scalar (TensorBoard's hparams take only int/float/str/bool)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_tracker_hparams(value, name + "."))
+        elif value is None or isinstance(value, (list, tuple)):
+            flat[name] = str(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+# =============================================================================== command
+
+
+EPILOG = """\
+examples:
+  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml
+  accelerate launch --num_processes 2 scripts/metatrain.py --config configs/small_fc_pes.yaml \\
+      --set estimator.num_tasks=16 --meta_optimizer.lr 1e-3
+  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml --resume      # after a crash
+  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml --push-to-hub you/quickstart-lopt
+  python scripts/metatrain.py --config configs/quickstart.yaml --print-config       # resolved config
+
+overrides: any config key, dotted: `--set SECTION.KEY=VALUE` (repeatable) or `--SECTION.KEY VALUE`;
+values are YAML (`--set task.hidden_sizes=[64,32]`, `--set meta_optimizer.grad_clip=null`).
+Unknown keys are errors naming the key.
+
+a run folder (output_dir, default runs/<name>) holds: config.yaml (resolved config),
+checkpoints/step-XXXXXXXX/ (newest keep_checkpoints kept), logs/ (TensorBoard), meta_loss.png,
+metrics.csv, and final/ (the exported artifact: config.json, model.safetensors, README.md, plots).
+"""
+
+
+def build_parser(prog: str = "metatrain.py") -> argparse.ArgumentParser:
+    """The argument parser of ``scripts/metatrain.py`` / ``lopt-hf metatrain``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Meta-train a learned optimizer (lopt_hf) with Accelerate: tasks are split across the "
+                    "launched processes, meta-gradients all-reduced, theta updated with AdamW; progress bar, "
+                    "TensorBoard logs, atomic checkpoints, and the final artifact with its model card.")
+    parser.add_argument("--config", metavar="YAML", help="meta-training config (see configs/); default: built-in "
+                                                         "defaults")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue the run from its newest checkpoint (or from the given checkpoint folder); "
+                             "starts fresh if the run has none")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the final artifact to this Hub repo "
+                                                                 "(sets push_to_hub)")
+    parser.add_argument("--output-dir", metavar="DIR", help="run folder (sets output_dir; default runs/<name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set estimator.num_tasks=8 (repeatable)")
+    parser.add_argument("--steps", type=int, metavar="N", help="shorthand for --set outer_steps=N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-export", action="store_true", help="skip exporting <run>/final at the end")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None,
+               prog: str = "metatrain.py") -> tuple[argparse.Namespace, MetaTrainConfig]:
+    """Parse the command line into the options and the resolved config."""
+    parser = build_parser(prog)
+    args, rest = parser.parse_known_args(argv)
+    overrides = list(args.overrides)
+    index = 0
+    while index < len(rest):
+        item = rest[index]
+        if not item.startswith("--") or "." not in item.split("=", 1)[0]:
+            parser.error(f"unrecognized argument {item!r} (config overrides look like --set section.key=value "
+                         f"or --section.key value)")
+        if "=" in item:
+            overrides.append(item[2:])
+            index += 1
+        elif index + 1 < len(rest):
+            overrides.append(f"{item[2:]}={rest[index + 1]}")
+            index += 2
+        else:
+            parser.error(f"{item} needs a value")
+    if args.steps is not None:
+        overrides.append(f"outer_steps={args.steps}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.push_to_hub:
+        overrides.append(f"push_to_hub={args.push_to_hub}")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as err:
+        parser.error(str(err))
+    return args, config
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "metatrain.py") -> int:
+    """Entry point of ``scripts/metatrain.py`` and ``lopt-hf metatrain``."""
+    args, config = parse_args(argv, prog)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        return 0
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    try:
+        trainer = MetaTrainer(config, resume=args.resume, progress=not args.no_progress)
+        result = trainer.train(export=not args.no_export)
+    except (CheckpointError, ConfigError) as err:
+        print(f"metatrain: {err}", file=sys.stderr)
+        return 2
+    if trainer.is_main:
+        losses = result.meta_losses
+        window = max(1, min(10, len(losses) // 5 or 1))
+        print(f"done: {result.final_step} outer steps in {result.elapsed_s:.1f} s; meta-loss "
+              f"{sum(losses[:window]) / window:.4f} → {sum(losses[-window:]) / window:.4f} "
+              f"(mean of first/last {window}); run folder {result.run_dir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,144 @@
+"""Export of a meta-training run: artifact folder, model card, plots, CLI, and publishing to a (local) Hub."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from lopt_hf import load_artifact, load_lopt
+from lopt_hf.cli import main as cli_main
+from lopt_hf.metatrain.checkpoint import latest_checkpoint, read_theta
+from lopt_hf.metatrain.config import load_config
+from lopt_hf.metatrain.trainer import MetaTrainer
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def tiny(run_dir: Path, *extra: str) -> list[str]:
+    return [f"output_dir={run_dir}", "name=tiny-lopt", "outer_steps=4", "rule.config.hidden_sizes=[8]",
+            "task.hidden_sizes=[8]", "task.batch_size=16", "estimator.name=pes", "estimator.num_tasks=2",
+            "estimator.truncation_length=3", "estimator.min_unroll=4", "estimator.max_unroll=8",
+            "estimator.compile=false", "num_threads=1", "checkpoint_every=2", "log_every=1",
+            "evaluation.steps=5", "evaluation.seeds=[0]", "evaluation.hidden_sizes=[8]", "evaluation.batch_size=16",
+            "card.tags=[tiny]", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real tiny run (TensorBoard on), exported to <run>/final at the end."""
+    run_dir = tmp_path_factory.mktemp("run")
+    previous = torch.get_num_threads()
+    try:
+        result = MetaTrainer(load_config(None, tiny(run_dir)), progress=False).train()
+    finally:
+        torch.set_num_threads(previous)
+    assert result.artifact_dir == run_dir / "final"
+    return run_dir
+
+
+def card_parts(folder: Path) -> tuple[dict, str]:
+    _, header, body = (folder / "README.md").read_text().split("---\n", 2)
+    return yaml.safe_load(header), body
+
+
+def test_run_folder_contents(trained_run: Path) -> None:
+    assert (trained_run / "config.yaml").is_file() and (trained_run / "metrics.csv").is_file()
+    assert (trained_run / "meta_loss.png").read_bytes().startswith(PNG_MAGIC)
+    assert len((trained_run / "metrics.csv").read_text().splitlines()) == 1 + 4
+    assert list((trained_run / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    assert [p.name for p in sorted((trained_run / "checkpoints").iterdir())] == ["step-00000002", "step-00000004"]
+
+
+def test_final_artifact_and_model_card(trained_run: Path) -> None:
+    final = trained_run / "final"
+    assert sorted(p.name for p in final.iterdir()) == ["README.md", "config.json", "evaluation.png", "meta_loss.png",
+                                                       "model.safetensors"]
+    artifact = load_artifact(final)
+    checkpoint_theta = read_theta(latest_checkpoint(trained_run / "checkpoints"))
+    for name, value in artifact.theta().items():
+        assert torch.equal(value, checkpoint_theta[name])
+
+    provenance = json.loads((final / "config.json").read_text())["provenance"]
+    summary = provenance["meta_training"]["summary"]
+    assert summary["Meta-trainer"] == "Persistent Evolution Strategies (PES)"
+    assert summary["Outer iterations"] == "4" and summary["Truncation length"] == 3
+    assert (summary["Min unroll length"], summary["Max unroll length"]) == (4, 8)
+    assert summary["Processes"] == 1 and summary["Task architecture"].startswith("MLP (64-8-10)")
+    assert provenance["meta_training"]["config"]["estimator"]["num_tasks"] == 2  # the full config travels along
+    assert [row["optimizer"] for row in provenance["evaluation"]["results"]][0] == "learned (this artifact)"
+
+    metadata, body = card_parts(final)
+    assert metadata["library_name"] == "lopt_hf"
+    assert {"learned-optimizer", "per_param_mlp", "meta-trained", "pes", "digits", "tiny"} <= set(metadata["tags"])
+    assert body.lstrip().startswith("# tiny-lopt")
+    assert 'load_lopt("path/to/this/folder", model)' in body  # usage
+    for row in ("| **Update rule** | `per_param_mlp` |", "| **Meta-trainer** | Persistent Evolution Strategies (PES) |",
+                "| **Truncation length** | 3 |", "| **Min unroll length** | 4 |", "| **Max unroll length** | 8 |",
+                "| **Outer iterations** | 4 |", "| **Processes** | 1 |", "| **Wall time** |",
+                "| **Meta-optimizer** | AdamW (lr 0.003, weight decay 0) |",
+                "| **Optimizer architecture** | per-element MLP 3→8→2 (1 hidden layer of 8 units, 50 meta-parameters) |"):
+        assert row in body, row
+    assert "![meta-loss during meta-training](meta_loss.png)" in body and "![evaluation](evaluation.png)" in body
+    assert "| `meta_loss.png` | meta-loss curve of meta-training |" in body
+    assert "num_tasks: 2" in body  # the folded full config
+
+
+def test_exported_optimizer_trains_a_model(trained_run: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 10))
+    optimizer = load_lopt(trained_run / "final", model)
+    before = [p.detach().clone() for p in model.parameters()]
+    inputs, labels = torch.rand(16, 64), torch.randint(0, 10, (16,))
+    nn.functional.cross_entropy(model(inputs), labels).backward()
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_cli_export_from_a_checkpoint_and_card(trained_run: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "from_step_2"
+    assert cli_main(["export", str(trained_run / "checkpoints" / "step-00000002"), str(out), "--no-evaluate"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "meta_loss.png", "model.safetensors"]
+    _, body = card_parts(out)
+    assert "| **Outer iterations** | 2 (of 4 configured) |" in body and "## Evaluation" not in body
+    # A run folder means its newest checkpoint.
+    assert cli_main(["export", str(trained_run), str(tmp_path / "newest"), "--no-evaluate"]) == 0
+    assert "| **Outer iterations** | 4 |" in card_parts(tmp_path / "newest")[1]
+    assert cli_main(["export", str(tmp_path), str(tmp_path / "x")]) == 2
+    assert "neither a checkpoint" in capsys.readouterr().err
+    # `lopt-hf card` re-renders README.md from config.json.
+    (out / "README.md").unlink()
+    assert cli_main(["card", str(out), "--repo-id", "someone/tiny"]) == 0
+    assert 'load_lopt("someone/tiny"' in (out / "README.md").read_text()
+
+
+def test_push_to_the_local_hub(trained_run: Path, hub_env, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi, hf_hub_download
+
+    # `lopt-hf push DIR REPO`: the card is re-rendered for the repo and its images travel with it.
+    repo = hub_env.repo_id("tiny-lopt")
+    assert cli_main(["push", str(trained_run / "final"), repo]) == 0
+    files = set(HfApi().list_repo_files(repo))
+    assert {"config.json", "model.safetensors", "README.md", "meta_loss.png", "evaluation.png"} <= files
+    card = Path(hf_hub_download(repo, "README.md")).read_text()
+    assert f'load_lopt("{repo}"' in card and "| **Meta-trainer** | Persistent Evolution Strategies (PES) |" in card
+    assert Path(hf_hub_download(repo, "meta_loss.png")).read_bytes().startswith(PNG_MAGIC)
+    model = nn.Linear(64, 10)
+    assert load_lopt(repo, model).param_groups
+
+    # push_to_hub in the config (what --push-to-hub sets) publishes at the end of training.
+    repo_end = hub_env.repo_id("pushed-at-end")
+    run = MetaTrainer(load_config(None, tiny(tmp_path / "run2", "outer_steps=2", "evaluation.steps=0", "log_with=[]",
+                                             f"push_to_hub={repo_end}")), progress=False).train()
+    assert run.artifact_dir is not None
+    assert {"config.json", "model.safetensors", "README.md", "meta_loss.png"} <= set(HfApi().list_repo_files(repo_end))
+    pushed = load_artifact(repo_end)
+    for name, value in pushed.theta().items():
+        assert torch.equal(value, run.theta[name])
