@@ -178,6 +178,8 @@ def read_idx(path: str | Path) -> np.ndarray:
 
 
 def _load_hf_dataset(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """``name`` is a Hub dataset id, optionally ``id:config`` (e.g. ``svhn:cropped_digits``)."""
+    dataset_id, _, config_name = name.partition(":")
     try:
         import datasets
     except ImportError as error:
@@ -185,7 +187,7 @@ def _load_hf_dataset(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
             f"unknown local dataset {name!r} (local ones: digits, fashion_mnist, mnist); loading it from the "
             "Hugging Face Hub needs the `datasets` package (`pip install datasets`)") from error
     try:
-        table = datasets.load_dataset(name, split=split)
+        table = datasets.load_dataset(dataset_id, config_name or None, split=split)
     except Exception as error:  # offline, unknown id, gated repo... all surface as different types
         raise DatasetUnavailableError(
             f"could not load Hugging Face dataset {name!r} split {split!r} ({type(error).__name__}: {error}); "
