@@ -313,6 +313,8 @@ def evaluate_on_digits(artifact: LearnedOptimizerModel, config: MetaTrainConfig,
                 loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
                 optimizer.zero_grad()
                 loss.backward()
+                if hasattr(optimizer, "record_loss"):  # LearnedOptimizer: rules with needs_loss read it
+                    optimizer.record_loss(loss)
                 optimizer.step()
                 losses.append(float(loss.detach()))
             with torch.no_grad():

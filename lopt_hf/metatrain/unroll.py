@@ -8,7 +8,11 @@ inner step is
 2. for every parameter tensor, the update rule's own ``update`` under ``torch.func.vmap`` over
    ``(theta, param, grad, state, step)`` — the rule code unchanged, called once on the whole
    batched tensor (``chunk_size=None``). ``theta`` is either shared (one copy, ES-free
-   estimators) or per member (leading ``M`` axis: perturbed copies).
+   estimators) or per member (leading ``M`` axis: perturbed copies). A rule that declares
+   ``needs_loss`` also gets each member's batch loss from 1. (before the update, as
+   ``LearnedOptimizer`` gives it) as its ``loss`` keyword — through a wrapper that takes it
+   positionally, since ``vmap`` batches positional arguments only — so it works with every
+   estimator; under autograd (BPTT) the loss stays on the graph, like the gradient.
 
 Everything is differentiable in ``theta`` when autograd is on (BPTT estimators).
 
@@ -167,13 +171,25 @@ class VectorizedInnerTrainer:
                    opt_state: dict[str, dict[str, Tensor]], step: Tensor, task: TaskDescriptor,
                    batch: Batch) -> tuple[Tensor, Params, dict[str, dict[str, Tensor]]]:
         loss, grads = self.family.loss_and_grad(params, task, batch)
-        update = vmap(self.rule.update, in_dims=(0 if theta_batched else None, 0, 0, 0, 0))
+        theta_dim = 0 if theta_batched else None
         rule_step = step.to(torch.float32)
+        if self.rule.needs_loss:
+            # vmap batches positional arguments only: pass each member's loss positionally.
+            update = vmap(self._update_with_loss, in_dims=(theta_dim, 0, 0, 0, 0, 0))
+            extra: tuple[Tensor, ...] = (loss,)
+        else:
+            update = vmap(self.rule.update, in_dims=(theta_dim, 0, 0, 0, 0))
+            extra = ()
         new_params, new_state = {}, {}
         for name, value in params.items():
-            delta, new_state[name] = update(theta, value, grads[name], opt_state[name], rule_step)
+            delta, new_state[name] = update(theta, value, grads[name], opt_state[name], rule_step, *extra)
             new_params[name] = value - delta
         return loss, new_params, new_state
+
+    def _update_with_loss(self, theta: dict[str, Tensor], param: Tensor, grad: Tensor, state: dict[str, Tensor],
+                          step: Tensor, loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """``rule.update`` with the member's inner loss (before the update) as the ``loss`` keyword."""
+        return self.rule.update(theta, param, grad, state, step, loss=loss)
 
     def _compiled_step(self, theta_batched: bool, args: tuple) -> tuple:
         leaves, spec = pytree.tree_flatten(args)
