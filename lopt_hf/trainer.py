@@ -41,6 +41,7 @@ import os
 import warnings
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 
@@ -156,6 +157,12 @@ class LearnedOptimizerCallback(TrainerCallback):
       ``lopt/skipped_nonfinite`` (tensor-steps skipped so far for a non-finite gradient or step)
       to the logs, and to ``state.log_history``.
 
+    * For rules that need the training loss (``rule.needs_loss``, e.g. opt2vec): right before each
+      optimizer step, hands the optimizer the loss of the step's batch (the sum of the
+      micro-batch losses ``training_step`` returned — Trainer's own accumulation arithmetic —
+      averaged over processes so every rank applies the same update). Trainer's callback events do
+      not carry the loss, so this needs :meth:`attach`, which also watches ``training_step``.
+
     Trainer runs reporting integrations (``report_to``: TensorBoard, W&B, ...) *before* callbacks
     passed as ``callbacks=[...]``, so those would not see these keys: use :meth:`attach` to put the
     callback first.
@@ -172,13 +179,43 @@ class LearnedOptimizerCallback(TrainerCallback):
         self.log_stats = log_stats
         self._warned = False
         self._not_learned_noted = False
+        self._trainer: Any = None
+        self._window_loss: torch.Tensor | None = None
 
     @classmethod
     def attach(cls, trainer: Any, **kwargs: Any) -> LearnedOptimizerCallback:
-        """Add a new callback to ``trainer`` *first*, so reporting integrations see its log keys."""
+        """Add a new callback to ``trainer`` *first* and let it see each batch's training loss.
+
+        First, so reporting integrations see its log keys; the loss (from ``training_step``'s
+        return value) feeds rules with ``needs_loss``.
+        """
         callback = cls(**kwargs)
         trainer.callback_handler.callbacks.insert(0, callback)
+        callback._watch_training_step(trainer)
         return callback
+
+    def _watch_training_step(self, trainer: Any) -> None:
+        original = trainer.training_step
+
+        def training_step(*args: Any, **kwargs: Any) -> Any:
+            loss = original(*args, **kwargs)
+            if isinstance(loss, torch.Tensor):
+                step_loss = loss.detach().float()
+                self._window_loss = step_loss if self._window_loss is None else self._window_loss + step_loss
+            return loss
+
+        trainer.training_step = training_step
+        self._trainer = trainer
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None,
+                              **kwargs: Any) -> None:
+        learned = unwrap_optimizer(optimizer)
+        loss, self._window_loss = self._window_loss, None
+        if loss is None or not isinstance(learned, LearnedOptimizer) or not learned.rule.needs_loss:
+            return
+        if self._trainer is not None and self._trainer.accelerator.num_processes > 1:
+            loss = self._trainer.accelerator.reduce(loss, reduction="mean")
+        learned.record_loss(loss)
 
     # --------------------------------------------------------------------------- events
     def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, lr_scheduler: Any = None,
@@ -190,6 +227,10 @@ class LearnedOptimizerCallback(TrainerCallback):
                             type(learned).__name__)
                 self._not_learned_noted = True
             return
+        if learned.rule.needs_loss and self._trainer is None:
+            raise RuntimeError(f"rule {learned.rule.name!r} needs the training loss, which Trainer's callback events "
+                               "do not carry: add the callback with LearnedOptimizerCallback.attach(trainer) "
+                               "(instead of callbacks=[...]) so it can read each batch's loss")
         if state.max_steps and state.max_steps > 0:
             learned.set_total_steps(int(state.max_steps))
         if self.warn and not self._warned and state.is_local_process_zero:

@@ -294,3 +294,32 @@ def test_last_step_stats_measure_the_applied_update(weight_decay: float) -> None
     stats = optimizer.last_step_stats()
     assert "update_rms" not in stats and stats["skipped_nonfinite_tensors"] == 1
     assert optimizer.num_skipped_nonfinite == 1
+
+
+def test_loss_needing_rule_gets_each_batch_loss_in_trainer(lm, tmp_path) -> None:
+    """opt2vec inside Trainer: attach() feeds the optimizer every step's loss (with accumulation)."""
+    from lopt_hf.rules.opt2vec import slog
+
+    tokenizer, dataset = lm
+    artifact = create_artifact("opt2vec", seed=0)
+    model = tiny_gpt2(tokenizer.vocab_size)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=4, gradient_accumulation_steps=2),
+                      train_dataset=dataset, optimizers=(load_lopt(artifact, model), None))
+    LearnedOptimizerCallback.attach(trainer)
+    trainer.train()
+    losses = train_losses(trainer)
+    assert len(losses) == 4 and all(math.isfinite(loss) for loss in losses)
+    learned = unwrap_optimizer(trainer.optimizer)
+    history = next(iter(learned.state.values()))["history"]  # rows: oldest → newest; column 0 = slog(loss)
+    expected = slog(torch.tensor(losses))
+    torch.testing.assert_close(history[-4:, 0], expected, atol=2e-4, rtol=0)  # logged losses are rounded
+
+
+def test_loss_needing_rule_without_attach_is_a_clear_error(lm, tmp_path) -> None:
+    tokenizer, dataset = lm
+    model = tiny_gpt2(tokenizer.vocab_size)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=dataset,
+                      optimizers=(load_lopt(create_artifact("opt2vec", seed=0), model), None),
+                      callbacks=[LearnedOptimizerCallback()])
+    with pytest.raises(RuntimeError, match="attach"):
+        trainer.train()
