@@ -173,3 +173,40 @@ def test_vmap_and_grad_wrt_theta() -> None:
     minus = loss64({k: theta64[k] - eps * direction[k] for k in theta})
     analytic = sum((grad64[k] * direction[k]).sum() for k in theta)
     assert float(analytic) == pytest.approx(float((plus - minus) / (2 * eps)), rel=1e-5)
+
+
+def test_blocked_newton_schulz_matches() -> None:
+    # Deployment computes the symmetric products of large Gram matrices as three half-size blocks.
+    gen = torch.Generator().manual_seed(4)
+    for shape in [(512, 700), (900, 600), (513, 513)]:
+        x = torch.randn(shape, generator=gen)
+        reference = newton_schulz(x.double(), (3.4445, -4.7750, 2.0315), 5, 1e-8)
+        for in_place in (False, True):
+            result = newton_schulz(x, (3.4445, -4.7750, 2.0315), 5, 1e-8, in_place=in_place)
+            torch.testing.assert_close(result.double(), reference, rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("orthogonalize", [False, True])
+@pytest.mark.parametrize("shape", [(13, 29), (29, 13), (16, 16), (600, 530)])
+def test_deployment_paths_agree(shape: tuple[int, int], orthogonalize: bool) -> None:
+    """No-grad deployment (in-place buffers, closed-form sums, column-major state for transposed
+    views as LearnedOptimizer hands nn.Linear weights) gives the autograd path's result."""
+    rule = Celo2(orthogonalize=orthogonalize)
+    gen = torch.Generator().manual_seed(5)
+    theta = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in rule.init_theta(gen).items()}
+    param = torch.randn(shape, generator=gen)
+    column_major = param.t().contiguous().t()
+    reference_state, deployed_state = rule.init_state(param), rule.init_state(column_major)
+    assert not deployed_state["momentum"].is_contiguous() and deployed_state["momentum"].mT.is_contiguous()
+    for step in range(3):
+        grad = torch.randn(shape, generator=gen) * (1e3 if step == 1 else 1e-2)
+        expected, reference_state = rule.update(theta, param, grad, reference_state, step)
+        with torch.no_grad():
+            got, deployed_state = rule.update(theta, column_major, grad.t().contiguous().t(), deployed_state, step,
+                                              chunk_size=4096)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-5)
+        for key, value in reference_state.items():
+            torch.testing.assert_close(deployed_state[key], value, rtol=1e-5, atol=1e-7)
+        assert deployed_state["momentum"].mT.is_contiguous()  # the state keeps its memory order
+        param = param - 0.01 * expected
+        column_major = param.t().contiguous().t()

@@ -40,15 +40,24 @@ its own matrix; the reference vectors only pin down the 2-D case.
 
 State per tensor, decay axis first (the JAX state has it last): ``momentum`` (3, *shape),
 ``rms`` (1, *shape) and either ``v_row`` (3, *shape without d0) and ``v_col`` (3, *shape
-without d1), or ``v_diag`` (3, *shape).
+without d1), or ``v_diag`` (3, *shape). A matrix handed in as a transposed view (how
+LearnedOptimizer passes ``nn.Linear`` weights) keeps its full-size state in that memory order
+(column-major): same values and shapes, no transposing copies on every step.
+
+**Speed.** Deployment (``torch.no_grad``, plain tensors) runs the same arithmetic as the
+autograd/vmap path, with fewer passes over memory: feature mean squares in closed form instead of
+a first pass over built features, the MLP feature-major with biases and row/col statistics folded
+in, features and activations in reused buffers, the Newton–Schulz Gram products of large
+matrices as symmetric half-size blocks. See :meth:`Celo2._network`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
+import functools
 import math
-from collections.abc import Callable
+import threading
+import weakref
 
 import torch
 from torch import Tensor
@@ -68,21 +77,57 @@ def _safe_rsqrt(x: Tensor) -> Tensor:
     return torch.rsqrt(torch.clamp(x, min=1e-9))
 
 
-def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int, eps: float) -> Tensor:
+def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int, eps: float,
+                  scale: Tensor | None = None, in_place: bool = False) -> Tensor:
     """Orthogonalise the matrices over the last two axes of ``x`` (optax/Muon quintic iteration).
 
     ``x / (‖x‖_F + eps)``, then ``iterations`` × ``x ← a·x + (b·A + c·A²)·x`` with ``A = x·xᵀ``,
-    computed on the wide orientation (tall matrices are transposed and transposed back).
+    computed on the wide orientation (tall matrices are transposed and transposed back), so the
+    Gram matrix is the small one; ``b·A + c·A²`` and ``a·x + B·x`` are each one fused
+    ``addmm``/``baddbmm``. ``scale`` (positive, broadcastable to ``(*lead, 1, 1)``) stands for an
+    input ``scale·x``; it is folded into the normalisation, ``x·s / (s·‖x‖_F + eps)``.
+
+    ``in_place`` (deployment only: writes into fresh buffers with ``out=``, no autograd or vmap)
+    lets a single matrix whose Gram side is ≥ 512 compute the symmetric products ``x·xᵀ`` and
+    ``A·A = A·Aᵀ`` as three of their four half-size blocks (the fourth is the transpose): a
+    quarter fewer flops in two of the three products, the same sums per entry.
     """
     a, b, c = coeffs
     transposed = x.shape[-2] > x.shape[-1]
     if transposed:
         x = x.mT
-    x = x / (torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True) + eps)
+    norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
+    x = x / (norm + eps) if scale is None else x * (scale / (scale * norm + eps))
+    lead = x.shape[:-2]
+    if len(lead) != 0:  # one batch axis for baddbmm
+        x = x.reshape(-1, *x.shape[-2:])
+    fused = torch.addmm if x.dim() == 2 else torch.baddbmm
+    blocked = in_place and x.dim() == 2 and x.shape[0] >= 512
     for _ in range(iterations):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * (gram @ gram)) @ x
+        if blocked:
+            gram = _symmetric_product(x)
+            update = _symmetric_product(gram, base=gram, beta=b, alpha=c)
+        else:
+            gram = torch.matmul(x, x.mT)
+            update = fused(gram, gram, gram, beta=b, alpha=c)
+        x = fused(x, update, x, beta=a)
+    x = x.reshape(*lead, *x.shape[-2:])
     return x.mT if transposed else x
+
+
+def _symmetric_product(y: Tensor, base: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
+    """``beta·base + alpha·y·yᵀ`` for a symmetric ``base`` (or none): three half-size blocks, mirrored."""
+    n, half = y.shape[0], y.shape[0] // 2
+    out = y.new_empty((n, n))
+    top, bottom = y[:half], y[half:]
+    for rows, cols, left, right in ((slice(0, half), slice(0, half), top, top), (slice(0, half), slice(half, n), top, bottom),
+                                    (slice(half, n), slice(half, n), bottom, bottom)):
+        if base is None:
+            torch.mm(left, right.mT, out=out[rows, cols])
+        else:
+            torch.addmm(base[rows, cols], left, right.mT, beta=beta, alpha=alpha, out=out[rows, cols])
+    out[half:, :half].copy_(out[:half, half:].mT)
+    return out
 
 
 @register_rule
@@ -159,8 +204,13 @@ class Celo2(UpdateRule):
     # ------------------------------------------------------------------------ state
     def init_state(self, param: Tensor) -> State:
         shape = tuple(param.shape) if param.dim() > 0 else (1,)
+        # A matrix handed as a transposed view (LearnedOptimizer's nn.Linear weights) gets its
+        # full-size state in the same memory order: see update().
+        column_major = _column_major(param)
 
         def zeros(count: int, of_shape: tuple[int, ...]) -> Tensor:
+            if column_major and of_shape == shape:
+                return torch.zeros((count, *of_shape[::-1]), dtype=torch.float32, device=param.device).mT
             return torch.zeros((count, *of_shape), dtype=torch.float32, device=param.device)
 
         facs = len(self.adafactor_decays)
@@ -184,152 +234,430 @@ class Celo2(UpdateRule):
         ndim = len(shape)
         device = param.device
 
-        def per_decay(decays: tuple[float, ...], rank: int) -> Tensor:  # (k,) → (k, 1, …, 1)
-            return torch.tensor(decays, dtype=torch.float32, device=device).reshape(-1, *([1] * rank))
+        # Deployment (no autograd, no vmap/grad wrappers) may write into fresh tensors in place:
+        # the same arithmetic, without full-size temporaries.
+        deploy = (not torch.is_grad_enabled() and _is_plain(param) and _is_plain(grad)
+                  and all(_is_plain(value) for value in state.values()))
 
-        # --- accumulators (the new state), decay axis first
-        g = torch.clamp(grad, -self.grad_clip, self.grad_clip)
-        mom_decay = per_decay(self.momentum_decays, ndim)
-        rms_decay = per_decay(self.rms_decays, ndim)
-        momentum = mom_decay * state["momentum"] + (1.0 - mom_decay) * g.unsqueeze(0)
-        rms = rms_decay * state["rms"] + (1.0 - rms_decay) * (g * g).unsqueeze(0)
-        grad_sqr = g * g + 1e-30
+        def ema(decays: tuple[float, ...], rank: int, old: Tensor, new: Tensor) -> Tensor:
+            """``decay·old + (1 − decay)·new`` per decay (leading axis), rounded as the original."""
+            decay, keep = _decay_tensors(decays, rank, device)
+            if deploy:
+                return torch.mul(decay, old).addcmul_(keep, new)
+            return torch.addcmul(keep * new, decay, old)
+
+        # --- accumulators (the new state), decay axis first. Every full-size tensor is used in one
+        # memory order: row-major, or column-major for a matrix whose state is (LearnedOptimizer
+        # hands nn.Linear weights as transposed views and init_state follows them) — then the
+        # rule runs on the memory as it lies, with no transposing copies, and so does the step.
+        column_major = ndim == 2 and _column_major(state["momentum"][0])
+
+        def in_order(x: Tensor) -> Tensor:
+            if not column_major:
+                return x.contiguous()
+            return x if _column_major(x) else x.mT.contiguous().mT
+
+        g = in_order(torch.clamp(grad, -self.grad_clip, self.grad_clip))
+        param = in_order(param)
+        g2 = g * g
+        momentum = ema(self.momentum_decays, ndim, state["momentum"], g)
+        rms = ema(self.rms_decays, ndim, state["rms"], g2)
         new_state = {"momentum": momentum, "rms": rms}
-        rsqrt_rms = torch.rsqrt(rms + 1e-8)
+        rsqrt_rms = torch.add(rms, 1e-8).rsqrt_() if deploy else torch.rsqrt(rms + 1e-8)
+        grad_sqr = g2 + 1e-30
 
-        full = (len(self.adafactor_decays), *shape)
         dims = factored_dims(shape)
         if dims is None:
-            decay = per_decay(self.adafactor_decays, ndim)
-            v_diag = decay * state["v_diag"] + (1.0 - decay) * grad_sqr.unsqueeze(0)
+            v_diag = ema(self.adafactor_decays, ndim, state["v_diag"], grad_sqr)
             new_state["v_diag"] = v_diag
-            fac_g_factor: Tensor | tuple[Tensor, Tensor] = _safe_rsqrt(v_diag + 1e-9)
-            factored: tuple[Tensor, ...] | None = None
+            factors: tuple = (_safe_rsqrt(v_diag + 1e-9),)
         else:
             d1, d0 = dims
-            decay = per_decay(self.adafactor_decays, ndim - 1)
-            v_row = decay * state["v_row"] + (1.0 - decay) * torch.mean(grad_sqr, dim=d0).unsqueeze(0)
-            v_col = decay * state["v_col"] + (1.0 - decay) * torch.mean(grad_sqr, dim=d1).unsqueeze(0)
+            v_row = ema(self.adafactor_decays, ndim - 1, state["v_row"], torch.mean(grad_sqr, dim=d0))
+            v_col = ema(self.adafactor_decays, ndim - 1, state["v_col"], torch.mean(grad_sqr, dim=d1))
             new_state["v_row"], new_state["v_col"] = v_row, v_col
             # axis d1 inside v_row (which lacks d0), shifted by the leading decay axis
             row_axis_d1 = (d1 - 1 if d1 > d0 else d1) + 1
             row_col_mean = torch.mean(v_row, dim=row_axis_d1, keepdim=True)
-            row_factor = _safe_rsqrt(v_row / (row_col_mean + 1e-9))
-            col_factor = _safe_rsqrt(v_col)
+            # v_row is constant along d0, v_col along d1; fac_g / fac_mom_mult use row_factor · col_factor
+            factors = (v_row, _safe_rsqrt(v_row / (row_col_mean + 1e-9)), d0,
+                       v_col, _safe_rsqrt(v_col), d1)
 
-            # Broadcast views of (facs, *shape): nothing of full size is allocated here.
-            def along_row(x: Tensor) -> Tensor:
-                return x.unsqueeze(1 + d0).expand(full)
-
-            def along_col(x: Tensor) -> Tensor:
-                return x.unsqueeze(1 + d1).expand(full)
-
-            fac_g_factor = (along_row(row_factor), along_col(col_factor))
-            factored = (along_row(v_row), along_col(v_col), along_row(torch.rsqrt(v_row + 1e-8)),
-                        along_col(torch.rsqrt(v_col + 1e-8)))
-
-        def factor_at(index: tuple) -> Tensor:
-            if isinstance(fac_g_factor, tuple):
-                return fac_g_factor[0][index] * fac_g_factor[1][index]
-            return fac_g_factor[index]
-
-        def features(index: tuple) -> Tensor:
-            """The (F, *piece) normalisable inputs of ``param[index]``."""
-            at = (slice(None), *index)
-            g_i, m_i, rms_i, rsqrt_i = g[index].unsqueeze(0), momentum[at], rms[at], rsqrt_rms[at]
-            fac_i = factor_at(at)
-            inputs = [g_i, torch.clamp(g_i, -0.1, 0.1), param[index].unsqueeze(0), m_i, rms_i, m_i * rsqrt_i,
-                      rsqrt_i, g_i * fac_i, g_i * rsqrt_i]
-            if factored is not None:
-                inputs += [tensor[at] for tensor in factored]
-                inputs.append(m_i * fac_i)
-            return torch.cat(inputs)
-
-        direction = self._network(theta, features, shape, chunk_size)
-        if self.orthogonalize and ndim >= 2:
-            direction = newton_schulz(direction, tuple(self.ns_coeffs), int(self.ns_iters), self.ns_eps)
-            direction = direction * torch.rsqrt(torch.mean(torch.square(direction)) + self.normalization_eps)
+        if column_major:  # the EMAs keep their inputs' memory order, but make sure
+            momentum, rms = in_order(momentum), in_order(rms)
+            new_state.update(momentum=momentum, rms=rms)
+        inputs = _Inputs(shape, g, g2, param, momentum, rms, rsqrt_rms, factors, column_major)
+        direction = self._network(theta, inputs, chunk_size, deploy)
         if self.rmsmult != 1.0:
             direction = direction * self.rmsmult
         return direction.reshape(original_shape), new_state
 
     # ----------------------------------------------------------------------- network
-    def _first_layer(self, theta: Theta, num_features: int) -> Tensor:
-        """The per-group first-layer matrices stacked into one (F, hidden) matrix.
+    def _network(self, theta: Theta, inputs: _Inputs, chunk_size: int | None, deploy: bool) -> Tensor:
+        """Normalised features → MLP → normalised (and maybe orthogonalised) direction, of ``inputs.shape``.
 
-        ``F`` tells which groups are present: all 14, or the first 9 for tensors with < 2 dims.
+        Whole (``chunk_size=None``, what vmap/grad use) or in pieces of at most ``chunk_size``
+        elements, every tensor goes through the same steps:
+
+        1. the mean square of every feature over each slab (see :class:`_Inputs`): for matrices
+           (and conv kernels whose channel axes are the largest) in closed form from the
+           accumulators, without building the features; otherwise from the features, built once
+           (one piece) or piece by piece;
+        2. the normalisation folded into the first layer, ``(x·s) @ W == x @ (s[:, None]·W)``,
+           one matrix per slab, feature-major (``h = Wᵀ·X``, N contiguous) with a carry unit
+           whose constant 1 brings the next layer's bias; the broadcast features (row/col
+           statistics, constant along one axis) go through it once per row / column;
+        3. per piece, the element-wise features as one (E, N) matrix and the MLP;
+        4. the output normalised per slab (folded into Newton–Schulz's Frobenius normalisation).
         """
-        sizes = self.group_sizes()
-        groups = NUM_GROUPS_1D if num_features == sum(sizes[:NUM_GROUPS_1D]) else len(sizes)
-        return torch.cat([theta[f"w0__{i}"] for i in range(groups)])
+        no_grad = not torch.is_grad_enabled()
+        num_slabs, rows, cols = inputs.num_slabs, inputs.rows, inputs.cols
+        slab_size = rows * cols
+        pieces = inputs.pieces(chunk_size)
+        w0, bias, later = self._prepared(theta, inputs.order)
+        deploy = deploy and _is_plain(w0)
 
-    def _readout(self, out: Tensor) -> Tensor:
-        if self.exp_mult == 0.0:
-            return out[..., 0]
-        return out[..., 0] * torch.exp(out[..., 1] * self.exp_mult)
+        # 1. per-slab mean squares, in inputs.order: (F, L)
+        cached = None
+        closed_form = inputs.standard
+        parts, running = [], None
+        # closed form: no feature matrices, so pieces 4× larger cost no more memory
+        for piece in inputs.pieces(None if chunk_size is None else 4 * chunk_size) if closed_form else pieces:
+            if closed_form:
+                part = inputs.piece_sums(piece)
+            else:
+                x = inputs.features(piece)
+                cached = x if len(pieces) == 1 else None
+                part = _slab_dot(x.view(x.shape[0], piece[1] - piece[0], -1), None)  # (E, slabs in the piece)
+            if piece[2] == 0 and piece[3] == rows:
+                parts.append(part)
+            else:  # a row range: sum up the slab
+                running = part if running is None else running + part
+                if piece[3] == rows:
+                    parts.append(running)
+                    running = None
+        sums = _cat(parts, 1)
+        means = [sums / slab_size]
+        if inputs.vectors is not None:
+            means += [torch.mean(torch.square(vectors), dim=-1) for vectors in inputs.vectors]
+        scale = torch.rsqrt(self.normalization_eps + _cat(means, 0))
 
-    def _hidden(self, theta: Theta, h: Tensor) -> Tensor:
-        # Deployment runs without autograd: then the activations may be rectified in place.
-        relu = torch.relu_ if not torch.is_grad_enabled() else torch.relu
-        for layer in range(1, len(self.layer_sizes())):
-            h = torch.matmul(relu(h), theta[f"w{layer}"]) + theta[f"b{layer}"]
-        return h
+        # 2. first layer per slab: (L, hidden + 1, E) and the broadcast features' contributions
+        weight = scale.t().unsqueeze(-1) * w0  # (L, F, hidden + 1), carry column 0
+        count = inputs.num_elementwise
+        first = weight[:, :count].mT
+        along_rows, along_cols = None, bias.view(1, -1, 1)
+        if inputs.vectors is not None:
+            by_rows, by_cols = inputs.vectors  # (k, L, R), (k, L, C)
+            split = count + by_rows.shape[0]
+            along_rows = torch.matmul(weight[:, count:split].mT, by_rows.transpose(0, 1))  # (L, hidden + 1, R)
+            along_cols = torch.matmul(weight[:, split:].mT, by_cols.transpose(0, 1)) + along_cols  # (L, hidden + 1, C)
+        relu = torch.relu_ if no_grad else torch.relu
 
-    def _network(self, theta: Theta, features: Callable[[tuple], Tensor], shape: tuple[int, ...],
-                 chunk_size: int | None) -> Tensor:
-        """Normalised features → MLP → normalised direction, a tensor of ``shape``.
+        def add(h: Tensor, other: Tensor) -> Tensor:
+            return h.add_(other) if no_grad else h + other
 
-        Normalisation statistics are per index of the leading axes (all but the last two). The
-        input normalisation is folded into the first layer: ``(x·s) @ W == x @ (s[:, None]·W)``.
-        With ``chunk_size`` the features are built per piece (twice: mean squares, then the
-        network) and never for a whole large slab; without it, once for the whole tensor.
-        """
+        # 3. the network, piece by piece. In deployment the features and hidden activations of
+        # every piece go into scratch buffers kept across calls (fresh multi-MB tensors per piece
+        # and tensor cost page faults), and the direction straight into the output.
+        largest = max(inputs.piece_numel(piece) for piece in pieces)
+        scratch = cached is None and deploy and largest * count <= _SCRATCH_LIMIT
+        out = inputs.g.new_empty((num_slabs, slab_size)) if deploy else None
+        outputs, all_written = [], out is not None
+        for piece in pieces:
+            slab_start, slab_stop, row_start, row_stop = piece
+            piece_slabs, piece_rows = slab_stop - slab_start, row_stop - row_start
+            numel = inputs.piece_numel(piece)
+            if cached is not None:
+                x = cached
+            else:
+                x = inputs.features(piece, _scratch("features", (count, numel), inputs.g) if scratch else None)
+            if piece_slabs == 1:
+                hidden_out = _scratch("hidden0", (first.shape[1], numel), inputs.g) if scratch else None
+                h = torch.mm(first[slab_start], x, out=hidden_out)
+            else:
+                h = torch.bmm(first[slab_start:slab_stop], x.view(count, piece_slabs, -1).transpose(0, 1))
+            h = h.view(piece_slabs, -1, piece_rows, cols)
+            if along_rows is not None:
+                h = add(h, along_rows[slab_start:slab_stop, :, row_start:row_stop, None])
+            h = add(h, (along_cols if along_cols.shape[0] == 1 else along_cols[slab_start:slab_stop]).unsqueeze(-2))
+            h = h.view(-1, piece_rows * cols) if piece_slabs == 1 else h.view(piece_slabs, -1, piece_rows * cols)
+            written = False
+            for layer, matrix in enumerate(later):
+                if out is not None and layer == len(later) - 1 and piece_slabs == 1 and matrix.shape[0] == 1:
+                    # the direction straight into the output
+                    start = slab_start * slab_size + row_start * cols
+                    h = torch.mm(matrix, relu(h), out=out.view(1, -1)[:, start:start + piece_rows * cols])
+                    written = True
+                elif scratch and piece_slabs == 1:
+                    h = torch.mm(matrix, relu(h), out=_scratch(f"hidden{(layer + 1) % 2}", (matrix.shape[0], numel), h))
+                else:
+                    h = torch.matmul(matrix, relu(h))
+            direction = h[..., 0, :] if h.shape[-2] == 1 else h[..., 0, :] * torch.exp(h[..., 1, :] * self.exp_mult)
+            if scratch and not written:
+                direction = direction.clone()  # do not keep a view of a scratch buffer
+            outputs.append(direction.reshape(-1))
+            all_written = all_written and written
+        if not all_written:
+            out = _cat(outputs, 0).view(num_slabs, slab_size)
+
+        # 4. output normalisation per slab (and Newton–Schulz)
         eps = self.normalization_eps
-        lead_shape = shape[:-2]
-        slab = math.prod(shape[-2:])
-        numel = math.prod(shape)
-        b0 = theta["b0"]
-        if chunk_size is None or numel <= chunk_size:
-            x = features(())
-            num_features = x.shape[0]
-            x = x.reshape(num_features, -1, slab)  # (F, L, slab)
-            scale = torch.rsqrt(eps + torch.mean(torch.square(x), dim=-1))  # (F, L)
-            w0 = self._first_layer(theta, num_features)
-            weight = scale.t().unsqueeze(-1) * w0  # (L, F, hidden)
-            h = torch.matmul(x.permute(1, 2, 0), weight) + b0  # (L, slab, hidden)
-            out = self._readout(self._hidden(theta, h))  # (L, slab)
-            out = out * torch.rsqrt(eps + torch.mean(torch.square(out), dim=-1, keepdim=True))
-            return out.reshape(shape)
+        out_scale = torch.rsqrt(eps + _slab_dot(out.unsqueeze(0), None)[0] / slab_size).unsqueeze(-1)  # (L, 1)
+        shape = inputs.shape
+        if self.orthogonalize and len(shape) >= 2:
+            direction = newton_schulz(inputs.unflatten(out), tuple(self.ns_coeffs), int(self.ns_iters), self.ns_eps,
+                                      scale=out_scale.view(*shape[:-2], 1, 1), in_place=deploy)
+            return direction * torch.rsqrt(torch.mean(torch.square(direction)) + eps)
+        return inputs.unflatten(out.mul_(out_scale) if deploy else out * out_scale)
 
-        # Chunked: pieces are row ranges of one leading index's slab (of the whole vector for 1-D).
-        columns = shape[-1]
-        rows = shape[-2] if len(shape) >= 2 else 1
-        rows_per_piece = max(1, int(chunk_size) // columns)
-        slabs = []
-        for lead in itertools.product(*(range(size) for size in lead_shape)):
-            if len(shape) >= 2:
-                pieces = [lead + (slice(start, min(start + rows_per_piece, rows)),)
-                          for start in range(0, rows, rows_per_piece)]
+    def _prepared(self, theta: Theta, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Theta as the network uses it: ``w0`` rows in feature ``order`` plus a zero carry column
+        ``(F, hidden + 1)``, ``[b0, 1]``, and the later layers feature-major ``[Wᵀ | b]`` (hidden
+        ones with a carry row ``[0 … 0 1]``; the last cut to the outputs used).
+
+        Cached per theta in deployment (no autograd, plain tensors): it is the same every step.
+        """
+        cacheable = not torch.is_grad_enabled() and all(_is_plain(value) for value in theta.values())
+        key = theta.get("b0") if cacheable else None
+        signature = (self, order, tuple((name, id(value), value._version) for name, value in theta.items())) \
+            if cacheable else None
+        if key is not None:
+            for entry_signature, refs, prepared in _PREPARED.get(id(key), ()):
+                if entry_signature == signature and all(ref() is value for ref, value in zip(refs, theta.values())):
+                    return prepared
+        w0 = torch.cat([theta[f"w0__{group}"] for group in range(max(order) + 1)])
+        sizes = self.group_sizes()
+        offsets = [sum(sizes[:group]) for group in range(len(sizes) + 1)]
+        w0 = torch.cat([w0[offsets[group]:offsets[group + 1]] for group in order])
+        w0 = torch.cat([w0, torch.zeros_like(w0[:, :1])], 1)
+        bias = torch.cat([theta["b0"], torch.ones_like(theta["b0"][:1])])
+        layer_sizes = self.layer_sizes()
+        later = []
+        for layer in range(1, len(layer_sizes)):
+            matrix = torch.cat([theta[f"w{layer}"].t(), theta[f"b{layer}"].unsqueeze(1)], 1)
+            if layer < len(layer_sizes) - 1:
+                carry = torch.zeros_like(matrix[:1])
+                matrix = torch.cat([matrix, torch.cat([carry[:, 1:], torch.ones_like(carry[:, :1])], 1)])
             else:
-                pieces = [(slice(start, min(start + int(chunk_size), columns)),)
-                          for start in range(0, columns, int(chunk_size))]
-            if len(pieces) == 1:
-                cached = [features(pieces[0])]
-                sum_square = torch.sum(torch.square(cached[0].reshape(cached[0].shape[0], -1)), dim=1)
+                matrix = matrix[:1 if self.exp_mult == 0.0 else 2]
+            later.append(matrix)
+        prepared = (w0, bias, later)
+        if key is not None:
+            refs = tuple(weakref.ref(value) for value in theta.values())
+            if id(key) not in _PREPARED:
+                weakref.finalize(key, _PREPARED.pop, id(key), None)
+            entries = [entry for entry in _PREPARED.get(id(key), ()) if entry[0][:2] != signature[:2]]
+            _PREPARED[id(key)] = [*entries[-7:], (signature, refs, prepared)]
+        return prepared
+
+
+# Deployment cache of Celo2._prepared: id(theta["b0"]) → [(signature, weakrefs to theta, prepared)],
+# dropped with that tensor.
+_PREPARED: dict[int, list] = {}
+
+
+@functools.lru_cache(maxsize=64)
+def _decay_tensors(decays: tuple[float, ...], rank: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """``(decay, 1 − decay)`` as ``(k, 1, …, 1)`` float32 tensors against ``(k, *shape)`` of ``rank`` dims."""
+    decay = torch.tensor(decays, dtype=torch.float32, device=device).reshape(-1, *([1] * rank))
+    return decay, 1.0 - decay
+
+
+_SCRATCH_LIMIT = 1 << 22  # floats per scratch buffer (16 MB); larger pieces allocate as usual
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, int], like: Tensor) -> Tensor:
+    """A ``shape`` buffer like ``like`` (device, dtype), reused across calls (this thread, deployment only)."""
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    key = (name, like.device, like.dtype)
+    numel = shape[0] * shape[1]
+    buffer = buffers.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
+    return buffer[:numel].view(shape)
+
+
+def _column_major(x: Tensor) -> bool:
+    """A matrix (or batch of them) whose last two axes lie transposed in memory."""
+    return x.dim() >= 2 and x.shape[-1] > 1 and x.shape[-2] > 1 and not x.is_contiguous() and x.mT.is_contiguous()
+
+
+def _clip(x: Tensor, out: Tensor | None = None) -> Tensor:
+    return torch.clamp(x, -0.1, 0.1, out=out)
+
+
+def _is_plain(x: Tensor) -> bool:
+    """Not a functorch (vmap/grad) wrapper: ``out=`` writes into plain buffers are allowed."""
+    try:
+        return not torch._C._functorch.is_functorch_wrapped_tensor(x)
+    except AttributeError:  # private API gone: play safe
+        return False
+
+
+def _cat(tensors: list[Tensor], dim: int) -> Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim)
+
+
+def _slab_dot(x: Tensor, y: Tensor | None) -> Tensor:
+    """``Σ x·y`` over the last axis (``y`` broadcasts; None: ``y = x``).
+
+    A product and a pairwise sum: slower than a gemv or a norm, but those are off by up to ~1e-5
+    on long float32 vectors, and the mean squares must be as exact as the original's (a feature
+    with one huge element turns a relative error ε of its scale into ~ε·√N in the output).
+    """
+    return torch.sum(torch.square(x) if y is None else x * y, dim=-1)
+
+
+class _Inputs:
+    """One tensor's accumulators, flattened to ``(k, N)``, seen as L slabs of R × C.
+
+    Slabs are the indices of the leading axes (all but the last two) — Celo2 normalises over the
+    last two; a 1-D tensor is one slab ``(n, 1)``. Pieces are contiguous element ranges: whole
+    slabs, or row ranges of one slab. The feature order (``order``, theta groups): element-wise
+    groups, then the broadcast groups varying along R, then those varying along C.
+
+    "Standard" tensors (every matrix; conv kernels whose channel axes are the two largest) have
+    their row/col statistics constant along one of the last two axes: they stay vectors
+    (``vectors``: ``(6, L, R)``, ``(6, L, C)``) and :meth:`piece_sums` has the sums in closed form.
+    Otherwise (tensors with < 2 dims, other conv kernels) every group is element-wise.
+    """
+
+    def __init__(self, shape: tuple[int, ...], g: Tensor, g2: Tensor, p: Tensor, m: Tensor, rms: Tensor,
+                 rsqrt_rms: Tensor, factors: tuple, column_major: bool = False) -> None:
+        ndim = len(shape)
+        self.shape = shape
+        self.column_major = column_major  # a matrix stored transposed: R and C swap roles below
+        if ndim >= 2:
+            self.num_slabs, self.rows, self.cols = math.prod(shape[:-2]), shape[-2], shape[-1]
+            if column_major:
+                self.rows, self.cols = self.cols, self.rows
+        else:
+            self.num_slabs, self.rows, self.cols = 1, shape[0], 1
+        numel = self.num_slabs * self.rows * self.cols
+
+        def flat(x: Tensor, lead: int) -> Tensor:  # (lead, N) in memory order
+            return (x.mT if column_major else x).reshape(lead, numel)
+
+        self.g, self.g2, self.p = flat(g, 1), flat(g2, 1), flat(p, 1)
+        self.m, self.rms, self.rsqrt_rms = flat(m, m.shape[0]), flat(rms, rms.shape[0]), flat(rsqrt_rms, rms.shape[0])
+        self.standard = len(factors) == 6 and {factors[2], factors[5]} == {ndim - 2, ndim - 1}
+        self.vectors: tuple[Tensor, Tensor] | None = None
+        self.materialized: list[Tensor] = []
+        if len(factors) == 1:  # < 2 dims: v_diag
+            self.fac = factors[0].view(-1, numel)
+            self.order = tuple(range(NUM_GROUPS_1D))
+        elif self.standard:
+            v_row, row_factor, d0, v_col, col_factor, d1 = factors
+            # a vector constant along the last axis (C) varies along R; in memory order R and C swap
+            row_is_r = (d0 == ndim - 1) != column_major
+            by_r, by_c = ((v_row, row_factor), (v_col, col_factor)) if row_is_r else ((v_col, col_factor), (v_row, row_factor))
+            self.fac_rows = by_r[1].reshape(-1, self.num_slabs, self.rows)
+            self.fac_cols = by_c[1].reshape(-1, self.num_slabs, self.cols)
+            self.vectors = (torch.cat([by_r[0], torch.rsqrt(by_r[0] + 1e-8)]).reshape(-1, self.num_slabs, self.rows),
+                            torch.cat([by_c[0], torch.rsqrt(by_c[0] + 1e-8)]).reshape(-1, self.num_slabs, self.cols))
+            # row, col, rsqrt_row, rsqrt_col are groups 9, 10, 11, 12
+            r_groups, c_groups = ((9, 11), (10, 12)) if row_is_r else ((10, 12), (9, 11))
+            self.order = (*range(NUM_GROUPS_1D), len(FEATURE_GROUPS) - 1, *r_groups, *c_groups)
+        else:
+            v_row, row_factor, d0, v_col, col_factor, d1 = factors
+
+            def full(x: Tensor, constant_axis: int) -> Tensor:
+                return x.unsqueeze(1 + constant_axis).expand(x.shape[0], *shape)
+
+            self.fac = (full(row_factor, d0) * full(col_factor, d1)).view(-1, numel)
+            self.materialized = [full(x, axis).reshape(-1, numel) for x, axis in
+                                 ((v_row, d0), (v_col, d1), (torch.rsqrt(v_row + 1e-8), d0), (torch.rsqrt(v_col + 1e-8), d1))]
+            self.order = tuple(range(len(FEATURE_GROUPS)))
+        # rows of features(): g, clip, p, m, rms, m·rsqrt, rsqrt, fac_g, g·rsqrt [, materialized, fac_mom]
+        moms, facs = self.m.shape[0], (self.fac_rows if self.standard else self.fac).shape[0]
+        self.num_elementwise = 6 + 2 * moms + facs
+        if len(factors) == 6:
+            self.num_elementwise += sum(x.shape[0] for x in self.materialized) + max(moms, facs)
+
+    def unflatten(self, out: Tensor) -> Tensor:
+        """``(L, R·C)`` in memory order → a tensor of ``shape`` (a transposed view if column-major)."""
+        if self.column_major:
+            return out.view(*self.shape[:-2], self.shape[-1], self.shape[-2]).mT
+        return out.view(self.shape)
+
+    def pieces(self, chunk_size: int | None) -> list[tuple[int, int, int, int]]:
+        """``(slab_start, slab_stop, row_start, row_stop)``: all at once, groups of whole slabs, or row ranges."""
+        slab_size = self.rows * self.cols
+        if chunk_size is None or self.num_slabs * slab_size <= chunk_size:
+            return [(0, self.num_slabs, 0, self.rows)]
+        if slab_size <= chunk_size:
+            step = int(chunk_size) // slab_size
+            return [(start, min(start + step, self.num_slabs), 0, self.rows) for start in range(0, self.num_slabs, step)]
+        step = max(1, int(chunk_size) // self.cols)
+        return [(slab, slab + 1, start, min(start + step, self.rows))
+                for slab in range(self.num_slabs) for start in range(0, self.rows, step)]
+
+    def piece_numel(self, piece: tuple[int, int, int, int]) -> int:
+        return (piece[1] - piece[0]) * (piece[3] - piece[2]) * self.cols
+
+    def features(self, piece: tuple[int, int, int, int], out: Tensor | None = None) -> Tensor:
+        """The element-wise features of a piece, ``(E, n)`` in ``order``.
+
+        With ``out`` (deployment: no autograd, no vmap) each feature is written straight into it
+        instead of into a temporary that a concatenation then copies.
+        """
+        slab_start, slab_stop, row_start, row_stop = piece
+        first = slab_start * self.rows * self.cols + row_start * self.cols
+        at = (slice(None), slice(first, first + self.piece_numel(piece)))
+        g, m, rsqrt_rms = self.g[at], self.m[at], self.rsqrt_rms[at]
+        if self.standard:
+            fac = self.fac_rows[:, slab_start:slab_stop, row_start:row_stop, None] * \
+                self.fac_cols[:, slab_start:slab_stop, None, :]
+            fac = fac.view(fac.shape[0], -1)
+        else:
+            fac = self.fac[at]
+        # (function or None for "as is", operands), in theta order
+        specs: list[tuple] = [(None, g), (_clip, g), (None, self.p[at]), (None, m), (None, self.rms[at]),
+                              (torch.mul, m, rsqrt_rms), (None, rsqrt_rms), (torch.mul, g, fac),
+                              (torch.mul, g, rsqrt_rms)]
+        if len(self.order) > NUM_GROUPS_1D:
+            specs += [(None, x[at]) for x in self.materialized]
+            specs.append((torch.mul, m, fac))
+        if out is None:
+            return torch.cat([args[0] if fn is None else fn(*args) for fn, *args in specs])
+        row = 0
+        for fn, *args in specs:
+            size = max(arg.shape[0] for arg in args)
+            if fn is None:
+                out[row:row + size].copy_(args[0])
             else:
-                cached = []
-                sum_square = None
-                for index in pieces:
-                    x = features(index)
-                    part = torch.sum(torch.square(x.reshape(x.shape[0], -1)), dim=1)
-                    sum_square = part if sum_square is None else sum_square + part
-            num_features = sum_square.shape[0]
-            weight = self._first_layer(theta, num_features) * torch.rsqrt(eps + sum_square / slab).unsqueeze(-1)
-            outputs = []
-            for position, index in enumerate(pieces):
-                x = cached[position] if cached else features(index)
-                h = torch.addmm(b0, x.reshape(num_features, -1).t(), weight)
-                outputs.append(self._readout(self._hidden(theta, h)))
-            out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
-            slabs.append(out * torch.rsqrt(eps + torch.mean(torch.square(out))))
-        return torch.stack(slabs).reshape(shape)
+                fn(*args, out=out[row:row + size])
+            row += size
+        return out
+
+    def piece_sums(self, piece: tuple[int, int, int, int]) -> Tensor:
+        """Closed-form sums of squares of a piece's element-wise features per slab (standard tensors).
+
+        ``(E, slabs in the piece)``, without building the features: ``Σ (x·y)² = Σ x²·y²``, and
+        for the factored ones ``Σ_rc x_rc·a_r²·b_c² = Σ_r a_r²·(x @ b²)_r`` (a matrix product).
+        """
+        slab_start, slab_stop, row_start, row_stop = piece
+        slabs = slab_stop - slab_start
+        first = slab_start * self.rows * self.cols + row_start * self.cols
+        at = (slice(None), slice(first, first + self.piece_numel(piece)))
+
+        def per_slab(x: Tensor) -> Tensor:  # (k, n) → (k, slabs, n / slabs)
+            return x.view(x.shape[0], slabs, -1)
+
+        g2, rsqrt2, m2 = per_slab(self.g2[at]), per_slab(torch.square(self.rsqrt_rms[at])), per_slab(torch.square(self.m[at]))
+        rows2 = torch.square(self.fac_rows[:, slab_start:slab_stop, row_start:row_stop])  # (k, slabs, rows)
+        cols2 = torch.square(self.fac_cols[:, slab_start:slab_stop])  # (k, slabs, C)
+
+        def with_factor(x: Tensor) -> Tensor:  # Σ x·fac², per decay and slab
+            matrices = x.view(x.shape[0], slabs, row_stop - row_start, self.cols)
+            if x.shape[0] == 1:  # one matrix against k column vectors: (slabs, rows, C) @ (slabs, C, k)
+                per_row = torch.bmm(matrices[0], cols2.permute(1, 2, 0)).permute(2, 0, 1)
+            else:
+                per_row = torch.matmul(matrices, cols2.unsqueeze(-1)).squeeze(-1)
+            return (per_row * rows2).sum(-1)
+
+        return torch.cat([g2.sum(-1), torch.clamp(g2, max=0.1 ** 2).sum(-1), _slab_dot(per_slab(self.p[at]), None),
+                          m2.sum(-1), _slab_dot(per_slab(self.rms[at]), None), _slab_dot(m2, rsqrt2), rsqrt2.sum(-1),
+                          with_factor(g2), _slab_dot(g2, rsqrt2), with_factor(m2)])
