@@ -54,6 +54,14 @@ def run_trainer(args: argparse.Namespace) -> None:
         "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
         "wrapped": type(trainer.model_wrapped).__name__, "optimizer": type(optimizer).__name__,
         "total_steps": optimizer.total_steps, "distributed_type": str(trainer.accelerator.distributed_type)})
+    # Tear down in order (as in run_ddp): a DDP reducer or gloo thread that outlives its process
+    # group can abort the process at exit ("terminate called without an active exception").
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        del trainer
+        dist.destroy_process_group()
 
 
 def run_ddp(args: argparse.Namespace) -> None:

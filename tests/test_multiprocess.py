@@ -85,7 +85,8 @@ def test_torchrun_plain_ddp_loop(descending: str, tmp_path) -> None:
 def test_torchrun_trainer_with_a_harness(tmp_path) -> None:
     """small_fc_lopt with Celo2's harness: the learned rule and the AdamW route both run under DDP."""
     artifact = tmp_path / "artifact"
-    create_artifact("small_fc_lopt", seed=0, harness={"type": "celo2"}).save_pretrained(artifact)
+    create_artifact("small_fc_lopt", seed=0, harness={"type": "celo2"},  # AdamW route at lr·20 = 2e-2
+                    optimizer_defaults={"lr": 1e-3, "weight_decay": 0.0}).save_pretrained(artifact)
     out = tmp_path / "out"
     launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--mode", "trainer",
             "--artifact", str(artifact), "--out", str(out), "--steps", str(STEPS)], tmp_path)
