@@ -43,20 +43,9 @@ def load_lopt(repo_or_path: str | os.PathLike[str] | LearnedOptimizerModel,
     Returns:
         A ``LearnedOptimizer`` (a ``torch.optim.Optimizer``).
     """
-    unknown = sorted(set(overrides) - set(HUB_KWARGS) - set(OPTIMIZER_SETTINGS) - {"harness"})
-    if unknown:
-        raise TypeError(f"load_lopt got unknown keyword argument(s) {unknown}; optimizer settings are "
-                        f"{list(OPTIMIZER_SETTINGS)} and 'harness', hub options are {list(HUB_KWARGS)}")
-    hub_kwargs = {key: overrides.pop(key) for key in HUB_KWARGS if key in overrides}
+    artifact, overrides = resolve_artifact(repo_or_path, overrides, caller="load_lopt")
     harness_given = "harness" in overrides
     harness_override = overrides.pop("harness", None)
-    if isinstance(repo_or_path, LearnedOptimizerModel):
-        if hub_kwargs:
-            raise TypeError(f"hub options {sorted(hub_kwargs)} make no sense with an already loaded artifact")
-        artifact = repo_or_path
-    else:
-        artifact = load_artifact(repo_or_path, **hub_kwargs)
-
     settings = {key: value for key, value in artifact.config.optimizer_defaults.items() if key in OPTIMIZER_SETTINGS}
     settings.update(overrides)
     if harness_given and harness_override is None:
@@ -72,6 +61,25 @@ def load_lopt(repo_or_path: str | os.PathLike[str] | LearnedOptimizerModel,
     optimizer = LearnedOptimizer(params, artifact.rule, artifact.theta(), param_layouts=layouts, **settings)
     optimizer.artifact_defaults = dict(artifact.config.optimizer_defaults or {})
     return optimizer
+
+
+def resolve_artifact(repo_or_path: str | os.PathLike[str] | LearnedOptimizerModel, overrides: dict[str, Any],
+                     caller: str) -> tuple[LearnedOptimizerModel, dict[str, Any]]:
+    """Check ``overrides``' names, load the artifact (or take a loaded one) with the hub options.
+
+    Returns the artifact and the remaining overrides (optimizer settings and ``harness``).
+    """
+    unknown = sorted(set(overrides) - set(HUB_KWARGS) - set(OPTIMIZER_SETTINGS) - {"harness"})
+    if unknown:
+        raise TypeError(f"{caller} got unknown keyword argument(s) {unknown}; optimizer settings are "
+                        f"{list(OPTIMIZER_SETTINGS)} and 'harness', hub options are {list(HUB_KWARGS)}")
+    hub_kwargs = {key: value for key, value in overrides.items() if key in HUB_KWARGS}
+    rest = {key: value for key, value in overrides.items() if key not in HUB_KWARGS}
+    if isinstance(repo_or_path, LearnedOptimizerModel):
+        if hub_kwargs:
+            raise TypeError(f"hub options {sorted(hub_kwargs)} make no sense with an already loaded artifact")
+        return repo_or_path, rest
+    return load_artifact(repo_or_path, **hub_kwargs), rest
 
 
 def _trainable_parameters(params_or_model: nn.Module | Iterable[Any]) -> list[Any]:

@@ -45,8 +45,8 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .hub import LearnedOptimizerModel, load_artifact
-from .load import HUB_KWARGS, OPTIMIZER_SETTINGS, load_lopt
+from .hub import LearnedOptimizerModel
+from .load import load_lopt, resolve_artifact
 from .optim import ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY, LearnedOptimizer
 
 __all__ = ["LearnedOptimizerCallback", "LearnedOptimizerFactory", "LearnedOptimizerSettingsWarning",
@@ -126,17 +126,7 @@ def trainer_optimizer(repo_or_path: str | os.PathLike[str] | LearnedOptimizerMod
     The optimizer's ``lr`` and ``weight_decay`` are the artifact's (or ``overrides``), never
     ``TrainingArguments.learning_rate`` / ``weight_decay`` — see the module documentation.
     """
-    unknown = sorted(set(overrides) - set(HUB_KWARGS) - set(OPTIMIZER_SETTINGS) - {"harness"})
-    if unknown:
-        raise TypeError(f"trainer_optimizer got unknown keyword argument(s) {unknown}; optimizer settings are "
-                        f"{list(OPTIMIZER_SETTINGS)} and 'harness', hub options are {list(HUB_KWARGS)}")
-    hub_kwargs = {key: overrides.pop(key) for key in HUB_KWARGS if key in overrides}
-    if isinstance(repo_or_path, LearnedOptimizerModel):
-        if hub_kwargs:
-            raise TypeError(f"hub options {sorted(hub_kwargs)} make no sense with an already loaded artifact")
-        artifact = repo_or_path
-    else:
-        artifact = load_artifact(repo_or_path, **hub_kwargs)
+    artifact, overrides = resolve_artifact(repo_or_path, overrides, caller="trainer_optimizer")
     return LearnedOptimizerFactory, {"artifact": artifact, **overrides}
 
 
