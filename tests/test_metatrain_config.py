@@ -55,7 +55,9 @@ def test_yaml_becomes_typed_sections(tmp_path: Path) -> None:
     ({"rule": {"name": "nope"}}, "rule: unknown rule 'nope'"),
     ({"rule": {"name": "per_param_mlp", "config": {"hidden": 3}}}, "has no hyper-parameter(s) ['hidden']"),
     ({"estimator": "pes"}, "estimator must be a mapping"),
-    ({"lolo": {"buffer": 10}}, "lolo: LoLO meta-training is reserved"),
+    ({"lolo": {"buffer": 10}}, "lolo.buffer: unknown key"),
+    ({"lolo": {"p_threshold": 2.0}}, "lolo: lolo.p_threshold must be in [0, 1]"),
+    ({"estimator": {"name": "es"}, "lolo": {}}, "lolo: LoLO needs estimator.name: pes"),
 ])
 def test_invalid_configs_name_the_key(tmp_path: Path, values: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as error:

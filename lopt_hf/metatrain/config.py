@@ -17,7 +17,7 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     push_to_hub: null             # a Hub repo id to publish the final artifact to
     card:            {description: ..., license: apache-2.0, tags: [...]}
     evaluation:      {steps: 200, ...}   # post-training digits evaluation for the model card
-    lolo: null                    # reserved for LoLO (replay buffer + behaviour cloning)
+    lolo: null                    # LoLO (PES only): {buffer_size: 4, p_threshold: 0.5, behaviour_cloning: true, expert_lr: 0.001}
 
 Unknown keys are errors naming the key (``estimator.num_task: unknown key; did you mean
 'num_tasks'?``), values are checked against the field types, and any value can be overridden
@@ -167,7 +167,8 @@ class MetaTrainConfig:
     push_to_hub: Union[str, None] = None  # Hub repo id the final artifact is pushed to
     card: CardSection = field(default_factory=CardSection)
     evaluation: EvaluationSection = field(default_factory=EvaluationSection)
-    lolo: Union[dict[str, Any], None] = None  # reserved: LoLO replay + behaviour cloning (not implemented yet)
+    # LoLO replay buffer + behaviour cloning on top of PES (lopt_hf.metatrain.lolo); null: plain estimator
+    lolo: Union[dict[str, Any], None] = None
 
     def __post_init__(self) -> None:
         _check_values(self)
@@ -233,7 +234,17 @@ def _check_values(config: MetaTrainConfig) -> None:
     except (ValueError, TypeError) as err:  # RuleConfigError is a ValueError
         raise ConfigError(f"rule: {err}") from None
     need(config.evaluation.steps >= 0, "evaluation.steps", f"must be >= 0, got {config.evaluation.steps}")
-    need(config.lolo is None, "lolo", "LoLO meta-training is reserved but not implemented yet; leave it null")
+    if config.lolo is not None:
+        from .lolo import LOLO_KEYS, LoLOOptions
+
+        unknown = sorted(set(config.lolo) - set(LOLO_KEYS))
+        need(not unknown, f"lolo.{unknown[0] if unknown else ''}",
+             f"unknown key; known: {list(LOLO_KEYS)}")
+        need(config.estimator.name == "pes", "lolo", f"LoLO needs estimator.name: pes, got {config.estimator.name!r}")
+        try:
+            LoLOOptions(**config.lolo)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"lolo: {err}") from None
     unknown_trackers = sorted(set(config.log_with) - {"tensorboard", "wandb", "mlflow", "comet_ml", "aim",
                                                       "clearml", "dvclive", "swanlab", "trackio"})
     need(not unknown_trackers, "log_with", f"unknown tracker(s) {unknown_trackers}")

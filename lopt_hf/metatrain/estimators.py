@@ -90,7 +90,7 @@ class MetaGradientEstimator(Protocol):
 
 
 # ------------------------------------------------------------------------------- randomness
-_PURPOSES = {"init": 1, "reset": 2, "data": 3, "perturbation": 4, "trajectory": 5}
+_PURPOSES = {"init": 1, "reset": 2, "data": 3, "perturbation": 4, "trajectory": 5, "lolo": 6}
 
 
 def slot_generator(seed: int, task_id: int, outer_step: int, purpose: str, index: int = 0) -> torch.Generator:

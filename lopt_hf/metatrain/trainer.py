@@ -120,7 +120,14 @@ class MetaTrainer:
         self.rule = build_rule(config.rule.name, **config.rule.config)
         self.task_family = build_task_family("mlp_image", **config.task.family_options())
         estimator = config.estimator
-        self.estimator = build_estimator(estimator.name, self.task_family, self.rule, **estimator.options(config.seed))
+        if config.lolo is not None:  # LoLO: PES + replay buffer / behaviour cloning; α_t needs the outer-step total
+            from .lolo import LoLOPES
+
+            self.estimator = LoLOPES(self.task_family, self.rule, lolo=dict(config.lolo),
+                                     total_outer_steps=config.outer_steps, **estimator.options(config.seed))
+        else:
+            self.estimator = build_estimator(estimator.name, self.task_family, self.rule,
+                                             **estimator.options(config.seed))
 
         self.names = list(self.rule.theta_shapes())
         theta = initial_theta(config)
