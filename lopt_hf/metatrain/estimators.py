@@ -168,6 +168,14 @@ class _Estimator:
         u = float(torch.rand((), generator=generator, dtype=torch.float64))
         return min(high, max(low, int(math.exp(math.log(low) + u * (math.log(high + 1) - math.log(low))))))
 
+    def _segment_batches(self, task_id: int, outer_step: int,
+                         segments: list[tuple[int, int, TaskDescriptor]]) -> dict[str, Tensor]:
+        """A slot's batches for one truncation: each (first, end, task) segment drawn from its own seed."""
+        pieces = [self.family.sample_batches(
+            piece_task, slot_generator(self.options.seed, task_id, outer_step, "data", first), end - first)
+            for first, end, piece_task in segments if end > first]
+        return {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
+
     def _new_trajectory(self, generator: torch.Generator) -> tuple[TaskDescriptor, Params, int]:
         task = self.family.sample_task(generator)
         params = self.family.init_params(task, generator)
@@ -433,10 +441,7 @@ class _TruncatedEstimator(_Estimator):
                         same[t:, slot] = False
                 step += 1
             segments.append((start, horizon, task))
-            pieces = [self.family.sample_batches(
-                piece_task, slot_generator(self.options.seed, task_id, outer_step, "data", first), end - first)
-                for first, end, piece_task in segments if end > first]
-            per_slot_data.append({key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]})
+            per_slot_data.append(self._segment_batches(task_id, outer_step, segments))
             final_length.append(length)
         data = {key: torch.stack([item[key] for item in per_slot_data], dim=1) for key in per_slot_data[0]}
         return _TruncationPlan(data=data, resets=resets, same_trajectory=same, reset_any=~same[-1],

@@ -271,10 +271,7 @@ class LoLOPES(PES):
                         same[t:, slot] = False
                 step += 1
             segments.append((start, horizon, task))
-            pieces = [self.family.sample_batches(
-                piece_task, slot_generator(self.options.seed, task_id, outer_step, "data", first), end - first)
-                for first, end, piece_task in segments if end > first]
-            per_slot_data.append({key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]})
+            per_slot_data.append(self._segment_batches(task_id, outer_step, segments))
             final_length.append(length)
             final_push.append(push)
         data = {key: torch.stack([item[key] for item in per_slot_data], dim=1) for key in per_slot_data[0]}
