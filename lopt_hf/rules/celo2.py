@@ -63,7 +63,7 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import factored_dims, truncated_normal_init
+from .features import factored_accumulator_state, factored_dims, truncated_normal_init
 
 # Feature groups in the original's order, and how many numbers each contributes (with 3 momentum,
 # 1 rms and 3 adafactor decays). The first NUM_GROUPS_1D are used for tensors with < 2 dims.
@@ -215,14 +215,7 @@ class Celo2(UpdateRule):
 
         facs = len(self.adafactor_decays)
         state = {"momentum": zeros(len(self.momentum_decays), shape), "rms": zeros(1, shape)}
-        dims = factored_dims(shape)
-        if dims is None:
-            state["v_diag"] = zeros(facs, shape)
-        else:
-            d1, d0 = dims
-            state["v_row"] = zeros(facs, shape[:d0] + shape[d0 + 1:])
-            state["v_col"] = zeros(facs, shape[:d1] + shape[d1 + 1:])
-        return state
+        return state | factored_accumulator_state(shape, facs, zeros)
 
     # ----------------------------------------------------------------------- update
     def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,

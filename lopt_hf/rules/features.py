@@ -133,6 +133,21 @@ def factored_dims(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None
     return order[-2], order[-1]
 
 
+def factored_accumulator_state(shape: tuple[int, ...], num_decays: int,
+                               zeros: Callable[[int, tuple[int, ...]], Tensor]) -> dict[str, Tensor]:
+    """Zero adafactor accumulators (decay axis first): ``v_row``/``v_col`` over the two largest
+    dims (:func:`factored_dims`), or a full ``v_diag`` for tensors with fewer than two dims.
+
+    ``zeros(count, shape)`` allocates one accumulator (lets a rule choose memory order).
+    """
+    dims = factored_dims(shape)
+    if dims is None:
+        return {"v_diag": zeros(num_decays, shape)}
+    d1, d0 = dims
+    return {"v_row": zeros(num_decays, shape[:d0] + shape[d0 + 1:]),
+            "v_col": zeros(num_decays, shape[:d1] + shape[d1 + 1:])}
+
+
 def chunk_indices(shape: tuple[int, ...] | torch.Size, chunk_size: int | None) -> list[tuple]:
     """Basic-index tuples that split a tensor of ``shape`` into row-major pieces of ≤ ``chunk_size``.
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (init_mlp_theta, mlp_theta_shapes, factored_dims, normalized_mlp, step_from_direction_magnitude, tanh_time_features)
+from .features import (factored_accumulator_state, init_mlp_theta, mlp_theta_shapes, factored_dims, normalized_mlp, step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 DECAY_NAMES = ("momentum_decays", "rms_decays", "adafactor_decays")
@@ -124,14 +124,7 @@ class SmallFCLOpt(UpdateRule):
         facs = len(self.initial_adafactor_decays)
         state = {"momentum": zeros(len(self.initial_momentum_decays), shape),
                  "rms": zeros(len(self.initial_rms_decays), shape)}
-        dims = factored_dims(shape)
-        if dims is None:
-            state["v_diag"] = zeros(facs, shape)
-        else:
-            d1, d0 = dims
-            state["v_row"] = zeros(facs, shape[:d0] + shape[d0 + 1:])
-            state["v_col"] = zeros(facs, shape[:d1] + shape[d1 + 1:])
-        return state
+        return state | factored_accumulator_state(shape, facs, zeros)
 
     def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                chunk_size: int | None = None) -> tuple[Tensor, State]:
