@@ -13,7 +13,7 @@ from lopt_hf.metatrain.config import ConfigError, MetaTrainConfig, config_from_d
 from lopt_hf.metatrain.trainer import parse_args, task_block
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 
 
 def write(tmp_path: Path, values: dict) -> Path:
@@ -78,6 +78,15 @@ def test_command_line_overrides(tmp_path: Path) -> None:
     assert config.rule.config == {"hidden_sizes": [16]}
 
 
+def test_exponent_floats_without_a_dot_are_numbers_everywhere(tmp_path: Path) -> None:
+    """YAML 1.1 (PyYAML) reads ``3e-3`` as a string; configs and overrides read it as the float a user means."""
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\nestimator: {name: pes}\nlolo: {expert_lr: 3e-3}\nmeta_optimizer: {lr: 1E-4}\n")
+    config = load_config(path, ["rule.config.exp_mult=2e-2", "lolo.psi_eps=1e-6"])
+    assert config.lolo["expert_lr"] == 3e-3 and config.meta_optimizer.lr == 1e-4
+    assert config.rule.config["exp_mult"] == 2e-2 and config.lolo["psi_eps"] == 1e-6
+
+
 def test_bad_overrides_are_errors_naming_the_key(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--set", "estimator.num_tasx=2"])
@@ -104,7 +113,7 @@ def test_shipped_configs_load(path: Path) -> None:
 
 
 def test_shipped_configs_exist() -> None:
-    assert {"quickstart", "small_fc_pes", "celo2_base"} <= {p.stem for p in CONFIGS}
+    assert {"quickstart", "small_fc_pes", "celo2_base", "small_fc_lolo", "celo2_base_mini"} <= {p.stem for p in CONFIGS}
 
 
 def test_celo2_base_config_mirrors_the_published_table() -> None:

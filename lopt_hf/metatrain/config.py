@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -300,7 +301,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except OSError as err:
             raise ConfigError(f"{path}: cannot read config ({err.strerror or err})") from None
         try:
-            loaded = yaml.safe_load(text)
+            loaded = load_yaml(text)
         except yaml.YAMLError as err:
             raise ConfigError(f"{path}: not valid YAML: {err}") from None
         if loaded is None:
@@ -312,6 +313,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(values, source=source)
 
 
+class _Yaml12FloatLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, plus YAML 1.2 floats without a dot (``3e-3``), which YAML 1.1 reads as strings."""
+
+
+_Yaml12FloatLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """Parse a config (or an override value): ``lr: 3e-3`` is the float 0.003, as a reader expects."""
+    return yaml.load(text, Loader=_Yaml12FloatLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"estimator.num_tasks=8"`` → ``("estimator.num_tasks", 8)`` (the value is parsed as YAML)."""
     key, sep, raw = text.partition("=")
@@ -319,7 +334,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. estimator.num_tasks=8")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError as err:
         raise ConfigError(f"override {text!r}: value is not valid YAML: {err}") from None
     return key, value
