@@ -35,6 +35,7 @@ from .artifact_validation import (CONFIG_NAME, DEFAULT_OPTIMIZER_DEFAULTS, FORMA
                                   MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, ArtifactError, build_rule_checked,
                                   check_theta_tensors, expected_theta, read_config_file, read_theta_file,
                                   validate_config_dict)
+from .pretrained import pretrained_path
 from .rules import UpdateRule
 
 __all__ = ["ArtifactError", "FORMAT_VERSION", "LearnedOptimizerConfig", "LearnedOptimizerModel", "create_artifact",
@@ -468,6 +469,15 @@ class _ArtifactLocation:
         if os.path.exists(name):
             raise ArtifactError(name, "is a file; expected an artifact folder (config.json + model.safetensors) "
                                       "or a Hub repo id")
+        shipped = pretrained_path(name)
+        if shipped is not None:
+            # A learned optimizer shipped inside lopt_hf: always offline, so Hub-only options make no sense.
+            hub_only = sorted(key for key in ("revision", "force_download", "subfolder", "endpoint")
+                              if (revision if key == "revision" else hub_options.get(key)))
+            if hub_only:
+                raise ArtifactError(name, f"is shipped inside lopt_hf ({shipped}) and always loads from there; "
+                                          f"{hub_only} only apply to Hub repos")
+            return cls(name, shipped, None, {})
         return cls(name, None, revision, hub_options)
 
     def fetch(self, filename: str) -> tuple[Path, str]:

@@ -16,7 +16,14 @@ Provenance keys the card knows about (all optional):
   any other keys are added to the table flattened;
 * ``evaluation`` — a list of row dicts (one table), a dict of metric → value, or a dict with
   ``results`` (either of those), an optional ``description`` and an optional ``plot`` (an image
-  path relative to the repo, shown under the table).
+  path relative to the repo, shown under the table); or a dict with ``sections``: a list of such
+  dicts, each with a ``title`` and optionally ``table`` (ready Markdown, e.g. from
+  ``lopt_hf.evaluation.markdown_table``) — one sub-section each (e.g. 1× and 10× the
+  meta-training horizon);
+* ``limitations`` — text for a "Limitations" section;
+* ``reproduce`` — shell commands that rebuild the artifact, shown in a "Reproduce" section;
+* ``shipped_as`` — the short name of an optimizer shipped inside lopt_hf (``lopt-hf/...``): the
+  usage snippets load it by that name, offline.
 
 Every other provenance key is listed in the "Provenance" table.
 """
@@ -36,7 +43,8 @@ TEMPLATE_NAME = "templates/model_card.md"
 DEFAULT_LICENSE = "apache-2.0"
 BASE_TAGS = ("learned-optimizer", "lopt_hf")
 # Provenance keys rendered in their own sections rather than in the provenance table.
-CARD_KEYS = ("name", "description", "license", "tags", "citation", "meta_training", "evaluation")
+CARD_KEYS = ("name", "description", "license", "tags", "citation", "meta_training", "evaluation", "limitations",
+             "reproduce", "shipped_as")
 
 
 def template_text() -> str:
@@ -75,7 +83,8 @@ def render_model_card(*, rule: str, rule_config: Mapping[str, Any], theta_shapes
         description=str(provenance["description"]) if provenance.get("description") else "",
         rule=rule,
         repo_id=repo_id,
-        load_path=repo_id or "path/to/this/folder",
+        load_path=repo_id or provenance.get("shipped_as") or "path/to/this/folder",
+        shipped_as=provenance.get("shipped_as") or "",
         num_meta_parameters=f"{num_meta_parameters:,}",
         hyperparameter_table=key_value_table(rule_config, ("Hyper-parameter", "Value"), code_keys=True),
         theta_table=markdown_table(("Tensor", "Shape"), [(f"`{name}`", _shape(shape))
@@ -89,6 +98,8 @@ def render_model_card(*, rule: str, rule_config: Mapping[str, Any], theta_shapes
         format_version=format_version,
         extra_files=extra_files_table_rows(meta_training, evaluation),
         citation=str(citation).strip() if citation else "",
+        limitations=str(provenance.get("limitations") or "").strip(),
+        reproduce=str(provenance.get("reproduce") or "").strip(),
     )
 
 
@@ -143,26 +154,47 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def extra_files_table_rows(meta_training: Any, evaluation: Any) -> str:
-    """Rows of the "Files" table for the images the card shows (they travel with the artifact)."""
-    rows = []
-    for section, description in ((meta_training, "meta-loss curve of meta-training"),
-                                 (evaluation, "evaluation plot")):
+def card_images(provenance: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(path, description)`` of every image the card shows; they travel with the artifact."""
+    images = []
+    meta_training = provenance.get("meta_training")
+    evaluation = provenance.get("evaluation")
+    sections = [(meta_training, "meta-loss curve of meta-training"), (evaluation, "evaluation plot")]
+    if isinstance(evaluation, Mapping) and isinstance(evaluation.get("sections"), list):
+        sections += [(section, f"evaluation plot: {section.get('title', '')}".rstrip(": "))
+                     for section in evaluation["sections"] if isinstance(section, Mapping)]
+    for section, description in sections:
         plot = section.get("plot") if isinstance(section, Mapping) else None
         if isinstance(plot, str) and plot:
-            rows.append(f"| `{_cell(plot)}` | {description} |")
-    return "\n".join(rows)
+            images.append((plot, description))
+    return images
 
 
-def evaluation_section(evaluation: Any) -> str:
+def extra_files_table_rows(meta_training: Any, evaluation: Any) -> str:
+    """Rows of the "Files" table for the images the card shows (they travel with the artifact)."""
+    images = card_images({"meta_training": meta_training, "evaluation": evaluation})
+    return "\n".join(f"| `{_cell(plot)}` | {description} |" for plot, description in images)
+
+
+def evaluation_section(evaluation: Any, *, heading: str = "###") -> str:
     """Markdown for ``provenance["evaluation"]`` (see the module docstring for accepted shapes)."""
     description, plot, results = "", None, evaluation
     if isinstance(evaluation, Mapping) and ("results" in evaluation or "plot" in evaluation
-                                            or "description" in evaluation):
+                                            or "description" in evaluation or "sections" in evaluation
+                                            or "table" in evaluation):
         description = str(evaluation.get("description") or "")
         plot = evaluation.get("plot")
         results = evaluation.get("results")
     parts = [description] if description else []
+    if isinstance(evaluation, Mapping) and isinstance(evaluation.get("table"), str):
+        parts.append(evaluation["table"].strip())
+    if isinstance(evaluation, Mapping) and isinstance(evaluation.get("sections"), list):
+        for section in evaluation["sections"]:
+            if isinstance(section, Mapping):
+                title = str(section.get("title") or "").strip()
+                body = evaluation_section({key: value for key, value in section.items() if key != "title"},
+                                          heading=heading + "#")
+                parts.append(f"{heading} {title}\n\n{body}" if title else body)
     if isinstance(results, list) and results and all(isinstance(row, Mapping) for row in results):
         columns: list[str] = []
         for row in results:

@@ -1,16 +1,18 @@
-"""Demo: meta-train a learned optimizer, export it as a Hub artifact, then train with it.
+"""Demo: train with a learned optimizer shipped in lopt_hf, next to AdamW — or meta-train your own first.
 
-1. Quickstart meta-training (``configs/quickstart.yaml``: small_fc_lopt, PES on digits MLPs,
-   about a minute on a CPU core) with a progress bar.
-2. Export: ``demo_out/run/final`` — config.json + model.safetensors + README.md model card
-   (meta-training table, meta-loss plot, evaluation) — ready for ``lopt-hf push``.
-3. ``load_lopt`` that folder onto a fresh digits MLP and train it next to AdamW (default lr
-   1e-3 and a tuned 1e-2) on the same batches; print the curves and test accuracy.
-4. Save ``demo_out/demo_loss.png`` (meta-loss curve + training curves).
+Default (``make demo``):
 
-``--artifact DIR`` skips step 1 and uses an existing artifact instead.
-"""
+1. ``load_lopt("lopt-hf/small-fc-lolo", model)`` — small_fc_lopt meta-trained with LoLO by lopt_hf
+   (``lopt_hf/pretrained/small-fc-lolo``: artifact + model card), loaded offline by its short name.
+2. Train a fresh digits MLP with it and with AdamW (default lr 1e-3 and a tuned 1e-2) on the same
+   batches; print the curves and test accuracy.
+3. Save ``demo_out/demo_loss.png``.
 
+``--metatrain`` instead meta-trains one first with the quickstart config (``configs/quickstart.yaml``:
+small_fc_lopt, PES on digits MLPs, about a minute on a CPU core), exports it as a Hub artifact
+(``demo_out/run/final``: config.json + model.safetensors + model card, ready for ``lopt-hf push``)
+and trains with that. ``--artifact NAME_OR_DIR`` uses any other artifact (folder, Hub repo id or
+shipped name, e.g. ``lopt-hf/celo2-base-mini``).
 from __future__ import annotations
 
 import argparse
@@ -79,22 +81,26 @@ def digits_split(seed: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", help="use this learned-optimizer folder or Hub repo instead of meta-training")
+    parser.add_argument("--artifact", default="lopt-hf/small-fc-lolo",
+                        help="learned optimizer to train with: shipped name, folder or Hub repo id")
+    parser.add_argument("--metatrain", action="store_true",
+                        help="meta-train one with configs/quickstart.yaml first and use it instead of --artifact")
     parser.add_argument("--steps", type=int, default=300, help="training steps of the fresh digits MLP")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default="demo_out")
     parser.add_argument("--seed", type=int, default=123, help="seed of the fresh MLP and its batches")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        help="override the quickstart config, e.g. --set outer_steps=200")
+                        help="with --metatrain: override the quickstart config, e.g. --set outer_steps=200")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     meta_losses: list[float] = []
-    if args.artifact:
+    if not args.metatrain:
         artifact = args.artifact
-        print(f"[1/4] skipped meta-training: using {artifact}")
+        print(f"[1/4] no meta-training needed: using the learned optimizer {artifact} "
+              f"(--metatrain meta-trains your own first)")
     else:
         artifact_dir, meta_losses = metatrain(out, args.overrides)
         artifact = str(artifact_dir)

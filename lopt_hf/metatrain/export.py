@@ -370,16 +370,13 @@ def _plot_curves(curves: Mapping[str, list[list[float]]], path: Path, *, title: 
 
 def _referenced_files(artifact: LearnedOptimizerModel, directory: Path) -> list[str]:
     """Images the card shows (provenance plots), relative to the folder; must stay inside it."""
-    provenance = artifact.config.provenance or {}
+    from ..model_card import card_images
+
     names = []
-    for key in ("meta_training", "evaluation"):
-        section = provenance.get(key)
-        plot = section.get("plot") if isinstance(section, Mapping) else None
-        if not isinstance(plot, str) or not plot:
-            continue
+    for plot, _ in card_images(artifact.config.provenance or {}):
         relative = PurePosixPath(plot)
         if relative.is_absolute() or ".." in relative.parts:
-            raise ValueError(f"{directory}/config.json: provenance.{key}.plot {plot!r} must be a path inside "
+            raise ValueError(f"{directory}/config.json: provenance plot {plot!r} must be a path inside "
                              f"the artifact folder")
         if (directory / relative).is_file():
             names.append(str(relative))

@@ -1,0 +1,46 @@
+"""Learned optimizers meta-trained with lopt_hf and shipped inside the package.
+
+Each one is an ordinary artifact folder (``config.json`` + ``model.safetensors`` + ``README.md``
+model card, plus the images its card shows) under ``lopt_hf/pretrained/<name>/``, so it loads
+offline by its short name::
+
+    from lopt_hf import load_lopt
+    optimizer = load_lopt("lopt-hf/small-fc-lolo", model)
+
+Short names take precedence over the Hub: ``load_artifact("lopt-hf/small-fc-lolo")`` never
+touches the network (a local folder of the same relative path still wins, like everywhere else).
+Each card states the meta-training command and seed that reproduce the artifact
+(``configs/pretrained/*.yaml`` + ``scripts/package_pretrained.py``).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+__all__ = ["NAMESPACE", "SHIPPED", "available_pretrained", "pretrained_path"]
+
+NAMESPACE = "lopt-hf"
+# Short name (without the namespace) → one-line summary; the folder of the same name holds the artifact.
+SHIPPED: dict[str, str] = {
+    "small-fc-lolo": "small_fc_lopt meta-trained with LoLO on 8×8 image MLPs (digits, Fashion-MNIST, MNIST)",
+    "celo2-base-mini": "Celo2-base architecture meta-trained with LoLO on 8×8 image MLPs (digits, Fashion-MNIST, MNIST)",
+}
+
+
+def available_pretrained() -> dict[str, str]:
+    """``"lopt-hf/<name>"`` → summary, for every optimizer shipped in this installation."""
+    return {f"{NAMESPACE}/{name}": summary for name, summary in SHIPPED.items() if _folder(name) is not None}
+
+
+def pretrained_path(name: str) -> Path | None:
+    """The folder of shipped optimizer ``name`` (``"lopt-hf/small-fc-lolo"`` or ``"small-fc-lolo"``), else ``None``."""
+    short = name[len(NAMESPACE) + 1:] if name.startswith(f"{NAMESPACE}/") else name
+    if short not in SHIPPED:
+        return None
+    return _folder(short)
+
+
+def _folder(short: str) -> Path | None:
+    folder = Path(str(resources.files(__package__).joinpath(short)))
+    return folder if (folder / "config.json").is_file() else None
