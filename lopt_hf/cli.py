@@ -1,4 +1,7 @@
-"""The ``lopt-hf`` command line: ``bench``, ``card``, ``convert``, ``create``, ``export``, ``metatrain``, ``push``, ``rules``."""
+"""The ``lopt-hf`` command line.
+
+Commands: ``bench``, ``card``, ``convert``, ``create``, ``eval``, ``export``, ``metatrain``, ``push``, ``rules``.
+"""
 
 from __future__ import annotations
 
@@ -121,6 +124,24 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluation import (DatasetUnavailableError, OptimizerSpecError, UnknownTaskError, markdown_table,
+                             run_evaluation, write_report)
+
+    try:
+        results = run_evaluation(args.tasks, args.optimizers, steps=args.steps, seeds=args.seeds,
+                                 progress=not args.no_progress, threads=args.threads or None)
+    except (DatasetUnavailableError, OptimizerSpecError, UnknownTaskError, ValueError) as err:
+        print(f"lopt-hf eval: {err}", file=sys.stderr)
+        return 2
+    paths = write_report(results, args.out)
+    print(markdown_table(results))
+    for task, reason in results["settings"]["skipped_tasks"].items():
+        print(f"skipped {task}: {reason}")
+    print(f"{results['settings']['total_seconds']:.0f} s; wrote " + ", ".join(str(path) for path in paths.values()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lopt-hf``."""
     parser = argparse.ArgumentParser(prog="lopt-hf", description="Learned optimizers for PyTorch on the Hub.")
@@ -160,6 +181,23 @@ def build_parser() -> argparse.ArgumentParser:
                                     "`lopt-hf metatrain --help`)")
     metatrain.add_argument("metatrain_args", nargs=argparse.REMAINDER)
     metatrain.set_defaults(func=_cmd_metatrain)
+
+    evaluate = sub.add_parser("eval", help="train small tasks with baselines and learned optimizers; write curves "
+                                           "(JSON, plot) and a markdown table")
+    evaluate.add_argument("--optimizers", nargs="+", default=None, metavar="SPEC",
+                          help="adamw, adamw:LR, adamw-grid, adam[:LR], sgdm[:LR], or a learned-optimizer folder / "
+                               "Hub repo id; LABEL=SPEC names one (default: adamw adamw-grid adam sgdm)")
+    evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                          help="digits_mlp, digits_cnn, fashion_mnist_mlp, fashion_mnist_mlp16, mnist_mlp, tiny_lm "
+                               "(default: all whose data is available here)")
+    evaluate.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
+    evaluate.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per seed (default 0 1)")
+    evaluate.add_argument("--out", default="eval_out", help="folder for results.json, curves.png, results.md "
+                                                            "(default eval_out)")
+    evaluate.add_argument("--threads", type=int, default=1,
+                          help="torch threads (default 1, the fastest for these tiny models; 0 = torch's choice)")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=_cmd_eval)
 
     export = sub.add_parser("export", help="write the artifact folder (config.json, model.safetensors, model card, "
                                            "meta-loss plot) of a meta-training checkpoint")

@@ -1,7 +1,7 @@
 """Train a tiny causal LM with transformers.Trainer: a learned optimizer vs AdamW, and plot both loss curves.
 
 A character-level GPT-2 (built from a GPT2Config, nothing downloaded) learns public-domain text
-embedded in this script (or --text FILE). It is trained twice from the same initialisation:
+(``lopt_hf.evaluation.lm.DEFAULT_TEXT``, or --text FILE). It is trained twice from the same initialisation:
 
 1. with a learned optimizer — ``Trainer(..., optimizer_cls_and_kwargs=lopt_hf.trainer_optimizer(LOPT))``
    plus ``LearnedOptimizerCallback``, with the settings recommended for learned optimizers
@@ -28,84 +28,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments  # noqa: E402
+from transformers import Trainer  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 import lopt_hf  # noqa: E402
 from lopt_hf import LearnedOptimizerCallback, create_artifact, load_artifact, trainer_optimizer  # noqa: E402
-
-# Public-domain text: the Gettysburg Address (Lincoln, 1863), the opening paragraphs of "A Tale of
-# Two Cities" (Dickens, 1859) and "Pride and Prejudice" (Austen, 1813), and the preamble of the
-# Declaration of Independence (1776).
-DEFAULT_TEXT = """\
-Four score and seven years ago our fathers brought forth on this continent, a new nation, conceived in Liberty, \
-and dedicated to the proposition that all men are created equal. Now we are engaged in a great civil war, testing \
-whether that nation, or any nation so conceived and so dedicated, can long endure. We are met on a great \
-battle-field of that war. We have come to dedicate a portion of that field, as a final resting place for those who \
-here gave their lives that that nation might live. It is altogether fitting and proper that we should do this. \
-But, in a larger sense, we can not dedicate -- we can not consecrate -- we can not hallow -- this ground. The brave \
-men, living and dead, who struggled here, have consecrated it, far above our poor power to add or detract. The \
-world will little note, nor long remember what we say here, but it can never forget what they did here. It is for \
-us the living, rather, to be dedicated here to the unfinished work which they who fought here have thus far so \
-nobly advanced. It is rather for us to be here dedicated to the great task remaining before us -- that from these \
-honored dead we take increased devotion to that cause for which they gave the last full measure of devotion -- \
-that we here highly resolve that these dead shall not have died in vain -- that this nation, under God, shall have \
-a new birth of freedom -- and that government of the people, by the people, for the people, shall not perish from \
-the earth.
-It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness, it \
-was the epoch of belief, it was the epoch of incredulity, it was the season of Light, it was the season of \
-Darkness, it was the spring of hope, it was the winter of despair, we had everything before us, we had nothing \
-before us, we were all going direct to Heaven, we were all going direct the other way -- in short, the period was \
-so far like the present period, that some of its noisiest authorities insisted on its being received, for good or \
-for evil, in the superlative degree of comparison only.
-It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in want of a \
-wife. However little known the feelings or views of such a man may be on his first entering a neighbourhood, this \
-truth is so well fixed in the minds of the surrounding families, that he is considered the rightful property of \
-some one or other of their daughters.
-When in the Course of human events, it becomes necessary for one people to dissolve the political bands which \
-have connected them with another, and to assume among the powers of the earth, the separate and equal station to \
-which the Laws of Nature and of Nature's God entitle them, a decent respect to the opinions of mankind requires \
-that they should declare the causes which impel them to the separation. We hold these truths to be self-evident, \
-that all men are created equal, that they are endowed by their Creator with certain unalienable Rights, that \
-among these are Life, Liberty and the pursuit of Happiness.
-"""
+from lopt_hf.evaluation.lm import (DEFAULT_TEXT, logged_losses, make_char_data, make_char_gpt2,  # noqa: E402
+                                   trainer_arguments)
 
 
-class CharBlocks(Dataset):
-    """Overlapping windows of ``block_size`` character ids (stride ``block_size // 2``); labels = inputs."""
-
-    def __init__(self, ids: torch.Tensor, block_size: int) -> None:
-        stride = max(1, block_size // 2)
-        starts = range(0, len(ids) - block_size + 1, stride)
-        self.blocks = torch.stack([ids[start:start + block_size] for start in starts])
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.blocks[index], "labels": self.blocks[index]}
+def make_model(vocab_size: int, block_size: int, args: argparse.Namespace) -> torch.nn.Module:
+    return make_char_gpt2(vocab_size, block_size, n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head,
+                          seed=args.seed)
 
 
-def make_data(text: str, block_size: int, eval_fraction: float = 0.1) -> tuple[int, CharBlocks, CharBlocks]:
-    """Character vocabulary, then train / held-out blocks (the held-out part is the end of the text)."""
-    vocab = sorted(set(text))
-    ids = torch.tensor([vocab.index(char) for char in text])
-    split = int(len(ids) * (1 - eval_fraction))
-    return len(vocab), CharBlocks(ids[:split], block_size), CharBlocks(ids[split:], block_size)
-
-
-def make_model(vocab_size: int, block_size: int, args: argparse.Namespace) -> GPT2LMHeadModel:
-    config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=args.n_embd, n_layer=args.n_layer,
-                        n_head=args.n_head, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(args.seed)
-    return GPT2LMHeadModel(config)
-
-
-def common_args(output_dir: Path, args: argparse.Namespace, **overrides) -> TrainingArguments:
-    return TrainingArguments(output_dir=str(output_dir), max_steps=args.steps,
-                             per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=64,
-                             logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-                             dataloader_num_workers=0, disable_tqdm=True, seed=args.seed, **overrides)
+def common_args(output_dir: Path, args: argparse.Namespace, **overrides):
+    return trainer_arguments(output_dir, steps=args.steps, batch_size=args.batch_size, seed=args.seed, **overrides)
 
 
 def run(name: str, trainer: Trainer, eval_dataset: Dataset) -> dict:
@@ -113,7 +51,7 @@ def run(name: str, trainer: Trainer, eval_dataset: Dataset) -> dict:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    losses = logged_losses(trainer)
     eval_loss = trainer.evaluate(eval_dataset)["eval_loss"]
     print(f"{name}: {len(losses)} steps in {seconds:.1f} s ({1000 * seconds / max(len(losses), 1):.0f} ms/step), "
           f"train loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of last 10), "
@@ -193,7 +131,7 @@ def main() -> None:
           f"optimizer_defaults {artifact.config.optimizer_defaults}")
 
     text = args.text.read_text(encoding="utf-8") if args.text else DEFAULT_TEXT
-    vocab_size, train_data, eval_data = make_data(text, args.block_size)
+    vocab_size, train_data, eval_data = make_char_data(text, args.block_size)
     model = make_model(vocab_size, args.block_size, args)
     print(f"data: {len(text)} characters, vocabulary {vocab_size}, {len(train_data)} training blocks of "
           f"{args.block_size}; model: GPT-2 {args.n_layer} layers × {args.n_embd}, "

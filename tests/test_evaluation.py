@@ -1,0 +1,246 @@
+"""``lopt_hf.evaluation`` / ``lopt-hf eval``: optimizer specs, real training runs on the tasks, reports, CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lopt_hf import LearnedOptimizer, create_artifact
+from lopt_hf.evaluation import (ADAMW_GRID, TASKS, DatasetUnavailableError, OptimizerSpecError, UnknownTaskError,
+                                markdown_table, parse_optimizer_spec, resolve_tasks, run_evaluation, write_report)
+from lopt_hf.evaluation.optimizers import parse_optimizer_specs
+
+BIN = Path(sys.executable).parent
+
+
+def strict_json(text: str):
+    """Parse JSON rejecting the NaN / Infinity extensions Python's json would otherwise accept."""
+    def reject(constant: str):
+        raise ValueError(f"non-standard JSON constant {constant}")
+    return json.loads(text, parse_constant=reject)
+
+
+@pytest.fixture(scope="module")
+def small_fc_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lopt") / "small_fc"
+    create_artifact("small_fc_lopt", seed=0).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def opt2vec_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("lopt") / "opt2vec"  # needs the loss before every step
+    create_artifact("opt2vec", seed=0).save_pretrained(path)
+    return path
+
+
+# ------------------------------------------------------------------------------ specs
+
+
+def test_parse_builtin_specs():
+    adamw = parse_optimizer_spec("adamw")
+    assert (adamw.kind, adamw.lr, adamw.label) == ("adamw", 1e-3, "adamw")
+    assert parse_optimizer_spec("adamw:3e-3").lr == pytest.approx(3e-3)
+    assert parse_optimizer_spec("AdamW:0.01").kind == "adamw"
+    assert parse_optimizer_spec("adam:2e-4").kind == "adam"
+    sgdm = parse_optimizer_spec("sgdm")
+    assert sgdm.lr == 0.1
+    (lr, make), = sgdm.candidates()
+    optimizer = make(torch.nn.Linear(3, 2))
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    adamw_optimizer = adamw.candidates()[0][1](torch.nn.Linear(3, 2))
+    assert isinstance(adamw_optimizer, torch.optim.AdamW) and adamw_optimizer.defaults["weight_decay"] == 0.01
+    grid = parse_optimizer_spec("adamw-grid")
+    assert [lr for lr, _ in grid.candidates()] == list(ADAMW_GRID) == [3e-4, 1e-3, 3e-3, 1e-2]
+    named = parse_optimizer_spec("fast=adamw:1e-2")
+    assert (named.label, named.kind, named.lr) == ("fast", "adamw", 1e-2)
+
+
+def test_parse_learned_specs(small_fc_dir):
+    learned = parse_optimizer_spec(str(small_fc_dir))
+    assert (learned.kind, learned.source, learned.label) == ("learned", str(small_fc_dir), str(small_fc_dir))
+    hub = parse_optimizer_spec("mine=lopt-hf/small-fc-lolo")
+    assert (hub.kind, hub.source, hub.label) == ("learned", "lopt-hf/small-fc-lolo", "mine")
+    optimizer = learned.candidates()[0][1](torch.nn.Linear(3, 2))
+    assert isinstance(optimizer, LearnedOptimizer)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty"),
+    ("adamw:", "not a number"),
+    ("adamw:abc", "not a number"),
+    ("adamw:-1", "positive"),
+    ("sgdm:nan", "positive"),
+    ("adamw-grid:1e-3", "takes no learning rate"),
+    ("adamww", "did you mean 'adamw'"),
+    ("sgd", "did you mean 'sgdm'"),
+    ("=adamw", "needs both parts"),
+    ("name=", "needs both parts"),
+])
+def test_bad_specs_raise_clear_errors(spec, message):
+    with pytest.raises(OptimizerSpecError, match=message):
+        parse_optimizer_spec(spec)
+
+
+def test_duplicate_labels_and_unloadable_artifact_fail_before_training(tmp_path):
+    with pytest.raises(OptimizerSpecError, match="given twice"):
+        parse_optimizer_specs(["adamw", "adamw"])
+    not_an_artifact = tmp_path / "empty"
+    not_an_artifact.mkdir()
+    with pytest.raises(OptimizerSpecError, match="could not be loaded as a learned-optimizer artifact.*config.json"):
+        run_evaluation(["digits_mlp"], ["adamw", str(not_an_artifact)], steps=2, seeds=[0], progress=False)
+
+
+# ------------------------------------------------------------------------------ tasks
+
+
+def test_unknown_task():
+    with pytest.raises(UnknownTaskError, match="did you mean 'digits_mlp'"):
+        run_evaluation(["digit_mlp"], ["adamw"], steps=2, seeds=[0], progress=False)
+
+
+def test_unavailable_dataset_skipped_by_default_error_when_named(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("LOPT_HF_CACHE", str(tmp_path / "cache"))  # no cached preprocessed copy either
+    monkeypatch.setenv("LOPT_HF_FASHION_MNIST_DIR", str(tmp_path / "no-such-dir"))
+    for name in ("fashion_mnist_mlp", "fashion_mnist_mlp16"):
+        monkeypatch.setattr(TASKS[name], "_data", None)  # forget data loaded by earlier tests
+    with pytest.raises(DatasetUnavailableError, match="task 'fashion_mnist_mlp' needs dataset 'fashion_mnist'"):
+        resolve_tasks(["digits_mlp", "fashion_mnist_mlp"])
+    with caplog.at_level("WARNING", logger="lopt_hf.evaluation"):
+        tasks, skipped = resolve_tasks(None)
+    assert set(skipped) == {"fashion_mnist_mlp", "fashion_mnist_mlp16"}
+    assert "Fashion-MNIST files not found" in skipped["fashion_mnist_mlp"]
+    assert {"digits_mlp", "digits_cnn", "tiny_lm"} <= {task.name for task in tasks}
+    assert "skipping task 'fashion_mnist_mlp'" in caplog.text
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+def test_digits_mlp_and_cnn_with_adamw_and_learned_optimizers(small_fc_dir, opt2vec_dir):
+    steps = 12
+    results = run_evaluation(["digits_mlp", "digits_cnn"], ["adamw", f"random_fc={small_fc_dir}",
+                                                            f"opt2vec={opt2vec_dir}"],
+                             steps=steps, seeds=[0, 1], progress=False, threads=1)
+    strict_json(json.dumps(results, allow_nan=False))
+    settings = results["settings"]
+    assert settings["steps"] == steps and settings["seeds"] == [0, 1] and settings["torch_version"] == torch.__version__
+    assert settings["optimizers"] == {"adamw": "adamw", "random_fc": f"random_fc={small_fc_dir}",
+                                      "opt2vec": f"opt2vec={opt2vec_dir}"}
+    assert list(results["tasks"]) == ["digits_mlp", "digits_cnn"]
+    for task in results["tasks"].values():
+        assert "batch 128" in task["description"]
+        first_losses = {}
+        for label, entry in task["optimizers"].items():
+            assert [run["seed"] for run in entry["runs"]] == [0, 1]
+            for run in entry["runs"]:
+                assert len(run["train_loss"]) == steps and all(math.isfinite(loss) for loss in run["train_loss"])
+                assert run["diverged_at_step"] is None and run["error"] is None and run["seconds"] > 0
+                assert 0 <= run["test_accuracy"] <= 1 and math.isfinite(run["test_loss"])
+            assert len(entry["mean_curve"]) == steps
+            window = entry["mean_curve"][-settings["final_train_loss_window"]:]
+            assert entry["final_train_loss"] == pytest.approx(sum(window) / len(window))
+            assert entry["test_loss"] == pytest.approx(sum(r["test_loss"] for r in entry["runs"]) / 2)
+            first_losses[label] = [run["train_loss"][0] for run in entry["runs"]]
+        # Same seed -> same initial model and first batch, whatever the optimizer.
+        assert len({tuple(losses) for losses in first_losses.values()}) == 1
+
+
+def test_adamw_lowers_the_digits_loss():
+    results = run_evaluation(["digits_mlp"], ["adamw:1e-2"], steps=50, seeds=[0], progress=False, threads=1)
+    entry = results["tasks"]["digits_mlp"]["optimizers"]["adamw:1e-2"]
+    initial = entry["mean_curve"][0]
+    assert initial == pytest.approx(math.log(10), abs=0.15)  # untrained 10-way classifier
+    assert entry["final_train_loss"] < 0.4 * initial
+    assert entry["test_loss"] < 0.4 * initial and entry["test_accuracy"] > 0.85
+
+
+def test_adamw_grid_picks_the_lowest_final_training_loss():
+    results = run_evaluation(["digits_mlp"], ["adamw-grid"], steps=30, seeds=[0, 1], progress=False, threads=1)
+    entry = results["tasks"]["digits_mlp"]["optimizers"]["adamw-grid"]
+    grid = entry["grid"]
+    assert list(grid) == ["0.0003", "0.001", "0.003", "0.01"]
+    finals = {float(lr): summary["final_train_loss"] for lr, summary in grid.items()}
+    assert len(set(finals.values())) == 4  # the lrs really differ
+    assert entry["chosen_lr"] == min(finals, key=finals.get)
+    assert entry["final_train_loss"] == min(finals.values())
+    assert entry["runs"] == grid[f"{entry['chosen_lr']:g}"]["runs"]
+    assert all(len(summary["runs"]) == 2 for summary in grid.values())
+    assert f"adamw-grid (lr {entry['chosen_lr']:g})" in markdown_table(results)
+
+
+def test_tiny_lm_trains_through_trainer(small_fc_dir, opt2vec_dir):
+    steps = 5
+    results = run_evaluation(["tiny_lm"], ["adamw", f"fc={small_fc_dir}", f"o2v={opt2vec_dir}"], steps=steps,
+                             seeds=[0], progress=False, threads=1)
+    task = results["tasks"]["tiny_lm"]
+    assert "GPT-2" in task["description"] and "Trainer" in task["description"]
+    for entry in task["optimizers"].values():
+        (run,) = entry["runs"]
+        assert run["error"] is None
+        assert len(run["train_loss"]) == steps and all(math.isfinite(loss) for loss in run["train_loss"])
+        assert 2.5 < run["train_loss"][0] < 5  # ≈ ln(vocabulary of 42 characters) at initialisation
+        assert math.isfinite(run["test_loss"]) and 0 <= run["test_accuracy"] <= 1
+    adamw = task["optimizers"]["adamw"]["runs"][0]["train_loss"]
+    assert adamw[-1] < adamw[0]
+
+
+def test_nonfinite_losses_are_recorded_and_the_evaluation_goes_on(tmp_path):
+    results = run_evaluation(["digits_mlp", "tiny_lm"], ["blowup=sgdm:1e35", "adamw"], steps=6, seeds=[0],
+                             progress=False, threads=1)
+    for task in ("digits_mlp", "tiny_lm"):
+        blowup = results["tasks"][task]["optimizers"]["blowup"]
+        (run,) = blowup["runs"]
+        assert run["diverged_at_step"] is not None and run["diverged_loss"] in ("nan", "inf", "-inf")
+        assert len(run["train_loss"]) == run["diverged_at_step"] and run["train_loss"][-1] is None
+        assert blowup["final_train_loss"] is None and blowup["diverged_runs"] == 1
+        assert blowup["mean_curve"][-1] is None
+        assert results["tasks"][task]["optimizers"]["adamw"]["final_train_loss"] is not None
+    assert "diverged (1/1 seeds)" in markdown_table(results)
+    paths = write_report(results, tmp_path / "report")
+    strict_json(paths["json"].read_text())
+
+
+# ------------------------------------------------------------------------------ report and CLI
+
+
+def test_write_report(tmp_path):
+    results = run_evaluation(["digits_mlp", "digits_cnn"], ["adam", "sgdm"], steps=8, seeds=[0], progress=False,
+                             threads=1)
+    paths = write_report(results, tmp_path / "out")
+    assert set(paths) == {"json", "plot", "markdown"}
+    assert strict_json(paths["json"].read_text()) == results
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths["plot"].stat().st_size > 10_000
+    markdown = paths["markdown"].read_text()
+    table = markdown_table(results)
+    assert table.strip() in markdown and "![training curves](curves.png)" in markdown
+    rows = [line for line in table.splitlines() if line.startswith("| digits")]
+    assert len(rows) == 4
+    for task in ("digits_mlp", "digits_cnn"):
+        task_rows = [row for row in rows if row.startswith(f"| {task} |")]
+        assert sum("**" in row for row in task_rows) >= 1  # the best per task is bold
+        best = min(results["tasks"][task]["optimizers"].items(), key=lambda item: item[1]["final_train_loss"])
+        assert f"**{best[1]['final_train_loss']:.3f}**" in next(row for row in task_rows if f"| {best[0]} |" in row)
+
+
+def test_cli_help_and_tiny_run(tmp_path):
+    help_run = subprocess.run([str(BIN / "lopt-hf"), "eval", "--help"], capture_output=True, text=True, check=True)
+    for option in ("--optimizers", "--tasks", "--steps", "--seeds", "--out", "--threads"):
+        assert option in help_run.stdout
+    out = tmp_path / "eval_out"
+    run = subprocess.run([str(BIN / "lopt-hf"), "eval", "--optimizers", "adamw", "sgdm:0.05", "--tasks", "digits_mlp",
+                          "--steps", "5", "--seeds", "0", "--out", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert "| digits_mlp | adamw |" in run.stdout and "| digits_mlp | sgdm:0.05 |" in run.stdout
+    assert str(out / "results.json") in run.stdout
+    assert "run/s" in run.stderr or "s/run" in run.stderr  # the tqdm bar
+    assert strict_json((out / "results.json").read_text())["settings"]["torch_threads"] == 1
+    bad = subprocess.run([str(BIN / "lopt-hf"), "eval", "--optimizers", "adamww", "--tasks", "digits_mlp"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "did you mean 'adamw'" in bad.stderr
