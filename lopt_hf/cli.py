@@ -1,6 +1,7 @@
 """The ``lopt-hf`` command line.
 
-Commands: ``bench``, ``card``, ``convert``, ``create``, ``eval``, ``export``, ``metatrain``, ``push``, ``rules``.
+Commands: ``bench``, ``card``, ``convert``, ``create``, ``eval``, ``export``, ``metatrain``, ``pretrained``, ``push``,
+``rules``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,14 @@ def _cmd_rules(args: argparse.Namespace) -> int:
         rule = build_rule(name)
         num = sum(math.prod(shape) for shape in rule.theta_shapes().values())
         print(f"{name:<16} {num:>7} meta-parameters  {json.dumps(rule.hyperparameters())}")
+    return 0
+
+
+def _cmd_pretrained(args: argparse.Namespace) -> int:
+    from .pretrained import available_pretrained, pretrained_path
+
+    for name, summary in available_pretrained().items():
+        print(f"{name:<26} {summary}\n{'':<26} {pretrained_path(name)}")
     return 0
 
 
@@ -160,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     rules = sub.add_parser("rules", help="list the registered update rules and their hyper-parameters")
     rules.set_defaults(func=_cmd_rules)
+
+    pretrained = sub.add_parser("pretrained", help="list the learned optimizers shipped with lopt_hf "
+                                                   "(load_lopt(NAME, model) loads them offline)")
+    pretrained.set_defaults(func=_cmd_pretrained)
 
     create = sub.add_parser("create", help="write a randomly initialised artifact for a rule")
     create.add_argument("rule")

@@ -20,6 +20,7 @@ readers to run (default ``configs/pretrained/<run name>.yaml``).
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -41,20 +42,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multiples", nargs="+", type=int, default=[1, 10],
                         help="evaluation lengths as multiples of the meta-training horizon")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--reuse-evaluation", action="store_true",
+                        help="take the evaluation from docs/pretrained/<name>/eval_<steps>/results.json written by an "
+                             "earlier run of this script for the same checkpoint (e.g. to re-render the card with new "
+                             "limitations) instead of evaluating again")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    import torch
-
     from lopt_hf import load_artifact
     from lopt_hf.evaluation import markdown_table, run_evaluation, write_report
     from lopt_hf.metatrain.checkpoint import latest_checkpoint
     from lopt_hf.metatrain.export import export_checkpoint
     from lopt_hf.pretrained import NAMESPACE, SHIPPED
 
-    torch.set_num_threads(args.threads)
     if args.name not in SHIPPED:
         print(f"package_pretrained: unknown name {args.name!r}; add it to lopt_hf.pretrained.SHIPPED first "
               f"(known: {sorted(SHIPPED)})", file=sys.stderr)
@@ -75,8 +77,17 @@ def main(argv: list[str] | None = None) -> int:
         for multiple in args.multiples:
             steps = horizon * multiple
             print(f"evaluating {args.name} for {steps} steps ({multiple}× the meta-training horizon)")
-            results = run_evaluation(args.tasks, [f"{args.name}={staging}", *BASELINES], steps=steps,
-                                     seeds=args.seeds, progress=True)
+            previous = reports / f"eval_{steps}" / "results.json"
+            if args.reuse_evaluation and previous.is_file():
+                results = json.loads(previous.read_text(encoding="utf-8"))
+                if results["settings"].get("checkpoint") != checkpoint.name:
+                    print(f"package_pretrained: {previous} was computed for {results['settings'].get('checkpoint')}, "
+                          f"not {checkpoint.name}; run without --reuse-evaluation", file=sys.stderr)
+                    return 2
+            else:
+                results = run_evaluation(args.tasks, [f"{args.name}={staging}", *BASELINES], steps=steps,
+                                         seeds=args.seeds, progress=True, threads=args.threads)
+                results["settings"]["checkpoint"] = checkpoint.name
             paths = write_report(results, reports / f"eval_{steps}")
             plot_name = f"evaluation_{steps}_steps.png"
             shutil.copyfile(paths["plot"], staging / plot_name)

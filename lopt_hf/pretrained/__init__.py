@@ -34,11 +34,14 @@ def available_pretrained() -> dict[str, str]:
 
 
 def pretrained_path(name: str) -> Path | None:
-    """The folder of shipped optimizer ``name`` (``"lopt-hf/small-fc-lolo"`` or ``"small-fc-lolo"``), else ``None``."""
-    short = name[len(NAMESPACE) + 1:] if name.startswith(f"{NAMESPACE}/") else name
-    if short not in SHIPPED:
+    """The folder of shipped optimizer ``name`` (``"lopt-hf/small-fc-lolo"``), else ``None``.
+
+    Only the full ``lopt-hf/…`` name counts, so a bare ``"small-fc-lolo"`` keeps meaning a local folder.
+    """
+    prefix = f"{NAMESPACE}/"
+    if not name.startswith(prefix) or name[len(prefix):] not in SHIPPED:
         return None
-    return _folder(short)
+    return _folder(name[len(prefix):])
 
 
 def _folder(short: str) -> Path | None:
