@@ -218,8 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
                                            "(its newest checkpoint)")
     export.add_argument("out_dir", help="artifact folder to write")
     export.add_argument("--evaluate", action=argparse.BooleanOptionalAction, default=None,
-                        help="run the digits evaluation for the model card (default: if the run's config has "
-                             "evaluation.steps > 0)")
+                        help="run the config's evaluation (the lopt-hf eval harness) for the model card (default: "
+                             "if the run's config has evaluation.steps > 0)")
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="also publish the artifact to this Hub repo")
     export.set_defaults(func=_cmd_export)
 

@@ -58,6 +58,14 @@ def test_yaml_becomes_typed_sections(tmp_path: Path) -> None:
     ({"lolo": {"buffer": 10}}, "lolo.buffer: unknown key"),
     ({"lolo": {"p_threshold": 2.0}}, "lolo: lolo.p_threshold must be in [0, 1]"),
     ({"estimator": {"name": "es"}, "lolo": {}}, "lolo: LoLO needs estimator.name: pes"),
+    ({"evaluation": {"tasks": ["digit_mlp"]}}, "evaluation.tasks: unknown task 'digit_mlp'; did you mean 'digits_mlp'?"),
+    ({"evaluation": {"tasks": []}}, "evaluation.tasks: name at least one task"),
+    ({"evaluation": {"seeds": [0, 0]}}, "evaluation.seeds: must be distinct seeds"),
+    ({"evaluation": {"adamw_lrs": [0.001, 1e-3]}}, "evaluation.adamw_lrs: must be distinct positive"),
+    # Removed keys (the harness task fixes model and batch size) say what to do instead.
+    ({"evaluation": {"steps": 10, "hidden_sizes": [32]}},
+     "evaluation.hidden_sizes: removed: the evaluation now runs lopt_hf.evaluation tasks"),
+    ({"evaluation": {"batch_size": 128}}, "choose tasks with evaluation.tasks"),
 ])
 def test_invalid_configs_name_the_key(tmp_path: Path, values: dict, needle: str) -> None:
     with pytest.raises(ConfigError) as error:
@@ -96,6 +104,24 @@ def test_bad_overrides_are_errors_naming_the_key(capsys: pytest.CaptureFixture[s
     assert "unrecognized argument '--bogus'" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(None, ["estimator.num_tasks"])
+    with pytest.raises(ConfigError, match=r"evaluation\.batch_size: removed: .* evaluation\.tasks"):
+        load_config(None, ["evaluation.batch_size=16"])
+
+
+def test_evaluation_section_and_configs_stored_by_older_versions() -> None:
+    config = load_config(None, ["evaluation.steps=50", "evaluation.tasks=[digits_mlp, digits_cnn]",
+                                "evaluation.adamw_lrs=[3e-3]", "evaluation.seeds=[1]"])
+    assert (config.evaluation.steps, config.evaluation.tasks) == (50, ["digits_mlp", "digits_cnn"])
+    assert config.evaluation.adamw_lrs == [3e-3] and config.evaluation.seeds == [1]
+    assert MetaTrainConfig().evaluation.tasks == ["digits_mlp"]
+    # A checkpoint's trainer_state.json written before the keys were removed still loads (they are dropped)...
+    old = config.to_dict()
+    old["evaluation"] = {**old["evaluation"], "hidden_sizes": [32], "batch_size": 128}
+    assert config_from_dict(old, stored=True) == config
+    assert "hidden_sizes" in old["evaluation"]  # (the caller's dict is left alone)
+    # ... but a config file with them does not.
+    with pytest.raises(ConfigError, match="evaluation.hidden_sizes: removed"):
+        config_from_dict(old)
 
 
 def test_task_blocks_are_contiguous_and_cover_every_id() -> None:

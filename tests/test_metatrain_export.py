@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,13 @@ import yaml
 from torch import nn
 
 from lopt_hf import load_artifact, load_lopt
+from lopt_hf import create_artifact
 from lopt_hf.cli import main as cli_main
+from lopt_hf.evaluation import markdown_table, run_evaluation
 from lopt_hf.metatrain.checkpoint import latest_checkpoint, read_theta
 from lopt_hf.metatrain.config import load_config
-from lopt_hf.metatrain.trainer import MetaTrainer
+from lopt_hf.metatrain.export import evaluate_for_card
+from lopt_hf.metatrain.trainer import MetaTrainer, initial_theta
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -26,8 +30,7 @@ def tiny(run_dir: Path, *extra: str) -> list[str]:
             "task.hidden_sizes=[8]", "task.batch_size=16", "estimator.name=pes", "estimator.num_tasks=2",
             "estimator.truncation_length=3", "estimator.min_unroll=4", "estimator.max_unroll=8",
             "estimator.compile=false", "num_threads=1", "checkpoint_every=2", "log_every=1",
-            "evaluation.steps=5", "evaluation.seeds=[0]", "evaluation.hidden_sizes=[8]", "evaluation.batch_size=16",
-            "card.tags=[tiny]", *extra]
+            "evaluation.steps=5", "evaluation.seeds=[0]", "card.tags=[tiny]", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,30 @@ def test_final_artifact_and_model_card(trained_run: Path) -> None:
     assert (summary["Min unroll length"], summary["Max unroll length"]) == (4, 8)
     assert summary["Processes"] == 1 and summary["Task architecture"].startswith("MLP (64-8-10)")
     assert provenance["meta_training"]["config"]["estimator"]["num_tasks"] == 2  # the full config travels along
-    assert [row["optimizer"] for row in provenance["evaluation"]["results"]][0] == "learned (this artifact)"
+    evaluation = provenance["evaluation"]
+    assert set(evaluation) == {"description", "table", "plot", "summary"} and evaluation["plot"] == "evaluation.png"
+    assert "5 steps per run, seeds [0]" in evaluation["description"]
+    assert "`digits_mlp`: scikit-learn digits 8×8: MLP 64-32-10" in evaluation["description"]
+    labels = ["tiny-lopt", "random init θ₀", "AdamW 0.001", "AdamW 0.01"]
+    assert set(evaluation["summary"]["tasks"]["digits_mlp"]) == set(labels)
+    assert evaluation["summary"]["settings"]["steps"] == 5 and evaluation["summary"]["settings"]["seeds"] == [0]
+    text = (final / "config.json").read_text()
+    assert "mean_curve" not in text and "\"train_loss\"" not in text and "\"runs\"" not in text  # no curves
+    # The table is the harness's, computed on this artifact and on the rule's initial meta-parameters.
+    config = load_config(None, tiny(trained_run))
+    with_initial = final.parent / "initial-theta"
+    create_artifact(config.rule.name, theta=initial_theta(config), rule_config=config.rule.config).save_pretrained(
+        with_initial)
+    expected = run_evaluation(["digits_mlp"], [f"tiny-lopt={final}", f"random init θ₀={with_initial}",
+                                               "AdamW 0.001=adamw:1e-3", "AdamW 0.01=adamw:1e-2"],
+                              steps=5, seeds=[0], progress=False, threads=1)
+    assert evaluation["table"] == markdown_table(expected)
+    for label in labels:
+        row = evaluation["summary"]["tasks"]["digits_mlp"][label]
+        assert row["final_train_loss"] == pytest.approx(
+            expected["tasks"]["digits_mlp"]["optimizers"][label]["final_train_loss"], abs=1e-5)
+    assert evaluation["summary"]["tasks"]["digits_mlp"]["tiny-lopt"] != \
+        evaluation["summary"]["tasks"]["digits_mlp"]["random init θ₀"]
 
     metadata, body = card_parts(final)
     assert metadata["library_name"] == "lopt_hf"
@@ -87,6 +113,12 @@ def test_final_artifact_and_model_card(trained_run: Path) -> None:
         assert row in body, row
     assert "![meta-loss during meta-training](meta_loss.png)" in body and "![evaluation](evaluation.png)" in body
     assert "| `meta_loss.png` | meta-loss curve of meta-training |" in body
+    assert "| `evaluation.png` | evaluation plot |" in body
+    assert evaluation["table"].strip() in body  # the lopt-hf eval table, as it is
+    for row in ("| task | optimizer | train loss | test loss | test acc |", "| digits_mlp | tiny-lopt | ",
+                "| digits_mlp | random init θ₀ | ", "| digits_mlp | AdamW 0.01 | ", "5 steps, mean over seeds [0]"):
+        assert row in body, row
+    assert (final / "evaluation.png").read_bytes().startswith(PNG_MAGIC)
     assert "num_tasks: 2" in body  # the folded full config
 
 
@@ -117,6 +149,27 @@ def test_cli_export_from_a_checkpoint_and_card(trained_run: Path, tmp_path: Path
     (out / "README.md").unlink()
     assert cli_main(["card", str(out), "--repo-id", "someone/tiny"]) == 0
     assert 'load_lopt("someone/tiny"' in (out / "README.md").read_text()
+
+
+def test_evaluation_settings_and_checkpoints_of_older_versions(trained_run: Path, tmp_path: Path) -> None:
+    config = load_config(None, tiny(trained_run, "evaluation.adamw_lrs=[]", "evaluation.tasks=[digits_cnn]",
+                                    "evaluation.seeds=[3]", "card.name=mine"))
+    artifact = load_artifact(trained_run / "final")
+    evaluation = evaluate_for_card(artifact, config, steps=2, plot_path=tmp_path / "eval.png")
+    assert list(evaluation["summary"]["tasks"]) == ["digits_cnn"] and evaluation["plot"] == "eval.png"
+    assert set(evaluation["summary"]["tasks"]["digits_cnn"]) == {"tiny-lopt", "random init θ₀"}  # no AdamW
+    assert "2 steps, mean over seeds [3]" in evaluation["table"] and "AdamW" not in evaluation["description"]
+    assert (tmp_path / "eval.png").read_bytes().startswith(PNG_MAGIC)
+
+    # A checkpoint written when evaluation had hidden_sizes / batch_size still exports.
+    old = tmp_path / "step-old"
+    shutil.copytree(trained_run / "checkpoints" / "step-00000002", old)
+    state = json.loads((old / "trainer_state.json").read_text())
+    state["config"]["evaluation"].update(hidden_sizes=[32], batch_size=128)
+    (old / "trainer_state.json").write_text(json.dumps(state))
+    assert cli_main(["export", str(old), str(tmp_path / "out"), "--no-evaluate"]) == 0
+    exported = json.loads((tmp_path / "out" / "config.json").read_text())["provenance"]["meta_training"]["config"]
+    assert "hidden_sizes" not in exported["evaluation"] and exported["evaluation"]["tasks"] == ["digits_mlp"]
 
 
 def test_push_to_the_local_hub(trained_run: Path, hub_env, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     output_dir: null              # default runs/<name>
     push_to_hub: null             # a Hub repo id to publish the final artifact to
     card:            {description: ..., license: apache-2.0, tags: [...]}
-    evaluation:      {steps: 200, ...}   # post-training digits evaluation for the model card
+    evaluation:      {steps: 200, tasks: [digits_mlp], ...}   # post-training evaluation for the model card
     lolo: null                    # LoLO (PES only): {buffer_size: 4, p_threshold: 0.5, behaviour_cloning: true, expert_lr: 0.001}
 
 Unknown keys are errors naming the key (``estimator.num_task: unknown key; did you mean
@@ -40,7 +40,7 @@ import yaml
 
 __all__ = ["ConfigError", "MetaTrainConfig", "RuleSection", "TaskSection", "EstimatorSection",
            "MetaOptimizerSection", "CardSection", "EvaluationSection", "load_config", "config_from_dict",
-           "config_to_dict", "apply_overrides", "parse_override", "ESTIMATOR_NAMES"]
+           "config_to_dict", "apply_overrides", "parse_override", "ESTIMATOR_NAMES", "REMOVED_KEYS"]
 
 ESTIMATOR_NAMES = ("full_bptt", "truncated_bptt", "es", "truncated_es", "pes")
 
@@ -132,18 +132,29 @@ class CardSection:
 
 @dataclass
 class EvaluationSection:
-    """Post-training evaluation on digits (learned optimizer vs its random init vs AdamW), for the card.
+    """Post-training evaluation for the model card, run by ``lopt_hf.evaluation`` (``lopt-hf eval``).
 
-    ``steps: 0`` skips it. The model is an MLP 64→hidden_sizes→10 trained with batches of
-    ``batch_size``; AdamW runs once per learning rate in ``adamw_lrs`` (the default's 1e-3 and a
-    tuned-for-small-MLPs 1e-2, so the card does not only compare against an untuned baseline).
+    ``steps: 0`` skips it. The exported optimizer, the same rule with the meta-parameters
+    meta-training started from (``random init θ₀``) and AdamW at every lr of ``adamw_lrs`` (the
+    default 1e-3 and a tuned-for-small-MLPs 1e-2, so the card does not only compare against an
+    untuned baseline) each train every task of ``tasks`` (names from ``lopt_hf.evaluation.TASKS``,
+    which define model and batch size) for ``steps`` steps from every seed of ``seeds``.
     """
 
     steps: int = 0
-    hidden_sizes: list[int] = field(default_factory=lambda: [32])
-    batch_size: int = 128
+    tasks: list[str] = field(default_factory=lambda: ["digits_mlp"])
     adamw_lrs: list[float] = field(default_factory=lambda: [1e-3, 1e-2])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+
+
+# Keys older versions had, with what to do instead; a config naming one is an error that says so.
+# Configs stored in checkpoints by those versions (trainer_state.json) load with them dropped.
+REMOVED_KEYS: dict[str, str] = {
+    key: ("removed: the evaluation now runs lopt_hf.evaluation tasks (as `lopt-hf eval` does), whose model and "
+          "batch size are fixed by the task; delete this key and choose tasks with evaluation.tasks (e.g. "
+          "[digits_mlp, digits_cnn]; see lopt_hf.evaluation.TASKS)")
+    for key in ("evaluation.hidden_sizes", "evaluation.batch_size")
+}
 
 
 @dataclass
@@ -234,7 +245,7 @@ def _check_values(config: MetaTrainConfig) -> None:
         build_rule(config.rule.name, **config.rule.config)
     except (ValueError, TypeError) as err:  # RuleConfigError is a ValueError
         raise ConfigError(f"rule: {err}") from None
-    need(config.evaluation.steps >= 0, "evaluation.steps", f"must be >= 0, got {config.evaluation.steps}")
+    _check_evaluation(config.evaluation, need)
     if config.lolo is not None:
         from .lolo import LOLO_KEYS, LoLOOptions
 
@@ -249,6 +260,24 @@ def _check_values(config: MetaTrainConfig) -> None:
     unknown_trackers = sorted(set(config.log_with) - {"tensorboard", "wandb", "mlflow", "comet_ml", "aim",
                                                       "clearml", "dvclive", "swanlab", "trackio"})
     need(not unknown_trackers, "log_with", f"unknown tracker(s) {unknown_trackers}")
+
+
+def _check_evaluation(evaluation: EvaluationSection, need: Any) -> None:
+    from ..evaluation.tasks import TASKS, UnknownTaskError, get_task
+
+    need(evaluation.steps >= 0, "evaluation.steps", f"must be >= 0, got {evaluation.steps}")
+    need(bool(evaluation.tasks), "evaluation.tasks", f"name at least one task of {list(TASKS)}")
+    for name in evaluation.tasks:
+        try:
+            get_task(name)
+        except UnknownTaskError as err:
+            raise ConfigError(f"evaluation.tasks: {err}") from None
+    need(len(set(evaluation.tasks)) == len(evaluation.tasks), "evaluation.tasks",
+         f"names a task twice: {evaluation.tasks}")
+    need(bool(evaluation.seeds) and len(set(evaluation.seeds)) == len(evaluation.seeds), "evaluation.seeds",
+         f"must be distinct seeds, at least one, got {evaluation.seeds}")
+    need(all(lr > 0 for lr in evaluation.adamw_lrs) and len(set(evaluation.adamw_lrs)) == len(evaluation.adamw_lrs),
+         "evaluation.adamw_lrs", f"must be distinct positive learning rates, got {evaluation.adamw_lrs}")
 
 
 def _coerce_rule_config(rule_name: str, values: dict[str, Any]) -> dict[str, Any]:
@@ -276,13 +305,35 @@ def _coerce_rule_config(rule_name: str, values: dict[str, Any]) -> dict[str, Any
     return coerced
 
 
-def config_from_dict(values: Any, *, source: str = "config") -> MetaTrainConfig:
-    """Build a :class:`MetaTrainConfig` from a plain dict (e.g. parsed YAML), strictly."""
+def config_from_dict(values: Any, *, source: str = "config", stored: bool = False) -> MetaTrainConfig:
+    """Build a :class:`MetaTrainConfig` from a plain dict (e.g. parsed YAML), strictly.
+
+    ``stored=True`` is for configs an older lopt_hf wrote (a checkpoint's ``trainer_state.json``):
+    keys it had that have since been removed (:data:`REMOVED_KEYS`) are dropped instead of being errors.
+    """
     if values is None:
         values = {}
+    if stored:
+        values = _drop_removed_keys(values)
     config = _build(MetaTrainConfig, values, prefix="", source=source)
     assert isinstance(config, MetaTrainConfig)
     return config
+
+
+def _drop_removed_keys(values: Any) -> Any:
+    import copy
+
+    if not isinstance(values, dict):
+        return values
+    values = copy.deepcopy(values)
+    for dotted in REMOVED_KEYS:
+        *sections, key = dotted.split(".")
+        node = values
+        for section in sections:
+            node = node.get(section) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(key, None)
+    return values
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -380,6 +431,8 @@ def _check_key_path(parts: list[str], text: str) -> None:
 
 
 def _unknown_key_message(dotted: str, key: str, known: Any) -> str:
+    if dotted in REMOVED_KEYS:
+        return f"{dotted}: {REMOVED_KEYS[dotted]}"
     suggestion = difflib.get_close_matches(key, list(known), n=1)
     hint = f"; did you mean {suggestion[0]!r}?" if suggestion else ""
     return f"{dotted}: unknown key{hint} (known: {', '.join(sorted(known))})"

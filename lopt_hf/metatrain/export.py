@@ -4,11 +4,15 @@
 
     config.json          rule, hyper-parameters, optimizer defaults, provenance: the meta-training
                          summary and the full config (provenance.meta_training), evaluation
+                         (description, the lopt-hf eval table, summary numbers)
     model.safetensors    theta of that checkpoint
     README.md            model card (lopt_hf/templates/model_card.md): YAML metadata, usage,
                          Celo2-style meta-training table, meta-loss plot, evaluation
     meta_loss.png        meta-loss curve, referenced by the card
-    evaluation.png       (when evaluated) digits training curves: learned vs random init vs AdamW
+    evaluation.png       (when evaluated) training curves of the config's evaluation tasks
+                         (lopt_hf.evaluation): learned vs its random init θ₀ vs AdamW
+
+The evaluation is ``lopt_hf.evaluation`` (``lopt-hf eval``), so every card shows the same table as it.
 
 ``push_artifact_folder(folder, repo_id)`` validates such a folder and publishes it, the images
 the card references included (``LearnedOptimizerModel.push_to_hub`` only knows the three core
@@ -25,16 +29,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import torch
-from torch import Tensor, nn
-
 from ..hub import LearnedOptimizerModel, create_artifact, load_artifact
 from .checkpoint import read_theta, read_trainer_state
 from .config import MetaTrainConfig, config_from_dict
 
 __all__ = ["export_checkpoint", "push_artifact_folder", "plot_meta_loss", "meta_training_provenance",
-           "evaluate_on_digits", "describe_rule_architecture", "format_duration", "META_LOSS_PLOT",
-           "EVALUATION_PLOT"]
+           "evaluate_for_card", "describe_rule_architecture", "format_duration", "META_LOSS_PLOT",
+           "EVALUATION_PLOT", "RANDOM_INIT_LABEL"]
 
 META_LOSS_PLOT = "meta_loss.png"
 EVALUATION_PLOT = "evaluation.png"
@@ -58,14 +59,14 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.
     Args:
         checkpoint_dir: a ``<run>/checkpoints/step-…`` folder.
         out_dir: the artifact folder (created; existing files of the same names are replaced).
-        evaluate: run the config's digits evaluation (``evaluation.steps``) for the card;
+        evaluate: run the config's evaluation (:func:`evaluate_for_card`) for the card;
             ``None``: when the config asks for it (``evaluation.steps > 0``).
         push_to_hub: also publish the folder to this Hub repo id.
-        progress: show tqdm bars during the evaluation.
+        progress: show the evaluation's tqdm bar.
     """
     checkpoint_dir = Path(checkpoint_dir)
     state = read_trainer_state(checkpoint_dir)
-    config = config_from_dict(state["config"], source=f"{checkpoint_dir}/trainer_state.json")
+    config = config_from_dict(state["config"], source=f"{checkpoint_dir}/trainer_state.json", stored=True)
     theta = read_theta(checkpoint_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,9 +82,7 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.
     if evaluate is None:
         evaluate = config.evaluation.steps > 0
     if evaluate:
-        steps = config.evaluation.steps or 200
-        evaluation = evaluate_on_digits(artifact, config, steps=steps, plot_path=out / EVALUATION_PLOT,
-                                        progress=progress)
+        evaluation = evaluate_for_card(artifact, config, plot_path=out / EVALUATION_PLOT, progress=progress)
         artifact.config.provenance = {**artifact.config.provenance, "evaluation": evaluation}
     artifact.save_pretrained(out)
     if push_to_hub:
@@ -253,116 +252,69 @@ def plot_meta_loss(history: Mapping[str, Sequence[float]], path: str | os.PathLi
 
 # ============================================================================ evaluation
 
-
-def _digits_split() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The same digits train/test split meta-training uses (``lopt_hf.metatrain.data``)."""
-    from .data import load_image_dataset
-
-    train = load_image_dataset("digits", image_size=8, split="train")
-    test = load_image_dataset("digits", image_size=8, split="test")
-    return train.images, train.labels, test.images, test.labels
+RANDOM_INIT_LABEL = "random init θ₀"
 
 
-def _digits_mlp(hidden_sizes: Sequence[int], seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    layers: list[nn.Module] = []
-    width = 64
-    for hidden in hidden_sizes:
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    layers.append(nn.Linear(width, 10))
-    return nn.Sequential(*layers)
+def evaluate_for_card(artifact: LearnedOptimizerModel, config: MetaTrainConfig, *, steps: int | None = None,
+                      plot_path: str | os.PathLike[str] | None = None, progress: bool = False,
+                      threads: int | None = 1) -> dict[str, Any]:
+    """Run the config's evaluation with ``lopt_hf.evaluation`` (what ``lopt-hf eval`` runs) for the card.
 
-
-def evaluate_on_digits(artifact: LearnedOptimizerModel, config: MetaTrainConfig, *, steps: int | None = None,
-                       plot_path: str | os.PathLike[str] | None = None,
-                       progress: bool = False) -> dict[str, Any]:
-    """Train a digits MLP with the learned optimizer, its random initialisation and AdamW.
-
-    Every optimizer trains the same models (``evaluation.seeds``) on the same batches
-    (``evaluation.batch_size``, the 1,438 training images of ``data.load_image_dataset``) for ``steps`` steps; reported: the mean
-    training loss over the last 10% of steps, test loss and test accuracy on the 359 held-out
-    images, each averaged over seeds. Returns the card's ``evaluation`` provenance entry.
+    The artifact, the same rule with the meta-parameters meta-training started from
+    (:data:`RANDOM_INIT_LABEL`, ``trainer.initial_theta``) and AdamW at every lr of
+    ``evaluation.adamw_lrs`` train every task of ``evaluation.tasks`` from every seed of
+    ``evaluation.seeds`` for ``steps`` steps (default ``evaluation.steps``, or the harness's
+    200 when that is 0). Returns the card's ``evaluation`` provenance entry: ``description``,
+    ``table`` (:func:`lopt_hf.evaluation.markdown_table`), ``plot`` (the name of ``plot_path``,
+    where :func:`lopt_hf.evaluation.plot_curves` saves the curves) and ``summary`` (settings and
+    the table's numbers, no curves, so config.json stays small).
     """
-    from ..load import load_lopt
+    from ..evaluation import DEFAULT_STEPS, markdown_table, plot_curves, run_evaluation
     from .trainer import initial_theta
 
     settings = config.evaluation
-    steps = int(steps or settings.steps or 200)
-    train_x, train_y, test_x, test_y = _digits_split()
-    initial = create_artifact(config.rule.name, theta=initial_theta(config), rule_config=config.rule.config)
-    candidates: dict[str, Any] = {
-        "learned (this artifact)": lambda model: load_lopt(artifact, model),
-        "random init θ₀": lambda model: load_lopt(initial, model),
-    }
-    for lr in settings.adamw_lrs:
-        candidates[f"AdamW (lr {lr:g})"] = (lambda lr: lambda model: torch.optim.AdamW(model.parameters(), lr=lr))(lr)
-    curves: dict[str, list[list[float]]] = {name: [] for name in candidates}
-    finals: dict[str, list[tuple[float, float, float]]] = {name: [] for name in candidates}
-    tail = max(1, steps // 10)
-    from tqdm.auto import tqdm
-
-    for name, make_optimizer in candidates.items():
-        for seed in settings.seeds:
-            model = _digits_mlp(settings.hidden_sizes, seed)
-            optimizer = make_optimizer(model)
-            generator = torch.Generator().manual_seed(seed)
-            losses = []
-            for _ in tqdm(range(steps), desc=f"eval {name} seed {seed}", disable=not progress, leave=False):
-                batch = torch.randint(0, len(train_x), (settings.batch_size,), generator=generator)
-                loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                if hasattr(optimizer, "record_loss"):  # LearnedOptimizer: rules with needs_loss read it
-                    optimizer.record_loss(loss)
-                optimizer.step()
-                losses.append(float(loss.detach()))
-            with torch.no_grad():
-                logits = model(test_x)
-                test_loss = float(nn.functional.cross_entropy(logits, test_y))
-                accuracy = float((logits.argmax(dim=1) == test_y).float().mean())
-            curves[name].append(losses)
-            finals[name].append((sum(losses[-tail:]) / tail, test_loss, accuracy))
-
-    def mean(values: Sequence[float]) -> float:
-        return sum(values) / len(values)
-
-    results = []
-    for name, rows in finals.items():
-        results.append({"optimizer": name,
-                        f"train loss (last {tail} steps)": round(mean([row[0] for row in rows]), 4),
-                        "test loss": round(mean([row[1] for row in rows]), 4),
-                        "test accuracy": round(mean([row[2] for row in rows]), 4)})
-    hidden = "-".join(str(width) for width in settings.hidden_sizes)
+    steps = int(steps or settings.steps or DEFAULT_STEPS)
+    name = (artifact.config.provenance or {}).get("name") or config.card.name or config.name
+    with tempfile.TemporaryDirectory(prefix="lopt_hf_eval_") as tmp:
+        learned, initial = Path(tmp) / "learned", Path(tmp) / "initial"
+        artifact.save_pretrained(learned)
+        create_artifact(config.rule.name, theta=initial_theta(config),
+                        rule_config=config.rule.config).save_pretrained(initial)
+        specs = [f"{name}={learned}", f"{RANDOM_INIT_LABEL}={initial}",
+                 *(f"AdamW {lr:g}=adamw:{lr!r}" for lr in settings.adamw_lrs)]
+        results = run_evaluation(settings.tasks, specs, steps=steps, seeds=settings.seeds, progress=progress,
+                                 threads=threads)
+    adamw = ", ".join(f"{lr:g}" for lr in settings.adamw_lrs)
+    tasks = "; ".join(f"`{task}`: {entry['description']}" for task, entry in results["tasks"].items())
     evaluation: dict[str, Any] = {
-        "description": (f"Digits (scikit-learn, 8×8): MLP 64-{hidden}-10, batch {settings.batch_size}, "
-                        f"{steps} steps, mean over seeds {list(settings.seeds)}; test = 359 held-out images. "
-                        f"'random init θ₀' is this rule with the meta-parameters meta-training started from."),
-        "results": results,
+        "description": (
+            f"Evaluated with the `lopt-hf eval` harness (`lopt_hf.evaluation`): {steps} steps per run, seeds "
+            f"{list(settings.seeds)}; every optimizer trains the same models from the same initialisations on "
+            f"the same batches. "
+            f"'{name}' is this artifact; '{RANDOM_INIT_LABEL}' is this rule with the meta-parameters "
+            f"meta-training started from" + (f"; AdamW (weight decay 0.01) at lr {adamw}" if adamw else "")
+            + f". Tasks: {tasks}."),
+        "table": markdown_table(results),
+        "summary": _evaluation_summary(results),
     }
     if plot_path is not None:
-        _plot_curves(curves, Path(plot_path), title=f"digits MLP 64-{hidden}-10: training loss")
+        plot_curves(results, plot_path)
         evaluation["plot"] = Path(plot_path).name
     return evaluation
 
 
-def _plot_curves(curves: Mapping[str, list[list[float]]], path: Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(6, 3.6))
-    axis = figure.add_subplot()
-    for name, runs in curves.items():
-        length = min(len(run) for run in runs)
-        average = [sum(run[index] for run in runs) / len(runs) for index in range(length)]
-        axis.plot(range(1, length + 1), average, linewidth=1.2, label=name)
-    axis.set(xlabel="step", ylabel="training loss (mean over seeds)", title=title, yscale="log")
-    axis.grid(alpha=0.3)
-    axis.legend(loc="best", fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
+def _evaluation_summary(results: Mapping[str, Any]) -> dict[str, Any]:
+    """The numbers of the harness's table (no curves or per-run data), rounded, with the settings."""
+    keep = ("final_train_loss", "test_loss", "test_accuracy", "chosen_lr", "diverged_runs", "errors")
+    settings = results["settings"]
+    return {
+        "settings": {key: settings[key] for key in ("steps", "seeds", "tasks", "final_train_loss_window",
+                                                     "lopt_hf_version", "torch_version", "date")},
+        "tasks": {task: {label: {key: round(entry[key], 5) if isinstance(entry[key], float) else entry[key]
+                                 for key in keep if key in entry}
+                         for label, entry in task_results["optimizers"].items()}
+                  for task, task_results in results["tasks"].items()},
+    }
 
 
 # ================================================================================= push

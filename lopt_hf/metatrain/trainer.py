@@ -169,7 +169,7 @@ class MetaTrainer:
     def _restore(self, path: Path) -> None:
         data = load_checkpoint(path, rank=self.rank, num_processes=self.world_size, task_ids=self.task_ids,
                                device=self.device)
-        saved = config_from_dict(data.config, source=f"{path}/trainer_state.json").to_dict()
+        saved = config_from_dict(data.config, source=f"{path}/trainer_state.json", stored=True).to_dict()
         current = self.config.to_dict()
         changed = sorted(key for key in current if key not in RESUMABLE_CHANGES and saved.get(key) != current[key])
         if changed:
