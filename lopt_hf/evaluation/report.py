@@ -70,8 +70,25 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
-    """One subplot per task: seed-averaged training loss vs step (log y) for every optimizer."""
+def smooth(curve: list[float], window: int) -> list[float]:
+    """Trailing moving average (NaN-aware: a window with any NaN is NaN)."""
+    if window <= 1:
+        return list(curve)
+    out, running = [], 0.0
+    for index, value in enumerate(curve):
+        running += value
+        if index >= window:
+            running -= curve[index - window]
+        out.append(running / min(index + 1, window))
+    return out
+
+
+def plot_curves(results: dict[str, Any], path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
+    """One subplot per task: seed-averaged training loss vs step (log y) for every optimizer.
+
+    Runs longer than 300 steps are drawn as a moving average over 1% of the steps (minibatch noise
+    would otherwise hide the differences); the title says so.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -87,11 +104,14 @@ def plot_curves(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     colors = {label: f"C{index % 10}" for index, label in enumerate(labels)}
     # Optimizers that behave alike (adam / adamw at the same lr) draw on top of each other: vary the dashes.
     styles = {label: ("-", "--", "-.", ":")[index % 4] for index, label in enumerate(labels)}
+    steps = int(results.get("settings", {}).get("steps") or 0)
+    window = steps // 100 if steps > 300 else 1
     for index, (task, task_results) in enumerate(tasks.items()):
         axis = figure.add_subplot(rows, columns, index + 1)
         plotted = False
         for label, entry in task_results["optimizers"].items():
             curve = [float("nan") if value is None else value for value in entry.get("mean_curve", [])]
+            curve = smooth(curve, window)
             if not any(value == value and value > 0 for value in curve):
                 continue  # nothing finite and positive to draw on a log axis
             axis.plot(range(1, len(curve) + 1), curve, linewidth=1.2, color=colors.get(label),
@@ -105,10 +125,11 @@ def plot_curves(results: dict[str, Any], path: str | os.PathLike[str]) -> Path:
         axis.grid(alpha=0.3, which="both")
     settings = results.get("settings", {})
     if "seeds" in settings:
-        figure.suptitle(f"training loss, mean over seeds {settings['seeds']}", fontsize=10)
+        figure.suptitle(f"training loss, mean over seeds {settings['seeds']}"
+                        + (f", moving average over {window} steps" if window > 1 else ""), fontsize=10)
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=dpi)
     return path
 
 

@@ -108,7 +108,7 @@ def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], 
         "Meta-training tasks": (f"{len(datasets)} image classification task{'s' if len(datasets) > 1 else ''} "
                                 f"({', '.join(datasets)})"),
         "Task architecture": _describe_task_model(config, (state.get("extra") or {}).get("task_family")),
-        "Meta-trainer": ESTIMATOR_TITLES.get(estimator.name, estimator.name),
+        "Meta-trainer": ESTIMATOR_TITLES.get(estimator.name, estimator.name) + _describe_lolo(config.lolo),
         "Task slots per outer step": (f"{estimator.num_tasks}"
                                       + (f" × {estimator.num_antithetic} antithetic pair"
                                          f"{'s' if estimator.num_antithetic > 1 else ''}"
@@ -151,6 +151,19 @@ def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], 
     if card.citation:
         provenance["citation"] = card.citation
     return provenance
+
+
+def _describe_lolo(lolo: Mapping[str, Any] | None) -> str:
+    """`` + LoLO (...)`` for a LoLO run (replay buffer and behaviour cloning settings), else ``""``."""
+    if not lolo:
+        return ""
+    parts = []
+    if int(lolo.get("buffer_size", 0)) > 0:
+        parts.append(f"replay buffer of {lolo['buffer_size']} inner states per task slot, "
+                     f"P_th {lolo.get('p_threshold', 0.5):g}")
+    if lolo.get("behaviour_cloning", True):
+        parts.append(f"behaviour cloning of Adam (lr {float(lolo.get('expert_lr', 1e-3)):g})")
+    return " + LoLO (" + "; ".join(parts) + ")" if parts else " + LoLO"
 
 
 def describe_rule_architecture(rule: Any) -> str:
@@ -214,7 +227,7 @@ def format_duration(seconds: float) -> str:
 
 
 def plot_meta_loss(history: Mapping[str, Sequence[float]], path: str | os.PathLike[str], *,
-                   title: str = "meta-loss") -> Path:
+                   title: str = "meta-loss", dpi: int = 110) -> Path:
     """Save the meta-loss curve (raw and a moving average) as a PNG; returns the path."""
     import matplotlib
 
@@ -245,7 +258,7 @@ def plot_meta_loss(history: Mapping[str, Sequence[float]], path: str | os.PathLi
     figure.tight_layout()
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(tmp, dpi=110)
+    figure.savefig(tmp, dpi=dpi)
     os.replace(tmp, path)
     return path
 
