@@ -13,6 +13,8 @@ small_fc_lopt, PES on digits MLPs, about a minute on a CPU core), exports it as 
 (``demo_out/run/final``: config.json + model.safetensors + model card, ready for ``lopt-hf push``)
 and trains with that. ``--artifact NAME_OR_DIR`` uses any other artifact (folder, Hub repo id or
 shipped name, e.g. ``lopt-hf/celo2-base-mini``).
+"""
+
 from __future__ import annotations
 
 import argparse
@@ -60,7 +62,7 @@ def train(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, data, s
     x_train, y_train, x_test, y_test = data
     generator = torch.Generator().manual_seed(seed)
     losses = []
-    for _ in tqdm(range(steps), desc=f"{name:>22}", unit="step", leave=False):
+    for _ in tqdm(range(steps), desc=f"{name:>32}", unit="step", leave=False):
         batch = torch.randint(0, len(x_train), (batch_size,), generator=generator)
         loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
         optimizer.zero_grad()
@@ -99,7 +101,7 @@ def main() -> None:
     meta_losses: list[float] = []
     if not args.metatrain:
         artifact = args.artifact
-        print(f"[1/4] no meta-training needed: using the learned optimizer {artifact} "
+        print(f"[1/3] no meta-training needed: using the learned optimizer {artifact} "
               f"(--metatrain meta-trains your own first)")
     else:
         artifact_dir, meta_losses = metatrain(out, args.overrides)
@@ -107,11 +109,12 @@ def main() -> None:
         print(f"[2/4] exported to {artifact_dir}: {sorted(p.name for p in artifact_dir.iterdir())}")
         print(f"      publish it with: lopt-hf push {artifact_dir} <you>/<repo>")
 
-    print(f"[3/4] training a fresh digits MLP 64→32→10 for {args.steps} steps (seed {args.seed})")
+    total = 4 if args.metatrain else 3
+    print(f"[{total - 1}/{total}] training a fresh digits MLP 64→32→10 for {args.steps} steps (seed {args.seed})")
     data = digits_split(args.seed)
     curves, accuracies = {}, {}
     candidates = {
-        "learned (load_lopt)": lambda model: load_lopt(artifact, model),
+        f"learned: {Path(artifact).name if args.metatrain else artifact}": lambda model: load_lopt(artifact, model),
         "AdamW lr=1e-3": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3),
         "AdamW lr=1e-2": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-2),
     }
@@ -122,11 +125,11 @@ def main() -> None:
 
     every = max(1, args.steps // 10)
     print(f"\nmean training loss over each {every} steps")
-    print(f"{'step':>6}" + "".join(f"{name:>22}" for name in curves))
+    print(f"{'step':>6}" + "".join(f"{name:>32}" for name in curves))
     for start in range(0, args.steps, every):
         window = [sum(c[start:start + every]) / len(c[start:start + every]) for c in curves.values()]
-        print(f"{start + every:>6}" + "".join(f"{value:>22.4f}" for value in window))
-    print(f"{'test acc':>6}" + "".join(f"{accuracies[name]:>22.3f}" for name in curves))
+        print(f"{start + every:>6}" + "".join(f"{value:>32.4f}" for value in window))
+    print(f"{'test acc':>6}" + "".join(f"{accuracies[name]:>32.3f}" for name in curves))
 
     figure, axes = plt.subplots(1, 2 if meta_losses else 1, figsize=(11 if meta_losses else 6, 4), squeeze=False)
     if meta_losses:
@@ -139,7 +142,7 @@ def main() -> None:
     axis.legend()
     figure.tight_layout()
     figure.savefig(out / "demo_loss.png", dpi=120)
-    print(f"\n[4/4] plot saved to {out / 'demo_loss.png'}")
+    print(f"\n[{total}/{total}] plot saved to {out / 'demo_loss.png'}")
 
 
 if __name__ == "__main__":
