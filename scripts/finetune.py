@@ -8,10 +8,10 @@ A character-level GPT-2 (built from a GPT2Config, nothing downloaded) learns pub
    (constant LR schedule, no gradient clipping, the artifact's own lr);
 2. with AdamW — Trainer's own optimizer, with its usual recipe (linear decay, clipping at 1.0).
 
-LOPT is ``--lopt`` (a local artifact folder or a Hub repo id). Without it a *randomly
-initialised* ``small_fc_lopt`` artifact is created on the fly: lopt_hf ships no meta-trained
-optimizer yet, so expect that one to lose to AdamW — the script shows the mechanics end to end.
-Runs offline on CPU in about a minute with the defaults.
+LOPT is ``--lopt``: a shipped name (default ``lopt-hf/small-fc-lolo``, meta-trained on small image
+MLPs only — expect it to lose to AdamW on a language model; see its model card), a local artifact
+folder or a Hub repo id; ``--lopt random`` creates a *randomly initialised* ``--rule`` artifact on the
+fly. The script shows the mechanics end to end. Runs offline on CPU in under a minute with the defaults.
 """
 
 from __future__ import annotations
@@ -89,11 +89,11 @@ def plot(curves: dict[str, dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--lopt", default=None,
-                        help="learned-optimizer artifact: local folder or Hub repo id (default: create a random-init "
-                             "--rule artifact in --out; NOT meta-trained)")
+    parser.add_argument("--lopt", default="lopt-hf/small-fc-lolo",
+                        help="learned optimizer: shipped name, local folder or Hub repo id; 'random' creates a "
+                             "random-init --rule artifact in --out (NOT meta-trained)")
     parser.add_argument("--rule", default="small_fc_lopt",
-                        help="rule of the on-the-fly artifact when --lopt is not given")
+                        help="rule of the on-the-fly artifact with --lopt random")
     parser.add_argument("--lopt-lr", type=float, default=None,
                         help="multiplier of the learned step (default: the artifact's own lr, usually 1.0)")
     parser.add_argument("--adamw-lr", type=float, default=3e-3, help="AdamW learning rate")
@@ -114,7 +114,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    if args.lopt is None:
+    if args.lopt == "random":
         artifact_dir = args.out / f"{args.rule}-random-init"
         create_artifact(args.rule, seed=args.seed,
                         provenance={"source": "scripts/finetune.py: random init, not meta-trained"}
@@ -122,7 +122,7 @@ def main() -> None:
         lopt_source, meta_trained = str(artifact_dir), False
         print(f"NOTE: no --lopt given; created {artifact_dir} with RANDOMLY INITIALISED meta-parameters. It is not "
               "meta-trained, so expect it to lose to AdamW: this run shows the mechanics, not a learned optimizer's "
-              "quality. Pass --lopt <folder or user/repo> to try a meta-trained one.")
+              "quality. Pass --lopt <name, folder or user/repo> to try a meta-trained one.")
     else:
         lopt_source, meta_trained = args.lopt, None
     artifact = load_artifact(lopt_source)  # validated now; no code from the artifact is run
