@@ -131,3 +131,22 @@ def test_shipped_optimizer_trains_its_meta_training_task_better_than_adamw_defau
     learned = _train_digits(lambda model: load_lopt(name, model))
     adamw = _train_digits(lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3))
     assert learned < 0.8 * adamw, (learned, adamw)
+
+
+def test_a_shipped_optimizer_publishes_to_the_hub_with_its_plots(hub_env) -> None:
+    """`lopt-hf push lopt_hf/pretrained/NAME user/repo`: card re-rendered for the repo, every plot uploaded."""
+    from huggingface_hub import HfApi, hf_hub_download
+
+    from lopt_hf.cli import main as cli_main
+
+    folder = pretrained_path(NAMES[0])
+    repo = hub_env.repo_id("shipped")
+    assert cli_main(["push", str(folder), repo]) == 0
+    files = set(HfApi().list_repo_files(repo))
+    plots = {path.name for path in folder.glob("*.png")}
+    assert len(plots) == 3 and {"config.json", "model.safetensors", "README.md", *plots} <= files
+    card = Path(hf_hub_download(repo, "README.md")).read_text(encoding="utf-8")
+    assert f'load_lopt("{repo}", model)' in card and "## Limitations" in card
+    pushed = load_artifact(repo)
+    shipped = load_artifact(NAMES[0])
+    assert all(torch.equal(pushed.theta()[key], value) for key, value in shipped.theta().items())
