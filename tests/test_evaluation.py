@@ -244,3 +244,10 @@ def test_cli_help_and_tiny_run(tmp_path):
     bad = subprocess.run([str(BIN / "lopt-hf"), "eval", "--optimizers", "adamww", "--tasks", "digits_mlp"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "did you mean 'adamw'" in bad.stderr
+
+
+def test_long_curves_are_plotted_as_trailing_moving_averages() -> None:
+    from lopt_hf.evaluation.report import smooth
+
+    assert smooth([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert smooth([1.0, 3.0], 1) == [1.0, 3.0]
