@@ -71,7 +71,7 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 
 def smooth(curve: list[float], window: int) -> list[float]:
-    """Trailing moving average (NaN-aware: a window with any NaN is NaN)."""
+    """Trailing moving average; after a NaN (a diverged run) the rest of the curve is NaN."""
     if window <= 1:
         return list(curve)
     out, running = [], 0.0
