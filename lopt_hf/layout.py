@@ -71,21 +71,26 @@ def _permutation(layout: str, ndim: int) -> list[int] | None:
     raise ValueError(f"unknown layout {layout!r}; known layouts: {list(LAYOUTS)}")
 
 
-def to_rule_layout(tensor: Tensor, layout: str) -> Tensor:
-    """View of a torch-layout ``tensor`` in the rule (JAX) layout."""
-    order = _permutation(layout, tensor.dim())
-    return tensor if order is None else tensor.permute(order)
+def to_rule_layout(tensor: Tensor, layout: str, stacked: bool = False) -> Tensor:
+    """View of a torch-layout ``tensor`` in the rule (JAX) layout.
+
+    ``stacked``: ``tensor`` is a stack of same-layout tensors along a leading axis, which stays first.
+    """
+    order = _permutation(layout, tensor.dim() - stacked)
+    if order is None:
+        return tensor
+    return tensor.permute([0, *(axis + 1 for axis in order)] if stacked else order)
 
 
-def from_rule_layout(tensor: Tensor, layout: str) -> Tensor:
+def from_rule_layout(tensor: Tensor, layout: str, stacked: bool = False) -> Tensor:
     """Inverse of :func:`to_rule_layout`: a rule-layout ``tensor`` back in the torch layout."""
-    order = _permutation(layout, tensor.dim())
+    order = _permutation(layout, tensor.dim() - stacked)
     if order is None:
         return tensor
     inverse = [0] * len(order)
     for position, axis in enumerate(order):
         inverse[axis] = position
-    return tensor.permute(inverse)
+    return tensor.permute([0, *(axis + 1 for axis in inverse)] if stacked else inverse)
 
 
 def infer_layouts(model: nn.Module) -> dict[Tensor, str]:

@@ -27,6 +27,11 @@ torch optimizer:
 * ``set_total_steps(n)`` records the planned length of training in every param group
   (``"total_steps"``; saved with ``state_dict``) for rules and tools that need it —
   ``lopt_hf.LearnedOptimizerCallback`` sets it from ``transformers.Trainer``'s ``max_steps``;
+* a rule with ``stackable = True`` (Celo2) gets the tensors of one shape, layout, dtype and step
+  count in one ``update_stacked`` call (in stacks of at most ``STACK_NUMEL_LIMIT`` elements): a
+  transformer's repeated blocks cost a few batched kernel calls instead of one set per tensor.
+  Each tensor keeps its own state entries (views of the stacked result, so the next step stacks
+  them back for free; ``state_dict`` saves the shared storage once);
 * every ``step()`` keeps cheap statistics of what it did (:meth:`LearnedOptimizer.last_step_stats`:
   RMS of the applied update per route, tensors updated / skipped), for logging;
 * a param group with ``"route": "adamw"`` (and ``betas``, ``eps``) is stepped by plain AdamW
@@ -61,6 +66,11 @@ ROUTES = (LEARNED_ROUTE, ADAMW_ROUTE)
 ADAMW_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8}
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+# Most elements in one stack of same-shape tensors for rules with ``update_stacked``: stacking pays
+# where tensors are small (Python and kernel overhead per tensor); larger ones go alone, so a
+# stack's temporaries (e.g. Newton–Schulz's) stay bounded.
+STACK_NUMEL_LIMIT = 1 << 20
 
 
 class LearnedOptimizer(torch.optim.Optimizer):
@@ -239,17 +249,94 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self._step_stats = _StepStats()
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
-            adamw = group.get(ROUTE_KEY, LEARNED_ROUTE) == ADAMW_ROUTE
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                if param.grad.is_sparse:
-                    raise RuntimeError("LearnedOptimizer does not support sparse gradients")
-                if adamw:
-                    self._adamw_step_tensor(param, lr, weight_decay, group["betas"], group["eps"])
-                else:
+            params = [param for param in group["params"] if param.grad is not None]
+            if any(param.grad.is_sparse for param in params):
+                raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+            if group.get(ROUTE_KEY, LEARNED_ROUTE) == ADAMW_ROUTE:
+                self._adamw_step_group(params, lr, weight_decay, group["betas"], group["eps"])
+            elif getattr(self.rule, "stackable", False):
+                self._step_stacked_group(params, lr, weight_decay, rule_loss, skip_learned)
+            else:
+                for param in params:
                     self._step_tensor(param, lr, weight_decay, rule_loss, skip_learned)
         return closure_loss
+
+    def _step_stacked_group(self, params: list[Tensor], lr: float, weight_decay: float, loss: Tensor | None,
+                            skip: bool) -> None:
+        """The learned step of a group for a rule with ``update_stacked``: tensors of one shape, layout,
+        dtype, device and step count go through the rule together, in stacks of at most
+        :data:`STACK_NUMEL_LIMIT` elements (small tensors are where per-tensor overhead counts).
+        """
+        stacks: dict[tuple, list[list[Tensor]]] = {}
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state.update(self._init_param_state(param))
+            if skip:
+                self._count_skipped(state)
+                continue
+            key = (tuple(param.shape), param.dtype, param.device, self.layout_of(param), state[STEP_KEY])
+            bucket = stacks.setdefault(key, [[]])
+            if bucket[-1] and (len(bucket[-1]) + 1) * param.numel() > STACK_NUMEL_LIMIT:
+                bucket.append([])
+            bucket[-1].append(param)
+        for key, bucket in stacks.items():
+            for stack in bucket:
+                self._step_stack(stack, key[3], lr, weight_decay, loss)
+
+    def _step_stack(self, params: list[Tensor], layout: str, lr: float, weight_decay: float,
+                    loss: Tensor | None) -> None:
+        """One ``rule.update_stacked`` call for same-key tensors (see :meth:`_step_stacked_group`)."""
+        grads = _stack([param.grad.detach() for param in params]).to(torch.float32)
+        finite = _finite_rows(grads)
+        if not all(finite):  # leave those tensors (and their state) untouched, count them
+            for param, ok in zip(params, finite):
+                if not ok:
+                    self._count_skipped(self.state[param])
+            kept = [param for param, ok in zip(params, finite) if ok]
+            if kept:
+                self._step_stack(kept, layout, lr, weight_decay, loss)
+            return
+        states = [self.state[param] for param in params]
+        rule_states = {key: _stack_states([state[key] for state in states])
+                       for key in states[0] if key not in _RESERVED_KEYS}
+        param32 = _stack([param.detach() for param in params]).to(torch.float32)
+        device = params[0].device
+        loss_kwargs = {} if loss is None else {"loss": loss.to(device)}
+        direction, new_states = self.rule.update_stacked(  # type: ignore[attr-defined]
+            self.theta_on(device), to_rule_layout(param32, layout, stacked=True),
+            to_rule_layout(grads, layout, stacked=True), rule_states, states[0][STEP_KEY],
+            chunk_size=self.chunk_size, **loss_kwargs)
+        direction = from_rule_layout(direction, layout, stacked=True)
+        norms = _row_norms(direction)
+        finite = _finite_rows(direction, norms)
+        # new − old = −lr·(direction + weight_decay·param)
+        change_norms = norms if weight_decay == 0.0 else _row_norms(torch.add(direction, param32, alpha=weight_decay))
+        self._step_stats.add_stack(LEARNED_ROUTE, lr * change_norms, param32[0].numel(), finite)
+        # param·(1 − lr·weight_decay) − lr·direction, in place: in a float32 stack of copies, or — one
+        # float32 tensor whose step is finite — in the parameter itself
+        direct = len(params) == 1 and finite[0] and param32.data_ptr() == params[0].data_ptr()
+        if direct or all(finite):
+            if weight_decay != 0.0:
+                param32.mul_(1.0 - lr * weight_decay)
+            param32.sub_(direction, alpha=lr)
+        for index, (param, state, ok) in enumerate(zip(params, states, finite)):
+            if not ok:
+                self._count_skipped(state)
+                continue
+            if not direct:
+                if all(finite):
+                    param.copy_(param32[index])  # one rounding to the parameter dtype (e.g. bf16)
+                else:
+                    new_param = param32[index] if weight_decay == 0.0 else param32[index] * (1.0 - lr * weight_decay)
+                    param.copy_(new_param - lr * direction[index])
+            # views of the stacked new state: the next step stacks them back without a copy
+            state.update({key: value[:, index] for key, value in new_states.items()})
+            state[STEP_KEY] += 1
+
+    def _count_skipped(self, state: dict[str, Any]) -> None:
+        state[SKIPPED_KEY] += 1
+        self._step_stats.skipped += 1
 
     def _step_tensor(self, param: Tensor, lr: float, weight_decay: float, loss: Tensor | None = None,
                      skip: bool = False) -> None:
@@ -280,30 +367,53 @@ class LearnedOptimizer(torch.optim.Optimizer):
         state.update(new_rule_state)
         state[STEP_KEY] += 1
 
-    def _adamw_step_tensor(self, param: Tensor, lr: float, weight_decay: float, betas: tuple[float, float],
-                           eps: float) -> None:
-        """One AdamW step (optax.adamw / torch.optim.AdamW math) in float32."""
-        state = self.state[param]
-        if not state:
-            zeros = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
-            state.update({STEP_KEY: 0, SKIPPED_KEY: 0, "exp_avg": zeros, "exp_avg_sq": zeros.clone()})
-        grad32 = param.grad.detach().to(torch.float32)
-        if not bool(torch.isfinite(grad32).all()):
-            state[SKIPPED_KEY] += 1
-            self._step_stats.skipped += 1
+    def _adamw_step_group(self, params: list[Tensor], lr: float, weight_decay: float, betas: tuple[float, float],
+                          eps: float) -> None:
+        """One AdamW step (optax.adamw / torch.optim.AdamW math, float32) for a group's tensors, with
+        ``torch._foreach`` kernels; a tensor whose gradient is not finite is skipped and counted."""
+        for param in params:
+            state = self.state[param]
+            if not state:
+                zeros = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.preserve_format)
+                state.update({STEP_KEY: 0, SKIPPED_KEY: 0, "exp_avg": zeros, "exp_avg_sq": zeros.clone()})
+        if not params:
             return
+        grads = [param.grad.detach().to(torch.float32) for param in params]
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).tolist()  # see _finite_rows
+        if not all(finite):
+            finite = [ok or bool(torch.isfinite(grad).all()) for ok, grad in zip(finite, grads)]
+        by_count: dict[int, list[int]] = {}  # tensors by step count: their bias corrections agree
+        for index, (param, ok) in enumerate(zip(params, finite)):
+            if ok:
+                by_count.setdefault(self.state[param][STEP_KEY] + 1, []).append(index)
+            else:
+                self._count_skipped(self.state[param])
         beta1, beta2 = betas
-        count = state[STEP_KEY] + 1
-        exp_avg = state["exp_avg"].lerp(grad32, 1.0 - beta1)
-        exp_avg_sq = state["exp_avg_sq"] * beta2 + (1.0 - beta2) * grad32 * grad32
-        step = (exp_avg / (1.0 - beta1 ** count)) / ((exp_avg_sq / (1.0 - beta2 ** count)).sqrt() + eps)
-        param32 = param.detach().to(torch.float32)
-        new_param = param32 if weight_decay == 0.0 else param32 * (1.0 - lr * weight_decay)
-        new_param = new_param - lr * step
-        self._step_stats.add(ADAMW_ROUTE, step, new_param, param32, lr, weight_decay)
-        param.copy_(new_param)
-        state["exp_avg"], state["exp_avg_sq"] = exp_avg, exp_avg_sq
-        state[STEP_KEY] = count
+        for count, indices in by_count.items():
+            group_params = [params[i] for i in indices]
+            group_grads = [grads[i] for i in indices]
+            states = [self.state[param] for param in group_params]
+            exp_avgs = [state["exp_avg"] for state in states]
+            exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+            torch._foreach_lerp_(exp_avgs, group_grads, 1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, group_grads, group_grads, value=1.0 - beta2)
+            denominators = torch._foreach_div(exp_avg_sqs, 1.0 - beta2 ** count)
+            torch._foreach_sqrt_(denominators)
+            torch._foreach_add_(denominators, eps)
+            steps = torch._foreach_div(exp_avgs, 1.0 - beta1 ** count)
+            torch._foreach_div_(steps, denominators)
+            in_place = all(param.dtype == torch.float32 for param in group_params)
+            params32 = [param.detach() if in_place else param.detach().to(torch.float32) for param in group_params]
+            self._step_stats.add_many(ADAMW_ROUTE, steps, params32, lr, weight_decay)
+            if weight_decay != 0.0:
+                torch._foreach_mul_(params32, 1.0 - lr * weight_decay)
+            torch._foreach_add_(params32, steps, alpha=-lr)
+            if not in_place:
+                for param, new_param in zip(group_params, params32):
+                    param.copy_(new_param)  # one rounding to the parameter dtype
+            for state in states:
+                state[STEP_KEY] = count
 
     # ------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -341,6 +451,49 @@ def _scalar_loss(loss: Tensor | float) -> Tensor:
     raise TypeError(f"the loss must be a scalar tensor or a number, got {type(loss).__name__}")
 
 
+def _stack(tensors: list[Tensor]) -> Tensor:
+    """``tensors`` (one shape) stacked along a new leading axis; a view for a single tensor."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def _stack_states(tensors: list[Tensor]) -> Tensor:
+    """Per-tensor rule state ``(k, …)`` stacked along axis 1, ``(k, B, …)``, in their memory order.
+
+    Tensors that are already ``base[:, 0]``, ``base[:, 1]``, … of one ``base`` (what the previous
+    stacked step stored) give ``base`` back without a copy; column-major matrices stay column-major.
+    """
+    if len(tensors) == 1:
+        return tensors[0].unsqueeze(1)
+    base = tensors[0]._base
+    if (base is not None and base.dim() == tensors[0].dim() + 1 and base.shape[1] == len(tensors)
+            and all(tensor._base is base and tensor.shape == base[:, index].shape
+                    and tensor.stride() == base[:, index].stride()
+                    and tensor.storage_offset() == base.storage_offset() + index * base.stride(1)
+                    for index, tensor in enumerate(tensors))):
+        return base
+    if all(tensor.dim() >= 3 and not tensor.is_contiguous() and tensor.mT.is_contiguous() for tensor in tensors):
+        return torch.stack([tensor.mT for tensor in tensors], dim=1).mT
+    return torch.stack(tensors, dim=1)
+
+
+def _row_norms(stacked: Tensor) -> Tensor:
+    """The 2-norm of each tensor of a stack (leading axis)."""
+    dims = tuple(range(1, stacked.dim()))
+    return torch.linalg.vector_norm(stacked, dim=dims) if dims else stacked.abs()
+
+
+def _finite_rows(stacked: Tensor, norms: Tensor | None = None) -> list[bool]:
+    """For each tensor of a stack (leading axis): are all its elements finite? One sync.
+
+    A finite 2-norm (``norms``, computed if not given: one fast reduction) proves it; a non-finite
+    one means a NaN/inf element or an overflowing sum of squares, told apart exactly.
+    """
+    finite = torch.isfinite(_row_norms(stacked) if norms is None else norms).tolist()
+    if all(finite):
+        return finite
+    return [ok or bool(torch.isfinite(row).all()) for ok, row in zip(finite, stacked)]
+
+
 class _StepStats:
     """Running sums of one ``step()``: squared update norms per route, element and tensor counts."""
 
@@ -357,10 +510,30 @@ class _StepStats:
             squared = (lr * torch.linalg.vector_norm(direction)) ** 2
         else:
             squared = torch.linalg.vector_norm(new_param - old_param) ** 2
+        self._accumulate(route, squared, new_param.numel(), 1)
+
+    def add_stack(self, route: str, change_norms: Tensor, numel: int, committed: list[bool]) -> None:
+        """:meth:`add` for a stack of tensors of ``numel`` elements each (``change_norms``: the 2-norm of
+        each one's ``new - old``), of which those ``committed`` count."""
+        if not any(committed):
+            return
+        squared = change_norms ** 2
+        if not all(committed):
+            squared = squared[torch.tensor(committed, device=squared.device)]
+        self._accumulate(route, squared.sum(), sum(committed) * numel, sum(committed))
+
+    def add_many(self, route: str, steps: list[Tensor], params: list[Tensor], lr: float, weight_decay: float) -> None:
+        """:meth:`add` for AdamW's tensors before they change: ``new - old = -lr·(step + weight_decay·param)``."""
+        if weight_decay != 0.0:
+            steps = torch._foreach_add(steps, params, alpha=weight_decay)
+        squared = (lr * torch.stack(torch._foreach_norm(steps))) ** 2
+        self._accumulate(route, squared.sum(), sum(step.numel() for step in steps), len(steps))
+
+    def _accumulate(self, route: str, squared: Tensor, numel: int, tensors: int) -> None:
         previous = self.squared_sums.get(route)
         self.squared_sums[route] = squared if previous is None else previous + squared.to(previous.device)
-        self.numels[route] = self.numels.get(route, 0) + new_param.numel()
-        self.updated += 1
+        self.numels[route] = self.numels.get(route, 0) + numel
+        self.updated += tensors
 
     def as_dict(self) -> dict[str, float | int]:
         if not self.updated and not self.skipped:

@@ -53,6 +53,10 @@ class UpdateRule(ABC):
     name: ClassVar[str]
     # True: ``update`` requires the keyword ``loss`` (the training loss of the batch, a scalar).
     needs_loss: ClassVar[bool] = False
+    # True: the rule also has ``update_stacked(theta, params, grads, states, step, chunk_size)`` for B
+    # same-shape tensors stacked on a leading axis (state tensors stacked on axis 1), returning each
+    # tensor's own ``update``; ``LearnedOptimizer`` then steps same-shape tensors together.
+    stackable: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- hyper-parameters
     def hyperparameters(self) -> dict[str, Any]:
