@@ -33,6 +33,7 @@ from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 import lopt_hf  # noqa: E402
 from lopt_hf import LearnedOptimizerCallback, create_artifact, load_artifact, trainer_optimizer  # noqa: E402
+from lopt_hf.evaluation import smooth  # noqa: E402
 from lopt_hf.evaluation.lm import (DEFAULT_TEXT, logged_losses, make_char_data, make_char_gpt2,  # noqa: E402
                                    trainer_arguments)
 
@@ -57,16 +58,6 @@ def run(name: str, trainer: Trainer, eval_dataset: Dataset) -> dict:
           f"train loss {losses[0]:.3f} -> {sum(losses[-10:]) / len(losses[-10:]):.3f} (mean of last 10), "
           f"held-out loss {eval_loss:.3f}")
     return {"losses": losses, "eval_loss": eval_loss, "seconds": seconds}
-
-
-def smooth(values: list[float], window: int) -> list[float]:
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def plot(curves: dict[str, dict], path: Path, title: str) -> None:

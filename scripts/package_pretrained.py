@@ -7,8 +7,9 @@
 1. exports the run's newest checkpoint (``lopt_hf.metatrain.export``: config.json with the
    meta-training provenance, model.safetensors, meta-loss plot);
 2. evaluates it with ``lopt_hf.evaluation`` against AdamW (lr 1e-3, and the best lr of a small grid)
-   at 1× and 10× the meta-training horizon (``estimator.max_unroll`` inner steps), writing the full
-   reports to ``docs/pretrained/<name>/eval_<steps>/`` (results.json, curves.png, results.md);
+   at 1× and 10× the meta-training horizon (``estimator.max_unroll`` inner steps), writing the
+   reports to ``docs/pretrained/<name>/eval_<steps>/`` (results.json without per-seed curves,
+   curves.png, results.md);
 3. writes the artifact, its model card (meta-training table, meta-loss plot, both evaluation tables
    and plots, limitations, the command and seed that reproduce it) into
    ``lopt_hf/pretrained/<name>/``, where ``load_lopt("lopt-hf/<name>", model)`` finds it offline.
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from lopt_hf import load_artifact
-    from lopt_hf.evaluation import markdown_table, plot_curves, run_evaluation, write_report
+    from lopt_hf.evaluation import compact_results, markdown_table, plot_curves, run_evaluation, write_report
     from lopt_hf.metatrain.checkpoint import latest_checkpoint, read_trainer_state
     from lopt_hf.metatrain.export import META_LOSS_PLOT, export_checkpoint, plot_meta_loss
     from lopt_hf.pretrained import NAMESPACE, SHIPPED
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 results = run_evaluation(args.tasks, [f"{args.name}={staging}", *BASELINES], steps=steps,
                                          seeds=args.seeds, progress=True, threads=args.threads)
                 results["settings"]["checkpoint"] = checkpoint.name
-            write_report(results, reports / f"eval_{steps}")
+            write_report(compact_results(results), reports / f"eval_{steps}")  # kept in git: no per-seed curves
             plot_name = f"evaluation_{steps}_steps.png"
             plot_curves(results, staging / plot_name, dpi=60)  # small: it ships inside the package
             sections.append({"title": f"{multiple}× the meta-training horizon: {steps} steps",

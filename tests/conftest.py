@@ -224,3 +224,17 @@ def single_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def celo2_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Both Celo2 variants converted from the reference ``celo2_theta1.state`` (lopt-hf convert celo2)."""
+    from lopt_hf.convert.celo2 import convert_celo2
+    from refvectors import FIXTURES
+
+    root = tmp_path_factory.mktemp("celo2_artifacts")
+    folders = {}
+    for variant in ("celo2", "celo2-base"):
+        folders[variant] = root / variant
+        convert_celo2(FIXTURES / "celo2_theta1.state", folders[variant], variant=variant)
+    return folders

@@ -10,26 +10,14 @@ import torch
 from torch import nn
 
 from lopt_hf.bench import benchmark_names, make_mlp, make_optimizer
-from lopt_hf.convert.celo2 import convert_celo2
 from lopt_hf.harness import HarnessError, adamw_parameter_names, resolve_harness
 from lopt_hf.hub import load_artifact
 from lopt_hf.layout import AS_IS, CONV, CONV_TRANSPOSE, LINEAR, from_rule_layout, infer_layouts, to_rule_layout
 from lopt_hf.load import load_lopt
 from lopt_hf.optim import LearnedOptimizer
 from lopt_hf.rules import build_rule
-from refvectors import FIXTURES
 
 LR = 0.01
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("celo2")
-    out = {}
-    for variant in ("celo2", "celo2-base"):
-        out[variant] = root / variant
-        convert_celo2(FIXTURES / "celo2_theta1.state", out[variant], variant=variant)
-    return out
 
 
 def mlp_and_conv() -> nn.Module:
@@ -84,11 +72,11 @@ def test_layout_maps_round_trip() -> None:
     assert layouts[model[4].weight] == AS_IS
 
 
-def test_torch_model_and_jax_layout_give_identical_updates(folders) -> None:
+def test_torch_model_and_jax_layout_give_identical_updates(celo2_folders) -> None:
     """celo2-base on a torch Linear/Conv model == the rule on the same weights in JAX layout."""
     model = mlp_and_conv()
-    opt = load_lopt(folders["celo2-base"], model, lr=LR)
-    artifact = load_artifact(folders["celo2-base"])
+    opt = load_lopt(celo2_folders["celo2-base"], model, lr=LR)
+    artifact = load_artifact(celo2_folders["celo2-base"])
     rule, theta = artifact.rule, artifact.theta()
     params = jax_layout(model)
     states = {name: rule.init_state(p) for name, p in params.items()}
@@ -112,15 +100,15 @@ def test_torch_model_and_jax_layout_give_identical_updates(folders) -> None:
     set_grads(other, 0)
     plain.step()
     reference = mlp_and_conv()
-    ref_opt = load_lopt(folders["celo2-base"], reference, lr=LR)
+    ref_opt = load_lopt(celo2_folders["celo2-base"], reference, lr=LR)
     set_grads(reference, 0)
     ref_opt.step()
     assert not torch.allclose(other[0].weight, reference[0].weight, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(other[2].weight, reference[2].weight, rtol=1e-5, atol=1e-7)
 
 
-def test_bare_parameter_list_defaults_to_torch_conventions(folders) -> None:
-    artifact = load_artifact(folders["celo2-base"])
+def test_bare_parameter_list_defaults_to_torch_conventions(celo2_folders) -> None:
+    artifact = load_artifact(celo2_folders["celo2-base"])
     from_model, from_list = mlp_and_conv(), mlp_and_conv()
     opts = [load_lopt(artifact, from_model, lr=LR), load_lopt(artifact, list(from_list.parameters()), lr=LR)]
     for model, opt in zip((from_model, from_list), opts):
@@ -156,9 +144,9 @@ def lm_step(model: nn.Module, opt: torch.optim.Optimizer, seed: int) -> float:
     return loss.item()
 
 
-def test_celo2_routes_biases_norms_and_embeddings_to_adamw(folders) -> None:
+def test_celo2_routes_biases_norms_and_embeddings_to_adamw(celo2_folders) -> None:
     model = TinyLM()
-    opt = load_lopt(folders["celo2"], model, lr=2e-3, weight_decay=0.1)
+    opt = load_lopt(celo2_folders["celo2"], model, lr=2e-3, weight_decay=0.1)
     learned = [g for g in opt.param_groups if g["route"] == "learned"]
     adamw = [g for g in opt.param_groups if g["route"] == "adamw"]
     assert len(learned) == 1 and len(adamw) == 1
@@ -167,17 +155,17 @@ def test_celo2_routes_biases_norms_and_embeddings_to_adamw(folders) -> None:
     assert adamw[0]["lr"] == pytest.approx(2e-3 * 20) and learned[0]["lr"] == 2e-3
     assert adamw[0]["betas"] == (0.9, 0.95) and adamw[0]["eps"] == 1e-8
     assert adamw[0]["weight_decay"] == learned[0]["weight_decay"] == 0.1
-    assert load_artifact(folders["celo2"]).rule.orthogonalize
-    assert adamw_parameter_names(load_artifact(folders["celo2"]).config.harness, model) == [
+    assert load_artifact(celo2_folders["celo2"]).rule.orthogonalize
+    assert adamw_parameter_names(load_artifact(celo2_folders["celo2"]).config.harness, model) == [
         "embed.weight", "up.bias", "norm.weight", "norm.bias", "head.bias"]
 
 
-def test_harness_steps_match_adamw_and_the_orthogonalised_rule(folders) -> None:
+def test_harness_steps_match_adamw_and_the_orthogonalised_rule(celo2_folders) -> None:
     model, twin = TinyLM(), TinyLM()
-    opt = load_lopt(folders["celo2"], model, lr=2e-3, weight_decay=0.1)
+    opt = load_lopt(celo2_folders["celo2"], model, lr=2e-3, weight_decay=0.1)
     adamw_params = [p for name, p in twin.named_parameters() if name not in ("up.weight", "head.weight")]
     reference_adamw = torch.optim.AdamW(adamw_params, lr=2e-3 * 20, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    artifact = load_artifact(folders["celo2"])
+    artifact = load_artifact(celo2_folders["celo2"])
     rule, theta = artifact.rule, artifact.theta()
     kernels = {name: getattr(twin, name.split(".")[0]).weight.detach().t().contiguous() for name in ("up", "head")}
     states = {name: rule.init_state(k) for name, k in kernels.items()}
@@ -196,15 +184,15 @@ def test_harness_steps_match_adamw_and_the_orthogonalised_rule(folders) -> None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=f"step {step}, {name}")
 
 
-def test_harness_overrides_at_load_time(folders) -> None:
+def test_harness_overrides_at_load_time(celo2_folders) -> None:
     model = TinyLM()
-    opt = load_lopt(folders["celo2"], model, harness={"embedding_patterns": [r"^up\.weight$"]})
+    opt = load_lopt(celo2_folders["celo2"], model, harness={"embedding_patterns": [r"^up\.weight$"]})
     adamw = next(g for g in opt.param_groups if g["route"] == "adamw")
     assert any(p is model.up.weight for p in adamw["params"])
-    everything = load_lopt(folders["celo2"], model, harness=None)
+    everything = load_lopt(celo2_folders["celo2"], model, harness=None)
     assert [g["route"] for g in everything.param_groups] == ["learned"]
     with pytest.raises(HarnessError, match="no setting"):
-        load_lopt(folders["celo2"], model, harness={"mult1d": 3})
+        load_lopt(celo2_folders["celo2"], model, harness={"mult1d": 3})
     with pytest.raises(HarnessError, match="unknown harness type"):
         resolve_harness({"type": "lion"})
     with pytest.raises(HarnessError, match="adamw_betas"):
@@ -213,9 +201,9 @@ def test_harness_overrides_at_load_time(folders) -> None:
         resolve_harness({"type": "celo2", "embedding_patterns": ["(unclosed"]})
 
 
-def test_scheduler_scales_both_groups_and_state_dict_resumes_exactly(folders, tmp_path: Path) -> None:
+def test_scheduler_scales_both_groups_and_state_dict_resumes_exactly(celo2_folders, tmp_path: Path) -> None:
     model = TinyLM()
-    opt = load_lopt(folders["celo2"], model, lr=1e-3)
+    opt = load_lopt(celo2_folders["celo2"], model, lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
     lm_step(model, opt, 0)
     scheduler.step()
@@ -223,11 +211,11 @@ def test_scheduler_scales_both_groups_and_state_dict_resumes_exactly(folders, tm
     assert lrs == pytest.approx({"learned": 5e-4, "adamw": 1e-2})
 
     reference = TinyLM()
-    reference_opt = load_lopt(folders["celo2"], reference, lr=1e-3)
+    reference_opt = load_lopt(celo2_folders["celo2"], reference, lr=1e-3)
     reference_losses = [lm_step(reference, reference_opt, seed) for seed in range(6)]
 
     first = TinyLM()
-    first_opt = load_lopt(folders["celo2"], first, lr=1e-3)
+    first_opt = load_lopt(celo2_folders["celo2"], first, lr=1e-3)
     losses = [lm_step(first, first_opt, seed) for seed in range(3)]
     buffer = io.BytesIO()
     torch.save({"model": first.state_dict(), "optimizer": first_opt.state_dict()}, buffer)
@@ -235,16 +223,16 @@ def test_scheduler_scales_both_groups_and_state_dict_resumes_exactly(folders, tm
     checkpoint = torch.load(buffer, weights_only=True)
     resumed = TinyLM()
     resumed.load_state_dict(checkpoint["model"])
-    resumed_opt = load_lopt(folders["celo2"], resumed, lr=1e-3)
+    resumed_opt = load_lopt(celo2_folders["celo2"], resumed, lr=1e-3)
     resumed_opt.load_state_dict(checkpoint["optimizer"])
     losses += [lm_step(resumed, resumed_opt, seed) for seed in range(3, 6)]
     assert losses == reference_losses
     assert all(torch.equal(a, b) for a, b in zip(resumed.parameters(), reference.parameters()))
 
 
-def test_adamw_route_skips_nonfinite_gradients(folders) -> None:
+def test_adamw_route_skips_nonfinite_gradients(celo2_folders) -> None:
     model = TinyLM()
-    opt = load_lopt(folders["celo2"], model)
+    opt = load_lopt(celo2_folders["celo2"], model)
     lm_step(model, opt, 0)
     before = model.up.bias.detach().clone()
     opt.zero_grad()

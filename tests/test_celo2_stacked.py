@@ -15,24 +15,12 @@ import pytest
 import torch
 from torch import nn
 
-from lopt_hf.convert.celo2 import convert_celo2
 from lopt_hf.layout import CONV, LINEAR, from_rule_layout, to_rule_layout
 from lopt_hf.load import load_lopt
 from lopt_hf.optim import LearnedOptimizer
 from lopt_hf.rules.celo2 import Celo2
-from refvectors import FIXTURES
 
 LR = 0.01
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("celo2_stacked")
-    out = {}
-    for variant in ("celo2", "celo2-base"):
-        out[variant] = root / variant
-        convert_celo2(FIXTURES / "celo2_theta1.state", out[variant], variant=variant)
-    return out
 
 
 class Blocks(nn.Module):
@@ -88,10 +76,10 @@ def optimizer(folder: Path, model: nn.Module, rule_class: type[Celo2] | None = N
 
 
 @pytest.mark.parametrize("variant", ["celo2", "celo2-base"])
-def test_stacked_steps_equal_per_tensor_steps(folders, variant: str) -> None:
+def test_stacked_steps_equal_per_tensor_steps(celo2_folders, variant: str) -> None:
     stacked_model, single_model = Blocks(), Blocks()
-    stacked = optimizer(folders[variant], stacked_model, Recording, weight_decay=0.1)
-    single = optimizer(folders[variant], single_model, PerTensor, weight_decay=0.1)
+    stacked = optimizer(celo2_folders[variant], stacked_model, Recording, weight_decay=0.1)
+    single = optimizer(celo2_folders[variant], single_model, PerTensor, weight_decay=0.1)
     for step in range(4):
         set_grads(stacked_model, step)
         set_grads(single_model, step)
@@ -118,9 +106,9 @@ def test_stacked_steps_equal_per_tensor_steps(folders, variant: str) -> None:
         len(group["params"]) for group in stacked.param_groups if group["route"] == "learned")
 
 
-def test_nonfinite_gradient_inside_a_stack_is_skipped_alone(folders) -> None:
+def test_nonfinite_gradient_inside_a_stack_is_skipped_alone(celo2_folders) -> None:
     model, reference = Blocks(), Blocks()
-    opt, reference_opt = optimizer(folders["celo2-base"], model), optimizer(folders["celo2-base"], reference)
+    opt, reference_opt = optimizer(celo2_folders["celo2-base"], model), optimizer(celo2_folders["celo2-base"], reference)
     for step in range(2):
         for m, o in ((model, opt), (reference, reference_opt)):
             set_grads(m, step)
@@ -155,10 +143,10 @@ def test_nonfinite_gradient_inside_a_stack_is_skipped_alone(folders) -> None:
             assert torch.equal(a, b), name
 
 
-def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(folders) -> None:
+def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(celo2_folders) -> None:
     """The finite check's fast norm overflows for |g| ~ 1e30; such gradients are finite and must step."""
     model = Blocks()
-    opt = optimizer(folders["celo2"], model)  # learned stacks and the AdamW route
+    opt = optimizer(celo2_folders["celo2"], model)  # learned stacks and the AdamW route
     set_grads(model, 0)
     for param in model.parameters():
         param.grad = param.grad.sign() * 1e30
@@ -172,11 +160,11 @@ def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(folders) -> None:
 
 
 @pytest.mark.parametrize("variant", ["celo2", "celo2-base"])
-def test_checkpoint_of_stacked_state_resumes_bit_identically(folders, variant: str) -> None:
+def test_checkpoint_of_stacked_state_resumes_bit_identically(celo2_folders, variant: str) -> None:
     reference = Blocks()
-    reference_opt = optimizer(folders[variant], reference)
+    reference_opt = optimizer(celo2_folders[variant], reference)
     first = Blocks()
-    first_opt = optimizer(folders[variant], first)
+    first_opt = optimizer(celo2_folders[variant], first)
     for step in range(6):
         set_grads(reference, step)
         reference_opt.step()
@@ -195,7 +183,7 @@ def test_checkpoint_of_stacked_state_resumes_bit_identically(folders, variant: s
     assert size < 1.2 * (state_bytes + param_bytes) + 100_000
     resumed = Blocks()
     resumed.load_state_dict(checkpoint["model"])
-    resumed_opt = optimizer(folders[variant], resumed)
+    resumed_opt = optimizer(celo2_folders[variant], resumed)
     resumed_opt.load_state_dict(checkpoint["optimizer"])
     for step in range(3, 6):
         set_grads(resumed, step)
@@ -204,10 +192,10 @@ def test_checkpoint_of_stacked_state_resumes_bit_identically(folders, variant: s
 
 
 @pytest.mark.parametrize("variant", ["celo2", "celo2-base"])
-def test_bfloat16_parameters_get_the_float32_step_rounded_once(folders, variant: str) -> None:
+def test_bfloat16_parameters_get_the_float32_step_rounded_once(celo2_folders, variant: str) -> None:
     low, high = Blocks(torch.bfloat16), Blocks()
     high.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
-    low_opt, high_opt = optimizer(folders[variant], low), optimizer(folders[variant], high)
+    low_opt, high_opt = optimizer(celo2_folders[variant], low), optimizer(celo2_folders[variant], high)
     for step in range(2):
         set_grads(low, step)
         for a, b in zip(high.parameters(), low.parameters()):

@@ -253,3 +253,17 @@ def test_long_curves_are_plotted_as_trailing_moving_averages() -> None:
 
     assert smooth([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
     assert smooth([1.0, 3.0], 1) == [1.0, 3.0]
+
+
+def test_compact_results_drop_seed_curves_but_render_the_same_table(tmp_path):
+    from lopt_hf.evaluation import compact_results
+
+    results = run_evaluation(["digits_mlp"], ["adamw", "adamw-grid"], steps=4, seeds=[0, 1], progress=False,
+                             threads=1)
+    compact = compact_results(results)
+    assert markdown_table(compact) == markdown_table(results)
+    entry = compact["tasks"]["digits_mlp"]["optimizers"]["adamw"]
+    assert all("train_loss" not in run for run in entry["runs"]) and len(entry["mean_curve"]) == 4
+    assert all("train_loss" in run for run in results["tasks"]["digits_mlp"]["optimizers"]["adamw"]["runs"])
+    assert len(json.dumps(compact)) < len(json.dumps(results))
+    write_report(compact, tmp_path)

@@ -70,6 +70,27 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compact_results(results: dict[str, Any], significant_digits: int = 4) -> dict[str, Any]:
+    """A copy of ``results`` small enough to keep in a repository: per-seed curves dropped (each run keeps
+    its final numbers), mean curves rounded to ``significant_digits``. Tables and plots render the same."""
+    import copy
+
+    def shrink(entry: dict[str, Any]) -> None:
+        entry["mean_curve"] = [None if value is None else float(f"{value:.{significant_digits}g}")
+                               for value in entry.get("mean_curve", [])]
+        for run in entry.get("runs", []):
+            run.pop("train_loss", None)
+        for grid_entry in entry.get("grid", {}).values():
+            shrink(grid_entry)
+
+    compact = copy.deepcopy(results)
+    for task_results in compact.get("tasks", {}).values():
+        for entry in task_results["optimizers"].values():
+            shrink(entry)
+    compact.setdefault("settings", {})["compacted"] = f"per-seed curves dropped, mean curves to {significant_digits} digits"
+    return compact
+
+
 def smooth(curve: list[float], window: int) -> list[float]:
     """Trailing moving average; after a NaN (a diverged run) the rest of the curve is NaN."""
     if window <= 1:

@@ -241,14 +241,9 @@ def plot_meta_loss(history: Mapping[str, Sequence[float]], path: str | os.PathLi
     axis.plot(steps, losses, linewidth=0.8, alpha=0.45, label="per outer step")
     window = max(1, len(losses) // 20)
     if window > 1:
-        smoothed = []
-        running = 0.0
-        for index, value in enumerate(losses):
-            running += value
-            if index >= window:
-                running -= losses[index - window]
-            smoothed.append(running / min(index + 1, window))
-        axis.plot(steps, smoothed, linewidth=1.6, label=f"moving average ({window})")
+        from ..evaluation.report import smooth
+
+        axis.plot(steps, smooth(losses, window), linewidth=1.6, label=f"moving average ({window})")
     axis.set(xlabel="outer step", ylabel="meta-loss", title=title)
     finite = [value for value in losses if math.isfinite(value)]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
