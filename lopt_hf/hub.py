@@ -35,15 +35,13 @@ from .artifact_validation import (CONFIG_NAME, DEFAULT_OPTIMIZER_DEFAULTS, FORMA
                                   MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, ArtifactError, build_rule_checked,
                                   check_theta_tensors, expected_theta, read_config_file, read_theta_file,
                                   validate_config_dict)
+from .loader_options import UnsafeLoadOptionError, split_load_options
 from .pretrained import pretrained_path
 from .rules import UpdateRule
 
-__all__ = ["ArtifactError", "FORMAT_VERSION", "LearnedOptimizerConfig", "LearnedOptimizerModel", "create_artifact",
-           "load_artifact"]
+__all__ = ["ArtifactError", "FORMAT_VERSION", "LearnedOptimizerConfig", "LearnedOptimizerModel",
+           "UnsafeLoadOptionError", "create_artifact", "load_artifact"]
 
-# Keyword arguments transformers' Auto classes pass along that mean nothing for an artifact.
-_IGNORED_LOADER_KWARGS = frozenset({"_from_auto", "_from_pipeline", "trust_remote_code", "adapter_kwargs",
-                                    "code_revision", "_commit_hash", "name_or_path"})
 # Keyword arguments of PreTrainedConfig's constructor that from_dict may pass; anything else is a typo.
 _CONFIG_INIT_KWARGS = TRANSFORMERS_KEYS | {"name_or_path", "attn_implementation", "experts_implementation",
                                            "num_labels"}
@@ -116,8 +114,15 @@ class LearnedOptimizerConfig(PretrainedConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> Any:
         """Build from a ``config.json`` dict, validating it first (the ``AutoConfig`` path).
 
+        ``kwargs`` are what ``AutoConfig.from_pretrained`` did not use itself; they go through the same
+        policy as a load's (:mod:`lopt_hf.loader_options`), so e.g. ``AutoConfig.from_pretrained(path,
+        use_safetensors=False)`` is refused here as it is by ``AutoModel``.
+
         Raises ``ArtifactError`` naming ``<name_or_path>/config.json`` when the dict is invalid.
         """
+        split_load_options({key: value for key, value in kwargs.items()
+                            if key not in ("name_or_path", "return_unused_kwargs", "_artifact_source")},
+                           f"{cls.__name__}.from_dict")
         name_or_path = kwargs.get("name_or_path")
         source = kwargs.pop("_artifact_source", None) or (
             f"{name_or_path}/{CONFIG_NAME}" if name_or_path else f"{CONFIG_NAME} dict")
@@ -133,11 +138,13 @@ class LearnedOptimizerConfig(PretrainedConfig):
         Args:
             pretrained_model_name_or_path: local folder or Hub repo id (``"user/name"``).
             revision: branch, tag or commit on the Hub.
-            **hub_kwargs: ``cache_dir``, ``force_download``, ``local_files_only``, ``token``,
-                ``subfolder``, ``endpoint``.
+            **hub_kwargs: download options (``cache_dir``, ``force_download``, ``local_files_only``,
+                ``token``, ``subfolder``, ``endpoint``, ``proxies``, ``user_agent``, ... — whatever
+                ``hf_hub_download`` takes); see :mod:`lopt_hf.loader_options` for what is ignored or refused.
         """
-        location = _ArtifactLocation.create(pretrained_model_name_or_path, revision, hub_kwargs,
-                                            "LearnedOptimizerConfig.from_pretrained")
+        caller = "LearnedOptimizerConfig.from_pretrained"
+        options = split_load_options(hub_kwargs, caller)
+        location = _ArtifactLocation.create(pretrained_model_name_or_path, revision, options.download)
         config, _ = location.load_config()
         return config
 
@@ -326,26 +333,22 @@ class LearnedOptimizerModel(PreTrainedModel):
             config: use this config instead of the artifact's ``config.json`` (``AutoModel``
                 passes the one it already loaded and validated).
             revision: branch, tag or commit on the Hub (both files come from the same commit).
-            **kwargs: hub options ``cache_dir``, ``force_download``, ``local_files_only``, ``token``,
-                ``subfolder``, ``endpoint``; ``dtype`` / ``torch_dtype`` may only be float32 or
-                ``"auto"``; ``use_safetensors`` may not be False; transformers' bookkeeping
-                kwargs (``trust_remote_code``, ``adapter_kwargs``, ...) are ignored — code is never run.
+            **kwargs: download options (``cache_dir``, ``force_download``, ``local_files_only``, ``token``,
+                ``subfolder``, ``endpoint``, ``proxies``, ``user_agent``, ... — whatever ``hf_hub_download``
+                takes) are forwarded; ``dtype`` / ``torch_dtype`` may only be float32 or ``"auto"``;
+                options that would run code or unpickle (``trust_remote_code=True``,
+                ``use_safetensors=False``, ``weights_only=False``, ...) are refused; transformers'
+                bookkeeping and model-building options are ignored (see :mod:`lopt_hf.loader_options`).
 
         Raises:
             ArtifactError: any problem with the artifact, naming the file and the problem.
+            UnsafeLoadOptionError: an option that would run code or unpickle.
         """
         if model_args:
             raise TypeError("LearnedOptimizerModel.from_pretrained takes no extra positional arguments")
-        for key in ("dtype", "torch_dtype"):
-            value = kwargs.pop(key, None)
-            if value not in (None, "auto", "float32", torch.float32):
-                raise ValueError(f"learned-optimizer theta is float32; {key}={value!r} is not supported")
-        if kwargs.pop("use_safetensors", None) is False:
-            raise ValueError("learned-optimizer artifacts are loaded from safetensors only (use_safetensors=False)")
-        for key in _IGNORED_LOADER_KWARGS:
-            kwargs.pop(key, None)
-        location = _ArtifactLocation.create(pretrained_model_name_or_path, revision, kwargs,
-                                            "LearnedOptimizerModel.from_pretrained")
+        caller = "LearnedOptimizerModel.from_pretrained"
+        options = split_load_options(kwargs, caller)
+        location = _ArtifactLocation.create(pretrained_model_name_or_path, revision, options.download)
         if config is None:
             config, config_source = location.load_config()
         elif isinstance(config, LearnedOptimizerConfig):
@@ -442,9 +445,6 @@ def _write_atomic(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-_HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "subfolder", "endpoint")
-
-
 @dataclass
 class _ArtifactLocation:
     """Where an artifact's files come from: a local folder or a Hub repo at one revision."""
@@ -455,13 +455,10 @@ class _ArtifactLocation:
     hub_options: dict[str, Any]
 
     @classmethod
-    def create(cls, path_or_repo_id: str | os.PathLike[str], revision: str | None, options: dict[str, Any],
-               caller: str) -> "_ArtifactLocation":
-        unknown = sorted(set(options) - set(_HUB_OPTIONS))
-        if unknown:
-            raise TypeError(f"{caller} got unexpected keyword argument(s) {unknown}; hub options are "
-                            f"{list(_HUB_OPTIONS)}")
-        hub_options = {key: value for key, value in options.items() if value is not None}
+    def create(cls, path_or_repo_id: str | os.PathLike[str], revision: str | None,
+               download: dict[str, Any]) -> "_ArtifactLocation":
+        """``download``: the download options :func:`~lopt_hf.loader_options.split_load_options` kept."""
+        hub_options = {key: value for key, value in download.items() if value is not None}
         name = os.fspath(path_or_repo_id)
         if os.path.isdir(name):
             local_dir = Path(name) / hub_options.get("subfolder", "")

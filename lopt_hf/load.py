@@ -11,10 +11,9 @@ from torch import Tensor, nn
 from .harness import resolve_harness, route_parameters
 from .hub import LearnedOptimizerModel, load_artifact
 from .layout import infer_layouts
+from .loader_options import download_option_names
 from .optim import LearnedOptimizer
 
-# Keyword arguments of ``load_lopt`` that select *which* artifact to load rather than how to run it.
-HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "force_download")
 # Settings of ``LearnedOptimizer`` an artifact's ``optimizer_defaults`` or the caller may set.
 OPTIMIZER_SETTINGS = ("lr", "weight_decay", "chunk_size")
 
@@ -30,8 +29,9 @@ def load_lopt(repo_or_path: str | os.PathLike[str] | LearnedOptimizerModel,
         params_or_model: an ``nn.Module`` (all its trainable parameters) or what any torch
             optimizer accepts (tensors or param-group dicts).
         **overrides: ``lr``, ``weight_decay``, ``chunk_size`` override the artifact's
-            ``optimizer_defaults``; ``revision``, ``cache_dir``, ``token``, ``local_files_only``,
-            ``force_download`` select the artifact on the Hub; ``harness`` — a dict merged over
+            ``optimizer_defaults``; ``revision`` and the download options (``cache_dir``, ``token``,
+            ``local_files_only``, ``force_download``, ``proxies``, ... — whatever
+            ``hf_hub_download`` takes) select and fetch the artifact on the Hub; ``harness`` — a dict merged over
             the artifact's harness (e.g. ``{"embedding_patterns": [r"wte"]}``), or ``None`` to
             send every tensor through the learned rule (see :mod:`lopt_hf.harness`).
 
@@ -69,12 +69,13 @@ def resolve_artifact(repo_or_path: str | os.PathLike[str] | LearnedOptimizerMode
 
     Returns the artifact and the remaining overrides (optimizer settings and ``harness``).
     """
-    unknown = sorted(set(overrides) - set(HUB_KWARGS) - set(OPTIMIZER_SETTINGS) - {"harness"})
+    hub_names = download_option_names() | {"revision"}
+    unknown = sorted(set(overrides) - hub_names - set(OPTIMIZER_SETTINGS) - {"harness"})
     if unknown:
         raise TypeError(f"{caller} got unknown keyword argument(s) {unknown}; optimizer settings are "
-                        f"{list(OPTIMIZER_SETTINGS)} and 'harness', hub options are {list(HUB_KWARGS)}")
-    hub_kwargs = {key: value for key, value in overrides.items() if key in HUB_KWARGS}
-    rest = {key: value for key, value in overrides.items() if key not in HUB_KWARGS}
+                        f"{list(OPTIMIZER_SETTINGS)} and 'harness', hub options are {sorted(hub_names)}")
+    hub_kwargs = {key: value for key, value in overrides.items() if key in hub_names}
+    rest = {key: value for key, value in overrides.items() if key not in hub_names}
     if isinstance(repo_or_path, LearnedOptimizerModel):
         if hub_kwargs:
             raise TypeError(f"hub options {sorted(hub_kwargs)} make no sense with an already loaded artifact")

@@ -373,6 +373,7 @@ class _Handler(BaseHTTPRequestHandler):
         raw_segments = [s for s in split.path.split("/") if s != ""]
         with hub._log_lock:
             hub.requests.append((self.command, split.path))
+            hub.request_headers.append({key.lower(): value for key, value in self.headers.items()})
         try:
             if raw_segments[:1] == ["api"]:
                 self._route_api(raw_segments[1:])
@@ -703,6 +704,7 @@ class HubServer:
         self.verbose = verbose
         self.store = HubStore(user=user)
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, for assertions
+        self.request_headers: list[dict[str, str]] = []  # lower-cased headers of every request, same order
         self._log_lock = threading.Lock()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None

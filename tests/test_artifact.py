@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 import lopt_hf
 from lopt_hf import (FORMAT_VERSION, ArtifactError, LearnedOptimizerConfig, LearnedOptimizerModel, available_rules,
                      build_rule, create_artifact, load_artifact)
+from lopt_hf.loader_options import UnsafeLoadOptionError
 
 RULE = "per_param_mlp"
 
@@ -446,7 +447,9 @@ def test_pickles_are_never_loaded(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError):
         AutoModel.from_pretrained(directory)
     with pytest.raises(ArtifactError):
-        AutoModel.from_pretrained(directory, use_safetensors=None, trust_remote_code=True)
+        AutoModel.from_pretrained(directory, use_safetensors=None, trust_remote_code=False)
+    with pytest.raises(UnsafeLoadOptionError):
+        AutoModel.from_pretrained(directory, use_safetensors=False)
     assert not marker.exists()
 
     # A pickle disguised as model.safetensors is rejected as corrupt.
