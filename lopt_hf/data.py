@@ -1,4 +1,4 @@
-"""Image-classification datasets for meta-training, as small in-memory tensors.
+"""Image-classification datasets (meta-training, evaluation, tests, scripts), as small in-memory tensors.
 
 Every dataset comes out the same way: grayscale images resized to ``image_size × image_size``
 by area averaging, flattened, scaled to ``[0, 1]`` (float32), with int64 labels. Sources:

@@ -66,7 +66,7 @@ def _free_port() -> int:
 
 
 def _resolve_dataset(name: str) -> str:
-    from lopt_hf.metatrain.data import DatasetUnavailableError, load_image_dataset
+    from lopt_hf.data import DatasetUnavailableError, load_image_dataset
 
     try:
         load_image_dataset(name)

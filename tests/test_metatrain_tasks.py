@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lopt_hf.metatrain.data import (FASHION_MNIST_DIR, DatasetUnavailableError, load_image_dataset, read_idx,
+from lopt_hf.data import (FASHION_MNIST_DIR, DatasetUnavailableError, load_image_dataset, read_idx,
                                     resize_area)
 from lopt_hf.metatrain.tasks import SCALE_PREFIX, LinearRegressionTaskFamily, MLPImageTaskFamily, build_task_family
 from lopt_hf.metatrain.unroll import stack_dicts

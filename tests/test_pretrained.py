@@ -15,7 +15,7 @@ from torch import nn
 
 import lopt_hf
 from lopt_hf import ArtifactError, load_artifact, load_lopt
-from lopt_hf.metatrain.data import load_image_dataset
+from lopt_hf.data import load_image_dataset
 from lopt_hf.pretrained import SHIPPED, available_pretrained, pretrained_path
 
 NAMES = [f"lopt-hf/{short}" for short in SHIPPED]

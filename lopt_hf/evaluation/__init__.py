@@ -12,7 +12,7 @@ The same from the shell: ``lopt-hf eval --optimizers adamw adamw-grid ./my-lopt 
 Tasks are in :data:`TASKS` (:mod:`.tasks`), optimizer specs are described in :mod:`.optimizers`.
 """
 
-from ..metatrain.data import DatasetUnavailableError
+from ..data import DatasetUnavailableError
 from .optimizers import ADAMW_GRID, OptimizerSpec, OptimizerSpecError, parse_optimizer_spec
 from .report import compact_results, markdown_table, plot_curves, smooth, write_report
 from .runner import DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, DEFAULT_STEPS, run_evaluation

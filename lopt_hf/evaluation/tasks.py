@@ -23,7 +23,7 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from ..metatrain.data import DatasetUnavailableError, load_image_dataset
+from ..data import DatasetUnavailableError, load_image_dataset
 from .optimizers import OptimizerFactory
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Task(Protocol):
     description: str
 
     def check_available(self) -> None:
-        """Raise :class:`~lopt_hf.metatrain.data.DatasetUnavailableError` if the task cannot run here."""
+        """Raise :class:`~lopt_hf.data.DatasetUnavailableError` if the task cannot run here."""
 
     def run(self, make_optimizer: OptimizerFactory, *, steps: int, seed: int) -> RunRecord:
         """Train a fresh model (initialised from ``seed``) for ``steps`` steps."""
@@ -72,7 +72,7 @@ def _prepare_optimizer(optimizer: torch.optim.Optimizer, steps: int) -> None:
 
 @dataclasses.dataclass
 class ImageClassificationTask:
-    """A classifier on flattened grayscale images from :func:`lopt_hf.metatrain.data.load_image_dataset`.
+    """A classifier on flattened grayscale images from :func:`lopt_hf.data.load_image_dataset`.
 
     ``architecture`` is ``"mlp"`` (``hidden_sizes`` ReLU layers) or ``"cnn"`` (conv 1→8 3×3 pad 1,
     ReLU, conv 8→16 3×3 stride 2, ReLU, flatten, linear). Minibatches of ``batch_size`` are drawn

@@ -66,7 +66,7 @@ class TaskSection:
 
     ``dataset`` is one name or a list (each task draws one uniformly; all need the same number
     of classes): ``digits`` (scikit-learn, offline), ``fashion_mnist``, ``mnist`` or a Hugging
-    Face ``datasets`` id (see ``lopt_hf.metatrain.data``). Images are resized to
+    Face ``datasets`` id (see ``lopt_hf.data``). Images are resized to
     ``image_size × image_size``. ``reparam_scale_range: [low, high]`` rescales every parameter
     tensor of a task by a log-uniform factor (null: no rescaling).
     """

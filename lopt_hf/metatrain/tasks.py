@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.func import grad_and_value, vmap
 
-from .data import ImageDataset, load_image_dataset
+from ..data import ImageDataset, load_image_dataset
 
 Params = dict[str, Tensor]
 TaskDescriptor = dict[str, Tensor]
