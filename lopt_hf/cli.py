@@ -60,7 +60,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .metatrain.export import push_artifact_folder
+    from .publish.push import push_artifact_folder
 
     # Validates before anything is uploaded; also uploads the images the card shows (meta-loss plot).
     url = push_artifact_folder(args.directory, args.repo_id, private=args.private, revision=args.revision,
@@ -73,7 +73,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .metatrain.checkpoint import CheckpointError, latest_checkpoint
-    from .metatrain.export import export_checkpoint
+    from .publish.export import export_checkpoint
 
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "trainer_state.json").is_file():
@@ -114,7 +114,7 @@ def _cmd_card(args: argparse.Namespace) -> int:
 
 
 def _cmd_metatrain(args: argparse.Namespace) -> int:
-    from .metatrain.trainer import main as metatrain_main
+    from .publish.metatrain_command import main as metatrain_main
 
     return metatrain_main(args.metatrain_args, prog="lopt-hf metatrain")
 
@@ -245,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lopt-hf`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["metatrain"]:  # everything after it belongs to the meta-training parser (incl. --help)
-        from .metatrain.trainer import main as metatrain_main
+        from .publish.metatrain_command import main as metatrain_main
 
         return metatrain_main(argv[1:], prog="lopt-hf metatrain")
     args = build_parser().parse_args(argv)

@@ -39,14 +39,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def metatrain(out: Path, overrides: list[str]) -> tuple[Path, list[float]]:
     """Run the quickstart config into ``out/run``; return the exported artifact and meta-losses."""
     from lopt_hf.metatrain.config import load_config
-    from lopt_hf.metatrain.trainer import MetaTrainer
+    from lopt_hf.publish.metatrain_command import train_and_export
 
     config = load_config(REPO_ROOT / "configs" / "quickstart.yaml", [f"output_dir={out / 'run'}", *overrides])
     print(f"[1/4] meta-training {config.rule.name} with {config.estimator.name.upper()} on {config.task.dataset} "
           f"MLPs for {config.outer_steps} outer steps")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     resume = (config.run_dir / "checkpoints").exists()  # a re-run continues (or just re-exports) the last one
-    result = MetaTrainer(config, resume=resume).train()
+    result = train_and_export(config, resume=resume)
     assert result.artifact_dir is not None
     return result.artifact_dir, result.meta_losses
 

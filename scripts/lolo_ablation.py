@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 
 VARIANTS = {
     "naive PES": None,
@@ -68,40 +67,26 @@ def metatrain(name: str, lolo: dict | None, args: argparse.Namespace, root: Path
     config = config_from_dict(values)
     trainer = MetaTrainer(config, progress=False)
     start = time.perf_counter()
-    result = trainer.train(export=False)
+    result = trainer.train()
     return result.theta, result.meta_losses, time.perf_counter() - start
 
 
 def evaluate(candidates: dict, steps: int, seeds: list[int]) -> tuple[dict, dict]:
-    from lopt_hf.metatrain.export import _digits_mlp, _digits_split
+    """Train the ``digits_mlp`` evaluation task (64-32-10 MLP, batch 128) with every candidate from every seed."""
+    from lopt_hf.evaluation.tasks import get_task
 
-    train_x, train_y, test_x, test_y = _digits_split()
+    task = get_task("digits_mlp")
     curves, finals = {}, {}
     tail = max(1, steps // 10)
     for name, make in candidates.items():
         runs, rows = [], []
         for seed in seeds:
-            model = _digits_mlp([32], seed)
-            optimizer = make(model)
-            generator = torch.Generator().manual_seed(seed)
-            losses = []
-            for _ in range(steps):
-                batch = torch.randint(0, len(train_x), (128,), generator=generator)
-                loss = nn.functional.cross_entropy(model(train_x[batch]), train_y[batch])
-                optimizer.zero_grad()
-                loss.backward()
-                if hasattr(optimizer, "record_loss"):
-                    optimizer.record_loss(loss)
-                optimizer.step()
-                value = float(loss.detach())
-                losses.append(value if math.isfinite(value) else float("inf"))
-            with torch.no_grad():
-                logits = model(test_x)
-                test_loss = float(nn.functional.cross_entropy(logits, test_y))
-                accuracy = float((logits.argmax(1) == test_y).float().mean())
+            record = task.run(make, steps=steps, seed=seed)
+            losses = [value if math.isfinite(value) else float("inf") for value in record.train_losses]
+            losses += [float("inf")] * (steps - len(losses))  # a diverged run stops at its first non-finite loss
             runs.append(losses)
-            rows.append((sum(losses[-tail:]) / tail, sum(losses[:steps // 10]) / max(1, steps // 10), test_loss,
-                         accuracy))
+            rows.append((sum(losses[-tail:]) / tail, sum(losses[:steps // 10]) / max(1, steps // 10),
+                         record.test_loss, record.test_accuracy))
         curves[name] = [sum(run[i] for run in runs) / len(runs) for i in range(steps)]
         mean = lambda i: sum(row[i] for row in rows) / len(rows)
         finals[name] = {f"train loss (last {tail})": mean(0), f"train loss (first {steps // 10}, = meta-train horizon)":
@@ -158,22 +143,18 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from lopt_hf.plotting import smooth
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for name, curve in curves.items():
-        window = 10
-        smooth = [sum(curve[max(0, i - window + 1):i + 1]) / len(curve[max(0, i - window + 1):i + 1])
-                  for i in range(len(curve))]
-        axes[0].plot(smooth, label=name, linestyle="--" if name.startswith("AdamW") else "-")
+        axes[0].plot(smooth(curve, 10), label=name, linestyle="--" if name.startswith("AdamW") else "-")
     axes[0].axvline(args.unroll, color="grey", linewidth=0.8, linestyle=":", label="meta-train unroll")
     axes[0].set_yscale("log")
     axes[0].set(xlabel="inner step", ylabel="train loss (mean over seeds, smoothed)",
                 title=f"evaluation at {steps} steps ({args.eval_factor}× meta-train unroll)")
     axes[0].legend(fontsize=8)
     for name, curve in meta_curves.items():
-        window = 20
-        smooth = [sum(curve[max(0, i - window + 1):i + 1]) / len(curve[max(0, i - window + 1):i + 1])
-                  for i in range(len(curve))]
-        axes[1].plot(smooth, label=name)
+        axes[1].plot(smooth(curve, 20), label=name)
     axes[1].set(xlabel="outer step", ylabel="meta-loss (task, smoothed)", title="meta-training")
     axes[1].legend(fontsize=8)
     fig.tight_layout()

@@ -4,7 +4,7 @@
     python scripts/package_pretrained.py small-fc-lolo runs/small_fc_lolo \\
         --limitations docs/pretrained/small-fc-lolo/limitations.md
 
-1. exports the run's newest checkpoint (``lopt_hf.metatrain.export``: config.json with the
+1. exports the run's newest checkpoint (``lopt_hf.publish.export``: config.json with the
    meta-training provenance, model.safetensors, meta-loss plot);
 2. evaluates it with ``lopt_hf.evaluation`` against AdamW (lr 1e-3, and the best lr of a small grid)
    at 1× and 10× the meta-training horizon (``estimator.max_unroll`` inner steps), writing the
@@ -45,6 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--multiples", nargs="+", type=int, default=[1, 10],
                         help="evaluation lengths as multiples of the meta-training horizon")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--root", type=Path, default=REPO_ROOT,
+                        help="write lopt_hf/pretrained/<name>/ and docs/pretrained/<name>/ under this folder "
+                             "(default: this repository)")
     parser.add_argument("--reuse-evaluation", action="store_true",
                         help="take the evaluation from docs/pretrained/<name>/eval_<steps>/results.json written by an "
                              "earlier run of this script for the same checkpoint (e.g. to re-render the card with new "
@@ -57,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     from lopt_hf import load_artifact
     from lopt_hf.evaluation import compact_results, markdown_table, plot_curves, run_evaluation, write_report
     from lopt_hf.metatrain.checkpoint import latest_checkpoint, read_trainer_state
-    from lopt_hf.metatrain.export import META_LOSS_PLOT, export_checkpoint, plot_meta_loss
+    from lopt_hf.plotting import plot_meta_loss
+    from lopt_hf.publish.export import META_LOSS_PLOT, export_checkpoint
     from lopt_hf.pretrained import NAMESPACE, SHIPPED
 
     if args.name not in SHIPPED:
@@ -68,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint is None:
         print(f"package_pretrained: no checkpoint under {args.run_dir}/checkpoints", file=sys.stderr)
         return 2
-    target = REPO_ROOT / "lopt_hf" / "pretrained" / args.name
-    reports = REPO_ROOT / "docs" / "pretrained" / args.name
+    target = args.root / "lopt_hf" / "pretrained" / args.name
+    reports = args.root / "docs" / "pretrained" / args.name
 
     with tempfile.TemporaryDirectory() as tmp:
         staging = Path(tmp) / args.name

@@ -19,14 +19,21 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     evaluation:      {steps: 200, tasks: [digits_mlp], ...}   # post-training evaluation for the model card
     lolo: null                    # LoLO (PES only): {buffer_size: 4, p_threshold: 0.5, behaviour_cloning: true, expert_lr: 0.001}
 
-Unknown keys are errors naming the key (``estimator.num_task: unknown key; did you mean
-'num_tasks'?``), values are checked against the field types, and any value can be overridden
-from the command line with ``--set estimator.num_tasks=8`` or ``--estimator.num_tasks 8``
-(values are parsed as YAML, so ``--set task.hidden_sizes=[64,32]`` works).
+The schema is the dataclasses below (the ``estimator:`` section reuses
+:class:`~lopt_hf.metatrain.estimators.EstimatorOptions`, so YAML runs and direct estimator calls
+share one set of defaults); ``dacite`` builds them from the parsed YAML, strictly. Unknown keys
+are errors naming the key (``estimator.num_task: unknown key; did you mean 'num_tasks'?``),
+values are checked against the field types, and any value can be overridden from the command
+line with ``--set estimator.num_tasks=8`` or ``--estimator.num_tasks 8`` (values are parsed as
+YAML, so ``--set task.hidden_sizes=[64,32]`` works).
+
+The names in ``evaluation.tasks`` are checked where the evaluation runs
+(``lopt_hf.publish``): meta-training does not depend on the evaluation harness.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import re
@@ -36,7 +43,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import dacite
 import yaml
+
+from .estimators import EstimatorOptions
 
 __all__ = ["ConfigError", "MetaTrainConfig", "RuleSection", "TaskSection", "EstimatorSection",
            "MetaOptimizerSection", "CardSection", "EvaluationSection", "load_config", "config_from_dict",
@@ -87,25 +97,33 @@ class TaskSection:
                 "param_scale_range": list(self.reparam_scale_range or [1.0, 1.0]), "cache_dir": self.data_dir}
 
 
-@dataclass
-class EstimatorSection:
-    """The meta-gradient estimator (``lopt_hf.metatrain.estimators.build_estimator``)."""
+@dataclass(frozen=True)
+class _EstimatorChoice:
+    """The two keys of the ``estimator:`` section that are not estimator hyper-parameters."""
 
     name: str = "pes"
     num_tasks: int = 8  # task slots (inner problems) per outer step, split across processes
-    truncation_length: int = 10  # inner steps per outer step (truncated estimators)
-    min_unroll: int = 50  # each inner problem runs a length drawn from [min_unroll, max_unroll]
-    max_unroll: int = 100
-    std: float = 0.01  # ES / PES perturbation standard deviation
-    num_antithetic: int = 1  # antithetic pairs per task slot (ES / PES)
-    stagger: bool = True  # first trajectories get lengths uniform in [1, L] so slots do not reset in lock-step
-    compile: bool = True  # Inductor-compiled inner step (seconds to compile once; much faster per step)
+
+
+@dataclass(frozen=True)
+class EstimatorSection(EstimatorOptions, _EstimatorChoice):
+    """The meta-gradient estimator (``lopt_hf.metatrain.estimators.build_estimator``).
+
+    ``name`` and ``num_tasks``, then every :class:`EstimatorOptions` field with its default
+    (dataclass fields follow the reversed MRO, so ``name`` and ``num_tasks`` come first, as
+    they always have in saved configs).
+    """
+
+    def __post_init__(self) -> None:
+        try:
+            super().__post_init__()
+        except ValueError as err:
+            raise ConfigError(f"estimator.{err}") from None
 
     def options(self, seed: int) -> dict[str, Any]:
         """Keyword arguments of ``estimators.build_estimator``."""
-        return {"truncation_length": self.truncation_length, "min_unroll": self.min_unroll,
-                "max_unroll": self.max_unroll, "std": self.std, "num_antithetic": self.num_antithetic,
-                "seed": seed, "stagger": self.stagger, "compile": self.compile}
+        return {"seed": seed, **{item.name: getattr(self, item.name)
+                                 for item in dataclasses.fields(EstimatorOptions)}}
 
 
 @dataclass
@@ -138,7 +156,8 @@ class EvaluationSection:
     meta-training started from (``random init θ₀``) and AdamW at every lr of ``adamw_lrs`` (the
     default 1e-3 and a tuned-for-small-MLPs 1e-2, so the card does not only compare against an
     untuned baseline) each train every task of ``tasks`` (names from ``lopt_hf.evaluation.TASKS``,
-    which define model and batch size) for ``steps`` steps from every seed of ``seeds``.
+    which define model and batch size; checked by ``lopt_hf.publish``, which runs the evaluation)
+    for ``steps`` steps from every seed of ``seeds``.
     """
 
     steps: int = 0
@@ -214,12 +233,6 @@ def _check_values(config: MetaTrainConfig) -> None:
     need(estimator.name in ESTIMATOR_NAMES, "estimator.name",
          f"unknown estimator {estimator.name!r}; choose one of {list(ESTIMATOR_NAMES)}")
     need(estimator.num_tasks >= 1, "estimator.num_tasks", f"must be >= 1, got {estimator.num_tasks}")
-    need(estimator.truncation_length >= 1, "estimator.truncation_length",
-         f"must be >= 1, got {estimator.truncation_length}")
-    need(1 <= estimator.min_unroll <= estimator.max_unroll, "estimator.min_unroll",
-         f"need 1 <= min_unroll <= max_unroll, got {estimator.min_unroll} and {estimator.max_unroll}")
-    need(estimator.std > 0, "estimator.std", f"must be > 0, got {estimator.std}")
-    need(estimator.num_antithetic >= 1, "estimator.num_antithetic", f"must be >= 1, got {estimator.num_antithetic}")
     meta = config.meta_optimizer
     need(meta.lr > 0, "meta_optimizer.lr", f"must be > 0, got {meta.lr}")
     need(meta.weight_decay >= 0, "meta_optimizer.weight_decay", f"must be >= 0, got {meta.weight_decay}")
@@ -263,15 +276,8 @@ def _check_values(config: MetaTrainConfig) -> None:
 
 
 def _check_evaluation(evaluation: EvaluationSection, need: Any) -> None:
-    from ..evaluation.tasks import TASKS, UnknownTaskError, get_task
-
     need(evaluation.steps >= 0, "evaluation.steps", f"must be >= 0, got {evaluation.steps}")
-    need(bool(evaluation.tasks), "evaluation.tasks", f"name at least one task of {list(TASKS)}")
-    for name in evaluation.tasks:
-        try:
-            get_task(name)
-        except UnknownTaskError as err:
-            raise ConfigError(f"evaluation.tasks: {err}") from None
+    need(bool(evaluation.tasks), "evaluation.tasks", "name at least one task (see lopt_hf.evaluation.TASKS)")
     need(len(set(evaluation.tasks)) == len(evaluation.tasks), "evaluation.tasks",
          f"names a task twice: {evaluation.tasks}")
     need(bool(evaluation.seeds) and len(set(evaluation.seeds)) == len(evaluation.seeds), "evaluation.seeds",
@@ -315,14 +321,18 @@ def config_from_dict(values: Any, *, source: str = "config", stored: bool = Fals
         values = {}
     if stored:
         values = _drop_removed_keys(values)
-    config = _build(MetaTrainConfig, values, prefix="", source=source)
-    assert isinstance(config, MetaTrainConfig)
-    return config
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: config must be a mapping, got {type(values).__name__} {values!r}")
+    _check_keys(MetaTrainConfig, values, prefix="", source=source)
+    try:
+        return dacite.from_dict(MetaTrainConfig, values, config=_DACITE)
+    except dacite.WrongTypeError as err:
+        raise ConfigError(f"{source}: {_wrong_type_message(err)}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def _drop_removed_keys(values: Any) -> Any:
-    import copy
-
     if not isinstance(values, dict):
         return values
     values = copy.deepcopy(values)
@@ -396,8 +406,6 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
     Keys are checked against the config schema so a typo fails naming the key.
     """
-    import copy
-
     result = copy.deepcopy(values)
     for text in overrides:
         key, value = parse_override(text)
@@ -427,7 +435,7 @@ def _check_key_path(parts: list[str], text: str) -> None:
         cls = hints[part]
 
 
-# ============================================================================ conversion
+# ====================================================================== building (dacite)
 
 
 def _unknown_key_message(dotted: str, key: str, known: Any) -> str:
@@ -438,89 +446,67 @@ def _unknown_key_message(dotted: str, key: str, known: Any) -> str:
     return f"{dotted}: unknown key{hint} (known: {', '.join(sorted(known))})"
 
 
-def _build(cls: type, values: Any, *, prefix: str, source: str) -> Any:
-    where = prefix.rstrip(".") or "config"
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {type(values).__name__} {values!r}")
+def _check_keys(cls: type, values: dict[str, Any], *, prefix: str, source: str) -> None:
+    """Every key of ``values`` (and of its sections) must be a field; the error names the key and a near miss.
+
+    dacite's strict mode rejects unknown keys too, but without the section path or a suggestion.
+    """
     hints = typing.get_type_hints(cls)
-    unknown = [key for key in values if key not in hints]
-    if unknown:
-        raise ConfigError(f"{source}: {_unknown_key_message(prefix + str(unknown[0]), str(unknown[0]), hints)}")
-    kwargs = {key: _convert(hints[key], value, prefix + key, source) for key, value in values.items()}
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:
-        raise ConfigError(f"{source}: {err}") from None
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"{source}: {_unknown_key_message(prefix + str(key), str(key), hints)}")
+        section = hints[key]
+        if dataclasses.is_dataclass(section) and isinstance(value, dict):
+            _check_keys(section, value, prefix=f"{prefix}{key}.", source=source)
 
 
-def _convert(annotation: Any, value: Any, key: str, source: str) -> Any:
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(option, value, key, source)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else
-                          f"{source}: {key}: expected {_type_name(annotation)}, got {value!r}")
-    if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
-        return _build(annotation, {} if value is None else value, prefix=key + ".", source=source)
+def _to_int(value: Any) -> Any:
+    """YAML reads ``1e5`` as a float: integral numbers (and number strings) become ints; bools are refused."""
+    if isinstance(value, bool):
+        raise dacite.WrongTypeError(field_type=int, value=value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return value  # dacite reports the wrong type
+        return int(number) if number.is_integer() else value
+    return value
 
-    def bad() -> ConfigError:
-        return ConfigError(f"{source}: {key}: expected {_type_name(annotation)}, got {value!r}")
 
-    if annotation is Any:
-        return value
-    if origin is list:
-        (item_type,) = typing.get_args(annotation) or (Any,)
-        if isinstance(value, tuple):
-            value = list(value)
-        if not isinstance(value, list):
-            raise bad()
-        return [_convert(item_type, item, f"{key}[{index}]", source) for index, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise bad()
-        return {str(k): v for k, v in value.items()}
-    if annotation is bool:
-        if not isinstance(value, bool):
-            raise bad()
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)  # 1e5 in YAML is a float
-            if isinstance(value, str):
-                try:
-                    number = float(value)
-                except ValueError:
-                    raise bad() from None
-                if number.is_integer():
-                    return int(number)
-            raise bad()
-        return value
-    if annotation is float:
-        if isinstance(value, bool):
-            raise bad()
-        if isinstance(value, (int, float)):
+def _to_float(value: Any) -> Any:
+    """Ints and number strings (PyYAML reads ``1e-3`` without a dot as a string) become floats; bools are refused."""
+    if isinstance(value, bool):
+        raise dacite.WrongTypeError(field_type=float, value=value)
+    if isinstance(value, (int, str)):
+        try:
             return float(value)
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                raise bad() from None
-        raise bad()
-    if annotation is str:
-        if not isinstance(value, str):
-            raise bad()
-        return value
-    raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+        except ValueError:
+            return value  # dacite reports the wrong type
+    return value
+
+
+def _to_bool(value: Any) -> Any:
+    if not isinstance(value, bool):  # dacite would accept nothing else either; say so with the field's path
+        raise dacite.WrongTypeError(field_type=bool, value=value)
+    return value
+
+
+_SECTIONS = (RuleSection, TaskSection, EstimatorSection, MetaOptimizerSection, CardSection, EvaluationSection)
+_DACITE = dacite.Config(
+    strict=True,
+    type_hooks={int: _to_int, float: _to_float, bool: _to_bool,
+                # an empty section (`card:` with nothing under it) is all defaults
+                **{section: (lambda value: {} if value is None else value) for section in _SECTIONS}},
+)
+
+
+def _wrong_type_message(err: dacite.WrongTypeError) -> str:
+    key = err.field_path or "config"
+    if dataclasses.is_dataclass(err.field_type):
+        return f"{key} must be a mapping, got {type(err.value).__name__} {err.value!r}"
+    return f"{key}: expected {_type_name(err.field_type)}, got {err.value!r}"
 
 
 def _type_name(annotation: Any) -> str:

@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
@@ -58,7 +58,7 @@ from torch import Tensor
 
 from ..rules.base import UpdateRule
 from .tasks import Batch, Params, TaskDescriptor, TaskFamily
-from .unroll import InnerProblems, VectorizedInnerTrainer, run_unroll, stack_dicts
+from .unroll import InnerProblems, InnerStep, VectorizedInnerTrainer, run_unroll, stack_dicts
 
 Theta = dict[str, Tensor]
 EstimatorState = dict[str, Tensor]
@@ -106,28 +106,32 @@ def slot_generator(seed: int, task_id: int, outer_step: int, purpose: str, index
 # --------------------------------------------------------------------------------- options
 @dataclasses.dataclass(frozen=True)
 class EstimatorOptions:
-    """Options shared by all estimators (each ignores those it does not use)."""
+    """Hyper-parameters shared by all estimators (each ignores those it does not use).
+
+    The one definition of these options: a config's ``estimator:`` section
+    (``lopt_hf.metatrain.config.EstimatorSection``) is this class plus the estimator's name and
+    task-slot count, so a YAML run and a direct :func:`build_estimator` call share defaults.
+    An invalid value raises ``ValueError("<field>: <what is wrong>")``.
+    """
 
     truncation_length: int = 10  # inner steps per estimate (truncated estimators)
-    min_unroll: int = 100  # trajectory lengths are log-uniform in [min_unroll, max_unroll]
-    max_unroll: int = 1000
+    min_unroll: int = 50  # trajectory lengths are log-uniform in [min_unroll, max_unroll]
+    max_unroll: int = 100
     std: float = 0.01  # perturbation standard deviation (ES, PES)
     num_antithetic: int = 1  # antithetic pairs per task (ES, PES)
-    seed: int = 0
     stagger: bool = True  # first trajectory of each slot gets a length uniform in [1, L]
     compile: bool = True  # Inductor-compiled inner step (see unroll.py); False runs eagerly
 
     def __post_init__(self) -> None:
         if self.truncation_length < 1:
-            raise ValueError(f"truncation_length must be >= 1, got {self.truncation_length}")
+            raise ValueError(f"truncation_length: must be >= 1, got {self.truncation_length}")
         if not 1 <= self.min_unroll <= self.max_unroll:
-            raise ValueError(f"need 1 <= min_unroll <= max_unroll, got {self.min_unroll}, {self.max_unroll}")
+            raise ValueError(f"min_unroll: need 1 <= min_unroll <= max_unroll, got {self.min_unroll} and "
+                             f"{self.max_unroll}")
         if not self.std > 0:
-            raise ValueError(f"std must be positive, got {self.std}")
+            raise ValueError(f"std: must be > 0, got {self.std}")
         if self.num_antithetic < 1:
-            raise ValueError(f"num_antithetic must be >= 1, got {self.num_antithetic}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be non-negative, got {self.seed}")
+            raise ValueError(f"num_antithetic: must be >= 1, got {self.num_antithetic}")
 
 
 class _Estimator:
@@ -136,9 +140,12 @@ class _Estimator:
     name: ClassVar[str]
     uses_perturbations: ClassVar[bool] = False
 
-    def __init__(self, task_family: TaskFamily, rule: UpdateRule, **options: Any) -> None:
+    def __init__(self, task_family: TaskFamily, rule: UpdateRule, *, seed: int = 0, **options: Any) -> None:
+        if seed < 0:
+            raise ValueError(f"seed must be non-negative, got {seed}")
         self.family = task_family
         self.rule = rule
+        self.seed = int(seed)  # every slot's randomness is seeded by (seed, task id, outer step, purpose)
         self.options = EstimatorOptions(**options)
         self.trainer = VectorizedInnerTrainer(task_family, rule, compile=self.options.compile)
         for name in task_family.param_shapes:
@@ -172,7 +179,7 @@ class _Estimator:
                          segments: list[tuple[int, int, TaskDescriptor]]) -> dict[str, Tensor]:
         """A slot's batches for one truncation: each (first, end, task) segment drawn from its own seed."""
         pieces = [self.family.sample_batches(
-            piece_task, slot_generator(self.options.seed, task_id, outer_step, "data", first), end - first)
+            piece_task, slot_generator(self.seed, task_id, outer_step, "data", first), end - first)
             for first, end, piece_task in segments if end > first]
         return {key: torch.cat([piece[key] for piece in pieces]) for key in pieces[0]}
 
@@ -185,7 +192,7 @@ class _Estimator:
         """``z`` of every slot and pair: key -> (K, num_antithetic, *shape), unit normal."""
         per_task = []
         for task_id in task_ids:
-            generator = slot_generator(self.options.seed, task_id, outer_step, "perturbation")
+            generator = slot_generator(self.seed, task_id, outer_step, "perturbation")
             per_task.append({key: torch.randn((self.options.num_antithetic, *theta[key].shape), generator=generator,
                                               dtype=torch.float64).to(theta[key].dtype)
                              for key in sorted(theta)})
@@ -239,10 +246,10 @@ class _FullUnrollEstimator(_Estimator):
         """Tasks, params, lengths and data (padded to the longest length) of this call's trajectories."""
         tasks, params, lengths, batches = [], [], [], []
         for task_id in task_ids:
-            generator = slot_generator(self.options.seed, task_id, outer_step, "trajectory")
+            generator = slot_generator(self.seed, task_id, outer_step, "trajectory")
             task, init, length = self._new_trajectory(generator)
             data = self.family.sample_batches(
-                task, slot_generator(self.options.seed, task_id, outer_step, "data"), length)
+                task, slot_generator(self.seed, task_id, outer_step, "data"), length)
             tasks.append(task)
             params.append(init)
             lengths.append(length)
@@ -332,7 +339,7 @@ def _finite_grads(leaves: Theta, grads: Sequence[Tensor | None]) -> tuple[dict[s
 
 # -------------------------------------------------------------------------- truncated unrolls
 @dataclasses.dataclass
-class _TruncationPlan:
+class TruncationPlan:
     """Everything about one truncation that is decided before running it."""
 
     data: dict[str, Tensor]  # (T, K, ...)
@@ -340,6 +347,16 @@ class _TruncationPlan:
     same_trajectory: Tensor  # (T, K) bool: step t still belongs to the trajectory the truncation began in
     reset_any: Tensor  # (K,) bool: some trajectory ended inside the truncation
     final_length: Tensor  # (K,) int64: length of the trajectory each slot is in at the end
+
+
+@dataclasses.dataclass
+class TruncationRun:
+    """What the inner steps of one PES truncation produced (see ``PES._unroll_truncation``)."""
+
+    raw: Tensor  # (T, M) inner losses, each before its step's update
+    problems: InnerProblems  # the members after the truncation
+    extra_state: EstimatorState = dataclasses.field(default_factory=dict)  # state entries beside PES's own
+    extra_stats: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class _TruncatedEstimator(_Estimator):
@@ -356,7 +373,7 @@ class _TruncatedEstimator(_Estimator):
         copies = self.stored_copies
         tasks, params, lengths = [], [], []
         for task_id in task_ids:
-            generator = slot_generator(self.options.seed, task_id, outer_step, "init")
+            generator = slot_generator(self.seed, task_id, outer_step, "init")
             task, init, length = self._new_trajectory(generator)
             if self.options.stagger:
                 length = int(torch.randint(1, length + 1, (), generator=generator))
@@ -418,7 +435,7 @@ class _TruncatedEstimator(_Estimator):
                              "were given")
 
     # ------------------------------------------------------------------------------- plan
-    def _plan(self, state: EstimatorState, task_ids: Sequence[int], outer_step: int) -> _TruncationPlan:
+    def _plan(self, state: EstimatorState, task_ids: Sequence[int], outer_step: int) -> TruncationPlan:
         """Decide resets and draw data for this truncation, slot by slot (cheap Python work)."""
         horizon = self.options.truncation_length
         tasks = {key[len("task/"):]: value for key, value in state.items() if key.startswith("task/")}
@@ -432,7 +449,7 @@ class _TruncatedEstimator(_Estimator):
             start = 0
             for t in range(horizon):
                 if step >= length:
-                    generator = slot_generator(self.options.seed, task_id, outer_step, "reset", t)
+                    generator = slot_generator(self.seed, task_id, outer_step, "reset", t)
                     segments.append((start, t, task))
                     task, init, length = self._new_trajectory(generator)
                     resets.setdefault(t, []).append((slot, task, init))
@@ -444,14 +461,19 @@ class _TruncatedEstimator(_Estimator):
             per_slot_data.append(self._segment_batches(task_id, outer_step, segments))
             final_length.append(length)
         data = {key: torch.stack([item[key] for item in per_slot_data], dim=1) for key in per_slot_data[0]}
-        return _TruncationPlan(data=data, resets=resets, same_trajectory=same, reset_any=~same[-1],
+        return TruncationPlan(data=data, resets=resets, same_trajectory=same, reset_any=~same[-1],
                                final_length=torch.tensor(final_length, dtype=torch.int64))
 
-    def _run(self, theta: Theta, problems: InnerProblems, plan: _TruncationPlan,
-             members: int) -> tuple[Tensor, InnerProblems]:
-        """Unroll the truncation with resets; raw losses (T, M)."""
+    def _run(self, theta: Theta, problems: InnerProblems, plan: TruncationPlan, members: int, *,
+             before_step: Callable[[int, InnerProblems], InnerProblems] | None = None,
+             step: InnerStep | None = None) -> tuple[Tensor, InnerProblems]:
+        """Unroll the truncation with the plan's data; raw losses (T, M).
 
-        def before_step(t: int, current: InnerProblems) -> InnerProblems:
+        ``before_step`` (default: the plan's resets of finished trajectories) and ``step`` (default:
+        the learned optimizer's vectorised step) may be replaced (LoLO: buffer starts, behaviour cloning).
+        """
+
+        def apply_resets(t: int, current: InnerProblems) -> InnerProblems:
             if t not in plan.resets:
                 return current
             return self._apply_resets(current, plan.resets[t], members)
@@ -459,7 +481,8 @@ class _TruncatedEstimator(_Estimator):
         def batch_at(t: int) -> Batch:
             return self._expand({key: value[t] for key, value in plan.data.items()}, members)
 
-        return run_unroll(self.trainer, theta, problems, batch_at, self.options.truncation_length, before_step)
+        return run_unroll(self.trainer, theta, problems, batch_at, self.options.truncation_length,
+                          before_step or apply_resets, step=step)
 
     def _apply_resets(self, problems: InnerProblems, resets: list[tuple[int, TaskDescriptor, Params]],
                       members: int) -> InnerProblems:
@@ -487,7 +510,7 @@ class _TruncatedEstimator(_Estimator):
             step=put(problems.step, torch.zeros(len(rows), dtype=problems.step.dtype)),
             task={key: put(value, fresh_task[key]) for key, value in problems.task.items()})
 
-    def _reset_stats(self, plan: _TruncationPlan, state: EstimatorState) -> dict[str, float]:
+    def _reset_stats(self, plan: TruncationPlan, state: EstimatorState) -> dict[str, float]:
         return {"resets": float(sum(len(items) for items in plan.resets.values())),
                 "mean_trajectory_step": float(state["step"].double().mean())}
 
@@ -558,6 +581,17 @@ class PES(_TruncatedEstimator):
                                                       dtype=value.dtype)
                 for key, value in theta.items()}
 
+    def _unroll_truncation(self, member_theta: Theta, state: EstimatorState, plan: TruncationPlan,
+                           outer_step: int) -> TruncationRun:
+        """Run this truncation's inner steps for every member (the part subclasses such as LoLO replace)."""
+        members = self.members_per_task
+        raw, problems = self._run(member_theta, self._problems_from_state(state, members), plan, members)
+        return TruncationRun(raw=raw, problems=problems)
+
+    def _meta_signal(self, difference: Tensor, run: TruncationRun, outer_step: int) -> Tensor:
+        """The per-step signal PES aggregates (T, K, A): here the normalised loss difference ``L+ − L−``."""
+        return difference
+
     @torch.no_grad()
     def estimate(self, theta: Theta, state: EstimatorState, task_ids: Sequence[int],
                  outer_step: int) -> EstimateResult:
@@ -567,10 +601,10 @@ class PES(_TruncatedEstimator):
         horizon = self.options.truncation_length
         plan = self._plan(state, task_ids, outer_step)
         noise = self._perturbations(theta, task_ids, outer_step)
-        raw, problems = self._run(self._member_theta(theta, noise), self._problems_from_state(state, members),
-                                  plan, members)
+        run = self._unroll_truncation(self._member_theta(theta, noise), state, plan, outer_step)
+        raw, problems = run.raw, run.problems
         normalized = self.family.normalized_loss(raw).reshape(horizon, num_tasks, members)
-        difference = normalized[..., 0::2] - normalized[..., 1::2]  # (T, K, A)
+        difference = self._meta_signal(normalized[..., 0::2] - normalized[..., 1::2], run, outer_step)  # (T, K, A)
         same = plan.same_trajectory.to(difference.dtype).unsqueeze(-1)  # (T, K, 1)
         # Loss differences of the trajectory this truncation continued see every perturbation
         # of that trajectory (the accumulator); those of trajectories started inside it only z.
@@ -584,10 +618,12 @@ class PES(_TruncatedEstimator):
         for key, value in accumulated.items():  # a new trajectory's accumulator starts at its first z
             new_state[f"pes_accumulator/{key}"] = torch.where(_broadcast_mask(plan.reset_any, value), noise[key],
                                                               value).contiguous()
+        new_state.update(run.extra_state)
         per_member = normalized.mean(0)
         return EstimateResult(grad_sum=grad_sum, meta_loss_sum=per_member.mean(1).sum(), num_tasks=num_tasks,
                               new_state=new_state,
-                              stats=self._stats(normalized, raw, grad_sum, num_tasks, **self._reset_stats(plan, state)))
+                              stats=self._stats(normalized, raw, grad_sum, num_tasks, **self._reset_stats(plan, state),
+                                                **run.extra_stats))
 
 
 def _broadcast_mask(mask: Tensor, like: Tensor) -> Tensor:
@@ -607,15 +643,15 @@ ESTIMATORS: dict[str, type[_Estimator]] = {
 def build_estimator(name: str, task_family: TaskFamily, rule: UpdateRule, **options: Any) -> MetaGradientEstimator:
     """The estimator ``name`` (full_bptt, truncated_bptt, es, truncated_es, pes).
 
-    ``options``: any :class:`EstimatorOptions` field (truncation_length, min_unroll,
-    max_unroll, std, num_antithetic, seed, stagger, compile); unknown names are an error,
+    ``options``: ``seed`` and any :class:`EstimatorOptions` field (truncation_length, min_unroll,
+    max_unroll, std, num_antithetic, stagger, compile); unknown names are an error,
     options an estimator does not use are ignored.
     """
     try:
         estimator_class = ESTIMATORS[name]
     except KeyError:
         raise ValueError(f"unknown estimator {name!r}; available: {sorted(ESTIMATORS)}") from None
-    known = {field.name for field in dataclasses.fields(EstimatorOptions)}
+    known = {"seed"} | {field.name for field in dataclasses.fields(EstimatorOptions)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown estimator option(s) {unknown}; known: {sorted(known)}")

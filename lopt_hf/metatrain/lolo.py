@@ -47,16 +47,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from ..rules.base import UpdateRule
-from .estimators import (
-    PES,
-    EstimateResult,
-    EstimatorState,
-    Theta,
-    _broadcast_mask,
-    _es_grad_sum,
-    _TruncationPlan,
-    slot_generator,
-)
+from .estimators import PES, EstimatorState, Theta, TruncationPlan, TruncationRun, slot_generator
 from .tasks import Batch, TaskFamily
 from .unroll import InnerProblems
 
@@ -167,6 +158,20 @@ class _Reset:
     push_step: int
 
 
+@dataclasses.dataclass
+class _LoLOPlan(TruncationPlan):
+    """PES's plan plus where each reset trajectory starts (buffer entry or fresh) and its push step."""
+
+    lolo_resets: dict[int, list[_Reset]] = dataclasses.field(default_factory=dict)
+    final_push: Tensor | None = None  # (K,) int64
+
+
+@dataclasses.dataclass
+class _LoLORun(TruncationRun):
+    bc_loss: Tensor | None = None  # (T, M) L^bc of every step (behaviour cloning)
+    alpha: float = 1.0
+
+
 class LoLOPES(PES):
     """PES with LoLO's replay buffer and behaviour cloning (see the module docstring)."""
 
@@ -213,7 +218,7 @@ class LoLOPES(PES):
         if self.buffer is not None:
             pushes = []
             for slot, task_id in enumerate(task_ids):
-                generator = slot_generator(self.options.seed, task_id, outer_step, "lolo", 1 << 20)
+                generator = slot_generator(self.seed, task_id, outer_step, "lolo", 1 << 20)
                 pushes.append(self._push_step(generator, 0, int(state["length"][slot])))
             state["lolo/push_step"] = torch.tensor(pushes, dtype=torch.int64)
             state.update(self.buffer.empty_state(self._entry_of(state, 0), num_tasks))
@@ -230,9 +235,8 @@ class LoLOPES(PES):
         return entry
 
     # ---------------------------------------------------------------------------- plan
-    def _lolo_plan(self, state: EstimatorState, task_ids: Sequence[int],
-                   outer_step: int) -> tuple[_TruncationPlan, dict[int, list[_Reset]], Tensor]:
-        """Like ``PES._plan``, with buffer-started trajectories and push steps; also the final push steps."""
+    def _plan(self, state: EstimatorState, task_ids: Sequence[int], outer_step: int) -> _LoLOPlan:
+        """Like ``PES._plan`` (the same draws), with buffer-started trajectories and push steps."""
         horizon = self.options.truncation_length
         tasks = {key[len("task/"):]: value for key, value in state.items() if key.startswith("task/")}
         resets: dict[int, list[_Reset]] = {}
@@ -247,12 +251,12 @@ class LoLOPES(PES):
             start = 0
             for t in range(horizon):
                 if step >= length:
-                    generator = slot_generator(self.options.seed, task_id, outer_step, "reset", t)
+                    generator = slot_generator(self.seed, task_id, outer_step, "reset", t)
                     segments.append((start, t, task))
                     task, init, new_length = self._new_trajectory(generator)  # as PES: same draws
                     entry = None
                     if self.buffer is not None:
-                        decide = slot_generator(self.options.seed, task_id, outer_step, "lolo", t)
+                        decide = slot_generator(self.seed, task_id, outer_step, "lolo", t)
                         use = float(torch.rand((), generator=decide, dtype=torch.float64)) > self.lolo.p_threshold
                         if use and outer_step > 0 and head is not None:
                             entry = head
@@ -275,11 +279,11 @@ class LoLOPES(PES):
             final_length.append(length)
             final_push.append(push)
         data = {key: torch.stack([item[key] for item in per_slot_data], dim=1) for key in per_slot_data[0]}
-        plan = _TruncationPlan(data=data, resets={t: [(r.slot, r.task, r.params) for r in items]
-                                                  for t, items in resets.items()},
-                               same_trajectory=same, reset_any=~same[-1],
-                               final_length=torch.tensor(final_length, dtype=torch.int64))
-        return plan, resets, torch.tensor(final_push, dtype=torch.int64)
+        return _LoLOPlan(data=data, resets={t: [(r.slot, r.task, r.params) for r in items]
+                                            for t, items in resets.items()},
+                         same_trajectory=same, reset_any=~same[-1],
+                         final_length=torch.tensor(final_length, dtype=torch.int64),
+                         lolo_resets=resets, final_push=torch.tensor(final_push, dtype=torch.int64))
 
     def _apply_lolo_resets(self, problems: InnerProblems, expert: dict[str, Tensor] | None, items: list[_Reset],
                            members: int) -> tuple[InnerProblems, dict[str, Tensor] | None]:
@@ -334,7 +338,7 @@ class LoLOPES(PES):
         theta_dim = 0 if self.trainer.theta_is_batched(theta) else None
         rule_step = problems.step.to(torch.float32)
         if rule.needs_loss:
-            update = vmap(self.trainer._update_with_loss, in_dims=(theta_dim, 0, 0, 0, 0, 0))
+            update = vmap(self.trainer.update_with_loss, in_dims=(theta_dim, 0, 0, 0, 0, 0))
             extra: tuple[Tensor, ...] = (loss,)
         else:
             update = vmap(rule.update, in_dims=(theta_dim, 0, 0, 0, 0))
@@ -359,20 +363,14 @@ class LoLOPES(PES):
         problems = InnerProblems(params=new_params, opt_state=new_state, step=problems.step + 1, task=problems.task)
         return loss, bc, problems, new_expert
 
-    # ------------------------------------------------------------------------ estimate
-    @torch.no_grad()
-    def estimate(self, theta: Theta, state: EstimatorState, task_ids: Sequence[int],
-                 outer_step: int) -> EstimateResult:
-        self._check_theta(theta)
-        self._check_state(state, task_ids)
-        members, num_tasks = self.members_per_task, len(task_ids)
-        horizon = self.options.truncation_length
+    # ------------------------------------------------------------------- PES's injected parts
+    def _unroll_truncation(self, member_theta: Theta, state: EstimatorState, plan: TruncationPlan,
+                           outer_step: int) -> _LoLORun:
+        """PES's unroll with LoLO's resets (buffer starts), buffer pushes and (with BC) the mixed step."""
+        assert isinstance(plan, _LoLOPlan)
+        members, num_tasks = self.members_per_task, int(state["step"].shape[0])
         bc_on = self.lolo.behaviour_cloning
         alpha = self.alpha(outer_step)
-        plan, resets, _ = self._lolo_plan(state, task_ids, outer_step)
-        noise = self._perturbations(theta, task_ids, outer_step)
-        member_theta = self._member_theta(theta, noise)
-        problems = self._problems_from_state(state, members)
         expert = None
         if bc_on:
             expert = {}
@@ -383,66 +381,62 @@ class LoLOPES(PES):
                         num_tasks * members, *value.shape[2:])
         push_step = state["lolo/push_step"].clone() if self.buffer is not None else None
         pending: list[tuple[int, dict[str, Tensor]]] = []
-        losses, bcs = [], []
-        for t in range(horizon):
-            if t in resets:
-                problems, expert = self._apply_lolo_resets(problems, expert, resets[t], members)
+        bcs: list[Tensor] = []
+
+        def before_step(t: int, problems: InnerProblems) -> InnerProblems:
+            nonlocal expert
+            if t in plan.lolo_resets:
+                problems, expert = self._apply_lolo_resets(problems, expert, plan.lolo_resets[t], members)
                 if push_step is not None:
-                    for item in resets[t]:
+                    for item in plan.lolo_resets[t]:
                         push_step[item.slot] = item.push_step
             if push_step is not None:
                 steps = problems.step.reshape(num_tasks, members)[:, 0]
                 for slot in torch.nonzero(steps == push_step).flatten().tolist():
                     pending.append((slot, self._member_entry(problems, expert, slot * members)))
                     push_step[slot] = -1
-            batch = self._expand({key: value[t] for key, value in plan.data.items()}, members)
-            if bc_on:
-                loss, bc, problems, expert = self._bc_step(member_theta, problems, expert, batch, alpha)
-                bcs.append(bc)
-            else:
-                loss, problems = self.trainer.step(member_theta, problems, batch)
-            losses.append(loss)
-        raw = torch.stack(losses)
-        normalized = self.family.normalized_loss(raw).reshape(horizon, num_tasks, members)
-        difference = normalized[..., 0::2] - normalized[..., 1::2]  # (T, K, A)
+            return problems
+
+        def bc_step(theta: Theta, problems: InnerProblems, batch: Batch) -> tuple[Tensor, InnerProblems]:
+            nonlocal expert
+            assert expert is not None
+            loss, bc, problems, expert = self._bc_step(theta, problems, expert, batch, alpha)
+            bcs.append(bc)
+            return loss, problems
+
+        raw, problems = self._run(member_theta, self._problems_from_state(state, members), plan, members,
+                                  before_step=before_step, step=bc_step if bc_on else None)
+        extra_state: EstimatorState = {}
         extra_stats: dict[str, float] = {"alpha": alpha}
-        if bc_on:
-            bc_loss = torch.stack(bcs).reshape(horizon, num_tasks, members)
-            bc_difference = bc_loss[..., 0::2] - bc_loss[..., 1::2]
-            if alpha < 1.0:
-                eps = self.lolo.psi_eps
-                difference = (1.0 - alpha) * psi(bc_difference, 0, eps) + alpha * psi(difference, 0, eps)
-            extra_stats["bc_loss"] = float(bc_loss.double().mean())
-        same = plan.same_trajectory.to(difference.dtype).unsqueeze(-1)
-        old_part = (difference * same).sum(0) / horizon
-        new_part = (difference * (1.0 - same)).sum(0) / horizon
-        accumulated = {key: state[f"pes_accumulator/{key}"] + noise[key] for key in theta}
-        from_trajectory = _es_grad_sum(old_part, accumulated, self.options.std)
-        from_new = _es_grad_sum(new_part, noise, self.options.std)
-        grad_sum = {key: from_trajectory[key] + from_new[key] for key in theta}
-        new_state = self._state_from_problems(problems, plan.final_length, num_tasks)
-        for key, value in accumulated.items():
-            new_state[f"pes_accumulator/{key}"] = torch.where(_broadcast_mask(plan.reset_any, value), noise[key],
-                                                              value).contiguous()
-        if bc_on:
+        if expert is not None:
             for key, value in expert.items():
-                new_state[f"expert/{key}"] = value.reshape(num_tasks, members, *value.shape[1:]).contiguous().clone()
+                extra_state[f"expert/{key}"] = value.reshape(num_tasks, members, *value.shape[1:]).contiguous().clone()
         if self.buffer is not None:
-            for key, value in state.items():
-                if key.startswith(ReplayBuffer.PREFIX):
-                    new_state[key] = value
+            buffer = {key: value for key, value in state.items() if key.startswith(ReplayBuffer.PREFIX)}
             for slot, entry in pending:
-                new_state = self.buffer.push(new_state, slot, entry)
-            new_state["lolo/push_step"] = push_step
-            extra_stats["buffer_starts"] = float(sum(item.entry is not None for items in resets.values()
+                buffer = self.buffer.push(buffer, slot, entry)
+            extra_state.update(buffer)
+            extra_state["lolo/push_step"] = push_step
+            extra_stats["buffer_starts"] = float(sum(item.entry is not None for items in plan.lolo_resets.values()
                                                      for item in items))
             extra_stats["pushes"] = float(len(pending))
-            extra_stats["buffer_fill"] = float(new_state[ReplayBuffer.PREFIX + "count"].double().mean())
-        per_member = normalized.mean(0)
-        return EstimateResult(grad_sum=grad_sum, meta_loss_sum=per_member.mean(1).sum(), num_tasks=num_tasks,
-                              new_state=new_state,
-                              stats=self._stats(normalized, raw, grad_sum, num_tasks, **self._reset_stats(plan, state),
-                                                **extra_stats))
+            extra_stats["buffer_fill"] = float(buffer[ReplayBuffer.PREFIX + "count"].double().mean())
+        return _LoLORun(raw=raw, problems=problems, extra_state=extra_state, extra_stats=extra_stats,
+                        bc_loss=torch.stack(bcs) if bc_on else None, alpha=alpha)
+
+    def _meta_signal(self, difference: Tensor, run: TruncationRun, outer_step: int) -> Tensor:
+        """``(1−α)·ψ(Δ L^bc) + α·ψ(Δ L^task)`` with behaviour cloning (raw ``Δ L^task`` at α = 1); else PES's."""
+        assert isinstance(run, _LoLORun)
+        if run.bc_loss is None:
+            return difference
+        horizon, num_tasks = difference.shape[:2]
+        bc_loss = run.bc_loss.reshape(horizon, num_tasks, self.members_per_task)
+        if run.alpha < 1.0:
+            eps = self.lolo.psi_eps
+            bc_difference = bc_loss[..., 0::2] - bc_loss[..., 1::2]
+            difference = (1.0 - run.alpha) * psi(bc_difference, 0, eps) + run.alpha * psi(difference, 0, eps)
+        run.extra_stats["bc_loss"] = float(bc_loss.double().mean())
+        return difference
 
     def _member_entry(self, problems: InnerProblems, expert: dict[str, Tensor] | None, row: int) -> dict[str, Tensor]:
         entry = {"step": problems.step[row].clone()}

@@ -14,20 +14,18 @@ One outer step:
 
 Around it: a tqdm bar on the main process (meta-loss, steps/s, ETA), Accelerate trackers
 (TensorBoard by default: ``<run>/logs``), atomic checkpoints every ``checkpoint_every`` steps
-(``lopt_hf.metatrain.checkpoint``; ``--resume`` continues bit-for-bit), the meta-loss plot
-``<run>/meta_loss.png``, and at the end the exported artifact ``<run>/final`` (config.json,
-model.safetensors, model card, plots), optionally pushed to the Hub.
+(``lopt_hf.metatrain.checkpoint``; ``--resume`` continues bit-for-bit) and the meta-loss plot
+``<run>/meta_loss.png``. Exporting the final checkpoint as an artifact (``<run>/final``, with its
+evaluated model card, optionally pushed to the Hub) is publishing's job: the ``metatrain``
+command (:mod:`lopt_hf.publish.metatrain_command`) trains, then exports.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
 import time
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..plotting import plot_meta_loss
 from ..rules import build_rule
 from .checkpoint import (CheckpointData, CheckpointError, capture_rng_state, latest_checkpoint, list_checkpoints,
                          load_checkpoint, restore_rng_state, save_checkpoint)
-from .config import ConfigError, MetaTrainConfig, config_from_dict, config_to_dict, load_config
+from .config import ConfigError, MetaTrainConfig, config_from_dict
 
-__all__ = ["MetaTrainer", "TrainResult", "task_block", "initial_theta", "main", "build_parser"]
+__all__ = ["MetaTrainer", "TrainResult", "task_block", "initial_theta"]
 
 # Config keys a resumed run may change; anything else must match the checkpoint.
 RESUMABLE_CHANGES = ("outer_steps", "checkpoint_every", "keep_checkpoints", "log_every", "log_with", "output_dir",
@@ -71,8 +70,9 @@ class TrainResult:
     final_step: int
     theta: dict[str, Tensor]
     meta_losses: list[float]
-    artifact_dir: Path | None  # <run>/final (main process; None when export=False)
     elapsed_s: float
+    # <run>/final: set by lopt_hf.publish.train_and_export on the main process (MetaTrainer does not export)
+    artifact_dir: Path | None = None
 
 
 class MetaTrainer:
@@ -275,8 +275,6 @@ class MetaTrainer:
         return path
 
     def _write_curves(self) -> None:
-        from .export import plot_meta_loss
-
         if self.history["meta_loss"]:
             plot_meta_loss(self.history, self.run_dir / "meta_loss.png", title=f"{self.config.name}: meta-loss")
         lines = ["step,meta_loss,grad_norm"]
@@ -287,8 +285,11 @@ class MetaTrainer:
         os.replace(tmp, self.run_dir / "metrics.csv")
 
     # ------------------------------------------------------------------------------ train
-    def train(self, *, export: bool = True, stop_after: int | None = None) -> TrainResult:
-        """Run outer steps up to ``config.outer_steps`` (or ``stop_after`` more), then checkpoint and export."""
+    def train(self, *, stop_after: int | None = None) -> TrainResult:
+        """Run outer steps up to ``config.outer_steps`` (or ``stop_after`` more), then checkpoint.
+
+        The final checkpoint is the newest in ``<run>/checkpoints``; ``lopt_hf.publish`` exports it.
+        """
         from tqdm.auto import tqdm
 
         config = self.config
@@ -317,23 +318,12 @@ class MetaTrainer:
         finally:
             bar.close()
         self.save_checkpoint()
-        artifact_dir = None
-        if export and self.is_main:
-            from .export import export_checkpoint
-
-            artifact_dir = self.run_dir / "final"
-            checkpoint = latest_checkpoint(self.checkpoint_root)
-            assert checkpoint is not None
-            export_checkpoint(checkpoint, artifact_dir, push_to_hub=config.push_to_hub, progress=self.progress)
-            print(f"exported the learned optimizer to {artifact_dir}"
-                  + (f" and pushed it to {config.push_to_hub}" if config.push_to_hub else ""), file=sys.stderr)
         self.accelerator.wait_for_everyone()
         if trackers:
             self.accelerator.end_training()
         return TrainResult(run_dir=self.run_dir, final_step=self.step,
                            theta={name: value.detach().cpu().clone() for name, value in self.theta.items()},
-                           meta_losses=list(self.history["meta_loss"]), artifact_dir=artifact_dir,
-                           elapsed_s=self.elapsed_s)
+                           meta_losses=list(self.history["meta_loss"]), elapsed_s=self.elapsed_s)
 
 
 def _tracker_hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -348,106 +338,3 @@ def _tracker_hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]
         else:
             flat[name] = value
     return flat
-
-
-# =============================================================================== command
-
-
-EPILOG = """\
-examples:
-  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml
-  accelerate launch --num_processes 2 scripts/metatrain.py --config configs/small_fc_pes.yaml \\
-      --set estimator.num_tasks=16 --meta_optimizer.lr 1e-3
-  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml --resume      # after a crash
-  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml --push-to-hub you/quickstart-lopt
-  python scripts/metatrain.py --config configs/quickstart.yaml --print-config       # resolved config
-
-overrides: any config key, dotted: `--set SECTION.KEY=VALUE` (repeatable) or `--SECTION.KEY VALUE`;
-values are YAML (`--set task.hidden_sizes=[64,32]`, `--set meta_optimizer.grad_clip=null`).
-Unknown keys are errors naming the key.
-
-a run folder (output_dir, default runs/<name>) holds: config.yaml (resolved config),
-checkpoints/step-XXXXXXXX/ (newest keep_checkpoints kept), logs/ (TensorBoard), meta_loss.png,
-metrics.csv, and final/ (the exported artifact: config.json, model.safetensors, README.md, plots).
-"""
-
-
-def build_parser(prog: str = "metatrain.py") -> argparse.ArgumentParser:
-    """The argument parser of ``scripts/metatrain.py`` / ``lopt-hf metatrain``."""
-    parser = argparse.ArgumentParser(
-        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Meta-train a learned optimizer (lopt_hf) with Accelerate: tasks are split across the "
-                    "launched processes, meta-gradients all-reduced, theta updated with AdamW; progress bar, "
-                    "TensorBoard logs, atomic checkpoints, and the final artifact with its model card.")
-    parser.add_argument("--config", metavar="YAML", help="meta-training config (see configs/); default: built-in "
-                                                         "defaults")
-    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-                        help="continue the run from its newest checkpoint (or from the given checkpoint folder); "
-                             "starts fresh if the run has none")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the final artifact to this Hub repo "
-                                                                 "(sets push_to_hub)")
-    parser.add_argument("--output-dir", metavar="DIR", help="run folder (sets output_dir; default runs/<name>)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set estimator.num_tasks=8 (repeatable)")
-    parser.add_argument("--steps", type=int, metavar="N", help="shorthand for --set outer_steps=N")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-export", action="store_true", help="skip exporting <run>/final at the end")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
-    return parser
-
-
-def parse_args(argv: Sequence[str] | None = None,
-               prog: str = "metatrain.py") -> tuple[argparse.Namespace, MetaTrainConfig]:
-    """Parse the command line into the options and the resolved config."""
-    parser = build_parser(prog)
-    args, rest = parser.parse_known_args(argv)
-    overrides = list(args.overrides)
-    index = 0
-    while index < len(rest):
-        item = rest[index]
-        if not item.startswith("--") or "." not in item.split("=", 1)[0]:
-            parser.error(f"unrecognized argument {item!r} (config overrides look like --set section.key=value "
-                         f"or --section.key value)")
-        if "=" in item:
-            overrides.append(item[2:])
-            index += 1
-        elif index + 1 < len(rest):
-            overrides.append(f"{item[2:]}={rest[index + 1]}")
-            index += 2
-        else:
-            parser.error(f"{item} needs a value")
-    if args.steps is not None:
-        overrides.append(f"outer_steps={args.steps}")
-    if args.output_dir:
-        overrides.append(f"output_dir={args.output_dir}")
-    if args.push_to_hub:
-        overrides.append(f"push_to_hub={args.push_to_hub}")
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as err:
-        parser.error(str(err))
-    return args, config
-
-
-def main(argv: Sequence[str] | None = None, prog: str = "metatrain.py") -> int:
-    """Entry point of ``scripts/metatrain.py`` and ``lopt-hf metatrain``."""
-    args, config = parse_args(argv, prog)
-    if args.print_config:
-        import yaml
-
-        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
-        return 0
-    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-    try:
-        trainer = MetaTrainer(config, resume=args.resume, progress=not args.no_progress)
-        result = trainer.train(export=not args.no_export)
-    except (CheckpointError, ConfigError) as err:
-        print(f"metatrain: {err}", file=sys.stderr)
-        return 2
-    if trainer.is_main:
-        losses = result.meta_losses
-        window = max(1, min(10, len(losses) // 5 or 1))
-        print(f"done: {result.final_step} outer steps in {result.elapsed_s:.1f} s; meta-loss "
-              f"{sum(losses[:window]) / window:.4f} → {sum(losses[-window:]) / window:.4f} "
-              f"(mean of first/last {window}); run folder {result.run_dir}", file=sys.stderr)
-    return 0

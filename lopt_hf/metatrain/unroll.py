@@ -115,6 +115,10 @@ class InnerProblems:
                              step=fn(self.step), task={key: fn(value) for key, value in self.task.items()})
 
 
+# One inner step of every member: (theta, problems, batch) -> (loss (M,) before the update, problems after it).
+InnerStep = Callable[[dict[str, Tensor], "InnerProblems", Batch], tuple[Tensor, "InnerProblems"]]
+
+
 def stack_dicts(items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """``[{k: t}, ...]`` → ``{k: stack(t)}``."""
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
@@ -175,7 +179,7 @@ class VectorizedInnerTrainer:
         rule_step = step.to(torch.float32)
         if self.rule.needs_loss:
             # vmap batches positional arguments only: pass each member's loss positionally.
-            update = vmap(self._update_with_loss, in_dims=(theta_dim, 0, 0, 0, 0, 0))
+            update = vmap(self.update_with_loss, in_dims=(theta_dim, 0, 0, 0, 0, 0))
             extra: tuple[Tensor, ...] = (loss,)
         else:
             update = vmap(self.rule.update, in_dims=(theta_dim, 0, 0, 0, 0))
@@ -186,7 +190,7 @@ class VectorizedInnerTrainer:
             new_params[name] = value - delta
         return loss, new_params, new_state
 
-    def _update_with_loss(self, theta: dict[str, Tensor], param: Tensor, grad: Tensor, state: dict[str, Tensor],
+    def update_with_loss(self, theta: dict[str, Tensor], param: Tensor, grad: Tensor, state: dict[str, Tensor],
                           step: Tensor, loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """``rule.update`` with the member's inner loss (before the update) as the ``loss`` keyword."""
         return self.rule.update(theta, param, grad, state, step, loss=loss)
@@ -229,17 +233,19 @@ class VectorizedInnerTrainer:
 
 def run_unroll(trainer: VectorizedInnerTrainer, theta: dict[str, Tensor], problems: InnerProblems,
                batch_at: Callable[[int], Batch], num_steps: int,
-               before_step: Callable[[int, InnerProblems], InnerProblems] | None = None
-               ) -> tuple[Tensor, InnerProblems]:
+               before_step: Callable[[int, InnerProblems], InnerProblems] | None = None, *,
+               step: InnerStep | None = None) -> tuple[Tensor, InnerProblems]:
     """``num_steps`` inner steps; ``(losses (num_steps, M), problems)``.
 
     ``batch_at(t)`` gives step ``t``'s data (leading ``M`` axis); ``before_step(t, problems)``
-    may replace members before step ``t`` (resets of finished trajectories).
+    may replace members before step ``t`` (resets of finished trajectories); ``step`` replaces
+    ``trainer.step`` (an estimator's own inner step, e.g. LoLO's behaviour cloning).
     """
+    step = step or trainer.step
     losses = []
     for t in range(num_steps):
         if before_step is not None:
             problems = before_step(t, problems)
-        loss, problems = trainer.step(theta, problems, batch_at(t))
+        loss, problems = step(theta, problems, batch_at(t))
         losses.append(loss)
     return torch.stack(losses), problems

@@ -19,7 +19,7 @@ from lopt_hf.metatrain.checkpoint import (CheckpointData, CheckpointError, captu
 from lopt_hf.metatrain.config import load_config
 from lopt_hf.metatrain.trainer import MetaTrainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_torch_thread")  # MetaTrainer(num_threads=1) changes it; restored
 
 
@@ -122,15 +122,15 @@ def test_resume_on_a_different_process_count_re_splits_the_estimator_state(tmp_p
 
 
 def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
-    reference = trainer_for(tmp_path / "reference", "outer_steps=6").train(export=False)
+    reference = trainer_for(tmp_path / "reference", "outer_steps=6").train()
 
     first = trainer_for(tmp_path / "resumed", "outer_steps=6")
-    first.train(export=False, stop_after=3)  # saves step 2 (periodic) and step 3 (end of this call)
+    first.train(stop_after=3)  # saves step 2 (periodic) and step 3 (end of this call)
     assert [step for step, _ in list_checkpoints(first.checkpoint_root)] == [2, 3]
     del first
     second = trainer_for(tmp_path / "resumed", "outer_steps=6", resume=True)
     assert second.step == 3
-    result = second.train(export=False)
+    result = second.train()
     assert result.final_step == 6
     assert result.meta_losses == reference.meta_losses
     for name, value in reference.theta.items():
@@ -138,14 +138,14 @@ def test_resume_continues_bit_for_bit(tmp_path: Path) -> None:
 
 
 def test_resume_guards(tmp_path: Path) -> None:
-    trainer_for(tmp_path, "outer_steps=2").train(export=False)
+    trainer_for(tmp_path, "outer_steps=2").train()
     with pytest.raises(CheckpointError, match="already holds checkpoints: pass --resume"):
         trainer_for(tmp_path, "outer_steps=2")
     with pytest.raises(CheckpointError, match=r"differs from the checkpoint's in \['estimator'\]"):
         trainer_for(tmp_path, "outer_steps=4", "estimator.std=0.02", resume=True)
     # outer_steps (like logging and card settings) may change: extend a finished run.
     extended = trainer_for(tmp_path, "outer_steps=4", resume=True)
-    assert extended.step == 2 and extended.train(export=False).final_step == 4
+    assert extended.step == 2 and extended.train().final_step == 4
 
 
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
@@ -177,10 +177,9 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path: Path
     assert saved and saved[-1] < steps and all(step % every == 0 for step in saved)
     resumed = trainer_for(run_dir, f"outer_steps={steps}", f"checkpoint_every={every}", resume=True)
     assert resumed.step == saved[-1]  # at most `every` steps of work were lost
-    result = resumed.train(export=False)
+    result = resumed.train()
 
-    reference = trainer_for(tmp_path / "reference", f"outer_steps={steps}", f"checkpoint_every={every}").train(
-        export=False)
+    reference = trainer_for(tmp_path / "reference", f"outer_steps={steps}", f"checkpoint_every={every}").train()
     assert result.meta_losses == reference.meta_losses
     for name, value in reference.theta.items():
         assert torch.equal(result.theta[name], value), name

@@ -94,4 +94,4 @@ def test_two_processes_give_the_one_process_meta_gradient(tmp_path: Path) -> Non
         torch.testing.assert_close(merged.estimator_state[key].double(), value.double(), rtol=1e-4, atol=1e-5)
     resumed = MetaTrainer(load_config(None, overrides(two_dir) + [f"outer_steps={STEPS + 1}"]), resume=True,
                           progress=False)
-    assert resumed.step == STEPS and resumed.train(export=False).final_step == STEPS + 1
+    assert resumed.step == STEPS and resumed.train().final_step == STEPS + 1

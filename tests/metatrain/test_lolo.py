@@ -22,7 +22,7 @@ from lopt_hf.metatrain.tasks import LinearRegressionTaskFamily, MLPImageTaskFami
 from lopt_hf.metatrain.trainer import MetaTrainer
 from lopt_hf.rules import build_rule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
@@ -210,14 +210,14 @@ def test_config_and_trainer_resume_with_the_buffer(tmp_path: Path) -> None:
 
     reference_trainer = tiny(tmp_path / "reference")
     assert isinstance(reference_trainer.estimator, LoLOPES) and reference_trainer.estimator.total_outer_steps == 6
-    reference = reference_trainer.train(export=False)
+    reference = reference_trainer.train()
     first = tiny(tmp_path / "resumed")
-    first.train(export=False, stop_after=3)
+    first.train(stop_after=3)
     assert int(first.estimator_state["lolo_buffer/count"].sum()) > 0
     del first
     second = tiny(tmp_path / "resumed")
     assert second.step == 3 and int(second.estimator_state["lolo_buffer/count"].sum()) > 0
-    result = second.train(export=False)
+    result = second.train()
     assert result.meta_losses == reference.meta_losses
     # theta agrees to float32 rounding (measured max |Δ| 7e-9: the reloaded state's buffers are
     # aligned differently, which can change the last bit of vectorised reductions in the BC step)

@@ -62,9 +62,8 @@ def test_full_bptt_through_the_vectorised_trainer_matches_the_plain_loop(rule) -
 def trajectory(estimator, slot: int):
     from lopt_hf.metatrain.estimators import slot_generator
 
-    options = estimator.options
-    task, params, length = estimator._new_trajectory(slot_generator(options.seed, slot, 0, "trajectory"))
-    batches = estimator.family.sample_batches(task, slot_generator(options.seed, slot, 0, "data"), length)
+    task, params, length = estimator._new_trajectory(slot_generator(estimator.seed, slot, 0, "trajectory"))
+    batches = estimator.family.sample_batches(task, slot_generator(estimator.seed, slot, 0, "data"), length)
     return task, params, batches, length
 
 

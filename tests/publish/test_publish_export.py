@@ -17,8 +17,9 @@ from lopt_hf.cli import main as cli_main
 from lopt_hf.evaluation import markdown_table, run_evaluation
 from lopt_hf.metatrain.checkpoint import latest_checkpoint, read_theta
 from lopt_hf.metatrain.config import load_config
-from lopt_hf.metatrain.export import evaluate_for_card
-from lopt_hf.metatrain.trainer import MetaTrainer, initial_theta
+from lopt_hf.metatrain.trainer import initial_theta
+from lopt_hf.publish.card_evaluation import evaluate_for_card
+from lopt_hf.publish.metatrain_command import train_and_export
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -39,7 +40,7 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     previous = torch.get_num_threads()
     try:
-        result = MetaTrainer(load_config(None, tiny(run_dir)), progress=False).train()
+        result = train_and_export(load_config(None, tiny(run_dir)), progress=False)
     finally:
         torch.set_num_threads(previous)
     assert result.artifact_dir == run_dir / "final"
@@ -188,8 +189,8 @@ def test_push_to_the_local_hub(trained_run: Path, hub_env, tmp_path: Path) -> No
 
     # push_to_hub in the config (what --push-to-hub sets) publishes at the end of training.
     repo_end = hub_env.repo_id("pushed-at-end")
-    run = MetaTrainer(load_config(None, tiny(tmp_path / "run2", "outer_steps=2", "evaluation.steps=0", "log_with=[]",
-                                             f"push_to_hub={repo_end}")), progress=False).train()
+    run = train_and_export(load_config(None, tiny(tmp_path / "run2", "outer_steps=2", "evaluation.steps=0",
+                                                  "log_with=[]", f"push_to_hub={repo_end}")), progress=False)
     assert run.artifact_dir is not None
     assert {"config.json", "model.safetensors", "README.md", "meta_loss.png"} <= set(HfApi().list_repo_files(repo_end))
     pushed = load_artifact(repo_end)

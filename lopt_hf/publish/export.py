@@ -12,30 +12,28 @@
     evaluation.png       (when evaluated) training curves of the config's evaluation tasks
                          (lopt_hf.evaluation): learned vs its random init θ₀ vs AdamW
 
-The evaluation is ``lopt_hf.evaluation`` (``lopt-hf eval``), so every card shows the same table as it.
-
-``push_artifact_folder(folder, repo_id)`` validates such a folder and publishes it, the images
-the card references included (``LearnedOptimizerModel.push_to_hub`` only knows the three core
-files). Used by ``lopt-hf export``, ``lopt-hf push`` and ``scripts/metatrain.py --push-to-hub``.
+The evaluation is ``lopt_hf.evaluation`` (``lopt-hf eval``, see :mod:`lopt_hf.publish.card_evaluation`),
+so every card shows the same table as it; the push is :func:`lopt_hf.publish.push.push_artifact_folder`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
-from ..hub import LearnedOptimizerModel, create_artifact, load_artifact
-from .checkpoint import read_theta, read_trainer_state
-from .config import MetaTrainConfig, config_from_dict
+from ..hub import LearnedOptimizerModel, create_artifact
+from ..metatrain.checkpoint import read_theta, read_trainer_state
+from ..metatrain.config import MetaTrainConfig, config_from_dict
+from ..plotting import plot_meta_loss
+from ..rules import build_rule
+from .card_evaluation import evaluate_for_card
+from .push import push_artifact_folder
 
-__all__ = ["export_checkpoint", "push_artifact_folder", "plot_meta_loss", "meta_training_provenance",
-           "evaluate_for_card", "describe_rule_architecture", "format_duration", "META_LOSS_PLOT",
-           "EVALUATION_PLOT", "RANDOM_INIT_LABEL"]
+__all__ = ["export_checkpoint", "meta_training_provenance", "describe_rule_architecture", "format_duration",
+           "META_LOSS_PLOT", "EVALUATION_PLOT"]
 
 META_LOSS_PLOT = "meta_loss.png"
 EVALUATION_PLOT = "evaluation.png"
@@ -93,8 +91,6 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.
 def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], *,
                              plot: str | None = META_LOSS_PLOT) -> dict[str, Any]:
     """The provenance of an exported artifact: card fields plus ``meta_training`` (summary, plot, config)."""
-    from ..rules import build_rule
-
     rule = build_rule(config.rule.name, **config.rule.config)
     estimator = config.estimator
     history = state.get("history") or {}
@@ -221,155 +217,3 @@ def format_duration(seconds: float) -> str:
         return f"{hours} h {minutes} min"
     days, hours = divmod(hours, 24)
     return f"{days} d {hours} h"
-
-
-# ================================================================================= plots
-
-
-def plot_meta_loss(history: Mapping[str, Sequence[float]], path: str | os.PathLike[str], *,
-                   title: str = "meta-loss", dpi: int = 110) -> Path:
-    """Save the meta-loss curve (raw and a moving average) as a PNG; returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
-    losses = [float(value) for value in history.get("meta_loss", [])]
-    steps = list(history.get("step", range(1, len(losses) + 1)))[:len(losses)]
-    figure = Figure(figsize=(6, 3.6))
-    axis = figure.add_subplot()
-    axis.plot(steps, losses, linewidth=0.8, alpha=0.45, label="per outer step")
-    window = max(1, len(losses) // 20)
-    if window > 1:
-        from ..evaluation.report import smooth
-
-        axis.plot(steps, smooth(losses, window), linewidth=1.6, label=f"moving average ({window})")
-    axis.set(xlabel="outer step", ylabel="meta-loss", title=title)
-    finite = [value for value in losses if math.isfinite(value)]
-    if finite and min(finite) > 0 and max(finite) / min(finite) > 20:
-        axis.set_yscale("log")
-    axis.grid(alpha=0.3)
-    axis.legend(loc="best", fontsize="small")
-    figure.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.png")
-    figure.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
-    return path
-
-
-# ============================================================================ evaluation
-
-RANDOM_INIT_LABEL = "random init θ₀"
-
-
-def evaluate_for_card(artifact: LearnedOptimizerModel, config: MetaTrainConfig, *, steps: int | None = None,
-                      plot_path: str | os.PathLike[str] | None = None, progress: bool = False,
-                      threads: int | None = 1) -> dict[str, Any]:
-    """Run the config's evaluation with ``lopt_hf.evaluation`` (what ``lopt-hf eval`` runs) for the card.
-
-    The artifact, the same rule with the meta-parameters meta-training started from
-    (:data:`RANDOM_INIT_LABEL`, ``trainer.initial_theta``) and AdamW at every lr of
-    ``evaluation.adamw_lrs`` train every task of ``evaluation.tasks`` from every seed of
-    ``evaluation.seeds`` for ``steps`` steps (default ``evaluation.steps``, or the harness's
-    200 when that is 0). Returns the card's ``evaluation`` provenance entry: ``description``,
-    ``table`` (:func:`lopt_hf.evaluation.markdown_table`), ``plot`` (the name of ``plot_path``,
-    where :func:`lopt_hf.evaluation.plot_curves` saves the curves) and ``summary`` (settings and
-    the table's numbers, no curves, so config.json stays small).
-    """
-    from ..evaluation import DEFAULT_STEPS, markdown_table, plot_curves, run_evaluation
-    from .trainer import initial_theta
-
-    settings = config.evaluation
-    steps = int(steps or settings.steps or DEFAULT_STEPS)
-    name = (artifact.config.provenance or {}).get("name") or config.card.name or config.name
-    with tempfile.TemporaryDirectory(prefix="lopt_hf_eval_") as tmp:
-        learned, initial = Path(tmp) / "learned", Path(tmp) / "initial"
-        artifact.save_pretrained(learned)
-        create_artifact(config.rule.name, theta=initial_theta(config),
-                        rule_config=config.rule.config).save_pretrained(initial)
-        specs = [f"{name}={learned}", f"{RANDOM_INIT_LABEL}={initial}",
-                 *(f"AdamW {lr:g}=adamw:{lr!r}" for lr in settings.adamw_lrs)]
-        results = run_evaluation(settings.tasks, specs, steps=steps, seeds=settings.seeds, progress=progress,
-                                 threads=threads)
-    adamw = ", ".join(f"{lr:g}" for lr in settings.adamw_lrs)
-    tasks = "; ".join(f"`{task}`: {entry['description']}" for task, entry in results["tasks"].items())
-    evaluation: dict[str, Any] = {
-        "description": (
-            f"Evaluated with the `lopt-hf eval` harness (`lopt_hf.evaluation`): {steps} steps per run, seeds "
-            f"{list(settings.seeds)}; every optimizer trains the same models from the same initialisations on "
-            f"the same batches. "
-            f"'{name}' is this artifact; '{RANDOM_INIT_LABEL}' is this rule with the meta-parameters "
-            f"meta-training started from" + (f"; AdamW (weight decay 0.01) at lr {adamw}" if adamw else "")
-            + f". Tasks: {tasks}."),
-        "table": markdown_table(results),
-        "summary": _evaluation_summary(results),
-    }
-    if plot_path is not None:
-        plot_curves(results, plot_path)
-        evaluation["plot"] = Path(plot_path).name
-    return evaluation
-
-
-def _evaluation_summary(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The numbers of the harness's table (no curves or per-run data), rounded, with the settings."""
-    keep = ("final_train_loss", "test_loss", "test_accuracy", "chosen_lr", "diverged_runs", "errors")
-    settings = results["settings"]
-    return {
-        "settings": {key: settings[key] for key in ("steps", "seeds", "tasks", "final_train_loss_window",
-                                                     "lopt_hf_version", "torch_version", "date")},
-        "tasks": {task: {label: {key: round(entry[key], 5) if isinstance(entry[key], float) else entry[key]
-                                 for key in keep if key in entry}
-                         for label, entry in task_results["optimizers"].items()}
-                  for task, task_results in results["tasks"].items()},
-    }
-
-
-# ================================================================================= push
-
-
-def _referenced_files(artifact: LearnedOptimizerModel, directory: Path) -> list[str]:
-    """Images the card shows (provenance plots), relative to the folder; must stay inside it."""
-    from ..model_card import card_images
-
-    names = []
-    for plot, _ in card_images(artifact.config.provenance or {}):
-        relative = PurePosixPath(plot)
-        if relative.is_absolute() or ".." in relative.parts:
-            raise ValueError(f"{directory}/config.json: provenance plot {plot!r} must be a path inside "
-                             f"the artifact folder")
-        if (directory / relative).is_file():
-            names.append(str(relative))
-    return names
-
-
-def push_artifact_folder(directory: str | os.PathLike[str], repo_id: str, *, private: bool | None = None,
-                         revision: str | None = None, commit_message: str | None = None,
-                         token: str | None = None, endpoint: str | None = None) -> Any:
-    """Validate an artifact folder and upload it to a Hub model repo in one commit.
-
-    Uploads ``config.json``, ``model.safetensors``, a ``README.md`` re-rendered for ``repo_id``
-    (usage snippets name the repo) and the images the card references. Returns the
-    ``CommitInfo`` (a str: the commit URL).
-    """
-    from huggingface_hub import HfApi
-
-    from ..hub import _lopt_hf_version
-
-    directory = Path(directory)
-    artifact = load_artifact(directory)  # validates before anything is uploaded
-    assets = _referenced_files(artifact, directory)
-    api = HfApi(endpoint=endpoint, token=token, library_name="lopt_hf", library_version=_lopt_hf_version())
-    repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        artifact.save_pretrained(tmp, repo_id=repo_id)
-        for name in assets:
-            target = Path(tmp) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(directory / name, target)
-        return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp,
-                                 allow_patterns=["config.json", "model.safetensors", "README.md", *assets],
-                                 commit_message=commit_message or f"Upload learned optimizer ({artifact.config.rule})",
-                                 revision=revision)

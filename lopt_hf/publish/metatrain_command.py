@@ -1,0 +1,149 @@
+"""The ``metatrain`` command (``scripts/metatrain.py``, ``lopt-hf metatrain``): meta-train, then export.
+
+:func:`train_and_export` runs :class:`~lopt_hf.metatrain.trainer.MetaTrainer` and exports its final
+checkpoint to ``<run>/final`` (config.json, model.safetensors, the evaluated model card, plots),
+optionally pushing it to the Hub; :func:`main` is the command line around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from ..metatrain.checkpoint import CheckpointError, latest_checkpoint
+from ..metatrain.config import ConfigError, MetaTrainConfig, config_to_dict, load_config
+from ..metatrain.trainer import MetaTrainer, TrainResult
+from .card_evaluation import check_evaluation_tasks
+from .export import export_checkpoint
+
+__all__ = ["train_and_export", "main", "build_parser", "parse_args"]
+
+
+def train_and_export(config: MetaTrainConfig, *, resume: bool | str | os.PathLike[str] = False,
+                     progress: bool = True, export: bool = True, trainer: MetaTrainer | None = None) -> TrainResult:
+    """Meta-train ``config`` (every process), then export the final checkpoint to ``<run>/final`` (main process).
+
+    The export evaluates for the card when ``evaluation.steps > 0`` and pushes to ``config.push_to_hub``
+    when it is set. ``trainer``: an already built trainer for ``config`` (default: a new one with
+    ``resume`` and ``progress``). Returns the training result with ``artifact_dir`` set where exported.
+    """
+    if trainer is None:
+        trainer = MetaTrainer(config, resume=resume, progress=progress)
+    result = trainer.train()
+    if not (export and trainer.is_main):
+        return result
+    artifact_dir = result.run_dir / "final"
+    checkpoint = latest_checkpoint(trainer.checkpoint_root)
+    assert checkpoint is not None
+    export_checkpoint(checkpoint, artifact_dir, push_to_hub=config.push_to_hub, progress=trainer.progress)
+    print(f"exported the learned optimizer to {artifact_dir}"
+          + (f" and pushed it to {config.push_to_hub}" if config.push_to_hub else ""), file=sys.stderr)
+    return dataclasses.replace(result, artifact_dir=artifact_dir)
+
+
+# =============================================================================== command
+
+
+EPILOG = """\
+examples:
+  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml
+  accelerate launch --num_processes 2 scripts/metatrain.py --config configs/small_fc_pes.yaml \\
+      --set estimator.num_tasks=16 --meta_optimizer.lr 1e-3
+  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml --resume      # after a crash
+  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml --push-to-hub you/quickstart-lopt
+  python scripts/metatrain.py --config configs/quickstart.yaml --print-config       # resolved config
+
+overrides: any config key, dotted: `--set SECTION.KEY=VALUE` (repeatable) or `--SECTION.KEY VALUE`;
+values are YAML (`--set task.hidden_sizes=[64,32]`, `--set meta_optimizer.grad_clip=null`).
+Unknown keys are errors naming the key.
+
+a run folder (output_dir, default runs/<name>) holds: config.yaml (resolved config),
+checkpoints/step-XXXXXXXX/ (newest keep_checkpoints kept), logs/ (TensorBoard), meta_loss.png,
+metrics.csv, and final/ (the exported artifact: config.json, model.safetensors, README.md, plots).
+"""
+
+
+def build_parser(prog: str = "metatrain.py") -> argparse.ArgumentParser:
+    """The argument parser of ``scripts/metatrain.py`` / ``lopt-hf metatrain``."""
+    parser = argparse.ArgumentParser(
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Meta-train a learned optimizer (lopt_hf) with Accelerate: tasks are split across the "
+                    "launched processes, meta-gradients all-reduced, theta updated with AdamW; progress bar, "
+                    "TensorBoard logs, atomic checkpoints, and the final artifact with its model card.")
+    parser.add_argument("--config", metavar="YAML", help="meta-training config (see configs/); default: built-in "
+                                                         "defaults")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+                        help="continue the run from its newest checkpoint (or from the given checkpoint folder); "
+                             "starts fresh if the run has none")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="publish the final artifact to this Hub repo "
+                                                                 "(sets push_to_hub)")
+    parser.add_argument("--output-dir", metavar="DIR", help="run folder (sets output_dir; default runs/<name>)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value, e.g. --set estimator.num_tasks=8 (repeatable)")
+    parser.add_argument("--steps", type=int, metavar="N", help="shorthand for --set outer_steps=N")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-export", action="store_true", help="skip exporting <run>/final at the end")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None,
+               prog: str = "metatrain.py") -> tuple[argparse.Namespace, MetaTrainConfig]:
+    """Parse the command line into the options and the resolved config."""
+    parser = build_parser(prog)
+    args, rest = parser.parse_known_args(argv)
+    overrides = list(args.overrides)
+    index = 0
+    while index < len(rest):
+        item = rest[index]
+        if not item.startswith("--") or "." not in item.split("=", 1)[0]:
+            parser.error(f"unrecognized argument {item!r} (config overrides look like --set section.key=value "
+                         f"or --section.key value)")
+        if "=" in item:
+            overrides.append(item[2:])
+            index += 1
+        elif index + 1 < len(rest):
+            overrides.append(f"{item[2:]}={rest[index + 1]}")
+            index += 2
+        else:
+            parser.error(f"{item} needs a value")
+    if args.steps is not None:
+        overrides.append(f"outer_steps={args.steps}")
+    if args.output_dir:
+        overrides.append(f"output_dir={args.output_dir}")
+    if args.push_to_hub:
+        overrides.append(f"push_to_hub={args.push_to_hub}")
+    try:
+        config = load_config(args.config, overrides)
+        check_evaluation_tasks(config, source=args.config or "command line")
+    except ConfigError as err:
+        parser.error(str(err))
+    return args, config
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "metatrain.py") -> int:
+    """Entry point of ``scripts/metatrain.py`` and ``lopt-hf metatrain``."""
+    args, config = parse_args(argv, prog)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(config), sort_keys=False), end="")
+        return 0
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    try:
+        trainer = MetaTrainer(config, resume=args.resume, progress=not args.no_progress)
+        result = train_and_export(config, export=not args.no_export, trainer=trainer)
+    except (CheckpointError, ConfigError) as err:
+        print(f"metatrain: {err}", file=sys.stderr)
+        return 2
+    if trainer.is_main:
+        losses = result.meta_losses
+        window = max(1, min(10, len(losses) // 5 or 1))
+        print(f"done: {result.final_step} outer steps in {result.elapsed_s:.1f} s; meta-loss "
+              f"{sum(losses[:window]) / window:.4f} → {sum(losses[-window:]) / window:.4f} "
+              f"(mean of first/last {window}); run folder {result.run_dir}", file=sys.stderr)
+    return 0
