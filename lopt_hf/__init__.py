@@ -2,23 +2,61 @@
 
 Public API: ``load_lopt`` (artifact → ``torch.optim.Optimizer``), ``LearnedOptimizer``, the
 artifact classes ``LearnedOptimizerConfig`` / ``LearnedOptimizerModel`` (registered with
-``AutoConfig`` / ``AutoModel`` on import), ``create_artifact`` / ``load_artifact``, the rule
-registry (``build_rule``, ``available_rules``) and the ``transformers.Trainer`` integration
+``AutoConfig`` / ``AutoModel``), ``create_artifact`` / ``load_artifact``, the rule registry
+(``build_rule``, ``available_rules``) and the ``transformers.Trainer`` integration
 (``trainer_optimizer``, ``LearnedOptimizerCallback``).
+
+``import lopt_hf`` is cheap: every public name is imported from its module on first use
+(PEP 562), so a command-line call or an Accelerate worker that only needs a rule does not pay
+for transformers. The ``AutoConfig`` / ``AutoModel`` registration is deferred the same way: it
+happens as soon as transformers' auto classes are imported (:mod:`lopt_hf.auto_registration`),
+so ``import lopt_hf; AutoModel.from_pretrained(folder)`` works as before.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .auto_registration import install_auto_registration
 
 __version__ = "0.1.0"
 
-from .rules import UpdateRule, available_rules, build_rule  # noqa: E402
-from .optim import LearnedOptimizer  # noqa: E402
+# Public name → module (relative to this package) that defines it.
+_PUBLIC_API: dict[str, str] = {
+    "UpdateRule": ".rules", "available_rules": ".rules", "build_rule": ".rules",
+    "LearnedOptimizer": ".optim",
+    "FORMAT_VERSION": ".hub", "ArtifactError": ".hub", "LearnedOptimizerConfig": ".hub",
+    "LearnedOptimizerModel": ".hub", "create_artifact": ".hub", "load_artifact": ".hub",
+    "load_lopt": ".load",
+    "Lookahead": ".lookahead",
+    "LearnedOptimizerCallback": ".trainer", "trainer_optimizer": ".trainer",
+}
 
-# Importing hub registers LearnedOptimizerConfig / LearnedOptimizerModel with AutoConfig / AutoModel.
-from .hub import (FORMAT_VERSION, ArtifactError, LearnedOptimizerConfig, LearnedOptimizerModel,  # noqa: E402
-                  create_artifact, load_artifact)
-from .load import load_lopt  # noqa: E402
-from .lookahead import Lookahead  # noqa: E402
-from .trainer import LearnedOptimizerCallback, trainer_optimizer  # noqa: E402
+__all__ = ["__version__", *sorted(_PUBLIC_API)]
 
-__all__ = ["__version__", "ArtifactError", "FORMAT_VERSION", "LearnedOptimizer", "LearnedOptimizerCallback",
-           "LearnedOptimizerConfig", "LearnedOptimizerModel", "Lookahead", "UpdateRule", "available_rules", "build_rule",
-           "create_artifact", "load_artifact", "load_lopt", "trainer_optimizer"]
+if TYPE_CHECKING:  # what static type checkers and IDEs see
+    from .hub import (FORMAT_VERSION, ArtifactError, LearnedOptimizerConfig, LearnedOptimizerModel,
+                      create_artifact, load_artifact)
+    from .load import load_lopt
+    from .lookahead import Lookahead
+    from .optim import LearnedOptimizer
+    from .rules import UpdateRule, available_rules, build_rule
+    from .trainer import LearnedOptimizerCallback, trainer_optimizer
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first access (PEP 562) and cache the value here."""
+    module = _PUBLIC_API.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+install_auto_registration()

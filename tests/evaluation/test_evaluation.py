@@ -4,19 +4,16 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from lopt_hf import LearnedOptimizer, create_artifact
+from lopt_hf.cli import main as cli_main
 from lopt_hf.evaluation import (ADAMW_GRID, TASKS, DatasetUnavailableError, OptimizerSpecError, UnknownTaskError,
                                 markdown_table, parse_optimizer_spec, resolve_tasks, run_evaluation, write_report)
 from lopt_hf.evaluation.optimizers import parse_optimizer_specs
-
-BIN = Path(sys.executable).parent
 
 
 def strict_json(text: str):
@@ -105,6 +102,7 @@ def test_unknown_task():
         run_evaluation(["digit_mlp"], ["adamw"], steps=2, seeds=[0], progress=False)
 
 
+@pytest.mark.slow
 def test_unavailable_dataset_skipped_by_default_error_when_named(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LOPT_HF_CACHE", str(tmp_path / "cache"))  # no cached preprocessed copy either
     monkeypatch.setenv("LOPT_HF_FASHION_MNIST_DIR", str(tmp_path / "no-such-dir"))
@@ -231,21 +229,27 @@ def test_write_report(tmp_path):
         assert f"**{best[1]['final_train_loss']:.3f}**" in next(row for row in task_rows if f"| {best[0]} |" in row)
 
 
-def test_cli_help_and_tiny_run(tmp_path):
-    help_run = subprocess.run([str(BIN / "lopt-hf"), "eval", "--help"], capture_output=True, text=True, check=True)
+def test_cli_help_and_tiny_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
     for option in ("--optimizers", "--tasks", "--steps", "--seeds", "--out", "--threads"):
-        assert option in help_run.stdout
+        assert option in help_text
     out = tmp_path / "eval_out"
-    run = subprocess.run([str(BIN / "lopt-hf"), "eval", "--optimizers", "adamw", "sgdm:0.05", "--tasks", "digits_mlp",
-                          "--steps", "5", "--seeds", "0", "--out", str(out)], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert "| digits_mlp | adamw |" in run.stdout and "| digits_mlp | sgdm:0.05 |" in run.stdout
-    assert str(out / "results.json") in run.stdout
-    assert "run/s" in run.stderr or "s/run" in run.stderr  # the tqdm bar
+    threads = torch.get_num_threads()
+    try:
+        assert cli_main(["eval", "--optimizers", "adamw", "sgdm:0.05", "--tasks", "digits_mlp", "--steps", "5",
+                         "--seeds", "0", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    run = capsys.readouterr()
+    assert "| digits_mlp | adamw |" in run.out and "| digits_mlp | sgdm:0.05 |" in run.out
+    assert str(out / "results.json") in run.out
+    assert "run/s" in run.err or "s/run" in run.err  # the tqdm bar
     assert strict_json((out / "results.json").read_text())["settings"]["torch_threads"] == 1
-    bad = subprocess.run([str(BIN / "lopt-hf"), "eval", "--optimizers", "adamww", "--tasks", "digits_mlp"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "did you mean 'adamw'" in bad.stderr
+    assert cli_main(["eval", "--optimizers", "adamww", "--tasks", "digits_mlp"]) == 2
+    assert "did you mean 'adamw'" in capsys.readouterr().err
 
 
 def test_long_curves_are_plotted_as_trailing_moving_averages() -> None:

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import torch
 from huggingface_hub import hf_hub_download
 from torch import nn
@@ -14,6 +16,7 @@ from transformers import AutoModel
 
 import lopt_hf
 from lopt_hf import create_artifact, load_artifact, load_lopt
+from lopt_hf.cli import main as cli_main
 
 BIN = Path(sys.executable).parent
 
@@ -54,9 +57,8 @@ def test_push_then_from_pretrained_with_revision(hub_env) -> None:
 def test_cli_push_and_hf_download_then_load_lopt(hub_env, tmp_path) -> None:
     repo = hub_env.repo_id("per-param")
     local = tmp_path / "artifact"
-    subprocess.run([str(BIN / "lopt-hf"), "create", "per_param_mlp", str(local), "--seed", "3"], check=True,
-                   env=hub_env.env, capture_output=True)
-    subprocess.run([str(BIN / "lopt-hf"), "push", str(local), repo], check=True, env=hub_env.env, capture_output=True)
+    assert cli_main(["create", "per_param_mlp", str(local), "--seed", "3"]) == 0
+    assert cli_main(["push", str(local), repo]) == 0
 
     downloaded = tmp_path / "downloaded"
     subprocess.run([str(BIN / "hf"), "download", repo, "--local-dir", str(downloaded)], check=True, env=hub_env.env,
@@ -73,6 +75,7 @@ def test_cli_push_and_hf_download_then_load_lopt(hub_env, tmp_path) -> None:
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_load_lopt_offline_from_cache(hub_env) -> None:
     repo = hub_env.repo_id("offline")
     create_artifact("mlp_lopt", seed=4).push_to_hub(repo)

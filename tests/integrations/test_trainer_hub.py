@@ -19,7 +19,7 @@ from lopt_hf.trainer import unwrap_optimizer
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 BIN = Path(sys.executable).parent
-SCRIPT = Path(__file__).resolve().parent / "distributed_train.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "distributed_train.py"
 
 
 def publish(hub_env, prefix: str) -> str:
@@ -66,6 +66,7 @@ def test_repo_id_with_both_trainer_entry_points(hub_env, tmp_path) -> None:
     assert losses[0] == losses[1] and learns(losses[0])
 
 
+@pytest.mark.slow
 def test_offline_from_the_cache_in_a_fresh_process(hub_env, tmp_path) -> None:
     repo = publish(hub_env, "trainer-offline")
     trainer_optimizer(repo)  # fills the cache (HF_HOME of hub_env)

@@ -23,7 +23,7 @@ from tiny_tasks import SUBPROCESS_ENV, clipped_momentum_artifact, lm_data, tiny_
 from lopt_hf import create_artifact
 
 BIN = Path(sys.executable).parent
-SCRIPT = Path(__file__).resolve().parent / "distributed_train.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "distributed_train.py"
 STEPS = 4
 
 
@@ -62,6 +62,7 @@ def descending(tmp_path_factory) -> str:
     return str(clipped_momentum_artifact(tmp_path_factory.mktemp("clipped_momentum")))
 
 
+@pytest.mark.slow
 def test_accelerate_launch_trainer(descending: str, tmp_path) -> None:
     out = tmp_path / "out"
     launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -74,6 +75,7 @@ def test_accelerate_launch_trainer(descending: str, tmp_path) -> None:
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_torchrun_plain_ddp_loop(descending: str, tmp_path) -> None:
     out = tmp_path / "out"
     launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--mode", "ddp",
@@ -82,6 +84,7 @@ def test_torchrun_plain_ddp_loop(descending: str, tmp_path) -> None:
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_torchrun_trainer_with_a_harness(tmp_path) -> None:
     """small_fc_lopt with Celo2's harness: the learned rule and the AdamW route both run under DDP."""
     artifact = tmp_path / "artifact"

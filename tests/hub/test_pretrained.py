@@ -15,6 +15,7 @@ from torch import nn
 
 import lopt_hf
 from lopt_hf import ArtifactError, load_artifact, load_lopt
+from lopt_hf.cli import main as cli_main
 from lopt_hf.data import load_image_dataset
 from lopt_hf.pretrained import SHIPPED, available_pretrained, pretrained_path
 
@@ -32,14 +33,14 @@ def test_every_registered_optimizer_is_shipped() -> None:
     assert pretrained_path(NAMES[0].split("/")[1]) is None  # a bare name means a local folder
 
 
-def test_cli_lists_the_shipped_optimizers() -> None:
-    result = subprocess.run([sys.executable, "-m", "lopt_hf.cli", "pretrained"], capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr
+def test_cli_lists_the_shipped_optimizers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["pretrained"]) == 0
+    out = capsys.readouterr().out
     for name in NAMES:
-        assert name in result.stdout
+        assert name in out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_loads_offline_by_short_name_from_any_directory(name: str, tmp_path: Path) -> None:
     code = ("import torch, lopt_hf\n"
@@ -101,7 +102,7 @@ def test_model_card_is_complete(name: str) -> None:
     # the command and the seed that reproduce it
     assert "## Reproduce" in card and "scripts/metatrain.py --config configs/pretrained/" in card
     assert f"seed {meta['config']['seed']}" in card
-    config_file = Path(__file__).resolve().parent.parent / provenance["reproduce"].split("--config ")[1].split()[0]
+    config_file = Path(__file__).resolve().parents[2] / provenance["reproduce"].split("--config ")[1].split()[0]
     assert config_file.is_file()
     assert f'load_lopt("{name}", model)' in card
 
