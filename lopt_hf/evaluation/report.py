@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..plotting import smooth  # re-exported: lopt_hf.evaluation.smooth
+
 _COLUMNS = (("final_train_loss", "train loss", min), ("test_loss", "test loss", min),
             ("test_accuracy", "test acc", max))
 
@@ -89,19 +91,6 @@ def compact_results(results: dict[str, Any], significant_digits: int = 4) -> dic
             shrink(entry)
     compact.setdefault("settings", {})["compacted"] = f"per-seed curves dropped, mean curves to {significant_digits} digits"
     return compact
-
-
-def smooth(curve: list[float], window: int) -> list[float]:
-    """Trailing moving average; after a NaN (a diverged run) the rest of the curve is NaN."""
-    if window <= 1:
-        return list(curve)
-    out, running = [], 0.0
-    for index, value in enumerate(curve):
-        running += value
-        if index >= window:
-            running -= curve[index - window]
-        out.append(running / min(index + 1, window))
-    return out
 
 
 def plot_curves(results: dict[str, Any], path: str | os.PathLike[str], *, dpi: int = 110) -> Path:
