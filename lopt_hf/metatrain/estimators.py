@@ -339,11 +339,21 @@ def _finite_grads(leaves: Theta, grads: Sequence[Tensor | None]) -> tuple[dict[s
 
 # -------------------------------------------------------------------------- truncated unrolls
 @dataclasses.dataclass
+class TrajectoryStart:
+    """A trajectory that starts inside a truncation: in ``slot``, on ``task``, at inner step ``step``."""
+
+    slot: int
+    task: TaskDescriptor
+    params: Params | None  # its fresh initialisation (None: it resumes a stored state, see LoLO's buffer)
+    step: int = 0
+
+
+@dataclasses.dataclass
 class TruncationPlan:
     """Everything about one truncation that is decided before running it."""
 
     data: dict[str, Tensor]  # (T, K, ...)
-    resets: dict[int, list[tuple[int, TaskDescriptor, Params]]]  # step t -> [(slot k, task, params)]
+    resets: dict[int, list[TrajectoryStart]]  # step t -> the trajectories starting before step t
     same_trajectory: Tensor  # (T, K) bool: step t still belongs to the trajectory the truncation began in
     reset_any: Tensor  # (K,) bool: some trajectory ended inside the truncation
     final_length: Tensor  # (K,) int64: length of the trajectory each slot is in at the end
@@ -439,7 +449,7 @@ class _TruncatedEstimator(_Estimator):
         """Decide resets and draw data for this truncation, slot by slot (cheap Python work)."""
         horizon = self.options.truncation_length
         tasks = {key[len("task/"):]: value for key, value in state.items() if key.startswith("task/")}
-        resets: dict[int, list[tuple[int, TaskDescriptor, Params]]] = {}
+        resets: dict[int, list[TrajectoryStart]] = {}
         same = torch.ones(horizon, len(task_ids), dtype=torch.bool)
         final_length, per_slot_data = [], []
         for slot, task_id in enumerate(task_ids):
@@ -449,11 +459,10 @@ class _TruncatedEstimator(_Estimator):
             start = 0
             for t in range(horizon):
                 if step >= length:
-                    generator = slot_generator(self.seed, task_id, outer_step, "reset", t)
                     segments.append((start, t, task))
-                    task, init, length = self._new_trajectory(generator)
-                    resets.setdefault(t, []).append((slot, task, init))
-                    step, start = 0, t
+                    begun, length = self._start_trajectory(state, slot, task_id, outer_step, t)
+                    resets.setdefault(t, []).append(begun)
+                    task, step, start = begun.task, begun.step, t
                     if len(segments) == 1:
                         same[t:, slot] = False
                 step += 1
@@ -463,6 +472,12 @@ class _TruncatedEstimator(_Estimator):
         data = {key: torch.stack([item[key] for item in per_slot_data], dim=1) for key in per_slot_data[0]}
         return TruncationPlan(data=data, resets=resets, same_trajectory=same, reset_any=~same[-1],
                                final_length=torch.tensor(final_length, dtype=torch.int64))
+
+    def _start_trajectory(self, state: EstimatorState, slot: int, task_id: int, outer_step: int,
+                          t: int) -> tuple[TrajectoryStart, int]:
+        """The trajectory ``slot`` starts before step ``t`` (a fresh task and initialisation) and its end step."""
+        task, init, length = self._new_trajectory(slot_generator(self.seed, task_id, outer_step, "reset", t))
+        return TrajectoryStart(slot, task, init), length
 
     def _run(self, theta: Theta, problems: InnerProblems, plan: TruncationPlan, members: int, *,
              before_step: Callable[[int, InnerProblems], InnerProblems] | None = None,
@@ -484,21 +499,21 @@ class _TruncatedEstimator(_Estimator):
         return run_unroll(self.trainer, theta, problems, batch_at, self.options.truncation_length,
                           before_step or apply_resets, step=step)
 
-    def _apply_resets(self, problems: InnerProblems, resets: list[tuple[int, TaskDescriptor, Params]],
+    def _apply_resets(self, problems: InnerProblems, resets: list[TrajectoryStart],
                       members: int) -> InnerProblems:
         """Members of the reset slots restart from a fresh task and initialisation.
 
         Only the affected rows are written (``index_put``, out of place so that autograd and
         the caller's tensors are safe); resets are rare, the other rows are copied as they are.
         """
-        rows = torch.cat([torch.arange(slot * members, (slot + 1) * members) for slot, _, _ in resets])
+        rows = torch.cat([torch.arange(item.slot * members, (item.slot + 1) * members) for item in resets])
 
         def fresh_rows(values: list[Tensor]) -> Tensor:
             return torch.stack(values).repeat_interleave(members, dim=0)
 
-        fresh_params = {key: fresh_rows([init[key] for _, _, init in resets]) for key in problems.params}
+        fresh_params = {key: fresh_rows([item.params[key] for item in resets]) for key in problems.params}
         fresh_state = self.trainer.init_opt_state(fresh_params)
-        fresh_task = {key: fresh_rows([task[key] for _, task, _ in resets]) for key in problems.task}
+        fresh_task = {key: fresh_rows([item.task[key] for item in resets]) for key in problems.task}
 
         def put(value: Tensor, fresh: Tensor) -> Tensor:
             return value.index_put((rows,), fresh.to(value.dtype))

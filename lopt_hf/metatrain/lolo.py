@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from ..rules.base import UpdateRule
-from .estimators import PES, EstimatorState, Theta, TruncationPlan, TruncationRun, slot_generator
+from .estimators import PES, EstimatorState, Theta, TrajectoryStart, TruncationPlan, TruncationRun, slot_generator
 from .tasks import Batch, TaskFamily
 from .unroll import InnerProblems
 
@@ -150,20 +150,11 @@ class ReplayBuffer:
 
 
 @dataclasses.dataclass
-class _Reset:
-    slot: int
-    task: dict[str, Tensor]
-    entry: dict[str, Tensor] | None  # a buffer entry, or None: fresh
-    params: dict[str, Tensor] | None  # fresh initialisation
-    push_step: int
+class _Reset(TrajectoryStart):
+    """A trajectory start, fresh or from the head of the slot's buffer (``entry``), and its push step."""
 
-
-@dataclasses.dataclass
-class _LoLOPlan(TruncationPlan):
-    """PES's plan plus where each reset trajectory starts (buffer entry or fresh) and its push step."""
-
-    lolo_resets: dict[int, list[_Reset]] = dataclasses.field(default_factory=dict)
-    final_push: Tensor | None = None  # (K,) int64
+    entry: dict[str, Tensor] | None = None  # a buffer entry, or None: fresh
+    push_step: int = -1
 
 
 @dataclasses.dataclass
@@ -235,55 +226,22 @@ class LoLOPES(PES):
         return entry
 
     # ---------------------------------------------------------------------------- plan
-    def _plan(self, state: EstimatorState, task_ids: Sequence[int], outer_step: int) -> _LoLOPlan:
-        """Like ``PES._plan`` (the same draws), with buffer-started trajectories and push steps."""
-        horizon = self.options.truncation_length
-        tasks = {key[len("task/"):]: value for key, value in state.items() if key.startswith("task/")}
-        resets: dict[int, list[_Reset]] = {}
-        same = torch.ones(horizon, len(task_ids), dtype=torch.bool)
-        final_length, final_push, per_slot_data = [], [], []
-        for slot, task_id in enumerate(task_ids):
-            step, length = int(state["step"][slot]), int(state["length"][slot])
-            push = int(state["lolo/push_step"][slot]) if self.buffer is not None else -1
-            head = self.buffer.head(state, slot) if self.buffer is not None else None
-            task = {key: value[slot] for key, value in tasks.items()}
-            segments = []
-            start = 0
-            for t in range(horizon):
-                if step >= length:
-                    generator = slot_generator(self.seed, task_id, outer_step, "reset", t)
-                    segments.append((start, t, task))
-                    task, init, new_length = self._new_trajectory(generator)  # as PES: same draws
-                    entry = None
-                    if self.buffer is not None:
-                        decide = slot_generator(self.seed, task_id, outer_step, "lolo", t)
-                        use = float(torch.rand((), generator=decide, dtype=torch.float64)) > self.lolo.p_threshold
-                        if use and outer_step > 0 and head is not None:
-                            entry = head
-                            task = {key[len("task/"):]: value for key, value in head.items()
-                                    if key.startswith("task/")}
-                        first = int(entry["step"]) if entry is not None else 0
-                        length = first + new_length
-                        push = self._push_step(decide, first, length)
-                        step = first
-                    else:
-                        length, step = new_length, 0
-                    resets.setdefault(t, []).append(_Reset(slot, task, entry, None if entry is not None else init,
-                                                           push))
-                    start = t
-                    if len(segments) == 1:
-                        same[t:, slot] = False
-                step += 1
-            segments.append((start, horizon, task))
-            per_slot_data.append(self._segment_batches(task_id, outer_step, segments))
-            final_length.append(length)
-            final_push.append(push)
-        data = {key: torch.stack([item[key] for item in per_slot_data], dim=1) for key in per_slot_data[0]}
-        return _LoLOPlan(data=data, resets={t: [(r.slot, r.task, r.params) for r in items]
-                                            for t, items in resets.items()},
-                         same_trajectory=same, reset_any=~same[-1],
-                         final_length=torch.tensor(final_length, dtype=torch.int64),
-                         lolo_resets=resets, final_push=torch.tensor(final_push, dtype=torch.int64))
+    def _start_trajectory(self, state: EstimatorState, slot: int, task_id: int, outer_step: int,
+                          t: int) -> tuple[_Reset, int]:
+        """PES's start (the same draws), from the buffer head with probability ``1 − P_th``; draws its push step."""
+        task, init, length = self._new_trajectory(slot_generator(self.seed, task_id, outer_step, "reset", t))
+        if self.buffer is None:
+            return _Reset(slot, task, init), length
+        decide = slot_generator(self.seed, task_id, outer_step, "lolo", t)
+        use = float(torch.rand((), generator=decide, dtype=torch.float64)) > self.lolo.p_threshold
+        head = self.buffer.head(state, slot)  # the queue does not change within a truncation
+        entry = head if use and outer_step > 0 and head is not None else None
+        if entry is not None:
+            task = {key[len("task/"):]: value for key, value in entry.items() if key.startswith("task/")}
+        first = int(entry["step"]) if entry is not None else 0
+        end = first + length
+        return _Reset(slot, task, None if entry is not None else init, first, entry,
+                      self._push_step(decide, first, end)), end
 
     def _apply_lolo_resets(self, problems: InnerProblems, expert: dict[str, Tensor] | None, items: list[_Reset],
                            members: int) -> tuple[InnerProblems, dict[str, Tensor] | None]:
@@ -367,7 +325,6 @@ class LoLOPES(PES):
     def _unroll_truncation(self, member_theta: Theta, state: EstimatorState, plan: TruncationPlan,
                            outer_step: int) -> _LoLORun:
         """PES's unroll with LoLO's resets (buffer starts), buffer pushes and (with BC) the mixed step."""
-        assert isinstance(plan, _LoLOPlan)
         members, num_tasks = self.members_per_task, int(state["step"].shape[0])
         bc_on = self.lolo.behaviour_cloning
         alpha = self.alpha(outer_step)
@@ -385,10 +342,10 @@ class LoLOPES(PES):
 
         def before_step(t: int, problems: InnerProblems) -> InnerProblems:
             nonlocal expert
-            if t in plan.lolo_resets:
-                problems, expert = self._apply_lolo_resets(problems, expert, plan.lolo_resets[t], members)
+            if t in plan.resets:
+                problems, expert = self._apply_lolo_resets(problems, expert, plan.resets[t], members)
                 if push_step is not None:
-                    for item in plan.lolo_resets[t]:
+                    for item in plan.resets[t]:
                         push_step[item.slot] = item.push_step
             if push_step is not None:
                 steps = problems.step.reshape(num_tasks, members)[:, 0]
@@ -417,7 +374,7 @@ class LoLOPES(PES):
                 buffer = self.buffer.push(buffer, slot, entry)
             extra_state.update(buffer)
             extra_state["lolo/push_step"] = push_step
-            extra_stats["buffer_starts"] = float(sum(item.entry is not None for items in plan.lolo_resets.values()
+            extra_stats["buffer_starts"] = float(sum(item.entry is not None for items in plan.resets.values()
                                                      for item in items))
             extra_stats["pushes"] = float(len(pending))
             extra_stats["buffer_fill"] = float(buffer[ReplayBuffer.PREFIX + "count"].double().mean())

@@ -169,6 +169,7 @@ def z_scores(samples: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
     return (mean - truth).abs() / (standard_error + 1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("truncation", [3, 4])
 def test_pes_is_unbiased_for_the_full_trajectory_gradient(deterministic_problem, small_rule, truncation: int) -> None:
     family, theta, options, truth = deterministic_problem

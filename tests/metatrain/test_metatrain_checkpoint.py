@@ -148,6 +148,7 @@ def test_resume_guards(tmp_path: Path) -> None:
     assert extended.step == 2 and extended.train().final_step == 4
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     """A real process killed with SIGKILL loses at most checkpoint_every steps and then continues exactly."""
     steps, every = 150, 5

@@ -58,6 +58,7 @@ def overrides(run_dir: Path) -> list[str]:
             "estimator.max_unroll=6", "estimator.compile=false", "log_with=[]", "num_threads=1", "checkpoint_every=0"]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_one_process_meta_gradient(tmp_path: Path) -> None:
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)

@@ -99,6 +99,7 @@ def test_before_step_hook_and_select(family) -> None:
     torch.testing.assert_close(final.task["scale/w0"][1], fresh.task["scale/w0"][1])
 
 
+@pytest.mark.slow
 def test_compiled_step_equals_eager(family) -> None:
     rule = build_rule("per_param_mlp")
     eager = VectorizedInnerTrainer(family, rule, compile=False)

@@ -86,6 +86,7 @@ def test_pes_meta_gradient_reaches_the_network(family, rule) -> None:
         assert total[key].abs().mean() > 1e-6, key  # not a stray entry: the whole tensor gets signal
 
 
+@pytest.mark.slow
 def test_a_few_pes_meta_steps_reduce_the_meta_loss(family, rule) -> None:
     """Meta-loss = mean normalised training loss over 30-step runs of a fixed set of 16 tasks."""
     evaluator = build_estimator("es", family, rule, min_unroll=30, max_unroll=30, std=1e-4, seed=123, compile=False)
