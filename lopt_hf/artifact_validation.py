@@ -115,6 +115,14 @@ def validate_config_dict(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     hyper-parameter of the rule (defaults filled in). transformers' own bookkeeping keys are
     dropped. Problems are collected and raised together as one ``ArtifactError``.
     """
+    return validate_config(raw, source)[0]
+
+
+def validate_config(raw: Mapping[str, Any], source: str) -> tuple[dict[str, Any], UpdateRule]:
+    """:func:`validate_config_dict`, also returning the rule it built to check ``rule_config``.
+
+    A loader uses that rule for the theta check and the model, so an artifact load builds its rule once.
+    """
     if not isinstance(raw, Mapping):
         raise ArtifactError(source, f"must hold a JSON object, found a JSON {_json_type(raw)}")
 
@@ -179,7 +187,7 @@ def validate_config_dict(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
         "harness": harness,
         "format_version": format_version,
         "provenance": provenance,
-    }
+    }, rule
 
 
 def build_rule_checked(rule_name: str, rule_config: Mapping[str, Any], source: str) -> UpdateRule:

@@ -22,7 +22,9 @@ import datetime as _dt
 import json
 import os
 import re
+import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,27 +36,39 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from .artifact_validation import (CONFIG_NAME, DEFAULT_OPTIMIZER_DEFAULTS, FORMAT_VERSION, MODEL_CARD_NAME,
                                   MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, ArtifactError, build_rule_checked,
                                   check_theta_tensors, expected_theta, read_config_file, read_theta_file,
-                                  validate_config_dict)
+                                  validate_config, validate_config_dict)
 from .loader_options import UnsafeLoadOptionError, split_load_options
 from .pretrained import pretrained_path
 from .rules import UpdateRule
 
 __all__ = ["ArtifactError", "FORMAT_VERSION", "LearnedOptimizerConfig", "LearnedOptimizerModel",
-           "UnsafeLoadOptionError", "create_artifact", "load_artifact"]
+           "UnsafeLoadOptionError", "create_artifact", "load_artifact", "lopt_hf_version"]
 
 # Keyword arguments of PreTrainedConfig's constructor that from_dict may pass; anything else is a typo.
 _CONFIG_INIT_KWARGS = TRANSFORMERS_KEYS | {"name_or_path", "attn_implementation", "experts_implementation",
                                            "num_labels"}
 _SNAPSHOT_COMMIT = re.compile(r"[/\\]snapshots[/\\]([0-9a-f]{40})[/\\]")
+# Marks a config dict that from_dict has already validated, so __post_init__ does not validate it again.
+# A private object: it cannot come from a config.json or a caller.
+_ALREADY_VALIDATED = object()
 
 
-def _lopt_hf_version() -> str:
+def lopt_hf_version() -> str:
+    """The installed lopt_hf version (``"unknown"`` when running from a source tree that is not installed)."""
     try:
         from importlib.metadata import version
 
         return version("lopt_hf")
     except Exception:  # not installed (running from a source tree)
         return "unknown"
+
+
+@dataclass(frozen=True)
+class _CheckedTheta:
+    """Theta (or ``None``: draw ``rule.init_theta``) already checked against ``rule``, handed to the model."""
+
+    rule: UpdateRule
+    tensors: dict[str, Tensor] | None
 
 
 # ================================================================================ config
@@ -91,11 +105,14 @@ class LearnedOptimizerConfig(PretrainedConfig):
     provenance: dict[str, Any] | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
+        validated = kwargs.pop("_validated", None) is _ALREADY_VALIDATED
         unknown = sorted(set(kwargs) - _CONFIG_INIT_KWARGS)
         if unknown:
             raise TypeError(f"LearnedOptimizerConfig got unknown argument(s) {unknown}")
         kwargs.pop("model_type", None)
         super().__post_init__(**kwargs)
+        if validated:
+            return
         if self.rule is None:
             raise ArtifactError("LearnedOptimizerConfig()", "a rule name is required (e.g. rule='per_param_mlp')")
         fields = validate_config_dict(
@@ -121,14 +138,21 @@ class LearnedOptimizerConfig(PretrainedConfig):
         Raises ``ArtifactError`` naming ``<name_or_path>/config.json`` when the dict is invalid.
         """
         split_load_options({key: value for key, value in kwargs.items()
-                            if key not in ("name_or_path", "return_unused_kwargs", "_artifact_source")},
+                            if key not in ("name_or_path", "return_unused_kwargs")},
                            f"{cls.__name__}.from_dict")
         name_or_path = kwargs.get("name_or_path")
-        source = kwargs.pop("_artifact_source", None) or (
-            f"{name_or_path}/{CONFIG_NAME}" if name_or_path else f"{CONFIG_NAME} dict")
+        source = f"{name_or_path}/{CONFIG_NAME}" if name_or_path else f"{CONFIG_NAME} dict"
         fields = validate_config_dict(config_dict, source)
+        return cls.from_validated_fields(fields, config_dict, **kwargs)
+
+    @classmethod
+    def from_validated_fields(cls, fields: dict[str, Any], config_dict: dict[str, Any], **kwargs: Any) -> Any:
+        """Build from what :func:`~lopt_hf.artifact_validation.validate_config` returned for ``config_dict``.
+
+        The fields are not validated again; transformers' bookkeeping keys of ``config_dict`` are kept.
+        """
         extra = {key: config_dict[key] for key in ("transformers_version", "architectures") if key in config_dict}
-        return super().from_dict({**fields, **extra}, **kwargs)
+        return super().from_dict({**fields, **extra, "_validated": _ALREADY_VALIDATED}, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike[str], *, revision: str | None = None,
@@ -145,7 +169,7 @@ class LearnedOptimizerConfig(PretrainedConfig):
         caller = "LearnedOptimizerConfig.from_pretrained"
         options = split_load_options(hub_kwargs, caller)
         location = _ArtifactLocation.create(pretrained_model_name_or_path, revision, options.download)
-        config, _ = location.load_config()
+        config, _, _ = location.load_config()
         return config
 
     def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
@@ -191,10 +215,15 @@ class LearnedOptimizerModel(PreTrainedModel):
         if not isinstance(config, LearnedOptimizerConfig):
             raise TypeError(f"LearnedOptimizerModel needs a LearnedOptimizerConfig, got {type(config).__name__}")
         super().__init__(config)
-        self._rule = config.build_rule()
-        if theta is None:
-            theta = self._rule.init_theta(_generator(seed))
-        check_theta_tensors(theta, self._rule, "LearnedOptimizerModel(theta=...)", require_float32=False)
+        if isinstance(theta, _CheckedTheta):  # from_pretrained / create_artifact: rule built and theta checked
+            self._rule, theta = theta.rule, theta.tensors
+            if theta is None:
+                theta = self._rule.init_theta(_generator(seed))
+        else:
+            self._rule = config.build_rule()
+            if theta is None:
+                theta = self._rule.init_theta(_generator(seed))
+            check_theta_tensors(theta, self._rule, "LearnedOptimizerModel(theta=...)", require_float32=False)
         for name in expected_theta(self._rule):
             # Direct insertion rather than register_parameter: theta names are arbitrary strings
             # (may contain '.', or shadow attributes such as 'config'), and must stay unprefixed.
@@ -290,11 +319,17 @@ class LearnedOptimizerModel(PreTrainedModel):
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, commit_description: str | None = None,
                     private: bool | None = None, token: bool | str | None = None, revision: str | None = None,
-                    create_pr: bool = False, endpoint: str | None = None, **kwargs: Any) -> Any:
+                    create_pr: bool = False, endpoint: str | None = None,
+                    extra_files: Mapping[str, str | os.PathLike[str]] | None = None, **kwargs: Any) -> Any:
         """Upload ``config.json``, ``model.safetensors`` and our ``README.md`` to a Hub model repo.
 
+        The one Hub push of lopt_hf (``lopt-hf push`` / ``export --push-to-hub`` come here too).
         Creates the repo (and the ``revision`` branch) if needed. Other files already in the repo
         are left as they are; an existing README.md is replaced by the rendered card.
+
+        Args:
+            extra_files: path in the repo → local file, uploaded in the same commit (e.g. the
+                images the card shows, :func:`lopt_hf.model_card.card_images`).
 
         Returns:
             the ``huggingface_hub.CommitInfo`` of the upload (a ``str`` subclass: the commit URL).
@@ -305,14 +340,19 @@ class LearnedOptimizerModel(PreTrainedModel):
             raise TypeError(f"push_to_hub got unexpected keyword argument(s) {sorted(kwargs)}")
         from huggingface_hub import HfApi
 
-        api = HfApi(endpoint=endpoint, token=token, library_name="lopt_hf", library_version=_lopt_hf_version())
+        api = HfApi(endpoint=endpoint, token=token, library_name="lopt_hf", library_version=lopt_hf_version())
         repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        extra_files = dict(extra_files or {})
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, repo_id=repo_id)
+            for name, local_path in extra_files.items():
+                target = Path(tmp) / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(local_path, target)
             return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp,
-                                     allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME],
+                                     allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, *extra_files],
                                      commit_message=commit_message or f"Upload learned optimizer ({self.config.rule})",
                                      commit_description=commit_description, revision=revision, create_pr=create_pr)
 
@@ -350,17 +390,15 @@ class LearnedOptimizerModel(PreTrainedModel):
         options = split_load_options(kwargs, caller)
         location = _ArtifactLocation.create(pretrained_model_name_or_path, revision, options.download)
         if config is None:
-            config, config_source = location.load_config()
+            config, rule, _ = location.load_config()
         elif isinstance(config, LearnedOptimizerConfig):
-            config_source = "config argument"
-            validate_config_dict(config.to_dict(), config_source)
+            _, rule = validate_config(config.to_dict(), "config argument")
         else:
             raise TypeError(f"config must be a LearnedOptimizerConfig, got {type(config).__name__}")
-        rule = build_rule_checked(str(config.rule), config.rule_config or {}, config_source)
         weights_path, weights_source = location.fetch(WEIGHTS_NAME)
-        theta = read_theta_file(weights_path, rule, weights_source)
+        theta = read_theta_file(weights_path, rule, weights_source)  # the one theta check
         config.name_or_path = str(pretrained_model_name_or_path)
-        model = cls(config, theta=theta)
+        model = cls(config, theta=_CheckedTheta(rule, theta))
         model.eval()
         return model
 
@@ -390,21 +428,21 @@ def create_artifact(rule: str, *, seed: int | None = 0, theta: dict[str, Tensor]
     """
     source = "create_artifact()"
     base_provenance: dict[str, Any] = {
-        "created_by": f"lopt_hf {_lopt_hf_version()}",
+        "created_by": f"lopt_hf {lopt_hf_version()}",
         "created_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "source": (f"create_artifact: random init (rule.init_theta, seed {seed})" if theta is None
                    else "create_artifact: given theta"),
     }
-    fields = validate_config_dict({
+    fields, built_rule = validate_config({
         "model_type": MODEL_TYPE, "format_version": FORMAT_VERSION, "rule": rule, "rule_config": rule_config,
         "optimizer_defaults": (dict(DEFAULT_OPTIMIZER_DEFAULTS) if optimizer_defaults is None
                                else optimizer_defaults),
         "harness": harness, "provenance": {**base_provenance, **(provenance or {})},
     }, source)
-    config = LearnedOptimizerConfig(**fields)
+    config = LearnedOptimizerConfig.from_validated_fields(fields, {})
     if theta is not None:
-        check_theta_tensors(theta, config.build_rule(), f"{source} theta", require_float32=False)
-    return LearnedOptimizerModel(config, theta=theta, seed=seed)
+        check_theta_tensors(theta, built_rule, f"{source} theta", require_float32=False)
+    return LearnedOptimizerModel(config, theta=_CheckedTheta(built_rule, theta), seed=seed)
 
 
 def load_artifact(path_or_repo_id: str | os.PathLike[str], revision: str | None = None,
@@ -494,7 +532,7 @@ class _ArtifactLocation:
         label = f"{self.name}{at}/{in_repo}"
         try:
             path = hf_hub_download(self.name, filename, revision=self.revision, repo_type="model",
-                                   library_name="lopt_hf", library_version=_lopt_hf_version(), **self.hub_options)
+                                   library_name="lopt_hf", library_version=lopt_hf_version(), **self.hub_options)
         except HFValidationError:
             raise ArtifactError(self.name, "no such local folder, and not a valid Hub repo id") from None
         except RepositoryNotFoundError:
@@ -514,11 +552,13 @@ class _ArtifactLocation:
                 self.revision = match.group(1)
         return Path(path), f"{label} ({path})"
 
-    def load_config(self) -> tuple[LearnedOptimizerConfig, str]:
+    def load_config(self) -> tuple[LearnedOptimizerConfig, UpdateRule, str]:
+        """The validated config, the rule it names (built once, by the validation) and its label for errors."""
         path, source = self.fetch(CONFIG_NAME)
         raw = read_config_file(path, source)
-        config = LearnedOptimizerConfig.from_dict(raw, _artifact_source=source, name_or_path=self.name)
-        return config, source
+        fields, rule = validate_config(raw, source)
+        config = LearnedOptimizerConfig.from_validated_fields(fields, raw, name_or_path=self.name)
+        return config, rule, source
 
 
 register_auto_classes()

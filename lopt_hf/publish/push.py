@@ -1,30 +1,20 @@
 """Publish an artifact folder to the Hub: the three core files, the re-rendered card and the images it shows.
 
 Used by ``lopt-hf export --push-to-hub``, ``lopt-hf push`` and ``scripts/metatrain.py --push-to-hub``.
-(``LearnedOptimizerModel.push_to_hub`` only knows the three core files.)
+The upload itself is ``LearnedOptimizerModel.push_to_hub`` (the one Hub push), with the card's
+images as ``extra_files``.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..hub import LearnedOptimizerModel, load_artifact
+from ..hub import LearnedOptimizerModel, load_artifact, lopt_hf_version
 from ..model_card import card_images
 
 __all__ = ["push_artifact_folder", "lopt_hf_version"]
-
-
-def lopt_hf_version() -> str:
-    """The installed lopt_hf version (``"unknown"`` when it is not installed as a package)."""
-    try:
-        return version("lopt_hf")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def _referenced_files(artifact: LearnedOptimizerModel, directory: Path) -> list[str]:
@@ -49,22 +39,8 @@ def push_artifact_folder(directory: str | os.PathLike[str], repo_id: str, *, pri
     (usage snippets name the repo) and the images the card references. Returns the
     ``CommitInfo`` (a str: the commit URL).
     """
-    from huggingface_hub import HfApi
-
     directory = Path(directory)
     artifact = load_artifact(directory)  # validates before anything is uploaded
     assets = _referenced_files(artifact, directory)
-    api = HfApi(endpoint=endpoint, token=token, library_name="lopt_hf", library_version=lopt_hf_version())
-    repo_id = api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True).repo_id
-    if revision is not None and not revision.startswith("refs/pr"):
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        artifact.save_pretrained(tmp, repo_id=repo_id)
-        for name in assets:
-            target = Path(tmp) / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(directory / name, target)
-        return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp,
-                                 allow_patterns=["config.json", "model.safetensors", "README.md", *assets],
-                                 commit_message=commit_message or f"Upload learned optimizer ({artifact.config.rule})",
-                                 revision=revision)
+    return artifact.push_to_hub(repo_id, private=private, revision=revision, token=token, endpoint=endpoint,
+                                commit_message=commit_message, extra_files={name: directory / name for name in assets})
