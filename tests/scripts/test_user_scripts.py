@@ -1,0 +1,50 @@
+"""The user-facing scripts (demo, demo_opt2vec, finetune, bench_trainer) run end to end with their smallest
+settings, each in a subprocess like a user would start it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *args], capture_output=True, text=True,
+                            timeout=300, cwd=ROOT, env=env)
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+def test_demo_trains_with_the_shipped_optimizer(tmp_path: Path) -> None:
+    run_script("demo.py", "--steps", "5", "--out", str(tmp_path))
+    assert (tmp_path / "demo_loss.png").stat().st_size > 0
+
+
+def test_demo_opt2vec_creates_saves_and_trains(tmp_path: Path) -> None:
+    result = run_script("demo_opt2vec.py", "--steps", "5", "--out", str(tmp_path / "artifact"))
+    assert "test accuracy" in result.stdout
+    assert (tmp_path / "artifact" / "opt2vec-init" / "config.json").is_file()
+
+
+def test_finetune_compares_the_learned_optimizer_with_adamw(tmp_path: Path) -> None:
+    run_script("finetune.py", "--steps", "3", "--out", str(tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics and (tmp_path / "loss_curves.png").is_file()
+
+
+def test_bench_trainer_times_every_optimizer(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run_script("bench_trainer.py", "--warmup", "1", "--steps", "2", "--rounds", "1", "--n-layer", "1", "--n-embd", "16",
+               "--n-head", "2", "--vocab-size", "64", "--seq-len", "16", "--batch-size", "2", "--threads", "1",
+               "--json", str(out))
+    results = json.loads(out.read_text())
+    assert sorted(results["summary"]) == ["adamw", "celo2", "celo2-base"]
