@@ -27,16 +27,18 @@ torch optimizer:
 * ``set_total_steps(n)`` records the planned length of training in every param group
   (``"total_steps"``; saved with ``state_dict``) for rules and tools that need it —
   ``lopt_hf.LearnedOptimizerCallback`` sets it from ``transformers.Trainer``'s ``max_steps``;
-* a rule with ``stackable = True`` (Celo2) gets the tensors of one shape, layout, dtype and step
-  count in one ``update_stacked`` call (in stacks of at most ``STACK_NUMEL_LIMIT`` elements): a
-  transformer's repeated blocks cost a few batched kernel calls instead of one set per tensor.
-  Each tensor keeps its own state entries (views of the stacked result, so the next step stacks
-  them back for free; ``state_dict`` saves the shared storage once);
+* the rule runs through its deployment kernel (:func:`lopt_hf.kernels.kernel_for`), one learned-step
+  path for every rule: tensors go to the kernel in stacks — for a rule with ``stackable = True``
+  (Celo2) the tensors of one shape, layout, dtype and step count together (in stacks of at most
+  ``STACK_NUMEL_LIMIT`` elements: a transformer's repeated blocks cost a few batched kernel calls
+  instead of one set per tensor), for other rules stacks of one. Each tensor keeps its own state
+  entries (for Celo2 views of the stacked result, so the next step stacks them back for free;
+  ``state_dict`` saves the shared storage once);
 * every ``step()`` keeps cheap statistics of what it did (:meth:`LearnedOptimizer.last_step_stats`:
   RMS of the applied update per route, tensors updated / skipped), for logging;
 * a param group with ``"route": "adamw"`` (and ``betas``, ``eps``) is stepped by plain AdamW
-  math (optax.adamw / torch.optim.AdamW: bias-corrected moments, decoupled weight decay) instead
-  of the rule — how harnesses such as Celo2's send biases and embeddings to AdamW while staying
+  math (:mod:`lopt_hf.adamw`: optax.adamw / torch.optim.AdamW, bias-corrected moments, decoupled
+  weight decay) instead of the rule — how harnesses such as Celo2's send biases and embeddings to AdamW while staying
   one optimizer for LR schedulers, ``state_dict`` and ``transformers.Trainer``
   (see :mod:`lopt_hf.harness`).
 """
@@ -49,6 +51,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .adamw import adamw_directions, apply_decoupled_step
+from .kernels import RuleKernel, kernel_for
+from .kernels.base import stack_tensors
 from .layout import AS_IS, check_layouts, default_layout, from_rule_layout, to_rule_layout
 from .rules.base import Theta, UpdateRule
 from .rules.features import DEFAULT_CHUNK_SIZE
@@ -106,6 +111,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.chunk_size = chunk_size
         self._theta_cpu = {name: value.detach().to(torch.float32) for name, value in theta.items()}
         self._theta_by_device: dict[torch.device, Theta] = {}
+        self._kernels: dict[torch.device, RuleKernel] = {}
         check_layouts(param_layouts)
         self.param_layouts: dict[Tensor, str] = dict(param_layouts or {})
         # Settings of the artifact this optimizer was loaded from (``load_lopt`` fills it in), so
@@ -137,7 +143,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def layout_of(self, param: Tensor) -> str:
         """The layout ``param`` is handed to the rule in (``as_is`` unless the rule is layout-sensitive)."""
-        if not getattr(self.rule, "layout_sensitive", False):
+        if not self.rule.layout_sensitive:
             return AS_IS
         layout = self.param_layouts.get(param)
         return layout if layout is not None else default_layout(param)
@@ -149,13 +155,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._theta_by_device[device] = {k: v.to(device) for k, v in self._theta_cpu.items()}
         return self._theta_by_device[device]
 
+    def kernel_on(self, device: torch.device) -> RuleKernel:
+        """The rule's deployment kernel with the meta-parameters on ``device`` (cached; rebuilt if ``rule`` changes)."""
+        kernel = self._kernels.get(device)
+        if kernel is None or kernel.rule is not self.rule:
+            kernel = self._kernels[device] = kernel_for(self.rule, self.theta_on(device))
+        return kernel
+
     @property
     def theta(self) -> Theta:
         """The meta-parameters (float32, CPU)."""
         return self._theta_cpu
 
     def _init_param_state(self, param: Tensor) -> dict[str, Any]:
-        rule_state = self.rule.init_state(to_rule_layout(param.detach().to(torch.float32), self.layout_of(param)))
+        rule_param = to_rule_layout(param.detach().to(torch.float32), self.layout_of(param))
+        rule_state = self.kernel_on(param.device).init_state(rule_param)
         clash = _RESERVED_KEYS & set(rule_state)
         if clash:
             raise RuntimeError(f"rule {self.rule.name!r} uses reserved state keys {sorted(clash)}")
@@ -254,18 +268,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError("LearnedOptimizer does not support sparse gradients")
             if group.get(ROUTE_KEY, LEARNED_ROUTE) == ADAMW_ROUTE:
                 self._adamw_step_group(params, lr, weight_decay, group["betas"], group["eps"])
-            elif getattr(self.rule, "stackable", False):
-                self._step_stacked_group(params, lr, weight_decay, rule_loss, skip_learned)
             else:
-                for param in params:
-                    self._step_tensor(param, lr, weight_decay, rule_loss, skip_learned)
+                self._step_learned_group(params, lr, weight_decay, rule_loss, skip_learned)
         return closure_loss
 
-    def _step_stacked_group(self, params: list[Tensor], lr: float, weight_decay: float, loss: Tensor | None,
+    def _step_learned_group(self, params: list[Tensor], lr: float, weight_decay: float, loss: Tensor | None,
                             skip: bool) -> None:
-        """The learned step of a group for a rule with ``update_stacked``: tensors of one shape, layout,
-        dtype, device and step count go through the rule together, in stacks of at most
-        :data:`STACK_NUMEL_LIMIT` elements (small tensors are where per-tensor overhead counts).
+        """The learned step of a group, through the rule's kernel. For a kernel that ``stacks``, tensors
+        of one shape, layout, dtype, device and step count go together, in stacks of at most
+        :data:`STACK_NUMEL_LIMIT` elements (small tensors are where per-tensor overhead counts);
+        otherwise every tensor is a stack of one.
         """
         stacks: dict[tuple, list[list[Tensor]]] = {}
         for param in params:
@@ -276,6 +288,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._count_skipped(state)
                 continue
             key = (tuple(param.shape), param.dtype, param.device, self.layout_of(param), state[STEP_KEY])
+            if not self.kernel_on(param.device).stacks:
+                key = (*key, id(param))  # a stack of one
             bucket = stacks.setdefault(key, [[]])
             if bucket[-1] and (len(bucket[-1]) + 1) * param.numel() > STACK_NUMEL_LIMIT:
                 bucket.append([])
@@ -286,8 +300,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _step_stack(self, params: list[Tensor], layout: str, lr: float, weight_decay: float,
                     loss: Tensor | None) -> None:
-        """One ``rule.update_stacked`` call for same-key tensors (see :meth:`_step_stacked_group`)."""
-        grads = _stack([param.grad.detach() for param in params]).to(torch.float32)
+        """One kernel call for same-key tensors (see :meth:`_step_learned_group`)."""
+        grads = stack_tensors([param.grad.detach() for param in params]).to(torch.float32)
         finite = _finite_rows(grads)
         if not all(finite):  # leave those tensors (and their state) untouched, count them
             for param, ok in zip(params, finite):
@@ -298,15 +312,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._step_stack(kept, layout, lr, weight_decay, loss)
             return
         states = [self.state[param] for param in params]
-        rule_states = {key: _stack_states([state[key] for state in states])
-                       for key in states[0] if key not in _RESERVED_KEYS}
-        param32 = _stack([param.detach() for param in params]).to(torch.float32)
+        rule_states = [{key: value for key, value in state.items() if key not in _RESERVED_KEYS} for state in states]
+        param32 = stack_tensors([param.detach() for param in params]).to(torch.float32)
         device = params[0].device
         loss_kwargs = {} if loss is None else {"loss": loss.to(device)}
-        direction, new_states = self.rule.update_stacked(  # type: ignore[attr-defined]
-            self.theta_on(device), to_rule_layout(param32, layout, stacked=True),
-            to_rule_layout(grads, layout, stacked=True), rule_states, states[0][STEP_KEY],
-            chunk_size=self.chunk_size, **loss_kwargs)
+        direction, new_states = self.kernel_on(device).update_stack(
+            to_rule_layout(param32, layout, stacked=True), to_rule_layout(grads, layout, stacked=True), rule_states,
+            states[0][STEP_KEY], chunk_size=self.chunk_size, **loss_kwargs)
         direction = from_rule_layout(direction, layout, stacked=True)
         norms = _row_norms(direction)
         finite = _finite_rows(direction, norms)
@@ -320,7 +332,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if weight_decay != 0.0:
                 param32.mul_(1.0 - lr * weight_decay)
             param32.sub_(direction, alpha=lr)
-        for index, (param, state, ok) in enumerate(zip(params, states, finite)):
+        for index, (param, state, new_state, ok) in enumerate(zip(params, states, new_states, finite)):
             if not ok:
                 self._count_skipped(state)
                 continue
@@ -330,47 +342,17 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 else:
                     new_param = param32[index] if weight_decay == 0.0 else param32[index] * (1.0 - lr * weight_decay)
                     param.copy_(new_param - lr * direction[index])
-            # views of the stacked new state: the next step stacks them back without a copy
-            state.update({key: value[:, index] for key, value in new_states.items()})
+            state.update(new_state)
             state[STEP_KEY] += 1
 
     def _count_skipped(self, state: dict[str, Any]) -> None:
         state[SKIPPED_KEY] += 1
         self._step_stats.skipped += 1
 
-    def _step_tensor(self, param: Tensor, lr: float, weight_decay: float, loss: Tensor | None = None,
-                     skip: bool = False) -> None:
-        state = self.state[param]
-        if not state:
-            state.update(self._init_param_state(param))
-        rule_state = {key: value for key, value in state.items() if key not in _RESERVED_KEYS}
-        param32 = param.detach().to(torch.float32)
-        grad32 = param.grad.detach().to(torch.float32)
-        if skip or not bool(torch.isfinite(grad32).all()):
-            state[SKIPPED_KEY] += 1
-            self._step_stats.skipped += 1
-            return
-        layout = self.layout_of(param)
-        loss_kwargs = {} if loss is None else {"loss": loss.to(param.device)}
-        direction, new_rule_state = self.rule.update(
-            self.theta_on(param.device), to_rule_layout(param32, layout), to_rule_layout(grad32, layout), rule_state,
-            state[STEP_KEY], chunk_size=self.chunk_size, **loss_kwargs)
-        direction = from_rule_layout(direction, layout)
-        if not bool(torch.isfinite(direction).all()):
-            state[SKIPPED_KEY] += 1
-            self._step_stats.skipped += 1
-            return
-        new_param = param32 if weight_decay == 0.0 else param32 * (1.0 - lr * weight_decay)
-        new_param = new_param - lr * direction
-        self._step_stats.add(LEARNED_ROUTE, direction, new_param, param32, lr, weight_decay)
-        param.copy_(new_param)  # one rounding to the parameter dtype (e.g. bf16)
-        state.update(new_rule_state)
-        state[STEP_KEY] += 1
-
     def _adamw_step_group(self, params: list[Tensor], lr: float, weight_decay: float, betas: tuple[float, float],
                           eps: float) -> None:
-        """One AdamW step (optax.adamw / torch.optim.AdamW math, float32) for a group's tensors, with
-        ``torch._foreach`` kernels; a tensor whose gradient is not finite is skipped and counted."""
+        """One AdamW step (:mod:`lopt_hf.adamw`, float32) for a group's tensors, with ``torch._foreach``
+        kernels; a tensor whose gradient is not finite is skipped and counted."""
         for param in params:
             state = self.state[param]
             if not state:
@@ -388,27 +370,15 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 by_count.setdefault(self.state[param][STEP_KEY] + 1, []).append(index)
             else:
                 self._count_skipped(self.state[param])
-        beta1, beta2 = betas
         for count, indices in by_count.items():
             group_params = [params[i] for i in indices]
-            group_grads = [grads[i] for i in indices]
             states = [self.state[param] for param in group_params]
-            exp_avgs = [state["exp_avg"] for state in states]
-            exp_avg_sqs = [state["exp_avg_sq"] for state in states]
-            torch._foreach_lerp_(exp_avgs, group_grads, 1.0 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, group_grads, group_grads, value=1.0 - beta2)
-            denominators = torch._foreach_div(exp_avg_sqs, 1.0 - beta2 ** count)
-            torch._foreach_sqrt_(denominators)
-            torch._foreach_add_(denominators, eps)
-            steps = torch._foreach_div(exp_avgs, 1.0 - beta1 ** count)
-            torch._foreach_div_(steps, denominators)
+            steps = adamw_directions([grads[i] for i in indices], [state["exp_avg"] for state in states],
+                                     [state["exp_avg_sq"] for state in states], count, betas, eps)
             in_place = all(param.dtype == torch.float32 for param in group_params)
             params32 = [param.detach() if in_place else param.detach().to(torch.float32) for param in group_params]
             self._step_stats.add_many(ADAMW_ROUTE, steps, params32, lr, weight_decay)
-            if weight_decay != 0.0:
-                torch._foreach_mul_(params32, 1.0 - lr * weight_decay)
-            torch._foreach_add_(params32, steps, alpha=-lr)
+            apply_decoupled_step(params32, steps, lr, weight_decay)
             if not in_place:
                 for param, new_param in zip(group_params, params32):
                     param.copy_(new_param)  # one rounding to the parameter dtype
@@ -451,31 +421,6 @@ def _scalar_loss(loss: Tensor | float) -> Tensor:
     raise TypeError(f"the loss must be a scalar tensor or a number, got {type(loss).__name__}")
 
 
-def _stack(tensors: list[Tensor]) -> Tensor:
-    """``tensors`` (one shape) stacked along a new leading axis; a view for a single tensor."""
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
-def _stack_states(tensors: list[Tensor]) -> Tensor:
-    """Per-tensor rule state ``(k, …)`` stacked along axis 1, ``(k, B, …)``, in their memory order.
-
-    Tensors that are already ``base[:, 0]``, ``base[:, 1]``, … of one ``base`` (what the previous
-    stacked step stored) give ``base`` back without a copy; column-major matrices stay column-major.
-    """
-    if len(tensors) == 1:
-        return tensors[0].unsqueeze(1)
-    base = tensors[0]._base
-    if (base is not None and base.dim() == tensors[0].dim() + 1 and base.shape[1] == len(tensors)
-            and all(tensor._base is base and tensor.shape == base[:, index].shape
-                    and tensor.stride() == base[:, index].stride()
-                    and tensor.storage_offset() == base.storage_offset() + index * base.stride(1)
-                    for index, tensor in enumerate(tensors))):
-        return base
-    if all(tensor.dim() >= 3 and not tensor.is_contiguous() and tensor.mT.is_contiguous() for tensor in tensors):
-        return torch.stack([tensor.mT for tensor in tensors], dim=1).mT
-    return torch.stack(tensors, dim=1)
-
-
 def _row_norms(stacked: Tensor) -> Tensor:
     """The 2-norm of each tensor of a stack (leading axis)."""
     dims = tuple(range(1, stacked.dim()))
@@ -503,18 +448,9 @@ class _StepStats:
         self.updated = 0
         self.skipped = 0
 
-    def add(self, route: str, direction: Tensor, new_param: Tensor, old_param: Tensor, lr: float,
-            weight_decay: float) -> None:
-        if weight_decay == 0.0:
-            # new - old = -lr * direction: a norm of the direction needs no temporary tensor.
-            squared = (lr * torch.linalg.vector_norm(direction)) ** 2
-        else:
-            squared = torch.linalg.vector_norm(new_param - old_param) ** 2
-        self._accumulate(route, squared, new_param.numel(), 1)
-
     def add_stack(self, route: str, change_norms: Tensor, numel: int, committed: list[bool]) -> None:
-        """:meth:`add` for a stack of tensors of ``numel`` elements each (``change_norms``: the 2-norm of
-        each one's ``new - old``), of which those ``committed`` count."""
+        """Count a stack of tensors of ``numel`` elements each (``change_norms``: the 2-norm of each
+        one's ``new - old``), of which those ``committed`` count."""
         if not any(committed):
             return
         squared = change_norms ** 2
@@ -523,7 +459,7 @@ class _StepStats:
         self._accumulate(route, squared.sum(), sum(committed) * numel, sum(committed))
 
     def add_many(self, route: str, steps: list[Tensor], params: list[Tensor], lr: float, weight_decay: float) -> None:
-        """:meth:`add` for AdamW's tensors before they change: ``new - old = -lr·(step + weight_decay·param)``."""
+        """Count AdamW's tensors before they change: ``new - old = -lr·(step + weight_decay·param)``."""
         if weight_decay != 0.0:
             steps = torch._foreach_add(steps, params, alpha=weight_decay)
         squared = (lr * torch.stack(torch._foreach_norm(steps))) ** 2

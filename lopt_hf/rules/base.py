@@ -53,10 +53,13 @@ class UpdateRule(ABC):
     name: ClassVar[str]
     # True: ``update`` requires the keyword ``loss`` (the training loss of the batch, a scalar).
     needs_loss: ClassVar[bool] = False
-    # True: the rule also has ``update_stacked(theta, params, grads, states, step, chunk_size)`` for B
-    # same-shape tensors stacked on a leading axis (state tensors stacked on axis 1), returning each
-    # tensor's own ``update``; ``LearnedOptimizer`` then steps same-shape tensors together.
+    # True: ``update_stacked`` is a batched implementation (not the default loop over the stack), so
+    # ``LearnedOptimizer`` hands same-shape tensors over together; otherwise in stacks of one.
     stackable: ClassVar[bool] = False
+    # True: the rule computes in JAX layout (dense kernels (in, out), conv kernels HWIO) and the
+    # result depends on which axis is which; ``LearnedOptimizer`` then hands it each parameter in
+    # that layout and maps the step back (see ``lopt_hf.layout``). False: tensors as given.
+    layout_sensitive: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- hyper-parameters
     def hyperparameters(self) -> dict[str, Any]:
@@ -107,6 +110,24 @@ class UpdateRule(ABC):
         (deployment memory/speed); ``None`` processes the tensor whole (what ``vmap`` wants).
         It never changes the result beyond float rounding.
         """
+
+    def update_stacked(self, theta: Theta, params: Tensor, grads: Tensor, states: State, step: Tensor | int,
+                       chunk_size: int | None = None, **kwargs: Any) -> tuple[Tensor, State]:
+        """:meth:`update` of ``B`` independent same-shape tensors stacked on axis 0: ``params`` / ``grads``
+        ``(B, *shape)``, every state tensor ``(B, …)`` (tensor ``i``'s state is ``value[i]``).
+        Returns the ``(B, *shape)`` steps and the new states, stacked alike; ``kwargs`` go to
+        :meth:`update` (``loss`` for rules with ``needs_loss``).
+
+        This default is the per-tensor update over the stack, one tensor at a time; a rule with a
+        batched implementation overrides it (and sets ``stackable``). It must equal this loop.
+        """
+        results = [self.update(theta, params[index], grads[index], {key: value[index] for key, value in states.items()},
+                               step, chunk_size, **kwargs) for index in range(params.shape[0])]
+        if len(results) == 1:  # a stack of one: views, no copies
+            direction, new_state = results[0]
+            return direction.unsqueeze(0), {key: value.unsqueeze(0) for key, value in new_state.items()}
+        return (torch.stack([direction for direction, _ in results]),
+                {key: torch.stack([new_state[key] for _, new_state in results]) for key in results[0][1]})
 
 
 _REGISTRY: dict[str, type[UpdateRule]] = {}

@@ -40,24 +40,26 @@ its own matrix; the reference vectors only pin down the 2-D case.
 
 State per tensor, decay axis first (the JAX state has it last): ``momentum`` (3, *shape),
 ``rms`` (1, *shape) and either ``v_row`` (3, *shape without d0) and ``v_col`` (3, *shape
-without d1), or ``v_diag`` (3, *shape). A matrix handed in as a transposed view (how
-LearnedOptimizer passes ``nn.Linear`` weights) keeps its full-size state in that memory order
-(column-major): same values and shapes, no transposing copies on every step.
+without d1), or ``v_diag`` (3, *shape). The arithmetic follows the memory order of the state: a
+matrix whose state lies column-major (a transposed view, as :mod:`lopt_hf.kernels.celo2` keeps
+it for ``nn.Linear`` weights) is computed column-major, with no transposing copies.
 
-**Speed.** Deployment (``torch.no_grad``, plain tensors) runs the same arithmetic as the
-autograd/vmap path, with fewer passes over memory: feature mean squares in closed form instead of
-a first pass over built features, the MLP feature-major with biases and row/col statistics folded
-in, features, activations and full-size temporaries in reused buffers, the Newton–Schulz Gram
-products of large matrices as symmetric blocks. See :meth:`Celo2._network`. (Running the
+**Speed.** The math is written once, in :meth:`Celo2.update_decay_first`, for meta-training
+(vmap/grad) and deployment alike, with fewer passes over memory than the textbook form: feature
+mean squares in closed form instead of a first pass over built features, the MLP feature-major
+with biases and row/col statistics folded in. The deployment execution,
+:class:`lopt_hf.kernels.celo2.Celo2Kernel`, runs the same arithmetic with a :class:`Workspace`:
+features, activations and full-size temporaries in reused buffers, the network weights prepared
+once, the Newton–Schulz Gram products of large matrices as symmetric blocks. (Running the
 element-wise part on one intra-op thread looked 1.45× faster in isolation on the 2-core machine but
 was 10 % slower inside ``transformers.Trainer``, so it is not done.)
 
 **Stacks.** :meth:`Celo2.update_stacked` takes B tensors of one shape stacked on a leading axis
-(state stacked on axis 1, after the decay axis) and returns each tensor's own update: every
-statistic stays per tensor, the kernels run batched. ``update`` is the same code on a stack of
-one, so meta-training (vmap/grad) and deployment share it; ``LearnedOptimizer`` stacks a model's
-same-shape tensors (a transformer's repeated blocks), which turns hundreds of small kernel calls
-and their Python overhead into a few batched ones. A test checks stacked == one at a time.
+(states too) and returns each tensor's own update: every statistic stays per tensor, the kernels
+run batched. ``update`` is the same code on a stack of one, so meta-training (vmap/grad) and
+deployment share it; ``LearnedOptimizer`` (through the kernel) stacks a model's same-shape tensors
+(a transformer's repeated blocks), which turns hundreds of small kernel calls and their Python
+overhead into a few batched ones. A test checks stacked == one at a time.
 """
 
 from __future__ import annotations
@@ -65,8 +67,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import threading
-import weakref
+from collections.abc import Callable
+from typing import ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -81,13 +83,33 @@ FEATURE_GROUPS = ("g", "clipped_g", "p", "m", "rms", "m_rsqrt_rms", "rsqrt_rms",
 NUM_GROUPS_1D = 9
 HAIKU_PREFIX = "ff_mod_stack/~/"
 
+# ``symmetric_product(y, base, beta, alpha)`` = ``beta·base + alpha·y·yᵀ`` (``base`` None: ``y·yᵀ``).
+SymmetricProduct = Callable[[Tensor, "Tensor | None", float, float], Tensor]
+
+
+class Workspace(Protocol):
+    """What a deployment execution lends :meth:`Celo2.update_decay_first` (see
+    :class:`lopt_hf.kernels.celo2.Celo2Workspace`): the rule computes the same arithmetic with or
+    without one; with one it may write temporaries into reused buffers and fresh tensors in place."""
+
+    symmetric_product: SymmetricProduct | None
+
+    def fits(self, numel: int) -> bool:
+        """Whether a temporary of ``numel`` elements goes into a reused buffer (else it is allocated)."""
+
+    def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A ``shape`` buffer on ``like``'s device and dtype, reused across calls under ``name``."""
+
+    def network_weights(self, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """:meth:`Celo2.network_weights` of this execution's theta (computed once per ``order``)."""
+
 
 def _safe_rsqrt(x: Tensor) -> Tensor:
     return torch.rsqrt(torch.clamp(x, min=1e-9))
 
 
 def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int, eps: float,
-                  scale: Tensor | None = None, in_place: bool = False) -> Tensor:
+                  scale: Tensor | None = None, symmetric_product: SymmetricProduct | None = None) -> Tensor:
     """Orthogonalise the matrices over the last two axes of ``x`` (optax/Muon quintic iteration).
 
     ``x / (‖x‖_F + eps)``, then ``iterations`` × ``x ← a·x + (b·A + c·A²)·x`` with ``A = x·xᵀ``,
@@ -96,11 +118,10 @@ def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int
     ``addmm``/``baddbmm``. ``scale`` (positive, broadcastable to ``(*lead, 1, 1)``) stands for an
     input ``scale·x``; it is folded into the normalisation, ``x·s / (s·‖x‖_F + eps)``.
 
-    ``in_place`` (deployment only: writes into fresh buffers with ``out=``, no autograd or vmap)
-    lets matrices whose Gram side is ≥ 512 compute the symmetric products ``x·xᵀ`` and
-    ``A·A = A·Aᵀ`` by blocks, only those on and above the diagonal (the others are transposes):
-    a quarter (512) to three eighths (1024) fewer flops in two of the three products, the same
-    sums per entry.
+    ``symmetric_product(y, base, beta, alpha)`` (``beta·base + alpha·y·yᵀ``; ``base`` may be None),
+    given by a deployment kernel (:func:`lopt_hf.kernels.celo2.symmetric_product`), computes the
+    symmetric products ``x·xᵀ`` and ``A·A = A·Aᵀ`` of matrices whose Gram side is ≥ 512 instead of
+    a plain matmul — the same sums per entry.
 
     (Taking the iterations in pairs through the Gram side — ``x₂ = Q₁·Q·x`` with ``A₁ = Q·A·Q`` —
     saves a fifth to a third of the flops of wide matrices, but was measured 1.5–3× further from
@@ -117,42 +138,17 @@ def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int
     # one matrix: addmm; several: one batch axis for baddbmm
     x = x.reshape(x.shape[-2:]) if batch == 1 else x.reshape(batch, *x.shape[-2:])
     fused = torch.addmm if x.dim() == 2 else torch.baddbmm
-    blocked = in_place and x.shape[-2] >= 512
+    blocked = symmetric_product is not None and x.shape[-2] >= 512
     for _ in range(iterations):
         if blocked:
-            gram = _symmetric_product(x)
-            update = _symmetric_product(gram, base=gram, beta=b, alpha=c)
+            gram = symmetric_product(x, None, 0.0, 1.0)
+            update = symmetric_product(gram, gram, b, c)
         else:
             gram = torch.matmul(x, x.mT)
             update = fused(gram, gram, gram, beta=b, alpha=c)
         x = fused(x, update, x, beta=a)
     x = x.reshape(*lead, *x.shape[-2:])
     return x.mT if transposed else x
-
-
-def _symmetric_product(y: Tensor, base: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
-    """``beta·base + alpha·y·yᵀ`` for a symmetric ``base`` (or none), by blocks of ≈ 256 rows: the
-    blocks on and above the diagonal are computed, those below mirrored (k(k+1)/2 of k² products).
-
-    ``y`` is one matrix or a batch of them (3-D).
-    """
-    n = y.shape[-2]
-    count = max(2, n // 256)
-    bounds = [n * index // count for index in range(count + 1)]
-    out = y.new_empty((*y.shape[:-2], n, n))
-    product, fused = (torch.mm, torch.addmm) if y.dim() == 2 else (torch.bmm, torch.baddbmm)
-    for i in range(count):
-        rows = slice(bounds[i], bounds[i + 1])
-        for j in range(i, count):
-            cols = slice(bounds[j], bounds[j + 1])
-            left, right = y[..., rows, :], y[..., cols, :].mT
-            if base is None:
-                product(left, right, out=out[..., rows, cols])
-            else:
-                fused(base[..., rows, cols], left, right, beta=beta, alpha=alpha, out=out[..., rows, cols])
-            if j > i:
-                out[..., cols, rows].copy_(out[..., rows, cols].mT)
-    return out
 
 
 @register_rule
@@ -162,7 +158,7 @@ class Celo2(UpdateRule):
 
     name = "celo2"
     # Computes in JAX layout: LearnedOptimizer maps torch Linear/Conv weights to it and back.
-    layout_sensitive = True
+    layout_sensitive: ClassVar[bool] = True
 
     hidden_size: int = 8
     hidden_layers: int = 2
@@ -229,13 +225,8 @@ class Celo2(UpdateRule):
     # ------------------------------------------------------------------------ state
     def init_state(self, param: Tensor) -> State:
         shape = tuple(param.shape) if param.dim() > 0 else (1,)
-        # A matrix handed as a transposed view (LearnedOptimizer's nn.Linear weights) gets its
-        # full-size state in the same memory order: see update().
-        column_major = _column_major(param)
 
         def zeros(count: int, of_shape: tuple[int, ...]) -> Tensor:
-            if column_major and of_shape == shape:
-                return torch.zeros((count, *of_shape[::-1]), dtype=torch.float32, device=param.device).mT
             return torch.zeros((count, *of_shape), dtype=torch.float32, device=param.device)
 
         facs = len(self.adafactor_decays)
@@ -243,18 +234,27 @@ class Celo2(UpdateRule):
         return state | factored_accumulator_state(shape, facs, zeros)
 
     # ----------------------------------------------------------------------- update
-    stackable = True  # has update_stacked (see the module docstring, "Stacks")
+    stackable: ClassVar[bool] = True  # update_stacked is batched (see the module docstring, "Stacks")
 
     def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                chunk_size: int | None = None) -> tuple[Tensor, State]:
         # One tensor is a stack of one: the same code, with a leading axis of size 1.
-        direction, new_state = self.update_stacked(
+        direction, new_state = self.update_decay_first(
             theta, param.unsqueeze(0), grad.unsqueeze(0), {key: value.unsqueeze(1) for key, value in state.items()},
             step, chunk_size)
         return direction[0], {key: value[:, 0] for key, value in new_state.items()}
 
     def update_stacked(self, theta: Theta, params: Tensor, grads: Tensor, states: State, step: Tensor | int,
                        chunk_size: int | None = None) -> tuple[Tensor, State]:
+        """:meth:`update` for ``B`` tensors of one shape stacked on axis 0 (states too), batched: see
+        :meth:`update_decay_first`, which takes the state with the stack axis after the decay axis."""
+        direction, new_states = self.update_decay_first(
+            theta, params, grads, {key: value.movedim(0, 1) for key, value in states.items()}, step, chunk_size)
+        return direction, {key: value.movedim(1, 0) for key, value in new_states.items()}
+
+    def update_decay_first(self, theta: Theta, params: Tensor, grads: Tensor, states: State, step: Tensor | int,
+                           chunk_size: int | None = None,
+                           workspace: Workspace | None = None) -> tuple[Tensor, State]:
         """:meth:`update` for ``B`` independent tensors of one shape, stacked: ``params`` / ``grads``
         ``(B, *shape)``, every state tensor with the stack axis second, ``(k, B, …)`` (tensor ``i``'s
         state is ``value[:, i]``). Returns ``(B, *shape)`` steps and the new states, stacked alike.
@@ -263,6 +263,12 @@ class Celo2(UpdateRule):
         factored moments over each tensor's own axes, Newton–Schulz per matrix, the final RMS per
         tensor): the result is each tensor's :meth:`update`, computed with batched kernels and one
         pass of Python for the whole stack (what makes many small tensors cheap in deployment).
+
+        ``workspace`` (a deployment kernel's, :class:`lopt_hf.kernels.celo2.Celo2Kernel`; never under
+        autograd or vmap) lets the same arithmetic write into reused buffers and fresh tensors in
+        place, use prepared network weights and blocked Newton–Schulz products. Full-size tensors are
+        used in the memory order of the state: a matrix whose state lies column-major (a transposed
+        view) is computed column-major, with no transposing copies.
         """
         original_shape = params.shape
         stack = params.shape[0]
@@ -272,10 +278,9 @@ class Celo2(UpdateRule):
         ndim = len(shape)
         device = params.device
 
-        # Deployment (no autograd, no vmap/grad wrappers) may write into fresh tensors in place:
-        # the same arithmetic, without full-size temporaries.
-        deploy = (not torch.is_grad_enabled() and _is_plain(params) and _is_plain(grads)
-                  and all(_is_plain(value) for value in states.values()))
+        # With a workspace (deployment), fresh tensors may be written in place: the same arithmetic,
+        # without full-size temporaries.
+        deploy = workspace is not None
 
         def ema(decays: tuple[float, ...], rank: int, old: Tensor, new: Tensor) -> Tensor:
             """``decay·old + (1 − decay)·new`` per decay (leading axis), rounded as the original."""
@@ -285,9 +290,8 @@ class Celo2(UpdateRule):
             return torch.addcmul(keep * new, decay, old)
 
         # --- accumulators (the new state), decay axis first. Every full-size tensor is used in one
-        # memory order: row-major, or column-major for a matrix whose state is (LearnedOptimizer
-        # hands nn.Linear weights as transposed views and init_state follows them) — then the
-        # rule runs on the memory as it lies, with no transposing copies, and so does the step.
+        # memory order: row-major, or column-major for a matrix whose state is — then the rule runs
+        # on the memory as it lies, with no transposing copies, and so does the step.
         column_major = ndim == 2 and _column_major(states["momentum"][0])
 
         def in_order(x: Tensor) -> Tensor:
@@ -300,12 +304,12 @@ class Celo2(UpdateRule):
 
             Full-size temporaries allocated fresh every step cost page faults as large as their work.
             """
-            if not deploy or like.numel() > _SCRATCH_LIMIT:
+            if workspace is None or not workspace.fits(like.numel()):
                 return None
             size = tuple(like.shape)
             if column_major:
-                return _scratch(name, (*size[:-2], size[-1], size[-2]), like).mT
-            return _scratch(name, size, like)
+                return workspace.buffer(name, (*size[:-2], size[-1], size[-2]), like).mT
+            return workspace.buffer(name, size, like)
 
         g = torch.clamp(grads, -self.grad_clip, self.grad_clip, out=temporary("g", grads))
         g = in_order(g)
@@ -338,14 +342,14 @@ class Celo2(UpdateRule):
         if column_major:  # the EMAs keep their inputs' memory order, but make sure
             momentum, rms = in_order(momentum), in_order(rms)
             new_state.update(momentum=momentum, rms=rms)
-        inputs = _Inputs(shape, stack, g, g2, param, momentum, rms, rsqrt_rms, factors, column_major, deploy)
-        direction = self._network(theta, inputs, chunk_size, deploy)
+        inputs = _Inputs(shape, stack, g, g2, param, momentum, rms, rsqrt_rms, factors, column_major, workspace)
+        direction = self._network(theta, inputs, chunk_size, workspace)
         if self.rmsmult != 1.0:
             direction = direction * self.rmsmult
         return direction.reshape(original_shape), new_state
 
     # ----------------------------------------------------------------------- network
-    def _network(self, theta: Theta, inputs: _Inputs, chunk_size: int | None, deploy: bool) -> Tensor:
+    def _network(self, theta: Theta, inputs: _Inputs, chunk_size: int | None, workspace: Workspace | None) -> Tensor:
         """Normalised features → MLP → normalised (and maybe orthogonalised) direction, of ``inputs.shape``.
 
         Whole (``chunk_size=None``, what vmap/grad use) or in pieces of at most ``chunk_size``
@@ -362,12 +366,12 @@ class Celo2(UpdateRule):
         3. per piece, the element-wise features as one (E, N) matrix and the MLP;
         4. the output normalised per slab (folded into Newton–Schulz's Frobenius normalisation).
         """
-        no_grad = not torch.is_grad_enabled()
+        deploy = workspace is not None
         num_slabs, rows, cols = inputs.num_slabs, inputs.rows, inputs.cols
         slab_size = rows * cols
         pieces = inputs.pieces(chunk_size)
-        w0, bias, later = self._prepared(theta, inputs.order)
-        deploy = deploy and _is_plain(w0)
+        w0, bias, later = self.network_weights(theta, inputs.order) if workspace is None \
+            else workspace.network_weights(inputs.order)
 
         # 1. per-slab mean squares, in inputs.order: (F, L)
         cached = None
@@ -404,13 +408,13 @@ class Celo2(UpdateRule):
             split = count + by_rows.shape[0]
             along_rows = torch.matmul(weight[:, count:split].mT, by_rows.transpose(0, 1))  # (L, hidden + 1, R)
             along_cols = torch.matmul(weight[:, split:].mT, by_cols.transpose(0, 1)) + along_cols  # (L, hidden + 1, C)
-        relu = torch.relu_ if no_grad else torch.relu
+        relu = torch.relu_ if deploy else torch.relu
 
         # 3. the network, piece by piece. In deployment the features and hidden activations of
         # every piece go into scratch buffers kept across calls (fresh multi-MB tensors per piece
         # and tensor cost page faults), and the direction straight into the output.
         largest = max(inputs.piece_numel(piece) for piece in pieces)
-        scratch = cached is None and deploy and largest * count <= _SCRATCH_LIMIT
+        scratch = cached is None and workspace is not None and workspace.fits(largest * count)
         out = inputs.g.new_empty((num_slabs, slab_size)) if deploy else None
         outputs, all_written = [], out is not None
         for piece in pieces:
@@ -420,14 +424,14 @@ class Celo2(UpdateRule):
             if cached is not None:
                 x = cached
             else:
-                x = inputs.features(piece, _scratch("features", (count, numel), inputs.g) if scratch else None)
+                x = inputs.features(piece, workspace.buffer("features", (count, numel), inputs.g) if scratch else None)
             by_piece_rows = None if along_rows is None else along_rows[slab_start:slab_stop, :, row_start:row_stop, None]
             by_cols = (along_cols if along_cols.shape[0] == 1 else along_cols[slab_start:slab_stop]).unsqueeze(-2)
             slab_features = x.view(count, piece_slabs, -1).transpose(0, 1)
             if deploy:
                 # the broadcast contributions first, the product added by the gemm: one pass over h
                 # instead of two (the same sums, added in another order)
-                h = (_scratch("hidden0", (first.shape[1], numel), inputs.g) if scratch
+                h = (workspace.buffer("hidden0", (first.shape[1], numel), inputs.g) if scratch
                      else inputs.g.new_empty((first.shape[1], numel))).view(piece_slabs, -1, piece_rows, cols)
                 if by_piece_rows is None:
                     h.copy_(by_cols.expand_as(h))
@@ -453,7 +457,8 @@ class Celo2(UpdateRule):
                     h = torch.mm(matrix, relu(h), out=out.view(1, -1)[:, start:start + piece_rows * cols])
                     written = True
                 elif scratch and piece_slabs == 1:
-                    h = torch.mm(matrix, relu(h), out=_scratch(f"hidden{(layer + 1) % 2}", (matrix.shape[0], numel), h))
+                    h = torch.mm(matrix, relu(h), out=workspace.buffer(f"hidden{(layer + 1) % 2}",
+                                                                       (matrix.shape[0], numel), h))
                 else:
                     h = torch.matmul(matrix, relu(h))
             direction = h[..., 0, :] if h.shape[-2] == 1 else h[..., 0, :] * torch.exp(h[..., 1, :] * self.exp_mult)
@@ -466,31 +471,25 @@ class Celo2(UpdateRule):
 
         # 4. output normalisation per slab (and Newton–Schulz)
         eps = self.normalization_eps
-        square = _scratch("out_square", tuple(out.shape), out) if deploy and out.numel() <= _SCRATCH_LIMIT else None
+        square = workspace.buffer("out_square", tuple(out.shape), out) \
+            if workspace is not None and workspace.fits(out.numel()) else None
         out_scale = torch.rsqrt(eps + _slab_dot(out, None, square) / slab_size).unsqueeze(-1)  # (L, 1)
         shape = inputs.shape
         if self.orthogonalize and len(shape) >= 2:
             direction = newton_schulz(inputs.unflatten(out), tuple(self.ns_coeffs), int(self.ns_iters), self.ns_eps,
-                                      scale=out_scale.view(inputs.stack, *shape[:-2], 1, 1), in_place=deploy)
+                                      scale=out_scale.view(inputs.stack, *shape[:-2], 1, 1),
+                                      symmetric_product=None if workspace is None else workspace.symmetric_product)
             per_tensor = tuple(range(1, direction.dim()))
             return direction * torch.rsqrt(torch.mean(torch.square(direction), dim=per_tensor, keepdim=True) + eps)
         return inputs.unflatten(out.mul_(out_scale) if deploy else out * out_scale)
 
-    def _prepared(self, theta: Theta, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    def network_weights(self, theta: Theta, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Theta as the network uses it: ``w0`` rows in feature ``order`` plus a zero carry column
         ``(F, hidden + 1)``, ``[b0, 1]``, and the later layers feature-major ``[Wᵀ | b]`` (hidden
         ones with a carry row ``[0 … 0 1]``; the last cut to the outputs used).
 
-        Cached per theta in deployment (no autograd, plain tensors): it is the same every step.
+        The same every step for a given theta: a deployment kernel computes it once per ``order``.
         """
-        cacheable = not torch.is_grad_enabled() and all(_is_plain(value) for value in theta.values())
-        key = theta.get("b0") if cacheable else None
-        signature = (self, order, tuple((name, id(value), value._version) for name, value in theta.items())) \
-            if cacheable else None
-        if key is not None:
-            for entry_signature, refs, prepared in _PREPARED.get(id(key), ()):
-                if entry_signature == signature and all(ref() is value for ref, value in zip(refs, theta.values())):
-                    return prepared
         w0 = torch.cat([theta[f"w0__{group}"] for group in range(max(order) + 1)])
         sizes = self.group_sizes()
         offsets = [sum(sizes[:group]) for group in range(len(sizes) + 1)]
@@ -507,19 +506,7 @@ class Celo2(UpdateRule):
             else:
                 matrix = matrix[:1 if self.exp_mult == 0.0 else 2]
             later.append(matrix)
-        prepared = (w0, bias, later)
-        if key is not None:
-            refs = tuple(weakref.ref(value) for value in theta.values())
-            if id(key) not in _PREPARED:
-                weakref.finalize(key, _PREPARED.pop, id(key), None)
-            entries = [entry for entry in _PREPARED.get(id(key), ()) if entry[0][:2] != signature[:2]]
-            _PREPARED[id(key)] = [*entries[-7:], (signature, refs, prepared)]
-        return prepared
-
-
-# Deployment cache of Celo2._prepared: id(theta["b0"]) → [(signature, weakrefs to theta, prepared)],
-# dropped with that tensor.
-_PREPARED: dict[int, list] = {}
+        return w0, bias, later
 
 
 @functools.lru_cache(maxsize=64)
@@ -529,21 +516,6 @@ def _decay_tensors(decays: tuple[float, ...], rank: int, device: torch.device) -
     return decay, 1.0 - decay
 
 
-_SCRATCH_LIMIT = 1 << 22  # floats per scratch buffer (16 MB); larger pieces allocate as usual
-_SCRATCH = threading.local()
-
-
-def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """A ``shape`` buffer like ``like`` (device, dtype), reused across calls (this thread, deployment only)."""
-    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    key = (name, like.device, like.dtype)
-    numel = math.prod(shape)
-    buffer = buffers.get(key)
-    if buffer is None or buffer.numel() < numel:
-        buffer = buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-    return buffer[:numel].view(shape)
-
-
 def _column_major(x: Tensor) -> bool:
     """A matrix (or batch of them) whose last two axes lie transposed in memory."""
     return x.dim() >= 2 and x.shape[-1] > 1 and x.shape[-2] > 1 and not x.is_contiguous() and x.mT.is_contiguous()
@@ -551,14 +523,6 @@ def _column_major(x: Tensor) -> bool:
 
 def _clip(x: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.clamp(x, -0.1, 0.1, out=out)
-
-
-def _is_plain(x: Tensor) -> bool:
-    """Not a functorch (vmap/grad) wrapper: ``out=`` writes into plain buffers are allowed."""
-    try:
-        return not torch._C._functorch.is_functorch_wrapped_tensor(x)
-    except AttributeError:  # private API gone: play safe
-        return False
 
 
 def _cat(tensors: list[Tensor], dim: int) -> Tensor:
@@ -590,11 +554,12 @@ class _Inputs:
     """
 
     def __init__(self, shape: tuple[int, ...], stack: int, g: Tensor, g2: Tensor, p: Tensor, m: Tensor, rms: Tensor,
-                 rsqrt_rms: Tensor, factors: tuple, column_major: bool = False, deploy: bool = False) -> None:
+                 rsqrt_rms: Tensor, factors: tuple, column_major: bool = False,
+                 workspace: Workspace | None = None) -> None:
         ndim = len(shape)
         self.shape = shape  # of one tensor of the stack
         self.stack = stack
-        self.deploy = deploy  # temporaries may go into reused scratch buffers
+        self.workspace = workspace  # deployment: temporaries may go into its reused buffers
         self.column_major = column_major  # a matrix stored transposed: R and C swap roles below
         if ndim >= 2:
             self.num_slabs, self.rows, self.cols = stack * math.prod(shape[:-2]), shape[-2], shape[-1]
@@ -715,7 +680,9 @@ class _Inputs:
 
         def temp(name: str, rows: int) -> Tensor | None:  # deployment: a reused (rows, slabs, n / slabs) buffer
             size = (rows, slabs, self.piece_numel(piece) // slabs)
-            return _scratch(f"sums_{name}", size, self.g) if self.deploy and math.prod(size) <= _SCRATCH_LIMIT else None
+            if self.workspace is None or not self.workspace.fits(math.prod(size)):
+                return None
+            return self.workspace.buffer(f"sums_{name}", size, self.g)
 
         g2 = per_slab(self.g2[at])
         rsqrt2 = torch.square(per_slab(self.rsqrt_rms[at]), out=temp("rsqrt2", 1))

@@ -1,8 +1,8 @@
 """LearnedOptimizer runs Celo2 on stacks of same-shape tensors: the same steps as one tensor at a time.
 
 A transformer repeats its blocks, so most of its tensors come in groups of one shape; Celo2's
-``update_stacked`` takes such a group in one call (see ``tests/test_rule_celo2.py`` for the rule-level
-equality). These tests pin down the optimizer around it: grouping, skipped non-finite tensors inside
+kernel takes such a group in one call (see ``tests/rules/test_rule_celo2.py`` and
+``tests/kernels/test_celo2_kernel.py`` for the rule- and kernel-level equality). These tests pin down the optimizer around it: grouping, skipped non-finite tensors inside
 a stack, checkpoints of stacked state, bf16 parameters, the foreach AdamW route.
 """
 
@@ -53,19 +53,19 @@ def set_grads(model: nn.Module, step: int) -> None:
 
 
 class PerTensor(Celo2):
-    """Celo2 without ``update_stacked`` use: LearnedOptimizer steps one tensor at a time."""
+    """Celo2 not stacked: LearnedOptimizer (through Celo2's kernel) steps one tensor at a time."""
 
     stackable = False
 
 
 class Recording(Celo2):
-    """Celo2 that records how many tensors each ``update_stacked`` call gets."""
+    """Celo2 that records how many tensors each stacked call of its kernel gets."""
 
     stackable = True
 
-    def update_stacked(self, theta, params, grads, states, step, chunk_size=None):  # noqa: ANN001, ANN201
+    def update_decay_first(self, theta, params, grads, states, step, chunk_size=None, workspace=None):  # noqa: ANN001, ANN201
         self.__dict__.setdefault("stack_sizes", []).append(params.shape[0])
-        return super().update_stacked(theta, params, grads, states, step, chunk_size)
+        return super().update_decay_first(theta, params, grads, states, step, chunk_size, workspace)
 
 
 def optimizer(folder: Path, model: nn.Module, rule_class: type[Celo2] | None = None, **kwargs) -> LearnedOptimizer:
@@ -228,6 +228,6 @@ def test_plain_update_rule_call_still_works_on_one_tensor() -> None:
     state = rule.init_state(param)
     update, new_state = rule.update(theta, param, grad, state, 0)
     stacked, stacked_state = rule.update_stacked(
-        theta, param[None], grad[None], {k: v[:, None] for k, v in state.items()}, 0)
+        theta, param[None], grad[None], {k: v[None] for k, v in state.items()}, 0)
     assert torch.equal(update, stacked[0])
-    assert all(torch.equal(new_state[k], stacked_state[k][:, 0]) for k in new_state)
+    assert all(torch.equal(new_state[k], stacked_state[k][0]) for k in new_state)

@@ -175,43 +175,6 @@ def test_vmap_and_grad_wrt_theta() -> None:
     assert float(analytic) == pytest.approx(float((plus - minus) / (2 * eps)), rel=1e-5)
 
 
-def test_blocked_newton_schulz_matches() -> None:
-    # Deployment computes the symmetric products of large Gram matrices as three half-size blocks.
-    gen = torch.Generator().manual_seed(4)
-    for shape in [(512, 700), (900, 600), (513, 513)]:
-        x = torch.randn(shape, generator=gen)
-        reference = newton_schulz(x.double(), (3.4445, -4.7750, 2.0315), 5, 1e-8)
-        for in_place in (False, True):
-            result = newton_schulz(x, (3.4445, -4.7750, 2.0315), 5, 1e-8, in_place=in_place)
-            torch.testing.assert_close(result.double(), reference, rtol=0, atol=5e-6)
-
-
-@pytest.mark.parametrize("orthogonalize", [False, True])
-@pytest.mark.parametrize("shape", [(13, 29), (29, 13), (16, 16), (600, 530)])
-def test_deployment_paths_agree(shape: tuple[int, int], orthogonalize: bool) -> None:
-    """No-grad deployment (in-place buffers, closed-form sums, column-major state for transposed
-    views as LearnedOptimizer hands nn.Linear weights) gives the autograd path's result."""
-    rule = Celo2(orthogonalize=orthogonalize)
-    gen = torch.Generator().manual_seed(5)
-    theta = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in rule.init_theta(gen).items()}
-    param = torch.randn(shape, generator=gen)
-    column_major = param.t().contiguous().t()
-    reference_state, deployed_state = rule.init_state(param), rule.init_state(column_major)
-    assert not deployed_state["momentum"].is_contiguous() and deployed_state["momentum"].mT.is_contiguous()
-    for step in range(3):
-        grad = torch.randn(shape, generator=gen) * (1e3 if step == 1 else 1e-2)
-        expected, reference_state = rule.update(theta, param, grad, reference_state, step)
-        with torch.no_grad():
-            got, deployed_state = rule.update(theta, column_major, grad.t().contiguous().t(), deployed_state, step,
-                                              chunk_size=4096)
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=3e-5)
-        for key, value in reference_state.items():
-            torch.testing.assert_close(deployed_state[key], value, rtol=1e-5, atol=1e-7)
-        assert deployed_state["momentum"].mT.is_contiguous()  # the state keeps its memory order
-        param = param - 0.01 * expected
-        column_major = param.t().contiguous().t()
-
-
 # Shapes for the stacked execution: 1-D, scalar, wide/tall/square matrices, conv kernels whose
 # channel axes are the largest (closed-form sums) and one where a spatial axis is (element-wise).
 STACK_SHAPES = [(7,), (), (13, 29), (29, 13), (16, 16), (3, 3, 4, 8), (9, 2, 3, 5), (300, 200)]
@@ -219,44 +182,30 @@ STACK_SHAPES = [(7,), (), (13, 29), (29, 13), (16, 16), (3, 3, 4, 8), (9, 2, 3, 
 
 @pytest.mark.parametrize("orthogonalize", [False, True])
 @pytest.mark.parametrize("shape", STACK_SHAPES)
-@pytest.mark.parametrize("engine", ["autograd", "deploy"])
-def test_stacked_update_is_each_tensors_update(shape: tuple[int, ...], orthogonalize: bool, engine: str) -> None:
-    """update_stacked on B same-shape tensors (what LearnedOptimizer runs) == update on each one:
+def test_stacked_update_is_each_tensors_update(shape: tuple[int, ...], orthogonalize: bool) -> None:
+    """update_stacked on B same-shape tensors (states stacked on axis 0) == update on each one:
     every statistic stays per tensor (feature/output normalisation, factored moments, Newton–Schulz,
-    the final RMS), for the autograd path (whole tensors) and deployment (no_grad, chunked)."""
+    the final RMS). The deployment kernel's stacks: tests/kernels/test_celo2_kernel.py."""
     rule = Celo2(orthogonalize=orthogonalize)
     gen = torch.Generator().manual_seed(11)
     theta = {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in rule.init_theta(gen).items()}
     stack = 3
     params = torch.randn(stack, *shape, generator=gen)
     states = [rule.init_state(params[i]) for i in range(stack)]
-    stacked_state = {key: torch.stack([state[key] for state in states], dim=1) for key in states[0]}
-    chunk_size = 4096 if engine == "deploy" else None
-    context = torch.no_grad() if engine == "deploy" else torch.enable_grad()
+    stacked_state = {key: torch.stack([state[key] for state in states]) for key in states[0]}
     # different scales per tensor (one clipped at ±1000): a statistic shared across the stack would show
     scales = torch.tensor([1e-2, 1.0, 1e3]).view(stack, *([1] * len(shape)))
     for step in range(3):
         grads = torch.randn(stack, *shape, generator=gen) * scales
-        with context:
-            stacked, stacked_state = rule.update_stacked(theta, params, grads, stacked_state, step, chunk_size=chunk_size)
-            singles = []
-            for i in range(stack):
-                update, states[i] = rule.update(theta, params[i], grads[i], states[i], step, chunk_size=chunk_size)
-                singles.append(update)
+        stacked, stacked_state = rule.update_stacked(theta, params, grads, stacked_state, step)
+        singles = []
+        for i in range(stack):
+            update, states[i] = rule.update(theta, params[i], grads[i], states[i], step)
+            singles.append(update)
         assert stacked.shape == params.shape
         tolerance = {"rtol": 1e-4, "atol": 1e-5} if orthogonalize else {"rtol": 1e-5, "atol": 1e-6}
         torch.testing.assert_close(stacked, torch.stack(singles), **tolerance)
         for key in stacked_state:
-            torch.testing.assert_close(stacked_state[key], torch.stack([state[key] for state in states], dim=1),
+            torch.testing.assert_close(stacked_state[key], torch.stack([state[key] for state in states]),
                                        rtol=1e-6, atol=0)
         params = params - 0.01 * stacked
-
-
-def test_blocked_newton_schulz_batched_and_finer_blocks_match() -> None:
-    # the symmetric block products also run on a batch of matrices (stacked tensors), and a Gram
-    # side ≥ 1024 is cut into ≥ 4 blocks (uneven here)
-    gen = torch.Generator().manual_seed(6)
-    for x in (torch.randn(3, 520, 600, generator=gen), torch.randn(1030, 1100, generator=gen)):
-        reference = newton_schulz(x.double(), (3.4445, -4.7750, 2.0315), 5, 1e-8)
-        result = newton_schulz(x, (3.4445, -4.7750, 2.0315), 5, 1e-8, in_place=True)
-        torch.testing.assert_close(result.double(), reference, rtol=0, atol=5e-6)

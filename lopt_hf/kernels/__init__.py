@@ -1,0 +1,19 @@
+"""Deployment executions of the update rules (layer 2: imports ``lopt_hf.rules``, never the optimizer).
+
+A rule (``lopt_hf.rules``) is math only: pure functions that meta-training vmaps and
+differentiates. ``LearnedOptimizer`` does not call it directly but through a *kernel*,
+:func:`kernel_for` ``(rule, theta)``: an object that owns what an execution on a real model needs
+and a pure function must not keep — reused buffers, weights prepared once for a fixed theta, the
+memory order of the state, the stacking of same-shape tensors. A kernel computes the rule's own
+math (tests prove each fast path equals the reference rule).
+
+* :class:`RuleKernel` — any rule: ``rule.init_state`` and ``rule.update_stacked`` (the default of
+  which is the per-tensor ``update`` over the stack);
+* :class:`~lopt_hf.kernels.celo2.Celo2Kernel` — Celo2 with a workspace (buffers, prepared
+  weights, blocked Newton–Schulz products) and column-major state for transposed matrices.
+"""
+
+from .base import RuleKernel, kernel_for, register_kernel
+from . import celo2  # noqa: F401  (registers the Celo2 kernel)
+
+__all__ = ["RuleKernel", "kernel_for", "register_kernel"]

@@ -1,0 +1,68 @@
+"""The kernel protocol and the kernel of every rule without its own: ``rule.update_stacked``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..rules.base import State, Theta, UpdateRule
+
+
+class RuleKernel:
+    """Deployment execution of ``rule`` with fixed meta-parameters ``theta`` (on one device).
+
+    ``stacks``: whether same-shape tensors should be handed over together (the rule's
+    ``update_stacked`` is batched, ``rule.stackable``); otherwise the optimizer hands stacks of one.
+    """
+
+    def __init__(self, rule: UpdateRule, theta: Theta) -> None:
+        self.rule = rule
+        self.theta = theta
+
+    @property
+    def stacks(self) -> bool:
+        return self.rule.stackable
+
+    def init_state(self, param: Tensor) -> State:
+        """The state of one tensor (as the rule sees it: in the rule's layout)."""
+        return self.rule.init_state(param)
+
+    def update_stack(self, params: Tensor, grads: Tensor, states: list[State], step: Tensor | int,
+                     chunk_size: int | None = None, **kwargs: Any) -> tuple[Tensor, list[State]]:
+        """Steps of ``B`` same-shape tensors ``params`` / ``grads`` ``(B, *shape)`` with their own states.
+
+        Returns the ``(B, *shape)`` steps and each tensor's new state. ``kwargs``: the rule's keywords
+        (``loss`` for rules with ``needs_loss``).
+        """
+        stacked = {key: stack_tensors([state[key] for state in states]) for key in states[0]}
+        direction, new_states = self.rule.update_stacked(self.theta, params, grads, stacked, step, chunk_size,
+                                                         **kwargs)
+        return direction, [{key: value[index] for key, value in new_states.items()} for index in range(len(states))]
+
+
+_KERNELS: dict[type[UpdateRule], type[RuleKernel]] = {}
+
+
+def register_kernel(rule_class: type[UpdateRule]):  # noqa: ANN201  (a class decorator)
+    """Class decorator: the kernel of ``rule_class`` and its subclasses."""
+
+    def register(kernel_class: type[RuleKernel]) -> type[RuleKernel]:
+        _KERNELS[rule_class] = kernel_class
+        return kernel_class
+
+    return register
+
+
+def kernel_for(rule: UpdateRule, theta: Theta) -> RuleKernel:
+    """The deployment kernel of ``rule`` with ``theta`` (the most specific registered one, else :class:`RuleKernel`)."""
+    for cls in type(rule).__mro__:
+        if cls in _KERNELS:
+            return _KERNELS[cls](rule, theta)
+    return RuleKernel(rule, theta)
+
+
+def stack_tensors(tensors: list[Tensor]) -> Tensor:
+    """``tensors`` (one shape) stacked along a new leading axis; a view for a single tensor."""
+    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
