@@ -60,12 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from lopt_hf.evaluation.lm import make_char_gpt2
 
-    torch.manual_seed(args.seed)
-    config = GPT2Config(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head, vocab_size=args.vocab_size,
-                        n_positions=args.seq_len, bos_token_id=0, eos_token_id=0)
-    return GPT2LMHeadModel(config)
+    return make_char_gpt2(args.vocab_size, args.seq_len, n_layer=args.n_layer, n_embd=args.n_embd,
+                          n_head=args.n_head, seed=args.seed)
 
 
 class RandomTokens(torch.utils.data.Dataset):

@@ -84,12 +84,10 @@ def lm_data() -> tuple[CharTokenizer, LMBlocks]:
 
 
 def tiny_gpt2(vocab_size: int, seed: int = 0, dropout: float = 0.1):
-    from transformers import GPT2Config, GPT2LMHeadModel
+    """lopt_hf's tiny GPT-2 (:func:`lopt_hf.evaluation.lm.make_char_gpt2`) at the size these tests use."""
+    from lopt_hf.evaluation.lm import make_char_gpt2
 
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=BLOCK_SIZE, vocab_size=vocab_size,
-                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(seed)
-    return GPT2LMHeadModel(config)
+    return make_char_gpt2(vocab_size, BLOCK_SIZE, n_layer=2, n_embd=32, n_head=2, dropout=dropout, seed=seed)
 
 
 class DigitTokens(Dataset):

@@ -80,13 +80,17 @@ def make_char_data(text: str, block_size: int, eval_fraction: float = 0.1) -> tu
 
 
 def make_char_gpt2(vocab_size: int, block_size: int, *, n_layer: int = 2, n_embd: int = 64, n_head: int = 4,
-                   seed: int = 0) -> GPT2LMHeadModel:
-    """A freshly initialised GPT-2 for ``vocab_size`` characters and contexts of ``block_size``.
+                   dropout: float = 0.1, seed: int = 0) -> GPT2LMHeadModel:
+    """A freshly initialised GPT-2 for ``vocab_size`` characters (or tokens) and contexts of ``block_size``.
 
-    The initialisation depends only on ``seed``; the caller's global torch RNG is left as it was.
+    The one tiny GPT-2 of lopt_hf: the ``tiny_lm`` task, ``scripts/finetune.py``,
+    ``scripts/bench_trainer.py`` and the integration tests build it here. ``dropout`` is the residual,
+    embedding and attention dropout (GPT-2's default 0.1). The initialisation depends only on
+    ``seed``; the caller's global torch RNG is left as it was.
     """
     config = GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, bos_token_id=0, eos_token_id=0)
+                        n_head=n_head, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                        bos_token_id=0, eos_token_id=0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GPT2LMHeadModel(config)
