@@ -1,8 +1,8 @@
 """A small local stand-in for the Hugging Face Hub HTTP API, for tests.
 
 Point the real ``huggingface_hub`` client (and ``transformers``, and the ``hf`` CLI) at it with
-``HF_ENDPOINT=http://127.0.0.1:PORT`` (see the ``hub_server`` / ``hub_env`` fixtures in ``conftest.py``,
-which also patch the module constants the client captures at import time).
+``HF_ENDPOINT=http://127.0.0.1:PORT`` (``conftest.py`` sets it, with a temporary ``HF_HOME``, before
+``huggingface_hub`` is imported; see its ``hub_server`` / ``hub_env`` fixtures).
 
 Usage::
 

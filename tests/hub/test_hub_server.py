@@ -313,23 +313,3 @@ def test_transformers_model_weights_roundtrip(hub_env):
     assert ref.keys() == got.keys()
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
-
-
-def test_hub_env_patches_are_undone(hub_server, tmp_path):
-    """What hub_env patches (incl. copies made by modules/objects created mid-test) is restored afterwards."""
-    import transformers.utils.hub as transformers_hub
-    from huggingface_hub.hf_api import api
-
-    from conftest import _point_hub_clients_at
-
-    before = (constants.ENDPOINT, constants.HF_HUB_CACHE, constants.HUGGINGFACE_CO_URL_TEMPLATE, api.endpoint)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(transformers_hub, "_hf_api", None)  # as if transformers' shared HfApi were first built mid-test
-        undo_leftovers = _point_hub_clients_at(mp, hub_server.endpoint, tmp_path)
-        assert constants.ENDPOINT == api.endpoint == hub_server.endpoint
-        assert constants.HF_HUB_CACHE == str(tmp_path / "hub")
-        created = transformers_hub.hf_api()
-        assert created.endpoint == hub_server.endpoint
-        undo_leftovers()
-    after = (constants.ENDPOINT, constants.HF_HUB_CACHE, constants.HUGGINGFACE_CO_URL_TEMPLATE, api.endpoint)
-    assert after == before and created.endpoint == before[0]
