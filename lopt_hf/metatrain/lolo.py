@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 from ..rules.base import UpdateRule
 from .estimators import PES, EstimatorState, Theta, TrajectoryStart, TruncationPlan, TruncationRun, slot_generator
@@ -291,16 +290,9 @@ class LoLOPES(PES):
     def _bc_step(self, theta: Theta, problems: InnerProblems, expert: dict[str, Tensor], batch: Batch,
                  alpha: float) -> tuple[Tensor, Tensor, InnerProblems, dict[str, Tensor]]:
         """One mixed step: ``(loss, L^bc (M,), problems, expert moments)``."""
-        family, rule = self.family, self.rule
-        loss, grads = family.loss_and_grad(problems.params, problems.task, batch)
-        theta_dim = 0 if self.trainer.theta_is_batched(theta) else None
+        loss, grads = self.family.loss_and_grad(problems.params, problems.task, batch)
+        update, extra = self.trainer.member_update(self.trainer.theta_is_batched(theta), loss)
         rule_step = problems.step.to(torch.float32)
-        if rule.needs_loss:
-            update = vmap(self.trainer.update_with_loss, in_dims=(theta_dim, 0, 0, 0, 0, 0))
-            extra: tuple[Tensor, ...] = (loss,)
-        else:
-            update = vmap(rule.update, in_dims=(theta_dim, 0, 0, 0, 0))
-            extra = ()
         beta1, beta2 = ADAM_BETAS
         count = (problems.step + 1).to(loss.dtype)
         new_params, new_state, new_expert = {}, {}, {}

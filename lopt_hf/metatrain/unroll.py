@@ -175,20 +175,24 @@ class VectorizedInnerTrainer:
                    opt_state: dict[str, dict[str, Tensor]], step: Tensor, task: TaskDescriptor,
                    batch: Batch) -> tuple[Tensor, Params, dict[str, dict[str, Tensor]]]:
         loss, grads = self.family.loss_and_grad(params, task, batch)
-        theta_dim = 0 if theta_batched else None
+        update, extra = self.member_update(theta_batched, loss)
         rule_step = step.to(torch.float32)
-        if self.rule.needs_loss:
-            # vmap batches positional arguments only: pass each member's loss positionally.
-            update = vmap(self.update_with_loss, in_dims=(theta_dim, 0, 0, 0, 0, 0))
-            extra: tuple[Tensor, ...] = (loss,)
-        else:
-            update = vmap(self.rule.update, in_dims=(theta_dim, 0, 0, 0, 0))
-            extra = ()
         new_params, new_state = {}, {}
         for name, value in params.items():
             delta, new_state[name] = update(theta, value, grads[name], opt_state[name], rule_step, *extra)
             new_params[name] = value - delta
         return loss, new_params, new_state
+
+    def member_update(self, theta_batched: bool, loss: Tensor) -> tuple[Callable[..., Any], tuple[Tensor, ...]]:
+        """``rule.update`` vmapped over members, and the extra positional arguments to pass it.
+
+        Call it as ``update(theta, param, grad, state, step, *extra)``; rules that read the loss get
+        each member's ``loss`` (vmap batches positional arguments only).
+        """
+        theta_dim = 0 if theta_batched else None
+        if self.rule.needs_loss:
+            return vmap(self.update_with_loss, in_dims=(theta_dim, 0, 0, 0, 0, 0)), (loss,)
+        return vmap(self.rule.update, in_dims=(theta_dim, 0, 0, 0, 0)), ()
 
     def update_with_loss(self, theta: dict[str, Tensor], param: Tensor, grad: Tensor, state: dict[str, Tensor],
                           step: Tensor, loss: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
