@@ -91,18 +91,19 @@ def tiny_gpt2(vocab_size: int, seed: int = 0, dropout: float = 0.1):
 
 
 class DigitTokens(Dataset):
-    """scikit-learn digits as token sequences: ``[CLS]`` then 64 pixel intensities (tokens 0–16)."""
+    """scikit-learn digits (``lopt_hf.data``, training split) as token sequences: ``[CLS]`` then 64 pixel
+    intensities (tokens 0–16)."""
 
     CLS = 17
     VOCAB_SIZE = 18
 
     def __init__(self, limit: int | None = None) -> None:
-        from sklearn.datasets import load_digits
+        from lopt_hf.data import load_image_dataset
 
-        images, labels = load_digits(return_X_y=True)
-        tokens = torch.tensor(images, dtype=torch.long)[:limit]
+        digits = load_image_dataset("digits", split="train")
+        tokens = (digits.images[:limit] * 16).round().long()
         self.input_ids = torch.cat([torch.full((len(tokens), 1), self.CLS), tokens], dim=1)
-        self.labels = torch.tensor(labels, dtype=torch.long)[:limit]
+        self.labels = digits.labels[:limit].clone()
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -1,4 +1,4 @@
-"""Real training loops on scikit-learn digits with LearnedOptimizer."""
+"""Real training loops on scikit-learn digits (``lopt_hf.data``, the training split) with LearnedOptimizer."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
+from lopt_hf.data import load_image_dataset
 from lopt_hf.optim import LearnedOptimizer
 from lopt_hf.rules import available_rules, build_rule
 
@@ -17,8 +17,8 @@ STEPS = 60
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    features, labels = load_digits(return_X_y=True)
-    return torch.tensor(features / 16.0, dtype=torch.float32), torch.tensor(labels)
+    dataset = load_image_dataset("digits", split="train")
+    return dataset.images, dataset.labels
 
 
 def make_model() -> nn.Module:
