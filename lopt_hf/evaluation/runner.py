@@ -74,7 +74,7 @@ def run_evaluation(tasks: Sequence[str] | None = None, optimizers: Sequence[str]
     import transformers
     from tqdm.auto import tqdm
 
-    from .. import __version__
+    from ..hub import lopt_hf_version
 
     steps = _check_steps(steps)
     seeds = _check_seeds(seeds)
@@ -111,7 +111,7 @@ def run_evaluation(tasks: Sequence[str] | None = None, optimizers: Sequence[str]
             "steps": steps, "seeds": seeds, "tasks": [task.name for task in task_list],
             "optimizers": {spec.label: spec.spec for spec in specs}, "skipped_tasks": skipped,
             "final_train_loss_window": window, "torch_version": torch.__version__,
-            "transformers_version": transformers.__version__, "lopt_hf_version": __version__,
+            "transformers_version": transformers.__version__, "lopt_hf_version": lopt_hf_version(),
             "torch_threads": used_threads,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "total_seconds": round(total_seconds, 2),
