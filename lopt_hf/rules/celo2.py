@@ -74,7 +74,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import factored_accumulator_state, factored_dims, truncated_normal_init
+from .features import (chunk_indices, factored_accumulator_state, factored_dims, factored_second_moments,
+                       truncated_normal_init)
 
 # Feature groups in the original's order, and how many numbers each contributes (with 3 momentum,
 # 1 rms and 3 adafactor decays). The first NUM_GROUPS_1D are used for tensors with < 2 dims.
@@ -102,10 +103,6 @@ class Workspace(Protocol):
 
     def network_weights(self, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
         """:meth:`Celo2.network_weights` of this execution's theta (computed once per ``order``)."""
-
-
-def _safe_rsqrt(x: Tensor) -> Tensor:
-    return torch.rsqrt(torch.clamp(x, min=1e-9))
 
 
 def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int, eps: float,
@@ -322,22 +319,14 @@ class Celo2(UpdateRule):
         rsqrt_rms = torch.add(rms, 1e-8, out=temporary("rsqrt_rms", rms)).rsqrt_() if deploy else torch.rsqrt(rms + 1e-8)
         grad_sqr = torch.add(g2, 1e-30, out=temporary("grad_sqr", g2))
 
+        accumulators, factors = factored_second_moments(
+            grad_sqr, states, lambda old, new: ema(self.adafactor_decays, old.dim() - 1, old, new), lead_axes=1)
+        new_state.update(accumulators)
         dims = factored_dims(shape)  # the tensor's own axes d: axis 1 + d of the stack
-        if dims is None:
-            v_diag = ema(self.adafactor_decays, 1 + ndim, states["v_diag"], grad_sqr)
-            new_state["v_diag"] = v_diag
-            factors: tuple = (_safe_rsqrt(v_diag + 1e-9),)
-        else:
-            d1, d0 = dims
-            v_row = ema(self.adafactor_decays, ndim, states["v_row"], torch.mean(grad_sqr, dim=1 + d0))
-            v_col = ema(self.adafactor_decays, ndim, states["v_col"], torch.mean(grad_sqr, dim=1 + d1))
-            new_state["v_row"], new_state["v_col"] = v_row, v_col
-            # axis d1 inside v_row (which lacks d0), shifted by the decay and stack axes
-            row_axis_d1 = (d1 - 1 if d1 > d0 else d1) + 2
-            row_col_mean = torch.mean(v_row, dim=row_axis_d1, keepdim=True)
+        if dims is not None:
             # v_row is constant along d0, v_col along d1; fac_g / fac_mom_mult use row_factor · col_factor
-            factors = (v_row, _safe_rsqrt(v_row / (row_col_mean + 1e-9)), d0,
-                       v_col, _safe_rsqrt(v_col), d1)
+            d1, d0 = dims
+            factors = (accumulators["v_row"], factors[0], d0, accumulators["v_col"], factors[1], d1)
 
         if column_major:  # the EMAs keep their inputs' memory order, but make sure
             momentum, rms = in_order(momentum), in_order(rms)
@@ -615,16 +604,17 @@ class _Inputs:
         return out.view(self.stack, *self.shape)
 
     def pieces(self, chunk_size: int | None) -> list[tuple[int, int, int, int]]:
-        """``(slab_start, slab_stop, row_start, row_stop)``: all at once, groups of whole slabs, or row ranges."""
-        slab_size = self.rows * self.cols
-        if chunk_size is None or self.num_slabs * slab_size <= chunk_size:
-            return [(0, self.num_slabs, 0, self.rows)]
-        if slab_size <= chunk_size:
-            step = int(chunk_size) // slab_size
-            return [(start, min(start + step, self.num_slabs), 0, self.rows) for start in range(0, self.num_slabs, step)]
-        step = max(1, int(chunk_size) // self.cols)
-        return [(slab, slab + 1, start, min(start + step, self.rows))
-                for slab in range(self.num_slabs) for start in range(0, self.rows, step)]
+        """``(slab_start, slab_stop, row_start, row_stop)``: all at once, groups of whole slabs, or row ranges
+        (:func:`~lopt_hf.rules.features.chunk_indices` of the (L, R, C) slabs, C never split)."""
+        pieces = []
+        for index in chunk_indices((self.num_slabs, self.rows, self.cols), chunk_size, whole_trailing_axes=1):
+            if not index:
+                pieces.append((0, self.num_slabs, 0, self.rows))
+            elif len(index) == 1:
+                pieces.append((index[0].start, index[0].stop, 0, self.rows))
+            else:
+                pieces.append((index[0], index[0] + 1, index[1].start, index[1].stop))
+        return pieces
 
     def piece_numel(self, piece: tuple[int, int, int, int]) -> int:
         return (piece[1] - piece[0]) * (piece[3] - piece[2]) * self.cols

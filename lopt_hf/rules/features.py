@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -47,15 +47,6 @@ def ema(accumulator: Tensor, value: Tensor, decay: Tensor | float) -> Tensor:
 def second_moment_scale(x: Tensor, dims: list[int] | tuple[int, ...], eps: float) -> Tensor:
     """``rsqrt(eps + mean(x**2))`` over ``dims`` (kept), the factor of second-moment normalisation."""
     return torch.rsqrt(eps + torch.mean(torch.square(x), dim=tuple(dims), keepdim=True))
-
-
-def chunk_slices(num_rows: int, chunk_size: int | None) -> Iterator[slice]:
-    """Row slices covering ``range(num_rows)`` in chunks of at most ``chunk_size`` (all if None)."""
-    if chunk_size is None or chunk_size >= num_rows:
-        yield slice(0, num_rows)
-        return
-    for start in range(0, num_rows, chunk_size):
-        yield slice(start, min(start + chunk_size, num_rows))
 
 
 def mlp_forward(theta: dict[str, Tensor], x: Tensor, num_layers: int, activation: Callable[[Tensor], Tensor],
@@ -148,13 +139,49 @@ def factored_accumulator_state(shape: tuple[int, ...], num_decays: int,
             "v_col": zeros(num_decays, shape[:d1] + shape[d1 + 1:])}
 
 
-def chunk_indices(shape: tuple[int, ...] | torch.Size, chunk_size: int | None) -> list[tuple]:
+def safe_rsqrt(x: Tensor) -> Tensor:
+    """``rsqrt(max(x, 1e-9))``: learned_optimization's guarded inverse square root."""
+    return torch.rsqrt(torch.clamp(x, min=1e-9))
+
+
+def factored_second_moments(grad_sqr: Tensor, state: dict[str, Tensor], ema: Callable[[Tensor, Tensor], Tensor],
+                            lead_axes: int = 0) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
+    """Adafactor's factored second moments (learned_optimization's ``factored_dims`` accumulators).
+
+    ``grad_sqr``: ``(*lead, *shape)``, ``g² + 1e-30`` of one tensor (``lead_axes`` leading axes,
+    e.g. a stack). ``state``: ``v_row``/``v_col`` or ``v_diag`` of
+    :func:`factored_accumulator_state` (decay axis first, then the lead axes). ``ema(old, new)``
+    returns ``decay·old + (1 − decay)·new`` per decay (rounded as the caller's rule does).
+
+    Returns the new accumulators and the preconditioner factors: ``(row_factor, col_factor)`` with
+    ``row_factor = rsqrt(v_row / mean_d1(v_row))`` (constant along ``d0``) and
+    ``col_factor = rsqrt(v_col)`` (constant along ``d1``) — their product preconditions each element
+    — or ``(rsqrt(v_diag + 1e-9),)`` for tensors with fewer than two dims.
+    """
+    dims = factored_dims(tuple(grad_sqr.shape[lead_axes:]))
+    if dims is None:
+        v_diag = ema(state["v_diag"], grad_sqr)
+        return {"v_diag": v_diag}, (safe_rsqrt(v_diag + 1e-9),)
+    d1, d0 = dims
+    v_row = ema(state["v_row"], torch.mean(grad_sqr, dim=lead_axes + d0))
+    v_col = ema(state["v_col"], torch.mean(grad_sqr, dim=lead_axes + d1))
+    # axis d1 inside v_row (which lacks d0), shifted by the decay and lead axes
+    row_axis_d1 = (d1 - 1 if d1 > d0 else d1) + 1 + lead_axes
+    row_col_mean = torch.mean(v_row, dim=row_axis_d1, keepdim=True)
+    return {"v_row": v_row, "v_col": v_col}, (safe_rsqrt(v_row / (row_col_mean + 1e-9)), safe_rsqrt(v_col))
+
+
+def chunk_indices(shape: tuple[int, ...] | torch.Size, chunk_size: int | None,
+                  whole_trailing_axes: int = 0) -> list[tuple]:
     """Basic-index tuples that split a tensor of ``shape`` into row-major pieces of ≤ ``chunk_size``.
 
-    Every piece is a contiguous range of the flattened tensor and the pieces come in order, so
-    concatenating their flattened contents gives the flattened tensor back. ``[()]`` (the whole
-    tensor) when ``chunk_size`` is None or the tensor fits. Indexing with these tuples gives
-    views, also of broadcast (``expand``-ed) tensors.
+    The one chunker of the per-element networks: every piece is a contiguous range of the
+    flattened tensor and the pieces come in order, so concatenating their flattened contents gives
+    the flattened tensor back. ``[()]`` (the whole tensor) when ``chunk_size`` is None or the tensor
+    fits. Indexing with these tuples gives views, also of broadcast (``expand``-ed) tensors.
+
+    The last ``whole_trailing_axes`` axes are never split (a piece may then exceed ``chunk_size``:
+    one index of the axes before them).
     """
     numel = 1
     for size in shape:
@@ -162,12 +189,14 @@ def chunk_indices(shape: tuple[int, ...] | torch.Size, chunk_size: int | None) -
     if chunk_size is None or numel <= chunk_size or numel == 0:
         return [()]
     chunk_size = max(1, int(chunk_size))
-    # Find the axis to slice: the trailing dims after it fit into one chunk, it does not.
+    # Find the axis to slice: the trailing dims after it fit into one chunk (or must stay whole), it does not.
     inner, axis = 1, len(shape) - 1
-    while axis >= 0 and inner * int(shape[axis]) <= chunk_size:
+    while axis >= 0 and (inner * int(shape[axis]) <= chunk_size or axis >= len(shape) - whole_trailing_axes):
         inner *= int(shape[axis])
         axis -= 1
-    rows = chunk_size // inner
+    if axis < 0:  # every axis stays whole
+        return [()]
+    rows = max(1, chunk_size // inner)
     pieces: list[tuple] = []
     for lead in itertools.product(*(range(int(size)) for size in shape[:axis])):
         for start in range(0, int(shape[axis]), rows):
@@ -247,12 +276,22 @@ def normalized_mlp(
     first_bias = theta["b0"] + constant_inputs.to(w0.dtype) @ w0[num_features:]
     layers = [(first_weight, first_bias)] + [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, num_layers)]
     weights = bias_folded_weights(layers, torch.relu)
-    outputs = []
-    for index in pieces:
-        x = whole if whole is not None else feature_matrix(index)
-        outputs.append(readout(bias_folded_mlp(x.t(), weights, "relu", in_place=no_grad)))
-    out = outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+    out = streamed_mlp(pieces, (lambda index: whole) if whole is not None else feature_matrix, weights, "relu",
+                       readout, in_place=no_grad)
     return out.reshape(shape)
+
+
+def streamed_mlp(pieces: list[tuple], feature_matrix: Callable[[tuple], Tensor], weights: list[Tensor],
+                 activation: str, readout: Callable[[Tensor], Tensor], in_place: bool = False) -> Tensor:
+    """The per-element MLP engine: piece by piece (:func:`chunk_indices`), ``feature_matrix(index)``
+    ``(F + 1, n)`` — one row per input, the last row all ones — through :func:`bias_folded_mlp` with
+    ``weights`` (:func:`bias_folded_weights`), ``readout`` maps the ``(n, out)`` network output to
+    ``(n,)``; the pieces' outputs concatenated, ``(N,)``. Only one piece's features and activations
+    exist at a time. ``in_place``: see :func:`bias_folded_mlp`.
+    """
+    outputs = [readout(bias_folded_mlp(feature_matrix(index).t(), weights, activation, in_place=in_place))
+               for index in pieces]
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
 IN_PLACE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": torch.relu_, "tanh": torch.tanh_}

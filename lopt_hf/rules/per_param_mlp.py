@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import init_mlp_theta, mlp_theta_shapes, activation_fn, bias_folded_mlp, bias_folded_weights, chunk_slices, ema
+from .features import (activation_fn, bias_folded_weights, chunk_indices, ema, init_mlp_theta, mlp_theta_shapes,
+                       streamed_mlp)
 
 NUM_INPUTS = 3  # param, momentum, grad
 
@@ -58,11 +59,14 @@ class PerParamMLP(UpdateRule):
         weights = bias_folded_weights(layers, activation_fn(self.activation))
         in_place = not torch.is_grad_enabled()  # deployment: rectify activations in place
         flat_p, flat_m, flat_g = param.reshape(-1), momentum.reshape(-1), grad.reshape(-1)
-        pieces = []
-        for rows in chunk_slices(flat_p.shape[0], chunk_size):
+
+        def feature_matrix(rows: tuple) -> Tensor:
             # [p, m, g, 1] per element; the trailing 1 carries the biases (see bias_folded_weights).
-            x = torch.stack([flat_p[rows], flat_m[rows], flat_g[rows], torch.ones_like(flat_p[rows])])
-            h = bias_folded_mlp(x.t(), weights, self.activation, in_place=in_place)
-            pieces.append(h[:, 0] * self.step_mult * torch.exp(h[:, 1] * self.exp_mult))
-        step_out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+            return torch.stack([flat_p[rows], flat_m[rows], flat_g[rows], torch.ones_like(flat_p[rows])])
+
+        def readout(h: Tensor) -> Tensor:
+            return h[:, 0] * self.step_mult * torch.exp(h[:, 1] * self.exp_mult)
+
+        step_out = streamed_mlp(chunk_indices(flat_p.shape, chunk_size), feature_matrix, weights, self.activation,
+                                readout, in_place=in_place)
         return step_out.reshape(param.shape), {"momentum": momentum}

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (factored_accumulator_state, init_mlp_theta, mlp_theta_shapes, factored_dims, normalized_mlp, step_from_direction_magnitude, tanh_time_features)
+from .features import (factored_accumulator_state, factored_dims, factored_second_moments, init_mlp_theta,
+                       mlp_theta_shapes, normalized_mlp, step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 DECAY_NAMES = ("momentum_decays", "rms_decays", "adafactor_decays")
@@ -58,10 +59,6 @@ def learned_decay(initial: tuple[float, ...], offset: Tensor) -> Tensor:
     """``param_to_decay(decay_to_param(initial) + offset)``, computed the way the original does."""
     initial_tensor = torch.tensor(initial, dtype=offset.dtype, device=offset.device)
     return 1.0 - torch.exp((torch.log(1.0 - initial_tensor) / 10.0 + offset) * 10.0)
-
-
-def _safe_rsqrt(x: Tensor) -> Tensor:
-    return torch.rsqrt(torch.clamp(x, min=1e-9))
 
 
 def _compatible(a: int, b: int) -> bool:
@@ -143,27 +140,24 @@ class SmallFCLOpt(UpdateRule):
         grad_sqr = grad * grad + 1e-30
         new_state = {"momentum": momentum, "rms": rms}
 
+        def fac_ema(old: Tensor, new: Tensor) -> Tensor:
+            decay = fac_decay.reshape(-1, *([1] * (old.dim() - 1)))
+            return decay * old + (1.0 - decay) * new.unsqueeze(0)
+
+        accumulators, factors = factored_second_moments(grad_sqr, state, fac_ema)
+        new_state.update(accumulators)
         dims = factored_dims(tuple(param.shape))
         full = (fac_decay.shape[0], *param.shape)
         if dims is None:
-            decay = per_decay(fac_decay)
-            v_diag = decay * state["v_diag"] + (1.0 - decay) * grad_sqr.unsqueeze(0)
-            new_state["v_diag"] = v_diag
-            fac_g_factor = _safe_rsqrt(v_diag + 1e-9)
+            v_diag = accumulators["v_diag"]
+            fac_g_factor = factors[0]
             fac_mom_factor = (v_diag + 1e-6) ** -0.5
             row_feature = col_feature = v_diag
             row_rsqrt = col_rsqrt = torch.rsqrt(v_diag + 1e-8)
         else:
             d1, d0 = dims
-            decay = fac_decay.reshape(-1, *([1] * (ndim - 1)))
-            v_row = decay * state["v_row"] + (1.0 - decay) * torch.mean(grad_sqr, dim=d0).unsqueeze(0)
-            v_col = decay * state["v_col"] + (1.0 - decay) * torch.mean(grad_sqr, dim=d1).unsqueeze(0)
-            new_state["v_row"], new_state["v_col"] = v_row, v_col
-            # axis d1 inside v_row (which lacks d0), shifted by the leading decay axis
-            row_axis_d1 = (d1 - 1 if d1 > d0 else d1) + 1
-            row_col_mean = torch.mean(v_row, dim=row_axis_d1, keepdim=True)
-            row_factor = _safe_rsqrt(v_row / (row_col_mean + 1e-9))
-            col_factor = _safe_rsqrt(v_col)
+            v_row, v_col = accumulators["v_row"], accumulators["v_col"]
+            row_factor, col_factor = factors
 
             # Broadcast views of (facs, *shape): nothing of full size is allocated here.
             def along_row(x: Tensor) -> Tensor:

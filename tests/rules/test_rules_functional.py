@@ -175,3 +175,16 @@ def test_chunk_indices_cover_tensor_in_order(shape: tuple[int, ...], chunk_size:
     assert torch.equal(torch.cat([values[index].reshape(-1) for index in pieces]), values.reshape(-1))
     if chunk_size is not None:
         assert all(values[index].numel() <= chunk_size for index in pieces)
+
+
+@pytest.mark.parametrize("shape", [(10,), (7, 5), (3, 4, 5), (2, 1, 30), (3, 4000)])
+@pytest.mark.parametrize("chunk_size", [None, 1, 6, 13, 4096])
+def test_chunk_indices_keep_trailing_axes_whole(shape: tuple[int, ...], chunk_size: int | None) -> None:
+    """Celo2's pieces: the last axis is never split; otherwise pieces stay within chunk_size."""
+    values = torch.arange(torch.Size(shape).numel()).reshape(shape)
+    pieces = chunk_indices(shape, chunk_size, whole_trailing_axes=1)
+    assert torch.equal(torch.cat([values[index].reshape(-1) for index in pieces]), values.reshape(-1))
+    for index in pieces:
+        assert values[index].shape[-1] == shape[-1]
+        if chunk_size is not None:
+            assert values[index].numel() <= max(chunk_size, shape[-1])
