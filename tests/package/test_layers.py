@@ -3,11 +3,12 @@
 Layers, lowest first (a module may import its own layer and lower ones, never a higher one, not
 even lazily inside a function):
 
-0. leaves: datasets (``lopt_hf.data``), load-option policy, tensor layouts
+0. leaves: datasets (``lopt_hf.data``), plots, load-option policy, tensor layouts
 1. ``lopt_hf.rules`` — update rules, math only
 2. ``lopt_hf.kernels`` — deployment executions of the rules (stacked, chunked, fused)
 3. the optimizer: ``optim``, ``harness``, ``lookahead``, ``adamw``
-4. the artifact: validation, model card, ``hub`` (config/model classes, push), shipped optimizers, ``load_lopt``
+4. the artifact: validation, model card, ``hub`` (config/model classes, push), Auto-class registration,
+   shipped optimizers, ``load_lopt``
 5. integrations: ``lopt_hf.trainer`` (transformers)
 6. ``lopt_hf.metatrain`` and ``lopt_hf.evaluation``: siblings, neither imports the other
 7. on top: ``lopt_hf.publish`` (export + evaluated card), ``cli``, ``bench``, ``convert``
@@ -24,12 +25,12 @@ SCRIPTS = PACKAGE.parent / "scripts"
 TESTS = PACKAGE.parent / "tests"
 
 LAYERS: dict[str, int] = {
-    "lopt_hf.data": 0, "lopt_hf.loader_options": 0, "lopt_hf.layout": 0,
+    "lopt_hf.data": 0, "lopt_hf.loader_options": 0, "lopt_hf.layout": 0, "lopt_hf.plotting": 0,
     "lopt_hf.rules": 1,
     "lopt_hf.kernels": 2,
     "lopt_hf.optim": 3, "lopt_hf.harness": 3, "lopt_hf.lookahead": 3, "lopt_hf.adamw": 3,
     "lopt_hf.artifact_validation": 4, "lopt_hf.model_card": 4, "lopt_hf.hub": 4, "lopt_hf.pretrained": 4,
-    "lopt_hf.load": 4,
+    "lopt_hf.load": 4, "lopt_hf.auto_registration": 4,
     "lopt_hf.trainer": 5,
     "lopt_hf.metatrain": 6, "lopt_hf.evaluation": 6,
     "lopt_hf.publish": 7, "lopt_hf.cli": 7, "lopt_hf.bench": 7, "lopt_hf.convert": 7,
