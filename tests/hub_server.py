@@ -10,10 +10,13 @@ Usage::
         server.endpoint                  # "http://127.0.0.1:PORT"
         server.store.get("model", "testuser/foo")   # in-memory repos, for white-box assertions
 
-Storage is in memory. Every repo has a real commit history: each commit is a full snapshot (path -> git blob
-sha1) with a parent pointer and a 40-hex sha computed git-style from its tree, parent, author, date and message.
-Revisions resolve from a branch name, a tag name, ``refs/heads/<b>`` / ``refs/tags/<t>``, a full commit sha or a
-unique sha prefix (>= 7 hex chars). ``create_repo`` makes the same system "initial commit" (with a
+It serves what lopt_hf's tests do through the real clients — create a repo (and a branch), upload,
+download pinned to a revision, list for ``snapshot_download`` / ``hf download``, the errors the client maps
+to exceptions — and nothing more (no tags, deletion of repos or branches, commit listings, ranges).
+
+Storage is in memory. Every commit is a full snapshot (path -> git blob sha1) with a parent pointer and a
+40-hex sha computed git-style from its tree, parent, author, date and message. Revisions resolve from a
+branch name, ``refs/heads/<b>``, a full commit sha or a unique sha prefix (>= 7 hex chars). ``create_repo`` makes the same system "initial commit" (with a
 ``.gitattributes``) that the real Hub makes, so a fresh repo already has one commit on ``main``.
 
 Implemented (``{type}`` is ``models`` / ``datasets`` / ``spaces``; resolve URLs get a ``datasets/`` or
@@ -21,12 +24,10 @@ Implemented (``{type}`` is ``models`` / ``datasets`` / ``spaces``; resolve URLs 
 
 * ``GET  /api/whoami-v2`` - any bearer token is accepted (the fixtures use ``hf_test``); user ``testuser``.
   Requests without a token are accepted too (the server does no auth at all).
-* ``POST /api/repos/create`` (409 + ``url`` when it exists, which ``exist_ok=True`` swallows),
-  ``DELETE /api/repos/delete``.
+* ``POST /api/repos/create`` (409 + ``url`` when it exists, which ``exist_ok=True`` swallows).
 * ``GET  /api/{type}/{ns}/{name}`` and ``.../revision/{rev}`` - repo info (``sha``, ``siblings``; sizes and
   ``blobId`` with ``?blobs=true``; ``cardData``/``tags`` from README.md front matter if PyYAML is importable).
-* ``GET  /api/{type}/{ns}/{name}/tree/{rev}[/{path}]`` (``recursive``; single page, no pagination),
-  ``POST .../paths-info/{rev}``, ``GET .../commits/{rev}`` (newest first, single page), ``GET .../refs``.
+* ``GET  /api/{type}/{ns}/{name}/tree/{rev}[/{path}]`` (``recursive``; single page, no pagination).
 * ``POST .../preupload/{rev}`` - always answers ``uploadMode: "regular"`` (never ``lfs``), ``shouldIgnore: false``,
   and ``oid`` = git sha1 of the file already at that path (so the client skips unchanged files like on the Hub).
   Because nothing is ever "lfs", the client never goes down the LFS or Xet upload paths, whether or not
@@ -34,9 +35,9 @@ Implemented (``{type}`` is ``models`` / ``datasets`` / ``spaces``; resolve URLs 
 * ``POST .../commit/{rev}`` - ndjson payload: ``header`` (``summary``, ``description``, ``parentCommit`` -> 412
   when it is not the branch head), ``file`` (base64), ``deletedFile``, ``deletedFolder``. Answers
   ``commitOid`` / ``commitUrl``. Committing to a missing branch -> 404 ``RevisionNotFound``.
-* ``POST/DELETE .../branch/{branch}`` (``startingPoint``), ``POST .../tag/{rev}``, ``DELETE .../tag/{tag}``.
+* ``POST .../branch/{branch}`` (``startingPoint``).
 * ``HEAD``/``GET /{ns}/{name}/resolve/{rev}/{path}`` - ``ETag`` (quoted git blob sha1), ``X-Repo-Commit``
-  (full sha of the resolved revision), ``Content-Length``, ``Accept-Ranges``; ``Range: bytes=a-b`` -> 206.
+  (full sha of the resolved revision), ``Content-Length``; ``Range`` is ignored (the whole file is sent).
   No redirect: content is served directly (as the Hub does for non-LFS files).
 * ``POST /api/validate-yaml`` (always valid), ``GET /api/agent-harnesses`` (empty registry - the client fetches
   it from ``{ENDPOINT}`` the first time it builds a User-Agent), ``/api/telemetry/*`` (swallowed).
@@ -135,7 +136,6 @@ class Repo:
     uid: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     commits: dict[str, Commit] = field(default_factory=dict)
     branches: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
 
     def head(self, branch: str = "main") -> Commit:
         return self.commits[self.branches[branch]]
@@ -172,11 +172,6 @@ class HubStore:
             )
             return repo, True
 
-    def delete_repo(self, repo_type: str, repo_id: str) -> None:
-        with self.lock:
-            if self.repos.pop((repo_type, repo_id), None) is None:
-                raise HubError(404, "RepoNotFound", f"Repository not found: {repo_type} {repo_id}")
-
     # -- revisions -----------------------------------------------------------------------------
 
     def resolve(self, repo: Repo, revision: str) -> Commit:
@@ -184,9 +179,7 @@ class HubStore:
             rev = revision
             if rev.startswith("refs/heads/"):
                 rev = rev[len("refs/heads/") :]
-            elif rev.startswith("refs/tags/"):
-                rev = rev[len("refs/tags/") :]
-            sha = repo.branches.get(rev) or repo.tags.get(rev)
+            sha = repo.branches.get(rev)
             if sha is None and re.fullmatch(r"[0-9a-f]{7,40}", rev):
                 matches = [s for s in repo.commits if s.startswith(rev)]
                 if len(matches) == 1:
@@ -204,24 +197,6 @@ class HubStore:
             if branch in repo.branches:
                 raise HubError(409, None, f"Reference already exists: refs/heads/{branch}")
             repo.branches[branch] = self.resolve(repo, starting_point or "main").sha
-
-    def delete_branch(self, repo: Repo, branch: str) -> None:
-        with self.lock:
-            if branch == "main":
-                raise HubError(403, None, "Cannot delete the default branch")
-            if repo.branches.pop(branch, None) is None:
-                raise HubError(404, "RevisionNotFound", f"Invalid rev id: {branch}")
-
-    def create_tag(self, repo: Repo, tag: str, revision: str) -> None:
-        with self.lock:
-            if tag in repo.tags:
-                raise HubError(409, None, f"Tag already exists: {tag}")
-            repo.tags[tag] = self.resolve(repo, revision).sha
-
-    def delete_tag(self, repo: Repo, tag: str) -> None:
-        with self.lock:
-            if repo.tags.pop(tag, None) is None:
-                raise HubError(404, "RevisionNotFound", f"Invalid rev id: {tag}")
 
     # -- commits -------------------------------------------------------------------------------
 
@@ -298,16 +273,6 @@ class HubStore:
                     raise HubError(400, None, f"Unknown commit operation key {key!r}")
             title = header.get("summary") or "Update files"
             return self._make_commit(repo, branch, tree, title, header.get("description") or "")
-
-    def history(self, repo: Repo, commit: Commit) -> list[Commit]:
-        with self.lock:
-            out = []
-            cur: Commit | None = commit
-            while cur is not None:
-                out.append(cur)
-                cur = repo.commits.get(cur.parent) if cur.parent else None
-            return out
-
 
 # ---------------------------------------------------------------------------------------------------
 
@@ -416,26 +381,11 @@ class _Handler(BaseHTTPRequestHandler):
         headers = {
             "ETag": f'"{blob}"',
             "X-Repo-Commit": commit.sha,
-            "Accept-Ranges": "bytes",
             "Content-Disposition": f'inline; filename*=UTF-8\'\'{quote(basename)}; '
                                    f'filename="{basename.encode("ascii", "replace").decode()}";',
         }
         ctype = mimetypes.guess_type(path)[0] or "application/octet-stream"
-        status = 200
-        rng = self.headers.get("Range")
-        match = re.fullmatch(r"bytes=(\d*)-(\d*)", rng.strip()) if rng else None
-        if match and data:
-            start_s, end_s = match.groups()
-            if start_s == "":  # suffix range: last N bytes
-                start, end = max(len(data) - int(end_s or 0), 0), len(data) - 1
-            else:
-                start, end = int(start_s), min(int(end_s) if end_s else len(data) - 1, len(data) - 1)
-            if start >= len(data) or start > end:
-                return self._send(416, b"", {"Content-Range": f"bytes */{len(data)}",
-                                             "X-Error-Message": f"Range not satisfiable: {rng}"})
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            data, status = data[start : end + 1], 206
-        self._send(status, data, headers, content_type=ctype)
+        self._send(200, data, headers, content_type=ctype)
 
     # -- /api/... --------------------------------------------------------------------------------
 
@@ -455,11 +405,6 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, {})
         if seg == ["repos", "create"] and method == "POST":
             return self._create_repo()
-        if seg == ["repos", "delete"] and method == "DELETE":
-            payload = json.loads(self._read_body() or b"{}")
-            repo_id = f"{payload.get('organization') or store.user}/{payload['name']}"
-            store.delete_repo(payload.get("type") or "model", repo_id)
-            return self._json(200, {})
         if len(seg) >= 3 and seg[0] in REPO_TYPES:
             repo = store.get(REPO_TYPES[seg[0]], f"{unquote(seg[1])}/{unquote(seg[2])}")
             return self._route_repo(repo, seg[3:])
@@ -496,27 +441,6 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, self._repo_info(repo, store.resolve(repo, rev)))
         if action == "tree" and method == "GET":
             return self._json(200, self._tree(store.resolve(repo, rev), rest.strip("/"), self._bool("recursive")))
-        if action == "paths-info" and method == "POST":
-            commit = store.resolve(repo, rev)
-            body = self._read_body()
-            if "json" in (self.headers.get("Content-Type") or ""):
-                paths = json.loads(body or b"{}").get("paths", [])
-            else:
-                paths = parse_qs(body.decode()).get("paths", [])
-            return self._json(200, self._paths_info(commit, paths))
-        if action == "commits" and method == "GET":
-            return self._json(200, [self._commit_json(c) for c in store.history(repo, store.resolve(repo, rev))])
-        if action == "refs" and method == "GET":
-            with store.lock:
-                refs = {
-                    "branches": [{"name": b, "ref": f"refs/heads/{b}", "targetCommit": s}
-                                 for b, s in repo.branches.items()],
-                    "tags": [{"name": t, "ref": f"refs/tags/{t}", "targetCommit": s} for t, s in repo.tags.items()],
-                    "converts": [],
-                }
-            if self._bool("include_prs"):
-                refs["pullRequests"] = []
-            return self._json(200, refs)
         if action == "preupload" and method == "POST":
             return self._preupload(repo, rev)
         if action == "commit" and method == "POST":
@@ -535,16 +459,6 @@ class _Handler(BaseHTTPRequestHandler):
         if action == "branch" and method == "POST":
             payload = json.loads(self._read_body() or b"{}")
             store.create_branch(repo, rev, payload.get("startingPoint"))
-            return self._json(200, {})
-        if action == "branch" and method == "DELETE":
-            store.delete_branch(repo, rev)
-            return self._json(200, {})
-        if action == "tag" and method == "POST":
-            payload = json.loads(self._read_body() or b"{}")
-            store.create_tag(repo, payload["tag"], rev)
-            return self._json(200, {})
-        if action == "tag" and method == "DELETE":
-            store.delete_tag(repo, rev)
             return self._json(200, {})
         if action in ("xet-read-token", "xet-write-token"):
             raise HubError(501, "NotImplemented", "Xet storage is not supported by the test Hub server")
@@ -567,15 +481,6 @@ class _Handler(BaseHTTPRequestHandler):
         return self._json(200, {"files": files, "commitOid": commit.sha})
 
     # -- JSON shapes -----------------------------------------------------------------------------
-
-    def _commit_json(self, c: Commit) -> dict[str, Any]:
-        return {
-            "id": c.sha,
-            "title": c.title,
-            "message": c.message,
-            "date": _iso(c.date),
-            "authors": [{"user": c.author, "avatar": None}],
-        }
 
     def _file_entry(self, commit: Commit, path: str) -> dict[str, Any]:
         blob = commit.tree[path]
@@ -611,17 +516,6 @@ class _Handler(BaseHTTPRequestHandler):
         entries = [self._folder_entry(commit, d) for d in sorted(folders) if wanted(d)]
         entries += [self._file_entry(commit, p) for p in sorted(commit.tree) if wanted(p)]
         return entries
-
-    def _paths_info(self, commit: Commit, paths: list[str]) -> list[dict[str, Any]]:
-        folders = self._folders(commit)
-        out = []
-        for p in paths:
-            p = p.strip("/")
-            if p in commit.tree:
-                out.append(self._file_entry(commit, p))
-            elif p in folders:
-                out.append(self._folder_entry(commit, p))
-        return out
 
     def _repo_info(self, repo: Repo, commit: Commit) -> dict[str, Any]:
         store = self.server.hub.store
