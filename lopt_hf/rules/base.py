@@ -2,7 +2,10 @@
 
 An update rule is a *pure* function of torch tensors. The same code serves both engines:
 
-* ``LearnedOptimizer`` calls it on each parameter tensor of a real model, one tensor at a time;
+* ``LearnedOptimizer`` applies it to the parameter tensors of a real model, through a deployment
+  kernel (``lopt_hf.kernels``: the same math executed with reused buffers, prepared weights and
+  stacks of same-shape tensors; a rule without a kernel of its own runs ``update_stacked``, by
+  default ``update`` on each tensor);
 * the meta-trainer calls it under ``torch.func.vmap`` over a leading axis of tasks ×
   perturbations and differentiates it with respect to ``theta``.
 
