@@ -331,7 +331,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if direct or all(finite):
             if weight_decay != 0.0:
                 param32.mul_(1.0 - lr * weight_decay)
-            param32.sub_(direction, alpha=lr)
+            self.kernel_on(device).apply_step(param32, direction, lr)
         for index, (param, state, new_state, ok) in enumerate(zip(params, states, new_states, finite)):
             if not ok:
                 self._count_skipped(state)

@@ -29,6 +29,18 @@ class RuleKernel:
         """The state of one tensor (as the rule sees it: in the rule's layout)."""
         return self.rule.init_state(param)
 
+    def apply_step(self, params: Tensor, direction: Tensor, lr: float) -> None:
+        """``params -= lr·direction`` in place (float32), rounded as this rule's deployment always was.
+
+        Batched (stacking) kernels subtract in one fused multiply-subtract; per-tensor rules
+        round ``lr·direction`` first. The two differ in the last bit when ``lr != 1``, and
+        artifacts' results must not change with the engine's internals.
+        """
+        if self.stacks:
+            params.sub_(direction, alpha=lr)
+        else:
+            params.sub_(lr * direction)
+
     def update_stack(self, params: Tensor, grads: Tensor, states: list[State], step: Tensor | int,
                      chunk_size: int | None = None, **kwargs: Any) -> tuple[Tensor, list[State]]:
         """Steps of ``B`` same-shape tensors ``params`` / ``grads`` ``(B, *shape)`` with their own states.
