@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .harness import route_parameters
+from .harness import RULE_PRESETS, route_parameters
 from .layout import infer_layouts
 from .optim import LearnedOptimizer
 from .rules import available_rules, build_rule
@@ -29,10 +29,8 @@ from .rules import available_rules, build_rule
 ADAMW = "adamw"
 DEFAULT_LAYERS = (512, 1024, 1024, 10)
 # Named setups of a rule with a harness, timed like a rule: name -> (rule, rule_config, harness).
-PRESETS: dict[str, tuple[str, dict, dict | None]] = {
-    "celo2": ("celo2", {"orthogonalize": True}, {"type": "celo2"}),  # learned+NS for matrices, AdamW for 1-D
-    "celo2-base": ("celo2", {"orthogonalize": False}, None),  # learned rule for every tensor
-}
+# Named setups benchmarked besides the bare rules (Celo2 with its harness, Celo2-base without).
+PRESETS = RULE_PRESETS
 
 
 def benchmark_names() -> list[str]:

@@ -36,11 +36,20 @@ from torch import Tensor, nn
 
 from .optim import ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY
 
-__all__ = ["HARNESS_DEFAULTS", "HarnessError", "adamw_parameter_names", "resolve_harness", "route_parameters"]
+__all__ = ["HARNESS_DEFAULTS", "RULE_PRESETS", "HarnessError", "adamw_parameter_names", "resolve_harness",
+           "route_parameters"]
 
 # Every harness type with its keys and their defaults (Celo2's published settings).
 HARNESS_DEFAULTS: dict[str, dict[str, Any]] = {
     "celo2": {"mult_1d": 20.0, "adamw_betas": [0.9, 0.95], "adamw_eps": 1e-8, "embedding_patterns": []},
+}
+
+# Named optimizers made of one rule, its hyper-parameters and a harness: (rule, rule_config, harness).
+# Celo2 = the learned rule + Newton–Schulz for matrices, AdamW for 1-D tensors and embeddings;
+# Celo2-base = the learned rule alone on every tensor. Used by the converter and the benchmark.
+RULE_PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
+    "celo2": ("celo2", {"orthogonalize": True}, {"type": "celo2", **HARNESS_DEFAULTS["celo2"]}),
+    "celo2-base": ("celo2", {"orthogonalize": False}, None),
 }
 
 

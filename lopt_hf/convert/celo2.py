@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from ..artifact_validation import ArtifactError
-from ..harness import HARNESS_DEFAULTS
+from ..harness import RULE_PRESETS
 from ..rules.celo2 import HAIKU_PREFIX, Celo2
 from .flax_msgpack import FlaxMsgpackError, flatten_tree, read_flax_msgpack, to_torch
 
@@ -64,8 +64,8 @@ OPTIMIZER_DEFAULTS = {"lr": 1e-3, "weight_decay": 0.0}
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "celo2": {
-        "rule_config": {"orthogonalize": True},
-        "harness": {"type": "celo2", **HARNESS_DEFAULTS["celo2"]},
+        "rule_config": RULE_PRESETS["celo2"][1],
+        "harness": RULE_PRESETS["celo2"][2],
         "name": "Celo2",
         "description": (
             "Celo2 learned optimizer (Moudgil, Knyazev, Belilovsky — [arXiv 2602.19142](" + PAPER + ")), "
@@ -75,8 +75,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "as in the authors' optax recipe. Original code: [" + CODE + "](" + CODE + ") (MIT licence)."),
     },
     "celo2-base": {
-        "rule_config": {"orthogonalize": False},
-        "harness": None,
+        "rule_config": RULE_PRESETS["celo2-base"][1],
+        "harness": RULE_PRESETS["celo2-base"][2],
         "name": "Celo2-base",
         "description": (
             "Celo2-base learned optimizer (Moudgil, Knyazev, Belilovsky — [arXiv 2602.19142](" + PAPER + ")), "
