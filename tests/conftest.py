@@ -111,7 +111,7 @@ def single_torch_thread() -> Iterator[None]:
 def celo2_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Both Celo2 variants converted from the reference ``celo2_theta1.state`` (lopt-hf convert celo2)."""
     from lopt_hf.convert.celo2 import convert_celo2
-    from refvectors import FIXTURES
+    from support import FIXTURES
 
     root = tmp_path_factory.mktemp("celo2_artifacts")
     folders = {}

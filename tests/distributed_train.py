@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tiny_tasks import lm_data, tiny_gpt2, train_losses, training_args  # noqa: E402
+from support import lm_data, tiny_gpt2, train_losses, training_args  # noqa: E402
 
 
 def save_rank(out: Path, rank: int, model: torch.nn.Module, info: dict) -> None:

@@ -17,7 +17,7 @@ from lopt_hf.convert.celo2 import convert_celo2, read_celo2_theta
 from lopt_hf.convert.flax_msgpack import flatten_tree, read_flax_msgpack, unpack_flax_msgpack
 from lopt_hf.hub import load_artifact
 from lopt_hf.rules.celo2 import HAIKU_PREFIX
-from refvectors import FIXTURES, load, subtree
+from support import FIXTURES, load_refvectors as load, subtree
 
 
 def pack_flax(tree: Any) -> bytes:

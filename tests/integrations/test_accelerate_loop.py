@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from tiny_tasks import clipped_momentum_artifact, lm_data, tiny_gpt2
+from support import clipped_momentum_artifact, lm_data, tiny_gpt2
 from torch.utils.data import DataLoader
 
 from lopt_hf import LearnedOptimizer, load_lopt

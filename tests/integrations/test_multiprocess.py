@@ -2,7 +2,7 @@
 
 After N steps every rank must hold bit-identical parameters (same all-reduced gradients, same
 deterministic learned rule) and the losses must be finite. Each launch trains the tiny GPT-2 of
-``tiny_tasks`` for a few steps (``distributed_train.py``) and takes a few seconds.
+``support`` tasks for a few steps (``distributed_train.py``) and takes a few seconds.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_tasks import SUBPROCESS_ENV, clipped_momentum_artifact, lm_data, tiny_gpt2
+from support import SUBPROCESS_ENV, clipped_momentum_artifact, lm_data, tiny_gpt2
 
 from lopt_hf import create_artifact
 

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from tiny_tasks import (
+from support import (
     DigitTokens,
     clipped_momentum_artifact,
     lm_data,

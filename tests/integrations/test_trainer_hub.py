@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny_tasks import SUBPROCESS_ENV, clipped_momentum_theta, lm_data, tiny_gpt2, train_losses, training_args
+from support import SUBPROCESS_ENV, clipped_momentum_theta, lm_data, tiny_gpt2, train_losses, training_args
 from transformers import Trainer
 
 from lopt_hf import LearnedOptimizerCallback, create_artifact, load_lopt, trainer_optimizer

@@ -16,7 +16,7 @@ from lopt_hf.convert.celo2 import convert_celo2
 from lopt_hf.hub import load_artifact
 from lopt_hf.rules import build_rule
 from lopt_hf.rules.celo2 import Celo2, newton_schulz
-from refvectors import FIXTURES, NUM_STEPS, PARAM_NAMES, load
+from support import FIXTURES, NUM_STEPS, PARAM_NAMES, load_refvectors as load
 
 ORTH_PARAMS = ("dense1/kernel", "dense2/kernel")
 

@@ -5,7 +5,7 @@ import torch
 
 from lopt_hf.rules import build_rule
 from lopt_hf.rules.mlp_lopt import HAIKU_NAMES
-from refvectors import NUM_STEPS, PARAM_NAMES, load, subtree
+from support import NUM_STEPS, PARAM_NAMES, load_refvectors as load, subtree
 
 
 def assert_step_matches(delta: torch.Tensor, param: torch.Tensor, param_out: torch.Tensor, where) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lopt_hf.rules import build_rule
-from refvectors import NUM_STEPS, PARAM_NAMES, load, subtree
+from support import NUM_STEPS, PARAM_NAMES, load_refvectors as load, subtree
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])

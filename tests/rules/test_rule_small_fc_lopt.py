@@ -6,7 +6,7 @@ import torch
 from lopt_hf.rules import build_rule
 from lopt_hf.rules.features import factored_dims
 from lopt_hf.rules.small_fc_lopt import HAIKU_NAMES
-from refvectors import NUM_STEPS, PARAM_NAMES, load, subtree
+from support import NUM_STEPS, PARAM_NAMES, load_refvectors as load, subtree
 
 # Our state name → the JAX state path (decay axis last there, first here).
 STATE_PATHS = {

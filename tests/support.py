@@ -1,4 +1,6 @@
-"""Tiny real tasks for the integration tests: models built from configs, data made locally.
+"""Shared test helpers: tiny real tasks, a hand-built descending artifact, and the JAX reference vectors.
+
+Tiny real tasks for the integration tests: models built from configs, data made locally.
 
 * a character-level causal LM (``GPT2LMHeadModel`` from a 2-layer ``GPT2Config``) on public-domain
   text embedded here, tokenized by a character vocabulary built from that text;
@@ -8,7 +10,9 @@
 
 Nothing is downloaded. Also a learned-optimizer artifact whose theta is *built by hand* to
 descend (clipped momentum, see :func:`clipped_momentum_artifact`), for tests that need the loss
-to go down — random-init theta does not promise that.
+to go down — random-init theta does not promise that. And access to the JAX reference vectors
+copied into ``tests/fixtures/refvectors`` (see ``fixtures/refvectors/SOURCE_README.md`` for how
+they were produced): :func:`load_refvectors`, :func:`subtree`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
 # The Gettysburg Address (Lincoln, 1863, Bliss copy) and the opening of "A Tale of Two Cities"
@@ -142,7 +147,7 @@ def clipped_momentum_artifact(directory: Path, step_size: float = 2e-3) -> Path:
     from lopt_hf import create_artifact
 
     create_artifact("per_param_mlp", theta=clipped_momentum_theta(step_size),
-                    provenance={"source": "tests/tiny_tasks.py: hand-built clipped-momentum theta"}
+                    provenance={"source": "tests/support.py: hand-built clipped-momentum theta"}
                     ).save_pretrained(directory)
     return directory
 
@@ -168,3 +173,22 @@ def train_losses(trainer) -> list[float]:
 
 # Environment for subprocess launches: one intra-op thread per process (see conftest.single_torch_thread).
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ----------------------------------------------------------------------------- reference vectors
+
+FIXTURES = Path(__file__).parent / "fixtures" / "refvectors"
+# Leaves of the parameter tree in every file (JAX layout: kernels (in, out), conv HWIO).
+PARAM_NAMES = ("conv/kernel", "dense1/bias", "dense1/kernel", "dense2/bias", "dense2/kernel", "scale")
+NUM_STEPS = 6
+
+
+def load_refvectors(stem: str) -> dict[str, torch.Tensor]:
+    """All arrays of ``fixtures/refvectors/<stem>.safetensors`` as torch tensors."""
+    return load_file(str(FIXTURES / f"{stem}.safetensors"))
+
+
+def subtree(arrays: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Arrays under ``prefix/`` with the prefix stripped."""
+    start = prefix.rstrip("/") + "/"
+    return {key[len(start):]: value for key, value in arrays.items() if key.startswith(start)}
