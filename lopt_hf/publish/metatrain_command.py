@@ -13,12 +13,11 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from ..metatrain.checkpoint import CheckpointError, latest_checkpoint
-from ..metatrain.config import ConfigError, MetaTrainConfig, config_to_dict, load_config
-from ..metatrain.trainer import MetaTrainer, TrainResult
-from .card_evaluation import check_evaluation_tasks
-from .export import export_checkpoint
+if TYPE_CHECKING:  # imported where used: `--help` must not pay for torch, accelerate and transformers
+    from ..metatrain.config import MetaTrainConfig
+    from ..metatrain.trainer import MetaTrainer, TrainResult
 
 __all__ = ["train_and_export", "main", "build_parser", "parse_args"]
 
@@ -31,6 +30,10 @@ def train_and_export(config: MetaTrainConfig, *, resume: bool | str | os.PathLik
     when it is set. ``trainer``: an already built trainer for ``config`` (default: a new one with
     ``resume`` and ``progress``). Returns the training result with ``artifact_dir`` set where exported.
     """
+    from ..metatrain.checkpoint import latest_checkpoint
+    from ..metatrain.trainer import MetaTrainer
+    from .export import export_checkpoint
+
     if trainer is None:
         trainer = MetaTrainer(config, resume=resume, progress=progress)
     result = trainer.train()
@@ -96,6 +99,9 @@ def parse_args(argv: Sequence[str] | None = None,
     """Parse the command line into the options and the resolved config."""
     parser = build_parser(prog)
     args, rest = parser.parse_known_args(argv)
+    from ..metatrain.config import ConfigError, load_config
+    from .card_evaluation import check_evaluation_tasks
+
     overrides = list(args.overrides)
     index = 0
     while index < len(rest):
@@ -128,6 +134,10 @@ def parse_args(argv: Sequence[str] | None = None,
 def main(argv: Sequence[str] | None = None, prog: str = "metatrain.py") -> int:
     """Entry point of ``scripts/metatrain.py`` and ``lopt-hf metatrain``."""
     args, config = parse_args(argv, prog)
+    from ..metatrain.checkpoint import CheckpointError
+    from ..metatrain.config import ConfigError, config_to_dict
+    from ..metatrain.trainer import MetaTrainer
+
     if args.print_config:
         import yaml
 
