@@ -140,13 +140,16 @@ class SmallFCLOpt(UpdateRule):
         grad_sqr = grad * grad + 1e-30
         new_state = {"momentum": momentum, "rms": rms}
 
+        dims = factored_dims(tuple(param.shape))
+        # (k, 1, …, 1) against the accumulators (k, *shape) or (k, *shape less one axis); reshaped once
+        # and shared by v_row and v_col, so its meta-gradient accumulates in one place.
+        fac_decay_b = fac_decay.reshape(-1, *([1] * (ndim if dims is None else ndim - 1)))
+
         def fac_ema(old: Tensor, new: Tensor) -> Tensor:
-            decay = fac_decay.reshape(-1, *([1] * (old.dim() - 1)))
-            return decay * old + (1.0 - decay) * new.unsqueeze(0)
+            return fac_decay_b * old + (1.0 - fac_decay_b) * new.unsqueeze(0)
 
         accumulators, factors = factored_second_moments(grad_sqr, state, fac_ema)
         new_state.update(accumulators)
-        dims = factored_dims(tuple(param.shape))
         full = (fac_decay.shape[0], *param.shape)
         if dims is None:
             v_diag = accumulators["v_diag"]
