@@ -192,3 +192,10 @@ def subtree(arrays: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Ten
     """Arrays under ``prefix/`` with the prefix stripped."""
     start = prefix.rstrip("/") + "/"
     return {key[len(start):]: value for key, value in arrays.items() if key.startswith(start)}
+
+
+def theta_for(rule, seed: int = 1) -> dict[str, torch.Tensor]:
+    """``rule``'s init theta plus N(0, 0.3²) noise (seeded), float64: a theta with no special structure."""
+    generator = torch.Generator().manual_seed(seed)
+    theta = rule.init_theta(generator)
+    return {key: (value + 0.3 * torch.randn(value.shape, generator=generator)).double() for key, value in theta.items()}

@@ -12,8 +12,9 @@ from safetensors.torch import save as save_safetensors
 
 from lopt_hf.metatrain.estimators import (ESTIMATORS, EstimateResult, MetaGradientEstimator, build_estimator,
                                           slot_generator)
-from lopt_hf.metatrain.tasks import LinearRegressionTaskFamily, MLPImageTaskFamily
+from lopt_hf.metatrain.tasks import LinearRegressionTaskFamily
 from lopt_hf.rules import build_rule
+from support import theta_for
 
 ALL = sorted(ESTIMATORS)
 TRUNCATED = ["pes", "truncated_bptt", "truncated_es"]
@@ -21,22 +22,6 @@ TRUNCATED = ["pes", "truncated_bptt", "truncated_es"]
 
 def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.cat([tensors[key].reshape(-1) for key in sorted(tensors)])
-
-
-@pytest.fixture(scope="module")
-def image_family() -> MLPImageTaskFamily:
-    return MLPImageTaskFamily(hidden_sizes=(8,), batch_size=8, param_scale_range=(0.5, 2.0), dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def small_rule():
-    return build_rule("per_param_mlp", hidden_sizes=(4,), step_mult=0.1)
-
-
-def theta_for(rule, seed: int = 1) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    theta = rule.init_theta(generator)
-    return {key: (value + 0.3 * torch.randn(value.shape, generator=generator)).double() for key, value in theta.items()}
 
 
 def test_build_estimator_names_and_options(image_family, small_rule) -> None:

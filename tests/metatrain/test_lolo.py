@@ -18,28 +18,13 @@ from lopt_hf.metatrain.lolo import (
     alpha_schedule,
     psi,
 )
-from lopt_hf.metatrain.tasks import LinearRegressionTaskFamily, MLPImageTaskFamily
+from lopt_hf.metatrain.tasks import LinearRegressionTaskFamily
 from lopt_hf.metatrain.trainer import MetaTrainer
 from lopt_hf.rules import build_rule
+from support import theta_for
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def image_family() -> MLPImageTaskFamily:
-    return MLPImageTaskFamily(hidden_sizes=(8,), batch_size=8, param_scale_range=(0.5, 2.0), dtype=torch.float64)
-
-
-@pytest.fixture(scope="module")
-def small_rule():
-    return build_rule("per_param_mlp", hidden_sizes=(4,), step_mult=0.1)
-
-
-def theta_for(rule, seed: int = 1) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    theta = rule.init_theta(generator)
-    return {key: (value + 0.3 * torch.randn(value.shape, generator=generator)).double() for key, value in theta.items()}
 
 
 # ---------------------------------------------------------------------------------- buffer
