@@ -9,7 +9,7 @@ Provenance keys the card knows about (all optional):
 * ``name`` — card title; ``description`` — a paragraph under the title;
 * ``license`` (default ``apache-2.0``), ``tags`` (extra Hub tags), ``citation`` (BibTeX);
 * ``meta_training`` — a dict, shown flattened as the "Meta-training config" table; or, as
-  ``lopt_hf.metatrain.export`` writes it, a dict with ``summary`` (display label → value, shown
+  ``lopt_hf.publish.export`` writes it, a dict with ``summary`` (display label → value, shown
   in order like the Celo2 card's table: optimizer architecture, tasks, meta-trainer, truncation,
   unroll range, outer iterations, meta-optimizer, processes, wall time, ...), ``plot`` (meta-loss
   curve image, a path relative to the repo) and ``config`` (the full YAML config, shown folded);
