@@ -1,4 +1,4 @@
-"""The user-facing scripts (demo, demo_opt2vec, finetune, bench_trainer) run end to end with their smallest
+"""The user-facing scripts (demo, demo_opt2vec, finetune, bench_trainer, device_check) run end to end with their smallest
 settings, each in a subprocess like a user would start it."""
 
 from __future__ import annotations
@@ -48,3 +48,14 @@ def test_bench_trainer_times_every_optimizer(tmp_path: Path) -> None:
                "--json", str(out))
     results = json.loads(out.read_text())
     assert sorted(results["summary"]) == ["adamw", "celo2", "celo2-base"]
+
+
+def test_device_check_runs_every_rule_and_times_the_optimizers(tmp_path: Path) -> None:
+    """On the CPU (tiny GPT-2): every rule steps, 'device' (here the CPU again) equals the CPU, bf16 stays finite."""
+    run_script("device_check.py", "--tiny", "--device", "cpu", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "device_check.json").read_text())
+    for name, row in report["correctness"].items():
+        assert "error" not in row, (name, row)
+        assert row["max_abs_diff_fp32"] == 0.0 and row["bf16_finite"], (name, row)
+    assert all("error" not in row and row["params_finite"] for row in report["speed"].values())
+    assert (tmp_path / "device_check.md").read_text().count("|") > 20
