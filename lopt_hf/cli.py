@@ -100,7 +100,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_card(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .hub import load_artifact
+    from .hub import load_artifact, write_file_atomic
 
     artifact = load_artifact(args.directory)
     card = str(artifact.model_card(repo_id=args.repo_id))
@@ -108,7 +108,7 @@ def _cmd_card(args: argparse.Namespace) -> int:
         print(card)
     else:
         target = Path(args.directory) / "README.md"
-        target.write_text(card, encoding="utf-8")
+        write_file_atomic(target, card.encode("utf-8"))  # replaces a link at README.md, never writes through it
         print(f"wrote {target}")
     return 0
 

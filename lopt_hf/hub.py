@@ -23,10 +23,11 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -302,9 +303,9 @@ class LearnedOptimizerModel(PreTrainedModel):
         from safetensors.torch import save as save_safetensors
 
         directory.mkdir(parents=True, exist_ok=True)
-        _write_atomic(directory / CONFIG_NAME, config_text.encode("utf-8"))
-        _write_atomic(directory / WEIGHTS_NAME, save_safetensors(theta, metadata={"format": "pt"}))
-        _write_atomic(directory / MODEL_CARD_NAME, str(card).encode("utf-8"))
+        write_file_atomic(directory / CONFIG_NAME, config_text.encode("utf-8"))
+        write_file_atomic(directory / WEIGHTS_NAME, save_safetensors(theta, metadata={"format": "pt"}))
+        write_file_atomic(directory / MODEL_CARD_NAME, str(card).encode("utf-8"))
 
     def model_card(self, repo_id: str | None = None) -> Any:
         """The ``huggingface_hub.ModelCard`` written as ``README.md``."""
@@ -345,12 +346,18 @@ class LearnedOptimizerModel(PreTrainedModel):
         if revision is not None and not revision.startswith("refs/pr"):
             api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
         extra_files = dict(extra_files or {})
+        for name in extra_files:
+            in_repo = PurePosixPath(name)
+            if (not name or in_repo.is_absolute() or ".." in in_repo.parts
+                    or in_repo.as_posix() in (CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME)):
+                raise ValueError(f"push_to_hub: extra_files path {name!r} must be a relative path in the repo "
+                                 f"(no '..') other than {CONFIG_NAME}, {WEIGHTS_NAME}, {MODEL_CARD_NAME}")
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, repo_id=repo_id)
             for name, local_path in extra_files.items():
                 target = Path(tmp) / name
                 target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(local_path, target)
+                _copy_regular_file(local_path, target)
             return api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=tmp,
                                      allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, MODEL_CARD_NAME, *extra_files],
                                      commit_message=commit_message or f"Upload learned optimizer ({self.config.rule})",
@@ -473,14 +480,71 @@ def _generator(seed: int | None) -> torch.Generator:
     return generator
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fresh temporary file in the same folder and ``os.replace``.
+
+    Never writes through a link: a symbolic link at ``path`` is replaced by the new regular file
+    (its target is left untouched), and the temporary file is created with ``O_EXCL | O_NOFOLLOW``.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if os.path.lexists(tmp):
+        tmp.unlink()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
-        tmp.write_bytes(data)
+        with os.fdopen(os.open(tmp, flags, 0o644), "wb") as handle:
+            handle.write(data)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        if os.path.lexists(tmp):
             tmp.unlink()
+
+
+def _copy_regular_file(source: str | os.PathLike[str], target: Path) -> None:
+    """Copy ``source`` to ``target`` only if ``source`` is a regular file itself, not a link (nor a device, a FIFO)."""
+    try:
+        handle = os.open(source, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as err:
+        raise ValueError(f"push_to_hub: extra file {os.fspath(source)!r} cannot be opened without following a "
+                         f"link ({err.strerror}); only regular files are uploaded") from None
+    with os.fdopen(handle, "rb") as stream:
+        if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+            raise ValueError(f"push_to_hub: extra file {os.fspath(source)!r} is not a regular file")
+        with open(target, "wb") as out:
+            shutil.copyfileobj(stream, out)
+
+
+def _cache_blobs(folder: Path) -> Path | None:
+    """``models--X/blobs`` when ``folder`` is a huggingface_hub cache snapshot (whose files link there)."""
+    if folder.parent.name == "snapshots" and folder.parent.parent.name.startswith("models--"):
+        blobs = folder.parent.parent / "blobs"
+        return blobs if blobs.is_dir() else None
+    return None
+
+
+def file_inside(folder: str | os.PathLike[str], relative: str | os.PathLike[str], source: str) -> Path:
+    """The regular file ``relative`` of ``folder``, refusing one that is (or is reached through) a link leaving it.
+
+    A path with ``..`` or an absolute path is refused; links are allowed only when they resolve to a
+    file inside ``folder`` (or, for a huggingface_hub cache snapshot folder, inside that repo's
+    ``blobs/``, where the cache links its files). Raises ``ArtifactError`` naming ``source``.
+    """
+    relative_path = Path(relative)
+    if relative_path.is_absolute() or ".." in relative_path.parts:
+        raise ArtifactError(source, f"{os.fspath(relative)!r} must be a path inside the artifact folder "
+                                    "(no '..', not absolute)")
+    root = Path(folder).resolve()
+    path = Path(folder) / relative_path
+    if not os.path.lexists(path):
+        raise ArtifactError(source, "missing file")
+    target = path.resolve()
+    allowed = [root] + [blobs.resolve() for blobs in [_cache_blobs(root)] if blobs is not None]
+    if not any(target == base or base in target.parents for base in allowed):
+        raise ArtifactError(source, f"is a link to {target}, outside the artifact folder {root}; refusing to read "
+                                    "through it")
+    if not target.is_file():
+        raise ArtifactError(source, "not a regular file")
+    return target
 
 
 @dataclass
@@ -498,8 +562,19 @@ class _ArtifactLocation:
         """``download``: the download options :func:`~lopt_hf.loader_options.split_load_options` kept."""
         hub_options = {key: value for key, value in download.items() if value is not None}
         name = os.fspath(path_or_repo_id)
+        subfolder = hub_options.get("subfolder") or ""
+        if not isinstance(subfolder, str) or Path(subfolder).is_absolute() or ".." in Path(subfolder).parts:
+            raise ArtifactError(name, f"subfolder={subfolder!r} must be a relative path inside the artifact "
+                                      "(no '..', not absolute)")
         if os.path.isdir(name):
-            local_dir = Path(name) / hub_options.get("subfolder", "")
+            local_dir = Path(name)
+            if subfolder:
+                inner = Path(name) / subfolder
+                root = Path(name).resolve()
+                if not (inner.resolve() == root or root in inner.resolve().parents):
+                    raise ArtifactError(str(inner), f"subfolder {subfolder!r} is a link leading outside {root}; "
+                                                    "refusing to read through it")
+                local_dir = inner
             return cls(name, local_dir, revision, hub_options)
         if os.path.exists(name):
             raise ArtifactError(name, "is a file; expected an artifact folder (config.json + model.safetensors) "
@@ -519,9 +594,9 @@ class _ArtifactLocation:
         """Local path of ``filename`` (downloading it from the Hub if needed) and its label for errors."""
         if self.local_dir is not None:
             path = self.local_dir / filename
-            if not path.is_file():
+            if not os.path.lexists(path):
                 raise ArtifactError(str(path), f"missing file: a learned-optimizer artifact needs {filename}")
-            return path, str(path)
+            return file_inside(self.local_dir, filename, str(path)), str(path)
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
                                             RepositoryNotFoundError, RevisionNotFoundError)

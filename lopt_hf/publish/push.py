@@ -11,7 +11,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..hub import LearnedOptimizerModel, load_artifact, lopt_hf_version
+from ..hub import LearnedOptimizerModel, file_inside, load_artifact, lopt_hf_version
 from ..model_card import card_images
 
 __all__ = ["push_artifact_folder", "lopt_hf_version"]
@@ -25,7 +25,9 @@ def _referenced_files(artifact: LearnedOptimizerModel, directory: Path) -> list[
         if relative.is_absolute() or ".." in relative.parts:
             raise ValueError(f"{directory}/config.json: provenance plot {plot!r} must be a path inside "
                              f"the artifact folder")
-        if (directory / relative).is_file():
+        if os.path.lexists(directory / relative):
+            # a link leaving the folder (or anything but a regular file) is refused, never uploaded
+            file_inside(directory, relative, f"{directory / relative} (card image of {directory}/config.json)")
             names.append(str(relative))
     return names
 
@@ -43,4 +45,6 @@ def push_artifact_folder(directory: str | os.PathLike[str], repo_id: str, *, pri
     artifact = load_artifact(directory)  # validates before anything is uploaded
     assets = _referenced_files(artifact, directory)
     return artifact.push_to_hub(repo_id, private=private, revision=revision, token=token, endpoint=endpoint,
-                                commit_message=commit_message, extra_files={name: directory / name for name in assets})
+                                commit_message=commit_message,
+                                extra_files={name: file_inside(directory, name, str(directory / name))
+                                             for name in assets})
