@@ -2,15 +2,196 @@
 
 Commands: ``bench``, ``card``, ``convert``, ``create``, ``eval``, ``export``, ``metatrain``, ``pretrained``, ``push``,
 ``rules``.
+
+Expected failures (a missing folder, a bad repo id or JSON, no network, HF_HUB_OFFLINE without a cached
+copy, a refused token, an invalid artifact, ...) end in one line on stderr, ``lopt-hf COMMAND: what
+went wrong and what to do``, and exit code 2; ``--debug`` shows the traceback instead. Anything else
+is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import math
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+EXIT_USER_ERROR = 2
+LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN to a token with access to the repo"
+OFFLINE_HINT = ("check the network (and HF_ENDPOINT / the proxy settings); with HF_HUB_OFFLINE=1 only copies already "
+                "in the local Hub cache are used")
+
+
+class VersionAction(argparse.Action):
+    """``--version``: the installed distribution's version, looked up only when asked (``--help`` stays fast)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the lopt_hf version and exit", **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            installed = version("lopt_hf")
+        except PackageNotFoundError:
+            installed = "unknown (not installed; running from a source tree)"
+        print(f"{parser.prog} {installed}")
+        parser.exit()
+
+
+class CommandError(Exception):
+    """An expected failure of a command: shown as one line, ``lopt-hf COMMAND: message``, exit code 2."""
+
+
+# ============================================================================ checks before any work
+
+
+def looks_like_local_path(text: str) -> bool:
+    """Whether an argument names a local path rather than a Hub repo id (such a path is never sent to the Hub).
+
+    True when it exists, starts with ``.``, ``~`` or a separator, or has a separator a repo id cannot
+    have (a backslash, or more than one ``/``).
+    """
+    separators = {os.sep, os.altsep or os.sep} - {"/"}
+    return (os.path.exists(text) or text.startswith((".", "~", "/")) or text.count("/") > 1
+            or any(sep in text for sep in separators))
+
+
+ARTIFACT_FOLDER = "artifact folder (a local folder with config.json and model.safetensors, e.g. the out_dir of " \
+                  "`lopt-hf create` or `lopt-hf export`)"
+
+
+def existing_folder(path: str, what: str = ARTIFACT_FOLDER) -> str:
+    """``path`` if it is a local folder; a :class:`CommandError` saying what is wrong otherwise.
+
+    The message lists the folders next to it when its parent exists (a mistyped run or step name).
+    """
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded):
+        raise CommandError(f"{path} is a file, not a folder; expected the {what}")
+    parent = os.path.dirname(os.path.normpath(expanded))
+    nearby = ""
+    if parent and os.path.isdir(parent):
+        names = sorted(entry.name for entry in os.scandir(parent) if entry.is_dir())
+        shown = ", ".join(names[-8:]) if names else "no folders"
+        nearby = f"; {parent} has: {'..., ' if len(names) > 8 else ''}{shown}"
+    raise CommandError(f"folder {path} does not exist{nearby}; expected the {what}")
+
+
+def checked_repo_id(repo_id: str) -> str:
+    """``repo_id`` if huggingface_hub's validator accepts it (checked before any network call)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        reason = one_line(err).split(". Use `repo_type`")[0]
+        raise CommandError(f"{repo_id!r} is not a valid Hub repo id ({reason}); expected 'owner/name' of letters, "
+                           f"digits, '-', '_', '.'") from None
+    return repo_id
+
+
+def require_online(action: str) -> None:
+    """A :class:`CommandError` at once when HF_HUB_OFFLINE is set and ``action`` needs the Hub."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise CommandError(f"{action} needs the Hub, but HF_HUB_OFFLINE is set: unset HF_HUB_OFFLINE (or "
+                           f"TRANSFORMERS_OFFLINE) and try again")
+
+
+def network_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions meaning "the Hub could not be reached" (of the HTTP clients already imported)."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            types.append(cls)
+    return tuple(types)
+
+
+def check_hub_artifacts(repo_ids: Iterable[str]) -> None:
+    """Fail fast for Hub artifacts that cannot be had: unreachable Hub (or offline) and not in the cache.
+
+    One metadata request per repo, without retries (``hf_hub_download`` retries a failed connection
+    about 25 s when the file is not cached); errors other than "no connection" are left to the load,
+    which names them.
+    """
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    for repo_id in repo_ids:
+        checked_repo_id(repo_id)
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+        if constants.HF_HUB_OFFLINE:
+            if not cached:
+                raise CommandError(f"{repo_id} is not in the local Hub cache and HF_HUB_OFFLINE is set: unset "
+                                   f"HF_HUB_OFFLINE to download it once")
+            continue
+        try:
+            get_hf_file_metadata(hf_hub_url(repo_id, "config.json"))
+        except network_error_types() as err:
+            if not cached:
+                raise CommandError(f"could not reach the Hub at {constants.ENDPOINT} to download {repo_id} "
+                                   f"({one_line(err)}), and it is not in the local cache: {OFFLINE_HINT}") from None
+        except Exception:  # noqa: BLE001 - HTTP errors (404, 401, ...): the load reports them in its own words
+            pass
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an exception's message (its class name if it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def describe_error(err: BaseException) -> str | None:
+    """The one-line message for an expected failure, or ``None`` for anything else (a bug: traceback)."""
+    if isinstance(err, CommandError):
+        return str(err)
+    hub_errors = sys.modules.get("huggingface_hub.errors")
+    if hub_errors is not None:
+        if isinstance(err, hub_errors.OfflineModeIsEnabled):
+            return f"{one_line(err)} (this needs the Hub; or use a local folder)"
+        if isinstance(err, hub_errors.HFValidationError):
+            return f"not a valid Hub repo id: {one_line(err)}"
+        if isinstance(err, hub_errors.HfHubHTTPError):
+            return describe_http_error(err, hub_errors)
+    if isinstance(err, network_error_types()):
+        from huggingface_hub import constants
+
+        return f"could not reach the Hub at {constants.ENDPOINT} ({one_line(err)}): {OFFLINE_HINT}"
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.strerror or one_line(err)}: {err.filename}"
+    if isinstance(err, (ValueError, RuntimeError, LookupError)) and type(err).__module__.startswith("lopt_hf."):
+        return one_line(err)  # the package's own errors: ArtifactError, RuleConfigError, CheckpointError, ...
+    return None
+
+
+def describe_http_error(err: Any, hub_errors: Any) -> str:
+    """One line for an error answer of the Hub, with the login hint where a token is the problem."""
+    response = getattr(err, "response", None)
+    status = getattr(response, "status_code", None)
+    detail = getattr(err, "server_message", None) or one_line(err)
+    detail = " ".join(detail.split())
+    if isinstance(err, hub_errors.RepositoryNotFoundError):
+        return f"Hub repo not found, or private/gated and your token cannot see it ({detail}): {LOGIN_HINT}"
+    if status in (401, 403):
+        from huggingface_hub import get_token
+
+        token = "no token is set" if get_token() is None else "your token was refused"
+        return f"the Hub answered {status} ({detail}); {token}: {LOGIN_HINT} (write access to push)"
+    if isinstance(status, int) and status >= 500:
+        return f"the Hub answered {status} ({detail}): try again later"
+    return f"the Hub answered {status} ({detail})"
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -18,9 +199,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import format_results, run_benchmark
 
+    from .bench import benchmark_names
+
+    unknown = [name for name in args.rules or [] if name not in benchmark_names()]
+    if unknown:
+        raise CommandError(f"unknown rule(s) {unknown}{suggestion(unknown[0], benchmark_names())}; choose from "
+                           f"{benchmark_names()} (`lopt-hf rules` lists them)")
+    try:
+        layers = [int(width) for width in args.layers.split(",")]
+    except ValueError:
+        raise CommandError(f"--layers {args.layers!r}: expected comma-separated integer widths, "
+                           f"e.g. 512,1024,10") from None
+    if len(layers) < 2 or min(layers) < 1:
+        raise CommandError(f"--layers {args.layers!r}: expected at least two positive widths, e.g. 512,1024,10")
     if args.threads:
         torch.set_num_threads(args.threads)
-    layers = [int(width) for width in args.layers.split(",")]
     results = run_benchmark(args.rules or None, layers=layers, device=args.device, warmup=args.warmup,
                             repeats=args.repeats, measure_memory=not args.no_memory)
     print(format_results(results, layers, args.device))
@@ -48,11 +241,57 @@ def _cmd_pretrained(args: argparse.Namespace) -> int:
     return 0
 
 
+def suggestion(name: str, choices: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` for a close match of ``name`` among ``choices``, else ``""``."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def json_object(text: str | None, option: str) -> dict[str, Any] | None:
+    """The JSON object an option holds (``None`` if not given); a one-line :class:`CommandError` otherwise."""
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CommandError(f"{option} {text!r} is not JSON ({err.msg} at character {err.pos}); expected an object, "
+                           f"e.g. {option} '{{\"hidden_size\": 16}}'") from None
+    if not isinstance(value, dict):
+        raise CommandError(f"{option} {text!r} is a JSON {type(value).__name__}; expected an object, e.g. "
+                           f"{option} '{{\"hidden_size\": 16}}'")
+    return value
+
+
+def writable_out_dir(path: str, force: bool) -> None:
+    """Refuse a file, or a non-empty folder unless ``force``."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CommandError(f"{path} exists and is a file; choose a folder path")
+    if os.path.isdir(path) and any(os.scandir(path)) and not force:
+        raise CommandError(f"{path} exists and is not empty; choose another folder, or pass --force to write the "
+                           f"artifact files (config.json, model.safetensors, README.md) into it")
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
+    from .harness import RULE_PRESETS
+    from .rules import available_rules
+
+    rule_config = json_object(args.rule_config, "--rule-config")
+    choices = [*available_rules(), *[name for name in RULE_PRESETS if name not in available_rules()]]
+    if args.rule not in choices:
+        raise CommandError(f"unknown rule {args.rule!r}{suggestion(args.rule, choices)}; choose from {choices} "
+                           f"(`lopt-hf rules` lists them)")
+    writable_out_dir(args.out_dir, args.force)
     from .hub import create_artifact
 
-    rule_config = json.loads(args.rule_config) if args.rule_config else None
-    artifact = create_artifact(args.rule, seed=args.seed, rule_config=rule_config,
+    rule, harness, defaults = args.rule, None, None
+    if args.rule in RULE_PRESETS:  # as in `lopt-hf bench`: a preset replaces the rule of the same name
+        from .convert.celo2 import OPTIMIZER_DEFAULTS
+
+        rule, preset_config, harness = RULE_PRESETS[args.rule]
+        rule_config = {**preset_config, **(rule_config or {})}
+        defaults = dict(OPTIMIZER_DEFAULTS)
+    artifact = create_artifact(rule, seed=args.seed, rule_config=rule_config, harness=harness,
+                               optimizer_defaults=defaults,
                                provenance={"source": f"lopt-hf create {args.rule} --seed {args.seed} (random init)"})
     artifact.save_pretrained(args.out_dir)
     print(f"wrote {args.rule} artifact (random init, seed {args.seed}) to {args.out_dir}")
@@ -60,10 +299,13 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
+    directory = existing_folder(args.directory)
+    checked_repo_id(args.repo_id)
+    require_online("pushing")
     from .publish.push import push_artifact_folder
 
     # Validates before anything is uploaded; also uploads the images the card shows (meta-loss plot).
-    url = push_artifact_folder(args.directory, args.repo_id, private=args.private, revision=args.revision,
+    url = push_artifact_folder(directory, args.repo_id, private=args.private, revision=args.revision,
                                commit_message=args.message)
     print(f"pushed {args.directory} to {args.repo_id}: {url}")
     return 0
@@ -75,7 +317,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .metatrain.checkpoint import CheckpointError, latest_checkpoint
     from .publish.export import export_checkpoint
 
-    checkpoint = Path(args.checkpoint)
+    checkpoint = Path(existing_folder(args.checkpoint,
+                                      "checkpoint folder (runs/NAME/checkpoints/step-…) or run folder"))
+    if args.push_to_hub:
+        checked_repo_id(args.push_to_hub)
+        require_online("--push-to-hub")
     if not (checkpoint / "trainer_state.json").is_file():
         # A run folder (or its checkpoints/ folder): take the newest complete checkpoint.
         found = latest_checkpoint(checkpoint / "checkpoints") or latest_checkpoint(checkpoint)
@@ -85,11 +331,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
             return 2
         checkpoint = found
     try:
-        artifact = export_checkpoint(checkpoint, args.out_dir, evaluate=args.evaluate, push_to_hub=args.push_to_hub,
-                                     progress=True)
+        artifact = export_checkpoint(checkpoint, args.out_dir, evaluate=args.evaluate, progress=True)
     except CheckpointError as err:
         print(f"lopt-hf export: {err}", file=sys.stderr)
         return 2
+    if args.push_to_hub:  # after the export (as export_checkpoint(push_to_hub=) does), so a failure keeps the folder
+        from .publish.push import push_artifact_folder
+
+        try:
+            push_artifact_folder(args.out_dir, args.push_to_hub)
+        except Exception as err:
+            message = describe_error(err)
+            if message is None:
+                raise
+            raise CommandError(f"exported to {args.out_dir}, but the push failed: {message} (then: lopt-hf push "
+                               f"{args.out_dir} {args.push_to_hub})") from err
     print(f"exported {checkpoint} (rule {artifact.config.rule}) to {args.out_dir}: "
           f"{sorted(p.name for p in Path(args.out_dir).iterdir())}")
     if args.push_to_hub:
@@ -100,14 +356,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_card(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    directory = existing_folder(args.directory)
     from .hub import load_artifact, write_file_atomic
 
-    artifact = load_artifact(args.directory)
+    artifact = load_artifact(directory)
     card = str(artifact.model_card(repo_id=args.repo_id))
     if args.stdout:
         print(card)
     else:
-        target = Path(args.directory) / "README.md"
+        target = Path(directory) / "README.md"
         write_file_atomic(target, card.encode("utf-8"))  # replaces a link at README.md, never writes through it
         print(f"wrote {target}")
     return 0
@@ -138,6 +395,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
                              run_evaluation, write_report)
 
     try:
+        check_learned_sources(args.optimizers or [])
         results = run_evaluation(args.tasks, args.optimizers, steps=args.steps, seeds=args.seeds,
                                  progress=not args.no_progress, threads=args.threads or None)
     except (DatasetUnavailableError, OptimizerSpecError, UnknownTaskError, ValueError) as err:
@@ -151,37 +409,70 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_learned_sources(specs: Sequence[str]) -> None:
+    """Before any training: learned-optimizer folders exist, Hub ones can be had (:func:`check_hub_artifacts`)."""
+    from .evaluation import parse_optimizer_spec
+    from .evaluation.optimizers import LEARNED
+    from .pretrained import pretrained_path
+
+    hub_ids = []
+    for spec in map(parse_optimizer_spec, specs):
+        if spec.kind != LEARNED or spec.source is None or pretrained_path(spec.source) is not None:
+            continue
+        if looks_like_local_path(spec.source):
+            existing_folder(spec.source, f"learned-optimizer folder of --optimizers {spec.spec}")
+        else:
+            hub_ids.append(spec.source)
+    check_hub_artifacts(hub_ids)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``lopt-hf``."""
-    parser = argparse.ArgumentParser(prog="lopt-hf", description="Learned optimizers for PyTorch on the Hub.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="lopt-hf", description="Learned optimizers for PyTorch on the Hub.",
+                                     epilog="Expected failures print one line and exit with code 2; --debug shows "
+                                            "the traceback.")
+    parser.add_argument("--version", action=VersionAction)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure instead of one line")
+    # --debug also after the command (SUPPRESS: not given there keeps the top-level value)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of a failure instead of one line")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                help="the command to run (`lopt-hf COMMAND --help` lists its options)")
 
-    bench = sub.add_parser("bench", help="step time and memory of each rule vs torch.optim.AdamW")
+    bench = sub.add_parser("bench", parents=[common], help="step time and memory of each rule vs torch.optim.AdamW")
     bench.add_argument("--rules", nargs="*", help="rules or presets (celo2, celo2-base) to time (default: all)")
     bench.add_argument("--layers", default="512,1024,1024,10", help="MLP widths (default 512,1024,1024,10)")
-    bench.add_argument("--device", default="cpu")
-    bench.add_argument("--warmup", type=int, default=3)
-    bench.add_argument("--repeats", type=int, default=10)
+    bench.add_argument("--device", default="cpu", help="torch device to time on (default cpu; e.g. cuda)")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps before timing (default 3)")
+    bench.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported (default 10)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=_cmd_bench)
 
-    rules = sub.add_parser("rules", help="list the registered update rules and their hyper-parameters")
+    rules = sub.add_parser("rules", parents=[common],
+                           help="list the registered update rules and their hyper-parameters")
     rules.set_defaults(func=_cmd_rules)
 
-    pretrained = sub.add_parser("pretrained", help="list the learned optimizers shipped with lopt_hf "
-                                                   "(load_lopt(NAME, model) loads them offline)")
+    pretrained = sub.add_parser("pretrained", parents=[common],
+                                help="list the learned optimizers shipped with lopt_hf "
+                                     "(load_lopt(NAME, model) loads them offline)")
     pretrained.set_defaults(func=_cmd_pretrained)
 
-    create = sub.add_parser("create", help="write a randomly initialised artifact for a rule")
-    create.add_argument("rule")
-    create.add_argument("out_dir")
-    create.add_argument("--seed", type=int, default=0)
-    create.add_argument("--rule-config", help="JSON object of rule hyper-parameters")
+    create = sub.add_parser("create", parents=[common], help="write a randomly initialised artifact for a rule")
+    create.add_argument("rule", help="rule name (`lopt-hf rules`) or preset: celo2 (with its AdamW harness), "
+                                     "celo2-base")
+    create.add_argument("out_dir", help="artifact folder to write (config.json, model.safetensors, README.md); "
+                                        "must be new or empty unless --force")
+    create.add_argument("--seed", type=int, default=0, help="seed of the random meta-parameters (default 0)")
+    create.add_argument("--rule-config", help="JSON object of rule hyper-parameters, e.g. '{\"hidden_size\": 16}'")
+    create.add_argument("--force", action="store_true", help="write into a non-empty out_dir (replaces the "
+                                                             "artifact files there)")
     create.set_defaults(func=_cmd_create)
 
-    convert = sub.add_parser("convert", help="convert another library's learned-optimizer checkpoint to an artifact")
+    convert = sub.add_parser("convert", parents=[common],
+                             help="convert another library's learned-optimizer checkpoint to an artifact")
     convert.add_argument("format", choices=["celo2"], help="checkpoint format (celo2: the authors' flax theta.state)")
     convert.add_argument("checkpoint", help="path of the checkpoint file (e.g. celo2/theta.state)")
     convert.add_argument("out_dir", help="artifact folder to write (config.json, model.safetensors, README.md)")
@@ -192,11 +483,13 @@ def build_parser() -> argparse.ArgumentParser:
     metatrain = sub.add_parser("metatrain", add_help=False,
                                help="meta-train a learned optimizer (same options as scripts/metatrain.py; "
                                     "`lopt-hf metatrain --help`)")
-    metatrain.add_argument("metatrain_args", nargs=argparse.REMAINDER)
+    metatrain.add_argument("metatrain_args", nargs=argparse.REMAINDER,
+                           help="options of the meta-training command (`lopt-hf metatrain --help`)")
     metatrain.set_defaults(func=_cmd_metatrain)
 
-    evaluate = sub.add_parser("eval", help="train small tasks with baselines and learned optimizers; write curves "
-                                           "(JSON, plot) and a markdown table")
+    evaluate = sub.add_parser("eval", parents=[common],
+                              help="train small tasks with baselines and learned optimizers; write curves "
+                                   "(JSON, plot) and a markdown table")
     evaluate.add_argument("--optimizers", nargs="+", default=None, metavar="SPEC",
                           help="adamw, adamw:LR, adamw-grid, adam[:LR], sgdm[:LR], or a learned-optimizer folder / "
                                "Hub repo id; LABEL=SPEC names one (default: adamw adamw-grid adam sgdm)")
@@ -212,8 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=_cmd_eval)
 
-    export = sub.add_parser("export", help="write the artifact folder (config.json, model.safetensors, model card, "
-                                           "meta-loss plot) of a meta-training checkpoint")
+    export = sub.add_parser("export", parents=[common],
+                            help="write the artifact folder (config.json, model.safetensors, model card, "
+                                 "meta-loss plot) of a meta-training checkpoint")
     export.add_argument("checkpoint", help="a checkpoint folder (runs/NAME/checkpoints/step-…) or a run folder "
                                            "(its newest checkpoint)")
     export.add_argument("out_dir", help="artifact folder to write")
@@ -223,33 +517,52 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="also publish the artifact to this Hub repo")
     export.set_defaults(func=_cmd_export)
 
-    card = sub.add_parser("card", help="re-render the model card (README.md) of an artifact folder from its "
-                                       "config.json")
-    card.add_argument("directory")
+    card = sub.add_parser("card", parents=[common],
+                          help="re-render the model card (README.md) of an artifact folder from its config.json")
+    card.add_argument("directory", help="local artifact folder (config.json + model.safetensors)")
     card.add_argument("--repo-id", help="Hub repo the usage snippets should name")
     card.add_argument("--stdout", action="store_true", help="print the card instead of writing README.md")
     card.set_defaults(func=_cmd_card)
 
-    push = sub.add_parser("push", help="validate an artifact folder and push it (and the images its card shows) "
-                                       "to the Hub")
-    push.add_argument("directory")
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--revision", help="branch to push to")
-    push.add_argument("--message", default="Upload learned optimizer with lopt_hf")
+    push = sub.add_parser("push", parents=[common],
+                          help="validate an artifact folder and push it (and the images its card shows) to the Hub "
+                               "(log in first: `hf auth login` or HF_TOKEN)")
+    push.add_argument("directory", help="local artifact folder to upload (config.json + model.safetensors)")
+    push.add_argument("repo_id", help="Hub model repo, 'owner/name' (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private (if it does not exist yet)")
+    push.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    push.add_argument("--message", default="Upload learned optimizer with lopt_hf", help="commit message")
     push.set_defaults(func=_cmd_push)
     return parser
+
+
+def run_command(command: str, func: Any, debug: bool) -> int:
+    """Run a command; an expected failure becomes one line on stderr and exit code 2 (unless ``debug``)."""
+    try:
+        return func()
+    except Exception as err:
+        message = None if debug else describe_error(err)
+        if message is None:
+            raise
+        print(f"lopt-hf {command}: {' '.join(message.split())}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``lopt-hf`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = False
+    while argv[:1] == ["--debug"]:
+        debug, argv = True, argv[1:]
     if argv[:1] == ["metatrain"]:  # everything after it belongs to the meta-training parser (incl. --help)
-        from .publish.metatrain_command import main as metatrain_main
+        def metatrain() -> int:
+            from .publish.metatrain_command import main as metatrain_main
 
-        return metatrain_main(argv[1:], prog="lopt-hf metatrain")
+            return metatrain_main(argv[1:], prog="lopt-hf metatrain")
+
+        return run_command("metatrain", metatrain, debug)
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_command(args.command, lambda: args.func(args), debug or args.debug)
 
 
 if __name__ == "__main__":
