@@ -557,7 +557,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["metatrain"]:  # everything after it belongs to the meta-training parser (incl. --help)
         def metatrain() -> int:
             from .publish.metatrain_command import main as metatrain_main
+            from .publish.metatrain_command import parse_args as parse_metatrain_args
 
+            options, config = parse_metatrain_args(argv[1:], prog="lopt-hf metatrain")
+            if config.push_to_hub and not options.print_config:  # checked now, not after hours of training
+                checked_repo_id(config.push_to_hub)
+                require_online("push_to_hub (--push-to-hub)")
             return metatrain_main(argv[1:], prog="lopt-hf metatrain")
 
         return run_command("metatrain", metatrain, debug)

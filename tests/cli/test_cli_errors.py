@@ -294,3 +294,13 @@ def test_every_argument_has_help() -> None:
                         if not isinstance(action, argparse._HelpAction) and not action.help]  # noqa: SLF001
     missing += [action.dest for action in parser._actions if not action.help]  # noqa: SLF001
     assert not missing
+
+
+def test_metatrain_checks_push_to_hub_before_training(tmp_path: Path, monkeypatch, capsys) -> None:
+    from huggingface_hub import constants
+
+    run = ["metatrain", "--steps", "1", "--no-progress", "--output-dir", str(tmp_path / "run")]
+    assert "not a valid Hub repo id" in fails([*run, "--push-to-hub", "bad//id"], capsys)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "HF_HUB_OFFLINE is set" in fails([*run, "--set", "push_to_hub=user/x"], capsys)
+    assert not (tmp_path / "run").exists()
