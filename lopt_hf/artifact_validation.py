@@ -14,6 +14,7 @@ call that supplied the data) and then says what is wrong, e.g.::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import struct
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .rules import UpdateRule, available_rules, build_rule
+from .harness import HarnessError, resolve_harness
+from .rules import UpdateRule, available_rules, build_rule, rule_class
 
 FORMAT_VERSION = 1
 """The artifact format this version of lopt_hf writes and the newest it can read."""
@@ -46,6 +48,29 @@ TRANSFORMERS_KEYS = frozenset({
 })
 
 MAX_CONFIG_BYTES = 16 * 2**20
+# Deepest JSON nesting accepted in config.json or a safetensors header (ours need about 6).
+MAX_JSON_DEPTH = 64
+
+# Bounds of optimizer_defaults, checked before anything is built: lr multiplies the learned step
+# (meta-trained at 1.0; AdamW-routed tensors get lr · mult_1d), so 1e3 is far past any useful value
+# yet cannot overflow float32 for a finite step; weight_decay is decoupled (p ← p·(1 − lr·wd)), so
+# wd ≤ 1 and lr·wd ≤ 1 keep the decay factor in [0, 1] (beyond it every step flips the sign of and
+# blows up every parameter).
+MAX_LR = 1e3
+MAX_WEIGHT_DECAY = 1.0
+
+# Bounds of rule hyper-parameters by name, checked (with their JSON types) before the rule is built,
+# so a few bytes of config.json cannot allocate gigabytes or loop forever:
+# sizes of the per-element networks, iteration counts, lengths of decay lists (each decay adds
+# a parameter-sized state tensor) and the total number of meta-parameters.
+HYPERPARAMETER_INT_BOUNDS: dict[str, tuple[int, int]] = {
+    "hidden_size": (1, 4096), "hidden_layers": (0, 32), "hidden_sizes": (1, 4096), "embedding_dim": (1, 4096),
+    "history_length": (1, 4096), "ns_iters": (0, 100),
+}
+DEFAULT_INT_BOUNDS = (0, 2**20)
+MAX_HYPERPARAMETER_LIST = 16
+MAX_HYPERPARAMETER_STRING = 64
+MAX_THETA_ELEMENTS = 2**26
 # safetensors itself refuses headers above 100 MB.
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 2**20
 
@@ -99,13 +124,62 @@ def read_config_file(path: Path, source: str | None = None) -> dict[str, Any]:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise ArtifactError(source, f"not UTF-8 text ({err})") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ArtifactError(source, f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+    raw = parse_json(text, source)
     if not isinstance(raw, dict):
         raise ArtifactError(source, f"must hold a JSON object, found a JSON {_json_type(raw)}")
     return _decode_special_floats(raw)
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def parse_json(text: str, source: str, what: str = "") -> Any:
+    """``json.loads`` that gives ``ArtifactError`` (naming ``source``) for every bad input.
+
+    Refuses, besides invalid JSON: duplicate keys in an object (which one would win is up to the
+    reader), nesting deeper than :data:`MAX_JSON_DEPTH`, and integers too long for Python to read.
+    ``what`` prefixes the message (e.g. ``"the header"``).
+    """
+    prefix = f"{what}: " if what else ""
+    try:
+        value = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except json.JSONDecodeError as err:
+        raise ArtifactError(source, f"{prefix}not valid JSON: {err.msg} at line {err.lineno} "
+                                    f"column {err.colno}") from None
+    except _DuplicateKey as err:
+        raise ArtifactError(source, f"{prefix}duplicate key {err.key!r} in a JSON object") from None
+    except RecursionError:
+        raise ArtifactError(source, f"{prefix}JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except ValueError as err:  # e.g. an integer with more digits than int() reads
+        raise ArtifactError(source, f"{prefix}not valid JSON: {err}") from None
+    if _json_depth(value) > MAX_JSON_DEPTH:
+        raise ArtifactError(source, f"{prefix}JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth > MAX_JSON_DEPTH:
+                return depth
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def validate_config_dict(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -170,6 +244,12 @@ def validate_config(raw: Mapping[str, Any], source: str) -> tuple[dict[str, Any]
     harness = raw.get("harness")
     if harness is not None and not isinstance(harness, dict):
         problems.append(f"'harness' must be a JSON object or null, found a JSON {_json_type(harness)}")
+    elif harness and "type" in harness:
+        # A typed harness is checked as load_lopt will resolve it (an untyped dict is still stored as given).
+        try:
+            resolve_harness(harness, source="'harness'")
+        except HarnessError as err:
+            problems.append(str(err))
     provenance = raw.get("provenance")
     provenance = {} if provenance is None else provenance
     if not isinstance(provenance, dict):
@@ -194,14 +274,95 @@ def build_rule_checked(rule_name: str, rule_config: Mapping[str, Any], source: s
     """``build_rule`` with every failure (unknown rule or hyper-parameter, bad value) as ArtifactError."""
     if rule_name not in available_rules():
         raise ArtifactError(source, f"unknown rule {rule_name!r}; available rules: {available_rules()}")
+    problems = check_hyperparameter_values(rule_name, rule_config)
+    if problems:
+        raise ArtifactError(source, problems, headline=f"invalid rule_config for rule {rule_name!r}")
     try:
-        return build_rule(rule_name, **dict(rule_config))
+        rule = build_rule(rule_name, **dict(rule_config))
     except Exception as err:  # the rule's own validation: RuleConfigError, ValueError, TypeError, ...
         raise ArtifactError(source, f"invalid rule_config for rule {rule_name!r}: {err}") from None
+    try:
+        num_theta = sum(math.prod(int(size) for size in shape) for shape in rule.theta_shapes().values())
+    except Exception as err:
+        raise ArtifactError(source, f"invalid rule_config for rule {rule_name!r}: {err}") from None
+    if num_theta > MAX_THETA_ELEMENTS:
+        raise ArtifactError(source, f"invalid rule_config for rule {rule_name!r}: {num_theta} meta-parameters, "
+                                    f"more than the {MAX_THETA_ELEMENTS} a learned-optimizer artifact may have")
+    return rule
+
+
+def check_hyperparameter_values(rule_name: str, rule_config: Mapping[str, Any]) -> list[str]:
+    """JSON types and bounds of ``rule_config``'s values, from the rule's dataclass defaults (no coercion).
+
+    A ``bool`` hyper-parameter takes ``true`` / ``false`` only; an ``int`` one an integer (not a float,
+    not a string) within :data:`HYPERPARAMETER_INT_BOUNDS` (by name; else :data:`DEFAULT_INT_BOUNDS`);
+    a ``float`` one a finite number; a ``str`` one a short string; a tuple one a list of at most
+    :data:`MAX_HYPERPARAMETER_LIST` such numbers (decays, ``*_decays``, in [0, 1]). Unknown names are
+    left to the rule (which lists the known ones).
+    """
+    defaults = {field.name: field.default for field in dataclasses.fields(rule_class(rule_name))}
+    problems = []
+    for key, value in rule_config.items():
+        if key not in defaults:
+            continue
+        default, label = defaults[key], f"rule_config[{key!r}]"
+        if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                problems.append(f"{label} must be a list, found a JSON {_json_type(value)} ({_clip(value)})")
+                continue
+            if len(value) > MAX_HYPERPARAMETER_LIST:
+                problems.append(f"{label} has {len(value)} entries; at most {MAX_HYPERPARAMETER_LIST} are allowed")
+                continue
+            element = default[0] if default else 0.0
+            for index, item in enumerate(value):
+                problem = _scalar_problem(key, item, element)
+                if problem:
+                    problems.append(f"{label}[{index}] {problem}")
+        else:
+            problem = _scalar_problem(key, value, default)
+            if problem:
+                problems.append(f"{label} {problem}")
+    return problems
+
+
+def _scalar_problem(key: str, value: Any, default: Any) -> str | None:
+    """What is wrong with ``value`` for a hyper-parameter whose default is ``default`` (None: nothing)."""
+    found = f"found {_clip(value)}"
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else f"must be true or false, {found}"
+    if isinstance(default, int):
+        if not _is_int(value):
+            return f"must be an integer, {found}"
+        low, high = HYPERPARAMETER_INT_BOUNDS.get(key, DEFAULT_INT_BOUNDS)
+        return None if low <= value <= high else f"must be an integer in [{low}, {high}], {found}"
+    if isinstance(default, float):
+        number = _finite_float(value)
+        if number is None:
+            return f"must be a finite number, {found}"
+        if key.endswith("decays") and not 0.0 <= number <= 1.0:
+            return f"must be a decay in [0, 1], {found}"
+        return None
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            return f"must be a string, {found}"
+        return None if len(value) <= MAX_HYPERPARAMETER_STRING else f"is longer than {MAX_HYPERPARAMETER_STRING} characters"
+    return None
+
+
+def _finite_float(value: Any) -> float | None:
+    """``value`` as a float if it is a real number (not a bool, not a string) and finite, else None."""
+    if not _is_real(value):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond float's range
+        return None
+    return number if math.isfinite(number) else None
 
 
 def check_optimizer_defaults(optimizer_defaults: Any) -> list[str]:
-    """Light checks of ``optimizer_defaults``: a JSON object; lr / weight_decay finite and >= 0."""
+    """Checks of ``optimizer_defaults``: a JSON object; ``lr`` in [0, :data:`MAX_LR`], ``weight_decay`` in
+    [0, :data:`MAX_WEIGHT_DECAY`] (finite numbers, not strings or booleans) and ``lr * weight_decay <= 1``."""
     if not isinstance(optimizer_defaults, dict):
         return [f"'optimizer_defaults' must be a JSON object, found a JSON {_json_type(optimizer_defaults)}"]
     problems = []
@@ -209,11 +370,18 @@ def check_optimizer_defaults(optimizer_defaults: Any) -> list[str]:
         problems.append("'optimizer_defaults' keys must be strings")
     if not _is_json_value(optimizer_defaults):
         problems.append("'optimizer_defaults' must hold JSON values only")
-    for key in ("lr", "weight_decay"):
+    for key, high in (("lr", MAX_LR), ("weight_decay", MAX_WEIGHT_DECAY)):
         if key in optimizer_defaults:
             value = optimizer_defaults[key]
-            if not _is_real(value) or not math.isfinite(value) or value < 0:
-                problems.append(f"optimizer_defaults[{key!r}] must be a finite number >= 0, found {value!r}")
+            number = _finite_float(value)
+            if number is None or not 0.0 <= number <= high:
+                problems.append(f"optimizer_defaults[{key!r}] must be a finite number in [0, {high:g}], "
+                                f"found {_clip(value)}")
+    lr = _finite_float(optimizer_defaults.get("lr", DEFAULT_OPTIMIZER_DEFAULTS["lr"]))
+    weight_decay = _finite_float(optimizer_defaults.get("weight_decay", 0.0))
+    if not problems and lr is not None and weight_decay is not None and lr * weight_decay > 1.0:
+        problems.append(f"optimizer_defaults: lr * weight_decay = {lr * weight_decay:g} > 1 (the decoupled decay "
+                        "p * (1 - lr * weight_decay) would flip the sign of every parameter)")
     return problems
 
 
@@ -306,9 +474,15 @@ def _read_safetensors_header(handle: Any, file_size: int, source: str) -> tuple[
         raise ArtifactError(source, f"not a safetensors file: implausible header length {header_len} bytes")
     raw_header = handle.read(header_len)
     try:
-        header = json.loads(raw_header.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header_text = raw_header.decode("utf-8")
+    except UnicodeDecodeError:
         raise ArtifactError(source, "corrupt or not a safetensors file: the header is not valid JSON") from None
+    try:
+        header = parse_json(header_text, source, "corrupt or not a safetensors file: the header")
+    except ArtifactError as err:
+        if "not valid JSON" in str(err):
+            raise ArtifactError(source, "corrupt or not a safetensors file: the header is not valid JSON") from None
+        raise
     if not isinstance(header, dict):
         raise ArtifactError(source, f"corrupt safetensors file: the header is a JSON {_json_type(header)}, "
                                     "not an object")
@@ -439,5 +613,8 @@ def _torch_dtype_name(dtype: torch.dtype) -> str:
 
 
 def _clip(value: Any, limit: int = 120) -> str:
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
     return text if len(text) <= limit else text[:limit] + "..."

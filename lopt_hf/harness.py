@@ -32,6 +32,13 @@ import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+try:  # the regular-expression parser, to vet patterns before they run (Python >= 3.11 names)
+    from re import _constants as sre_constants
+    from re import _parser as sre_parse
+except ImportError:  # pragma: no cover - Python 3.10
+    import sre_constants  # type: ignore[no-redef]
+    import sre_parse  # type: ignore[no-redef]
+
 from torch import Tensor, nn
 
 from .optim import ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY
@@ -51,6 +58,15 @@ RULE_PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any] | None]] = {
     "celo2": ("celo2", {"orthogonalize": True}, {"type": "celo2", **HARNESS_DEFAULTS["celo2"]}),
     "celo2-base": ("celo2", {"orthogonalize": False}, None),
 }
+
+
+# Bounds of a harness from an artifact (checked by resolve_harness): mult_1d scales lr for the
+# AdamW-routed tensors (Celo2 uses 20); patterns run against every parameter name (see pattern_problem).
+MAX_MULT_1D = 1e4
+MAX_PATTERNS = 64
+MAX_PATTERN_LENGTH = 256
+_REPEATS = frozenset({sre_constants.MAX_REPEAT, sre_constants.MIN_REPEAT}
+                     | ({sre_constants.POSSESSIVE_REPEAT} if hasattr(sre_constants, "POSSESSIVE_REPEAT") else set()))
 
 
 class HarnessError(ValueError):
@@ -73,30 +89,107 @@ def resolve_harness(harness: Mapping[str, Any] | None, overrides: Mapping[str, A
         raise HarnessError(f"{source}: harness {kind!r} has no setting(s) {unknown}; known: {sorted(defaults)}")
     resolved = {"type": kind, **defaults, **{key: value for key, value in merged.items() if key != "type"}}
     problems = []
-    mult = resolved["mult_1d"]
-    if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult < 0:
-        problems.append(f"mult_1d must be a finite number >= 0, found {mult!r}")
+    mult = _finite_number(resolved["mult_1d"])
+    if mult is None or not 0 <= mult <= MAX_MULT_1D:
+        problems.append(f"mult_1d must be a finite number in [0, {MAX_MULT_1D:g}], found {_short(resolved['mult_1d'])}")
     betas = resolved["adamw_betas"]
     if (not isinstance(betas, (list, tuple)) or len(betas) != 2
             or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-        problems.append(f"adamw_betas must be two numbers in [0, 1), found {betas!r}")
-    eps = resolved["adamw_eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        problems.append(f"adamw_eps must be a number >= 0, found {eps!r}")
+        problems.append(f"adamw_betas must be two numbers in [0, 1), found {_short(betas)}")
+    eps = _finite_number(resolved["adamw_eps"])
+    if eps is None or not 0 < eps <= 1:
+        # eps = 0 turns a tensor whose gradient (hence second moment) is 0 into 0/0 = NaN
+        problems.append(f"adamw_eps must be a number in (0, 1], found {_short(resolved['adamw_eps'])}")
     patterns = resolved["embedding_patterns"]
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(p, str) for p in patterns):
-        problems.append(f"embedding_patterns must be a list of regular expressions, found {patterns!r}")
+    if (not isinstance(patterns, (list, tuple)) or len(patterns) > MAX_PATTERNS
+            or not all(isinstance(p, str) for p in patterns)):
+        problems.append(f"embedding_patterns must be a list of at most {MAX_PATTERNS} regular expressions, "
+                        f"found {_short(patterns)}")
     else:
         for pattern in patterns:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                problems.append(f"embedding_patterns: {pattern!r} is not a valid regular expression ({err})")
+            problem = pattern_problem(pattern)
+            if problem:
+                problems.append(f"embedding_patterns: {_short(pattern)} {problem}")
     if problems:
         raise HarnessError(f"{source}: " + "; ".join(problems))
     resolved["adamw_betas"] = [float(b) for b in betas]
     resolved["embedding_patterns"] = list(patterns)
     return resolved
+
+
+def _finite_number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        text = "a huge integer"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _repeat_nodes(parsed: Any) -> Iterable[tuple[Any, Any]]:
+    """(opcode, argument) of every node of a parsed pattern, depth first."""
+    for op, arg in parsed:
+        yield op, arg
+        if op in _REPEATS:
+            yield from _repeat_nodes(arg[2])
+        elif op is sre_constants.SUBPATTERN:
+            yield from _repeat_nodes(arg[3])
+        elif op is sre_constants.BRANCH:
+            for branch in arg[1]:
+                yield from _repeat_nodes(branch)
+        elif op in (sre_constants.ASSERT, sre_constants.ASSERT_NOT):
+            yield from _repeat_nodes(arg[1])
+        elif op is getattr(sre_constants, "ATOMIC_GROUP", None):
+            yield from _repeat_nodes(arg)
+
+
+def pattern_problem(pattern: str) -> str | None:
+    """Why ``pattern`` may not be an embedding pattern (``None``: it is fine).
+
+    Patterns can come from a downloaded artifact and run against every parameter name, so only
+    regular expressions whose matching time stays polynomial and small are accepted: at most
+    :data:`MAX_PATTERN_LENGTH` characters, no backreferences or conditionals, no repetition
+    (``*``, ``+``, ``{m,n}``) containing another repetition, an alternation or a lookaround, at most
+    two unbounded-ish repetitions (``max > 1``) and at most 64 combinations of alternatives and ``?``.
+    Plain names, ``|``-alternatives, ``^``/``$``, character classes and one or two ``.*`` pass.
+    """
+    if len(pattern) > MAX_PATTERN_LENGTH:
+        return f"is longer than {MAX_PATTERN_LENGTH} characters"
+    try:
+        parsed = sre_parse.parse(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        return f"is not a valid regular expression ({err})"
+    repeats, combinations = 0, 1
+    for op, arg in _repeat_nodes(parsed):
+        if op in (sre_constants.GROUPREF, sre_constants.GROUPREF_EXISTS):
+            return "uses a backreference or conditional, which can take exponential time"
+        if op is sre_constants.BRANCH:
+            combinations *= len(arg[1])
+        elif op in _REPEATS:
+            low, high, body = arg
+            if high > 1:
+                repeats += 1
+                inner = {inner_op for inner_op, _ in _repeat_nodes(body)}
+                if inner & (_REPEATS | {sre_constants.BRANCH, sre_constants.ASSERT, sre_constants.ASSERT_NOT,
+                                        sre_constants.GROUPREF, sre_constants.GROUPREF_EXISTS}):
+                    return ("repeats a group that itself repeats or alternates (e.g. (a+)* or (a|ab)*), which can "
+                            "take exponential time; use a character class or a simpler pattern")
+            else:
+                combinations *= 2
+    if repeats > 2:
+        return "has more than two repetitions (*, +, {m,n}), which can take a long time on long names"
+    if combinations > 64:
+        return "has too many alternatives and optional parts (more than 64 combinations)"
+    return None
 
 
 def _embedding_weights(model: nn.Module) -> set[Tensor]:

@@ -45,6 +45,7 @@ torch optimizer:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -301,6 +302,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _step_stack(self, params: list[Tensor], layout: str, lr: float, weight_decay: float,
                     loss: Tensor | None) -> None:
         """One kernel call for same-key tensors (see :meth:`_step_learned_group`)."""
+        if not (lr <= _FLOAT32_MAX and weight_decay <= _FLOAT32_MAX and abs(1.0 - lr * weight_decay) <= _FLOAT32_MAX):
+            # lr, weight_decay or the decay factor beyond float32: no new value would be finite
+            for param in params:
+                self._count_skipped(self.state[param])
+            return
         grads = stack_tensors([param.grad.detach() for param in params]).to(torch.float32)
         finite = _finite_rows(grads)
         if not all(finite):  # leave those tensors (and their state) untouched, count them
@@ -321,29 +327,37 @@ class LearnedOptimizer(torch.optim.Optimizer):
             states[0][STEP_KEY], chunk_size=self.chunk_size, **loss_kwargs)
         direction = from_rule_layout(direction, layout, stacked=True)
         norms = _row_norms(direction)
-        finite = _finite_rows(direction, norms)
         # new − old = −lr·(direction + weight_decay·param)
         change_norms = norms if weight_decay == 0.0 else _row_norms(torch.add(direction, param32, alpha=weight_decay))
-        self._step_stats.add_stack(LEARNED_ROUTE, lr * change_norms, param32[0].numel(), finite)
+        # Rows whose new value param·(1 − lr·weight_decay) − lr·direction provably stays finite (so the
+        # in-place update below cannot write inf / NaN); the others are computed apart and checked exactly.
+        safe = _safe_rows(param32, norms, lr, weight_decay)
+        finite = safe if all(safe) else _finite_rows(direction, norms)
         # param·(1 − lr·weight_decay) − lr·direction, in place: in a float32 stack of copies, or — one
-        # float32 tensor whose step is finite — in the parameter itself
-        direct = len(params) == 1 and finite[0] and param32.data_ptr() == params[0].data_ptr()
-        if direct or all(finite):
+        # float32 tensor whose new value is safe — in the parameter itself
+        direct = len(params) == 1 and safe[0] and param32.data_ptr() == params[0].data_ptr()
+        if direct or all(safe):
             if weight_decay != 0.0:
                 param32.mul_(1.0 - lr * weight_decay)
             self.kernel_on(device).apply_step(param32, direction, lr)
+        committed = []
         for index, (param, state, new_state, ok) in enumerate(zip(params, states, new_states, finite)):
-            if not ok:
-                self._count_skipped(state)
-                continue
-            if not direct:
-                if all(finite):
+            if ok and not direct:
+                if all(safe):
                     param.copy_(param32[index])  # one rounding to the parameter dtype (e.g. bf16)
                 else:
                     new_param = param32[index] if weight_decay == 0.0 else param32[index] * (1.0 - lr * weight_decay)
-                    param.copy_(new_param - lr * direction[index])
+                    new_param = new_param - lr * direction[index]
+                    ok = bool(torch.isfinite(new_param).all())  # lr·step (or the decayed param) may overflow
+                    if ok:
+                        param.copy_(new_param)
+            committed.append(ok)
+            if not ok:
+                self._count_skipped(state)
+                continue
             state.update(new_state)
             state[STEP_KEY] += 1
+        self._step_stats.add_stack(LEARNED_ROUTE, lr * change_norms, param32[0].numel(), committed)
 
     def _count_skipped(self, state: dict[str, Any]) -> None:
         state[SKIPPED_KEY] += 1
@@ -425,6 +439,28 @@ def _row_norms(stacked: Tensor) -> Tensor:
     """The 2-norm of each tensor of a stack (leading axis)."""
     dims = tuple(range(1, stacked.dim()))
     return torch.linalg.vector_norm(stacked, dim=dims) if dims else stacked.abs()
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+# Largest float32 bound on |new value| accepted without an exact check (a margin below float32's max
+# covers the rounding of the multiply and the subtraction).
+_SAFE_FLOAT32 = 3.0e38
+
+
+def _safe_rows(param32: Tensor, norms: Tensor, lr: float, weight_decay: float) -> list[bool]:
+    """For each tensor of a stack: is ``param·(1 − lr·weight_decay) − lr·direction`` sure to be finite? One sync.
+
+    ``|new| <= |1 − lr·weight_decay|·max|param| + lr·‖direction‖₂``: when that bound (computed in
+    float32, where an overflow gives inf, and a huge ``lr`` times a zero norm gives NaN) is finite and
+    below :data:`_SAFE_FLOAT32`, every element of the new value is finite. False means "check exactly".
+    """
+    bound = lr * norms
+    decay = abs(1.0 - lr * weight_decay)
+    if decay != 0.0 and param32.numel() > 0:  # (an empty tensor's new value is empty: finite)
+        dims = tuple(range(1, param32.dim()))
+        param_max = torch.linalg.vector_norm(param32, ord=math.inf, dim=dims) if dims else param32.abs()
+        bound = bound + decay * param_max
+    return (bound < _SAFE_FLOAT32).tolist()
 
 
 def _finite_rows(stacked: Tensor, norms: Tensor | None = None) -> list[bool]:

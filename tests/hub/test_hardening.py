@@ -153,3 +153,130 @@ def test_card_command_never_writes_through_a_symlinked_readme(tmp_path: Path) ->
     assert victim.read_text() == "keep me"
     assert not (directory / "README.md").is_symlink()
     assert "library_name: lopt_hf" in (directory / "README.md").read_text()
+
+
+# ============================================== (2)-(4) values: types, bounds, bombs, odd JSON
+
+
+def _mutated(tmp_path: Path, rule: str, mutate: Any) -> Path:
+    directory = saved(tmp_path, rule)
+    config = read_config(directory)
+    mutate(config)
+    (directory / "config.json").write_text(json.dumps(config))
+    return directory
+
+
+@pytest.mark.parametrize("rule, mutate, needles", [
+    # (2) values that pass as numbers but destroy the model or skip every step
+    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(lr=1e300), ["optimizer_defaults['lr']", "[0, 1000]"]),
+    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(weight_decay=1e300), ["optimizer_defaults['weight_decay']"]),
+    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(lr=100.0, weight_decay=0.5), ["lr * weight_decay"]),
+    ("mlp_lopt", lambda c: c["rule_config"].update(exp_mult=float("nan")), ["rule_config['exp_mult']", "finite"]),
+    ("small_fc_lopt", lambda c: c["rule_config"].update(step_mult=float("nan")), ["rule_config['step_mult']"]),
+    ("per_param_mlp", lambda c: c.update(harness={"type": "celo2", "adamw_eps": 0}), ["'harness'", "adamw_eps"]),
+    # (3) sizes and iteration counts bounded before anything is allocated
+    ("mlp_lopt", lambda c: c["rule_config"].update(hidden_layers=10**7), ["rule_config['hidden_layers']", "[0, 32]"]),
+    ("mlp_lopt", lambda c: c["rule_config"].update(hidden_layers=10**9), ["rule_config['hidden_layers']"]),
+    ("celo2", lambda c: c["rule_config"].update(ns_iters=10**9), ["rule_config['ns_iters']", "[0, 100]"]),
+    ("mlp_lopt", lambda c: c["rule_config"].update(hidden_size=4096, hidden_layers=32), ["meta-parameters"]),
+    ("per_param_mlp", lambda c: c["rule_config"].update(hidden_sizes=[8] * 1000), ["rule_config['hidden_sizes']"]),
+    ("mlp_lopt", lambda c: c["rule_config"].update(momentum_decays=[0.5] * 100), ["rule_config['momentum_decays']"]),
+    ("opt2vec", lambda c: c["rule_config"].update(history_length=10**8), ["rule_config['history_length']"]),
+    ("per_param_mlp", lambda c: c.update(harness={"type": "celo2", "embedding_patterns": [r"^(\w|\w)*$!"]}),
+     ["'harness'", "embedding_patterns", "exponential"]),
+    ("per_param_mlp", lambda c: c.update(harness={"type": "celo2", "embedding_patterns": [r"a*a*a*a*$!"]}),
+     ["embedding_patterns", "more than two repetitions"]),
+    ("per_param_mlp", lambda c: c.update(harness={"type": "celo2", "embedding_patterns": [r"(a+)+$"]}),
+     ["embedding_patterns"]),
+    # (4) wrong types are rejected, never coerced
+    ("mlp_lopt", lambda c: c["rule_config"].update(momentum_decays=8.5), ["rule_config['momentum_decays']", "list"]),
+    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(lr="0.001"), ["optimizer_defaults['lr']", "'0.001'"]),
+    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(lr=True), ["optimizer_defaults['lr']"]),
+    ("celo2", lambda c: c["rule_config"].update(orthogonalize="no"), ["rule_config['orthogonalize']", "true or false"]),
+    ("celo2", lambda c: c["rule_config"].update(hidden_size=8.0), ["rule_config['hidden_size']", "integer"]),
+    ("celo2", lambda c: c["rule_config"].update(hidden_size="8"), ["rule_config['hidden_size']"]),
+    ("mlp_lopt", lambda c: c["rule_config"].update(exp_mult="0.001"), ["rule_config['exp_mult']"]),
+    ("mlp_lopt", lambda c: c["rule_config"].update(exp_mult=10**400), ["rule_config['exp_mult']"]),
+    ("mlp_lopt", lambda c: c["rule_config"].update(momentum_decays=[0.9, "0.99"]), ["rule_config['momentum_decays'][1]"]),
+    ("mlp_lopt", lambda c: c["rule_config"].update(momentum_decays=[0.9, 1.5]), ["decay in [0, 1]"]),
+    ("per_param_mlp", lambda c: c.update(harness={"type": "lion"}), ["'harness'", "unknown harness type 'lion'"]),
+    ("per_param_mlp", lambda c: c.update(harness={"type": "celo2", "mult_1d": "20"}), ["'harness'", "mult_1d"]),
+], ids=["lr-1e300", "wd-1e300", "lr-times-wd", "exp_mult-nan", "step_mult-nan", "adamw_eps-0",
+        "hidden_layers-1e7", "hidden_layers-1e9", "ns_iters-1e9", "theta-too-large", "hidden_sizes-long",
+        "decays-long", "history_length-1e8", "pattern-alternation", "pattern-many-repeats", "pattern-nested",
+        "decays-scalar", "lr-string", "lr-bool", "flag-string", "int-float", "int-string", "float-string",
+        "float-huge-int", "decay-string", "decay-range", "harness-type", "harness-string"])
+def test_bad_values_are_artifact_errors_naming_file_and_key(tmp_path: Path, rule: str, mutate: Any,
+                                                             needles: list[str]) -> None:
+    directory = _mutated(tmp_path, rule, mutate)
+    expect_error(directory, "config.json", *needles)
+
+
+def test_valid_patterns_and_harness_still_load(tmp_path: Path) -> None:
+    patterns = ["wte|wpe", r"^up\.weight$", r"embed_tokens|lm_head", r"layers\.\d+\.emb.*", r".*norm.*"]
+    directory = _mutated(tmp_path, RULE, lambda c: c.update(harness={"type": "celo2", "embedding_patterns": patterns}))
+    assert load_artifact(directory).config.harness["embedding_patterns"] == patterns
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"a": ' * 1000 + "1" + "}" * 1000, "nested deeper than 64"),
+    ('{"model_type": "learned_optimizer", "model_type": "learned_optimizer"}', "duplicate key 'model_type'"),
+    ('{"format_version": ' + "9" * 4400 + "}", "not valid JSON"),
+], ids=["deep", "duplicate-key", "huge-int"])
+def test_odd_json_in_config_is_an_artifact_error(tmp_path: Path, text: str, needle: str) -> None:
+    directory = saved(tmp_path)
+    (directory / "config.json").write_text(text)
+    expect_error(directory, "config.json", needle)
+
+
+def _safetensors_with_header(header_text: str) -> bytes:
+    header = header_text.encode()
+    return struct.pack("<Q", len(header)) + header
+
+
+@pytest.mark.parametrize("header, needle", [
+    ('{"x": ' * 1000 + "1" + "}" * 1000, "nested deeper than 64"),
+    ('{"w0": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, '
+     '"w0": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}}', "duplicate key 'w0'"),
+    ('{"w0": ' + "9" * 4400 + "}", "not valid JSON"),
+], ids=["deep", "duplicate-key", "huge-int"])
+def test_odd_json_in_safetensors_header_is_an_artifact_error(tmp_path: Path, header: str, needle: str) -> None:
+    directory = saved(tmp_path)
+    (directory / "model.safetensors").write_bytes(_safetensors_with_header(header))
+    expect_error(directory, "model.safetensors", needle)
+
+
+def test_invalid_harness_is_refused_by_load_artifact_and_push(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lopt_hf.publish.push import push_artifact_folder
+
+    uploaded = _stub_hub(monkeypatch)
+    directory = _mutated(tmp_path, RULE, lambda c: c.update(harness={"type": "celo2", "adamw_betas": [0.9, 2.0]}))
+    expect_error(directory, "config.json", "adamw_betas")
+    with pytest.raises(ArtifactError, match="adamw_betas"):
+        push_artifact_folder(directory, "someone/x")
+    assert not uploaded
+
+
+# ============================================== (2) the optimizer never writes a non-finite value
+
+
+@pytest.mark.parametrize("rule", ["per_param_mlp", "small_fc_lopt", "mlp_lopt", "celo2"])
+@pytest.mark.parametrize("lr, weight_decay", [(1e300, 0.0), (1.0, 1e300), (3.0, 1e38)])
+def test_overflowing_lr_times_step_is_skipped_and_counted(rule: str, lr: float, weight_decay: float) -> None:
+    from lopt_hf import build_rule
+    from lopt_hf.optim import LearnedOptimizer
+
+    built = build_rule(rule)
+    torch.manual_seed(0)
+    # |param| >= 1.5: with lr * weight_decay = 3e38 every decayed element overflows float32
+    params = [torch.nn.Parameter(2.0 + 0.1 * torch.randn(5, 4)) for _ in range(3)]
+    before = [param.detach().clone() for param in params]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    opt = LearnedOptimizer(params, built, built.init_theta(torch.Generator().manual_seed(0)), lr=lr,
+                           weight_decay=weight_decay)
+    opt.step()
+    assert all(torch.isfinite(param).all() for param in params)
+    assert opt.num_skipped_nonfinite == 3
+    assert opt.last_step_stats()["skipped_nonfinite_tensors"] == 3
+    assert all(torch.equal(param.detach(), old) for param, old in zip(params, before))
