@@ -15,6 +15,7 @@ call that supplied the data) and then says what is wrong, e.g.::
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import struct
@@ -35,6 +36,10 @@ MODEL_TYPE = "learned_optimizer"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
+# provenance key holding the sha256 (hex) of model.safetensors, written by save_pretrained and verified on
+# load. A provenance entry rather than a config key, so older lopt_hf versions still read new artifacts
+# and artifacts without it (written before it existed) still load.
+WEIGHTS_SHA256_KEY = "weights_sha256"
 
 DEFAULT_OPTIMIZER_DEFAULTS: dict[str, Any] = {"lr": 1.0, "weight_decay": 0.0}
 
@@ -257,6 +262,11 @@ def validate_config(raw: Mapping[str, Any], source: str) -> tuple[dict[str, Any]
     for key, value in (("harness", harness), ("provenance", provenance)):
         if not _is_json_value(value):
             problems.append(f"{key!r} must hold JSON values only")
+    digest = provenance.get(WEIGHTS_SHA256_KEY) if isinstance(provenance, dict) else None
+    if digest is not None and not (isinstance(digest, str) and len(digest) == 64
+                                   and all(char in "0123456789abcdef" for char in digest)):
+        problems.append(f"provenance[{WEIGHTS_SHA256_KEY!r}] must be the 64 lowercase hex digits of a sha256, "
+                        f"found {_clip(digest)}")
     if problems:
         raise ArtifactError(source, problems)
 
@@ -393,12 +403,14 @@ def expected_theta(rule: UpdateRule) -> dict[str, tuple[int, ...]]:
     return {name: tuple(int(size) for size in shape) for name, shape in rule.theta_shapes().items()}
 
 
-def read_theta_file(path: Path, rule: UpdateRule, source: str | None = None) -> dict[str, Tensor]:
+def read_theta_file(path: Path, rule: UpdateRule, source: str | None = None, *,
+                    expected_sha256: str | None = None) -> dict[str, Tensor]:
     """Read ``model.safetensors`` and check it holds exactly the rule's theta: float32, right shapes, finite.
 
     The header is parsed and checked by hand *before* the tensor data is handed to safetensors,
     so truncated or lying files give a precise message; safetensors' own errors are wrapped too.
-    Returns the tensors in ``rule.theta_shapes()`` order.
+    ``expected_sha256`` (config.json's ``provenance["weights_sha256"]``, when recorded): the file's
+    bytes must have this digest. Returns the tensors in ``rule.theta_shapes()`` order.
     """
     source = source or str(path)
     if not path.is_file():
@@ -423,6 +435,13 @@ def read_theta_file(path: Path, rule: UpdateRule, source: str | None = None) -> 
 
     theta = {name: tensors[name] for name in expected_theta(rule)}
     check_theta_tensors(theta, rule, source)
+    # Last, so a file that is wrong in a way the checks above name gets that precise message.
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected_sha256:
+            raise ArtifactError(source, f"sha256 mismatch: {CONFIG_NAME} records provenance[{WEIGHTS_SHA256_KEY!r}] "
+                                        f"= {expected_sha256}, but the file's sha256 is {actual} (corrupted, or "
+                                        "not the weights this config was saved with)")
     return theta
 
 

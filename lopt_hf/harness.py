@@ -14,7 +14,8 @@ Harnesses (``config.json`` → ``"harness"``):
 ``{"type": "celo2", "mult_1d": 20.0, "adamw_betas": [0.9, 0.95], "adamw_eps": 1e-8, "embedding_patterns": []}``
     Celo2's published optax chain. Tensors with ≤ 1 dim (biases, norm scales, ...), every
     ``nn.Embedding`` / ``nn.EmbeddingBag`` weight of the model and every parameter whose name
-    matches one of ``embedding_patterns`` (``re.search`` on names from ``named_parameters()``)
+    matches one of ``embedding_patterns`` (``re.search`` on names from ``named_parameters()``;
+    patterns that could backtrack for long are refused, see :func:`pattern_problem`)
     go to AdamW with ``lr · mult_1d``, ``betas``, ``eps`` and the same decoupled weight decay;
     everything else (hidden matrices, conv kernels) goes through the learned rule, then
     decoupled weight decay, then ``lr``. A learning-rate scheduler scales both groups alike.

@@ -8,7 +8,8 @@ overridden here:
 * loading reads ``config.json`` as JSON and ``model.safetensors`` as safetensors, validates
   both against the update rule named in the config (looked up in lopt_hf's own registry) and
   only then builds the model; it never unpickles, never imports or runs code from the artifact,
-  and never random-initialises a missing tensor (transformers' loader would);
+  and never random-initialises a missing tensor (transformers' loader would); it reads nothing through a
+  link leaving the artifact folder, and verifies model.safetensors against the sha256 config.json records;
 * saving writes exactly the three files, with our model card;
 * ``push_to_hub`` uploads exactly those three files (transformers' own would replace our card
   with its auto-generated one).
@@ -19,6 +20,7 @@ Problems with an artifact raise :class:`ArtifactError` naming the file and the p
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -35,7 +37,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .artifact_validation import (CONFIG_NAME, DEFAULT_OPTIMIZER_DEFAULTS, FORMAT_VERSION, MODEL_CARD_NAME,
-                                  MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, ArtifactError, build_rule_checked,
+                                  MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, WEIGHTS_SHA256_KEY, ArtifactError, build_rule_checked,
                                   check_theta_tensors, expected_theta, read_config_file, read_theta_file,
                                   validate_config, validate_config_dict)
 from .loader_options import UnsafeLoadOptionError, split_load_options
@@ -83,13 +85,14 @@ class LearnedOptimizerConfig(PretrainedConfig):
         rule_config: the rule's hyper-parameters; missing ones take the rule's defaults and the
             stored value always lists every hyper-parameter (``rule.hyperparameters()``).
         optimizer_defaults: settings ``load_lopt`` uses unless overridden, a free dict of JSON
-            values (``lr`` / ``weight_decay`` must be finite and >= 0); default
+            values (``lr`` in [0, 1e3], ``weight_decay`` in [0, 1], ``lr * weight_decay <= 1``); default
             ``{"lr": 1.0, "weight_decay": 0.0}``.
         harness: ``None`` or a dict for rules that route some parameters elsewhere (e.g. AdamW
             for 1-D parameters); stored as given.
         format_version: artifact format, at most :data:`FORMAT_VERSION`.
         provenance: free JSON dict: ``created_by``, ``created_at``, ``source``, ``meta_training``,
-            ``evaluation``, ``license``, ... (see ``lopt_hf.model_card`` for the keys the card uses).
+            ``evaluation``, ``license``, ... (see ``lopt_hf.model_card`` for the keys the card uses);
+            ``save_pretrained`` records ``weights_sha256`` (of model.safetensors), which loading verifies.
 
     Invalid values raise :class:`ArtifactError`. ``from_pretrained`` takes a local folder or a Hub
     repo id and validates ``config.json`` before building the config; ``AutoConfig`` goes through
@@ -295,16 +298,20 @@ class LearnedOptimizerModel(PreTrainedModel):
         theta = {name: tensor.to(device="cpu", dtype=torch.float32).contiguous()
                  for name, tensor in self.theta().items()}
         check_theta_tensors(theta, self._rule, f"{directory / WEIGHTS_NAME} (refusing to save)")
+        from safetensors.torch import save as save_safetensors
+
+        weights = save_safetensors(theta, metadata={"format": "pt"})
+        # config.json records the digest of the weights it goes with; loading verifies it.
+        self.config.provenance = {**(self.config.provenance or {}),
+                                  WEIGHTS_SHA256_KEY: hashlib.sha256(weights).hexdigest()}
         # Validate the config exactly as a loader will see it, before writing anything.
         config_text = self.config.to_json_string(use_diff=True)
         validate_config_dict(json.loads(config_text), f"{directory / CONFIG_NAME} (refusing to save)")
         card = self.model_card(repo_id=repo_id)
 
-        from safetensors.torch import save as save_safetensors
-
         directory.mkdir(parents=True, exist_ok=True)
         write_file_atomic(directory / CONFIG_NAME, config_text.encode("utf-8"))
-        write_file_atomic(directory / WEIGHTS_NAME, save_safetensors(theta, metadata={"format": "pt"}))
+        write_file_atomic(directory / WEIGHTS_NAME, weights)
         write_file_atomic(directory / MODEL_CARD_NAME, str(card).encode("utf-8"))
 
     def model_card(self, repo_id: str | None = None) -> Any:
@@ -403,7 +410,8 @@ class LearnedOptimizerModel(PreTrainedModel):
         else:
             raise TypeError(f"config must be a LearnedOptimizerConfig, got {type(config).__name__}")
         weights_path, weights_source = location.fetch(WEIGHTS_NAME)
-        theta = read_theta_file(weights_path, rule, weights_source)  # the one theta check
+        theta = read_theta_file(weights_path, rule, weights_source,  # the one theta check
+                                expected_sha256=(config.provenance or {}).get(WEIGHTS_SHA256_KEY))
         config.name_or_path = str(pretrained_model_name_or_path)
         model = cls(config, theta=_CheckedTheta(rule, theta))
         model.eval()

@@ -280,3 +280,37 @@ def test_overflowing_lr_times_step_is_skipped_and_counted(rule: str, lr: float, 
     assert opt.num_skipped_nonfinite == 3
     assert opt.last_step_stats()["skipped_nonfinite_tensors"] == 3
     assert all(torch.equal(param.detach(), old) for param, old in zip(params, before))
+
+
+# ============================================================== (5) integrity: the weights' sha256
+
+
+def test_config_records_the_weights_sha256_and_load_verifies_it(tmp_path: Path) -> None:
+    import hashlib
+
+    directory = saved(tmp_path)
+    weights = (directory / "model.safetensors").read_bytes()
+    assert read_config(directory)["provenance"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+    load_artifact(directory).save_pretrained(tmp_path / "again")  # a re-save records the same digest
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == weights
+    assert read_config(tmp_path / "again")["provenance"]["weights_sha256"] == hashlib.sha256(weights).hexdigest()
+
+    flipped = bytearray(weights)
+    flipped[-3] ^= 0x01  # a data byte: still a valid, finite float32 theta
+    (directory / "model.safetensors").write_bytes(bytes(flipped))
+    expect_error(directory, "model.safetensors", "sha256 mismatch", "weights_sha256")
+    from transformers import AutoModel
+
+    with pytest.raises(ArtifactError, match="sha256 mismatch"):
+        AutoModel.from_pretrained(directory)
+
+
+def test_artifacts_without_a_recorded_sha256_still_load(tmp_path: Path) -> None:
+    directory = saved(tmp_path)
+    config = read_config(directory)
+    del config["provenance"]["weights_sha256"]
+    (directory / "config.json").write_text(json.dumps(config))
+    load_artifact(directory)
+    config["provenance"]["weights_sha256"] = "not-a-digest"
+    (directory / "config.json").write_text(json.dumps(config))
+    expect_error(directory, "config.json", "provenance['weights_sha256']", "64 lowercase hex")
