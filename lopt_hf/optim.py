@@ -302,7 +302,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _step_stack(self, params: list[Tensor], layout: str, lr: float, weight_decay: float,
                     loss: Tensor | None) -> None:
         """One kernel call for same-key tensors (see :meth:`_step_learned_group`)."""
-        if not (lr <= _FLOAT32_MAX and weight_decay <= _FLOAT32_MAX and abs(1.0 - lr * weight_decay) <= _FLOAT32_MAX):
+        if not _representable(lr, weight_decay):
             # lr, weight_decay or the decay factor beyond float32: no new value would be finite
             for param in params:
                 self._count_skipped(self.state[param])
@@ -384,6 +384,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 by_count.setdefault(self.state[param][STEP_KEY] + 1, []).append(index)
             else:
                 self._count_skipped(self.state[param])
+        if by_count and not _representable(lr, weight_decay):
+            # lr, weight_decay or the decay factor beyond float32: no new value would be finite
+            for indices in by_count.values():
+                for index in indices:
+                    self._count_skipped(self.state[params[index]])
+            return
         for count, indices in by_count.items():
             group_params = [params[i] for i in indices]
             states = [self.state[param] for param in group_params]
@@ -391,6 +397,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
                                      [state["exp_avg_sq"] for state in states], count, betas, eps)
             in_place = all(param.dtype == torch.float32 for param in group_params)
             params32 = [param.detach() if in_place else param.detach().to(torch.float32) for param in group_params]
+            safe = _safe_tensors(params32, steps, lr, weight_decay)
+            if not all(safe):
+                # Some new value p·(1 − lr·weight_decay) − lr·step may be non-finite: compute those apart and
+                # write only finite ones (a skipped tensor keeps its value and step count; its moments,
+                # already updated, keep this gradient).
+                for param, param32, step, state, ok in zip(group_params, params32, steps, states, safe):
+                    new_param = param32 if weight_decay == 0.0 else param32 * (1.0 - lr * weight_decay)
+                    new_param = new_param - lr * step
+                    if ok or bool(torch.isfinite(new_param).all()):
+                        self._step_stats.add_many(ADAMW_ROUTE, [step], [param32], lr, weight_decay)
+                        param.copy_(new_param)
+                        state[STEP_KEY] = count
+                    else:
+                        self._count_skipped(state)
+                continue
             self._step_stats.add_many(ADAMW_ROUTE, steps, params32, lr, weight_decay)
             apply_decoupled_step(params32, steps, lr, weight_decay)
             if not in_place:
@@ -445,6 +466,20 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 # Largest float32 bound on |new value| accepted without an exact check (a margin below float32's max
 # covers the rounding of the multiply and the subtraction).
 _SAFE_FLOAT32 = 3.0e38
+
+
+def _representable(lr: float, weight_decay: float) -> bool:
+    """Are ``lr``, ``weight_decay`` and the decay factor ``1 − lr·weight_decay`` float32 numbers?"""
+    return lr <= _FLOAT32_MAX and weight_decay <= _FLOAT32_MAX and abs(1.0 - lr * weight_decay) <= _FLOAT32_MAX
+
+
+def _safe_tensors(params32: list[Tensor], steps: list[Tensor], lr: float, weight_decay: float) -> list[bool]:
+    """:func:`_safe_rows` for lists of tensors (AdamW's route), bounding ``max|p|`` by the 2-norm. One sync."""
+    bound = lr * torch.stack(torch._foreach_norm(steps))
+    decay = abs(1.0 - lr * weight_decay)
+    if decay != 0.0:
+        bound = bound + decay * torch.stack(torch._foreach_norm(params32))
+    return (bound < _SAFE_FLOAT32).tolist()
 
 
 def _safe_rows(param32: Tensor, norms: Tensor, lr: float, weight_decay: float) -> list[bool]:

@@ -314,3 +314,20 @@ def test_artifacts_without_a_recorded_sha256_still_load(tmp_path: Path) -> None:
     config["provenance"]["weights_sha256"] = "not-a-digest"
     (directory / "config.json").write_text(json.dumps(config))
     expect_error(directory, "config.json", "provenance['weights_sha256']", "64 lowercase hex")
+
+
+@pytest.mark.parametrize("lr, weight_decay", [(1e300, 0.0), (1.0, 1e300), (3.0, 1e38)])
+def test_adamw_route_never_writes_a_non_finite_value(lr: float, weight_decay: float) -> None:
+    from lopt_hf import build_rule
+    from lopt_hf.optim import ADAMW_ROUTE, ROUTE_KEY, LearnedOptimizer
+
+    built = build_rule(RULE)
+    params = [torch.nn.Parameter(2.0 + 0.1 * torch.randn(6)) for _ in range(2)]
+    before = [param.detach().clone() for param in params]
+    for param in params:
+        param.grad = torch.randn_like(param)
+    opt = LearnedOptimizer([{"params": params, ROUTE_KEY: ADAMW_ROUTE}], built,
+                           built.init_theta(torch.Generator().manual_seed(0)), lr=lr, weight_decay=weight_decay)
+    opt.step()
+    assert all(torch.equal(param.detach(), old) for param, old in zip(params, before))
+    assert opt.num_skipped_nonfinite == 2
