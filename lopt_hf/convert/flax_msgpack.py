@@ -27,6 +27,8 @@ EXT_NPSCALAR = 3
 CHUNKED_ARRAY_KEY = "__msgpack_chunked_array__"
 # A flax checkpoint of a learned optimizer is kilobytes; refuse to parse anything absurd.
 MAX_FILE_BYTES = 1 << 30
+# Deepest nesting of maps / lists accepted (a Celo2 theta nests 3 deep; flax optimizer states a few more).
+MAX_TREE_DEPTH = 64
 
 _DTYPES = {
     "float32": np.float32, "float64": np.float64, "float16": np.float16,
@@ -101,8 +103,24 @@ def unpack_flax_msgpack(data: bytes, source: str = "<bytes>") -> dict[str, Any]:
     if not isinstance(tree, dict):
         raise FlaxMsgpackError(source, f"a flax checkpoint holds a msgpack map at the top, found "
                                f"{type(tree).__name__}")
+    if _nesting_depth(tree) > MAX_TREE_DEPTH:  # before anything walks the tree recursively
+        raise FlaxMsgpackError(source, f"maps or arrays nested deeper than {MAX_TREE_DEPTH} levels; not a "
+                               "learned-optimizer checkpoint")
     _refuse_chunked(tree, source)
     return tree
+
+
+def _nesting_depth(tree: Any) -> int:
+    """How deep maps and lists nest in ``tree`` (without recursion; stops counting past MAX_TREE_DEPTH)."""
+    deepest, pending = 0, [(tree, 1)]
+    while pending:
+        node, depth = pending.pop()
+        if isinstance(node, (dict, list, tuple)):
+            deepest = max(deepest, depth)
+            if depth > MAX_TREE_DEPTH:
+                return depth
+            pending.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
+    return deepest
 
 
 def read_flax_msgpack(path: str | os.PathLike[str]) -> dict[str, Any]:

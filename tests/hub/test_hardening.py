@@ -331,3 +331,13 @@ def test_adamw_route_never_writes_a_non_finite_value(lr: float, weight_decay: fl
     opt.step()
     assert all(torch.equal(param.detach(), old) for param, old in zip(params, before))
     assert opt.num_skipped_nonfinite == 2
+
+
+def test_deeply_nested_msgpack_is_an_artifact_error_in_the_converter(tmp_path: Path) -> None:
+    from lopt_hf.convert.celo2 import convert_celo2
+
+    checkpoint = tmp_path / "theta.state"
+    checkpoint.write_bytes(b"\x81\xa1a" * 1020 + b"\x01")  # {"a": {"a": ... 1}} nested 1020 deep
+    with pytest.raises(ArtifactError, match="nested deeper than 64"):
+        convert_celo2(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
