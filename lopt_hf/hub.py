@@ -146,6 +146,9 @@ class LearnedOptimizerConfig(PretrainedConfig):
                            f"{cls.__name__}.from_dict")
         name_or_path = kwargs.get("name_or_path")
         source = f"{name_or_path}/{CONFIG_NAME}" if name_or_path else f"{CONFIG_NAME} dict"
+        if name_or_path and os.path.lexists(Path(name_or_path) / CONFIG_NAME):
+            # transformers read a local folder's config.json itself: refuse one that links outside the folder
+            file_inside(name_or_path, CONFIG_NAME, source)
         fields = validate_config_dict(config_dict, source)
         return cls.from_validated_fields(fields, config_dict, **kwargs)
 

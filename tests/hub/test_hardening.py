@@ -341,3 +341,16 @@ def test_deeply_nested_msgpack_is_an_artifact_error_in_the_converter(tmp_path: P
     with pytest.raises(ArtifactError, match="nested deeper than 64"):
         convert_celo2(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_auto_classes_refuse_a_config_json_linking_outside(tmp_path: Path) -> None:
+    from transformers import AutoConfig, AutoModel
+
+    directory = saved(tmp_path)
+    outside = saved(tmp_path, name="elsewhere")
+    (directory / "config.json").unlink()
+    (directory / "config.json").symlink_to(outside / "config.json")
+    for load in (AutoConfig.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(ArtifactError, match="outside the artifact folder"):
+            load(str(directory))
+    AutoModel.from_pretrained(str(outside))
