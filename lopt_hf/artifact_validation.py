@@ -63,6 +63,10 @@ MAX_JSON_DEPTH = 64
 # blows up every parameter).
 MAX_LR = 1e3
 MAX_WEIGHT_DECAY = 1.0
+# optimizer_defaults["chunk_size"] (elements per call of the per-element network; load_lopt passes it on):
+# below 1024 a large tensor costs tens of thousands of Python-level calls per step, above 2^26 one
+# call's buffers reach gigabytes. null processes each tensor whole.
+CHUNK_SIZE_BOUNDS = (1024, 2**26)
 
 # Bounds of rule hyper-parameters by name, checked (with their JSON types) before the rule is built,
 # so a few bytes of config.json cannot allocate gigabytes or loop forever:
@@ -355,7 +359,9 @@ def _scalar_problem(key: str, value: Any, default: Any) -> str | None:
     if isinstance(default, str):
         if not isinstance(value, str):
             return f"must be a string, {found}"
-        return None if len(value) <= MAX_HYPERPARAMETER_STRING else f"is longer than {MAX_HYPERPARAMETER_STRING} characters"
+        if len(value) > MAX_HYPERPARAMETER_STRING:
+            return f"is longer than {MAX_HYPERPARAMETER_STRING} characters"
+        return None
     return None
 
 
@@ -372,7 +378,8 @@ def _finite_float(value: Any) -> float | None:
 
 def check_optimizer_defaults(optimizer_defaults: Any) -> list[str]:
     """Checks of ``optimizer_defaults``: a JSON object; ``lr`` in [0, :data:`MAX_LR`], ``weight_decay`` in
-    [0, :data:`MAX_WEIGHT_DECAY`] (finite numbers, not strings or booleans) and ``lr * weight_decay <= 1``."""
+    [0, :data:`MAX_WEIGHT_DECAY`] (finite numbers, not strings or booleans), ``lr * weight_decay <= 1`` and
+    ``chunk_size`` null or an integer within :data:`CHUNK_SIZE_BOUNDS`."""
     if not isinstance(optimizer_defaults, dict):
         return [f"'optimizer_defaults' must be a JSON object, found a JSON {_json_type(optimizer_defaults)}"]
     problems = []
@@ -387,6 +394,11 @@ def check_optimizer_defaults(optimizer_defaults: Any) -> list[str]:
             if number is None or not 0.0 <= number <= high:
                 problems.append(f"optimizer_defaults[{key!r}] must be a finite number in [0, {high:g}], "
                                 f"found {_clip(value)}")
+    chunk_size = optimizer_defaults.get("chunk_size")
+    low, high = CHUNK_SIZE_BOUNDS
+    if chunk_size is not None and not (_is_int(chunk_size) and low <= chunk_size <= high):
+        problems.append(f"optimizer_defaults['chunk_size'] must be null or an integer in [{low}, {high}], "
+                        f"found {_clip(chunk_size)}")
     lr = _finite_float(optimizer_defaults.get("lr", DEFAULT_OPTIMIZER_DEFAULTS["lr"]))
     weight_decay = _finite_float(optimizer_defaults.get("weight_decay", 0.0))
     if not problems and lr is not None and weight_decay is not None and lr * weight_decay > 1.0:

@@ -37,9 +37,9 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
 from .artifact_validation import (CONFIG_NAME, DEFAULT_OPTIMIZER_DEFAULTS, FORMAT_VERSION, MODEL_CARD_NAME,
-                                  MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, WEIGHTS_SHA256_KEY, ArtifactError, build_rule_checked,
-                                  check_theta_tensors, expected_theta, read_config_file, read_theta_file,
-                                  validate_config, validate_config_dict)
+                                  MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, WEIGHTS_SHA256_KEY, ArtifactError,
+                                  build_rule_checked, check_theta_tensors, expected_theta, read_config_file,
+                                  read_theta_file, validate_config, validate_config_dict)
 from .loader_options import UnsafeLoadOptionError, split_load_options
 from .pretrained import pretrained_path
 from .rules import UpdateRule

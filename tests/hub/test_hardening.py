@@ -169,7 +169,8 @@ def _mutated(tmp_path: Path, rule: str, mutate: Any) -> Path:
 @pytest.mark.parametrize("rule, mutate, needles", [
     # (2) values that pass as numbers but destroy the model or skip every step
     ("per_param_mlp", lambda c: c["optimizer_defaults"].update(lr=1e300), ["optimizer_defaults['lr']", "[0, 1000]"]),
-    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(weight_decay=1e300), ["optimizer_defaults['weight_decay']"]),
+    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(weight_decay=1e300),
+     ["optimizer_defaults['weight_decay']"]),
     ("per_param_mlp", lambda c: c["optimizer_defaults"].update(lr=100.0, weight_decay=0.5), ["lr * weight_decay"]),
     ("mlp_lopt", lambda c: c["rule_config"].update(exp_mult=float("nan")), ["rule_config['exp_mult']", "finite"]),
     ("small_fc_lopt", lambda c: c["rule_config"].update(step_mult=float("nan")), ["rule_config['step_mult']"]),
@@ -197,19 +198,32 @@ def _mutated(tmp_path: Path, rule: str, mutate: Any) -> Path:
     ("celo2", lambda c: c["rule_config"].update(hidden_size="8"), ["rule_config['hidden_size']"]),
     ("mlp_lopt", lambda c: c["rule_config"].update(exp_mult="0.001"), ["rule_config['exp_mult']"]),
     ("mlp_lopt", lambda c: c["rule_config"].update(exp_mult=10**400), ["rule_config['exp_mult']"]),
-    ("mlp_lopt", lambda c: c["rule_config"].update(momentum_decays=[0.9, "0.99"]), ["rule_config['momentum_decays'][1]"]),
+    ("mlp_lopt", lambda c: c["rule_config"].update(momentum_decays=[0.9, "0.99"]),
+     ["rule_config['momentum_decays'][1]"]),
     ("mlp_lopt", lambda c: c["rule_config"].update(momentum_decays=[0.9, 1.5]), ["decay in [0, 1]"]),
     ("per_param_mlp", lambda c: c.update(harness={"type": "lion"}), ["'harness'", "unknown harness type 'lion'"]),
     ("per_param_mlp", lambda c: c.update(harness={"type": "celo2", "mult_1d": "20"}), ["'harness'", "mult_1d"]),
+    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(chunk_size=1), ["optimizer_defaults['chunk_size']"]),
+    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(chunk_size=-5), ["optimizer_defaults['chunk_size']"]),
+    ("per_param_mlp", lambda c: c["optimizer_defaults"].update(chunk_size="4096"),
+     ["optimizer_defaults['chunk_size']"]),
 ], ids=["lr-1e300", "wd-1e300", "lr-times-wd", "exp_mult-nan", "step_mult-nan", "adamw_eps-0",
         "hidden_layers-1e7", "hidden_layers-1e9", "ns_iters-1e9", "theta-too-large", "hidden_sizes-long",
         "decays-long", "history_length-1e8", "pattern-alternation", "pattern-many-repeats", "pattern-nested",
         "decays-scalar", "lr-string", "lr-bool", "flag-string", "int-float", "int-string", "float-string",
-        "float-huge-int", "decay-string", "decay-range", "harness-type", "harness-string"])
+        "float-huge-int", "decay-string", "decay-range", "harness-type", "harness-string", "chunk_size-1",
+        "chunk_size-negative", "chunk_size-string"])
 def test_bad_values_are_artifact_errors_naming_file_and_key(tmp_path: Path, rule: str, mutate: Any,
                                                              needles: list[str]) -> None:
     directory = _mutated(tmp_path, rule, mutate)
     expect_error(directory, "config.json", *needles)
+
+
+def test_valid_chunk_sizes_still_load(tmp_path: Path) -> None:
+    for chunk_size in (None, 4096, 32768):
+        directory = _mutated(tmp_path / str(chunk_size), RULE,
+                             lambda c: c["optimizer_defaults"].update(chunk_size=chunk_size))
+        assert load_artifact(directory).config.optimizer_defaults["chunk_size"] == chunk_size
 
 
 def test_valid_patterns_and_harness_still_load(tmp_path: Path) -> None:
