@@ -109,17 +109,6 @@ def require_online(action: str) -> None:
                            f"TRANSFORMERS_OFFLINE) and try again")
 
 
-def network_error_types() -> tuple[type[BaseException], ...]:
-    """The exceptions meaning "the Hub could not be reached" (of the HTTP clients already imported)."""
-    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
-                         ("requests", "ConnectionError"), ("requests", "Timeout")):
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            types.append(cls)
-    return tuple(types)
-
-
 def check_hub_artifacts(repo_ids: Iterable[str]) -> None:
     """Fail fast for Hub artifacts that cannot be had: unreachable Hub (or offline) and not in the cache.
 
@@ -128,6 +117,8 @@ def check_hub_artifacts(repo_ids: Iterable[str]) -> None:
     which names them.
     """
     from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    from .loader_options import network_error_types
 
     for repo_id in repo_ids:
         checked_repo_id(repo_id)
@@ -165,6 +156,8 @@ def describe_error(err: BaseException) -> str | None:
             return f"not a valid Hub repo id: {one_line(err)}"
         if isinstance(err, hub_errors.HfHubHTTPError):
             return describe_http_error(err, hub_errors)
+    from .loader_options import network_error_types
+
     if isinstance(err, network_error_types()):
         from huggingface_hub import constants
 

@@ -40,7 +40,7 @@ from .artifact_validation import (CONFIG_NAME, DEFAULT_OPTIMIZER_DEFAULTS, FORMA
                                   MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, WEIGHTS_SHA256_KEY, ArtifactError,
                                   build_rule_checked, check_theta_tensors, expected_theta, read_config_file,
                                   read_theta_file, validate_config, validate_config_dict)
-from .loader_options import UnsafeLoadOptionError, split_load_options
+from .loader_options import UnsafeLoadOptionError, network_error_types, split_load_options
 from .pretrained import pretrained_path
 from .rules import UpdateRule
 
@@ -616,6 +616,7 @@ class _ArtifactLocation:
         in_repo = f"{subfolder.strip('/')}/{filename}" if subfolder else filename
         at = f"@{self.revision}" if self.revision else ""
         label = f"{self.name}{at}/{in_repo}"
+        self._fail_fast_if_unreachable(in_repo, label)
         try:
             path = hf_hub_download(self.name, filename, revision=self.revision, repo_type="model",
                                    library_name="lopt_hf", library_version=lopt_hf_version(), **self.hub_options)
@@ -637,6 +638,35 @@ class _ArtifactLocation:
             if match:
                 self.revision = match.group(1)
         return Path(path), f"{label} ({path})"
+
+    def _fail_fast_if_unreachable(self, in_repo: str, label: str) -> None:
+        """One request, no retries, for a file that is not cached: huggingface_hub would otherwise retry a
+        failed connection for ≈ 25 s before the "not in the local cache" error."""
+        from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+        if constants.HF_HUB_OFFLINE or self.hub_options.get("local_files_only") or self.hub_options.get("local_dir"):
+            return
+        try:
+            cached = try_to_load_from_cache(self.name, in_repo, cache_dir=self.hub_options.get("cache_dir"),
+                                            revision=self.revision)
+        except Exception:  # noqa: BLE001  (an invalid repo id: hf_hub_download names it)
+            return
+        if isinstance(cached, str):
+            return
+        endpoint = self.hub_options.get("endpoint")
+        try:
+            get_hf_file_metadata(hf_hub_url(self.name, in_repo, revision=self.revision, endpoint=endpoint),
+                                 token=self.hub_options.get("token"), library_name="lopt_hf",
+                                 library_version=lopt_hf_version(), user_agent=self.hub_options.get("user_agent"),
+                                 headers=self.hub_options.get("headers"), endpoint=endpoint,
+                                 timeout=self.hub_options.get("etag_timeout", 10))
+        except network_error_types() as err:
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ArtifactError(label, f"not in the local cache and the Hub at {endpoint or constants.ENDPOINT} "
+                                       f"could not be reached ({first_line}): check the network, or set "
+                                       "HF_HUB_OFFLINE=1 to use only cached artifacts") from None
+        except Exception:  # noqa: BLE001  (HTTP answers — 404, 401, ...: hf_hub_download reports them)
+            return
 
     def load_config(self) -> tuple[LearnedOptimizerConfig, UpdateRule, str]:
         """The validated config, the rule it names (built once, by the validation) and its label for errors."""

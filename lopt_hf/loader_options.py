@@ -27,13 +27,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["UnsafeLoadOptionError", "LoadOptions", "download_option_names", "split_load_options"]
+__all__ = ["UnsafeLoadOptionError", "LoadOptions", "download_option_names", "network_error_types",
+           "split_load_options"]
 
 # Keywords of hf_hub_download that lopt_hf fills in itself.
 _SET_BY_LOPT_HF = frozenset({"repo_id", "filename", "repo_type", "revision", "library_name", "library_version",
@@ -152,3 +154,14 @@ def split_load_options(options: dict[str, Any], caller: str) -> LoadOptions:
         warnings.warn(f"{caller}: {sorted(result.ignored)} do not apply to a learned optimizer's theta "
                       "(a few float32 tensors, loaded whole on the CPU) and are ignored", stacklevel=3)
     return result
+
+
+def network_error_types() -> tuple[type[BaseException], ...]:
+    """The exceptions meaning "the Hub could not be reached" (of the HTTP clients already imported)."""
+    types: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                         ("requests", "ConnectionError"), ("requests", "Timeout")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            types.append(cls)
+    return tuple(types)
