@@ -110,32 +110,20 @@ def require_online(action: str) -> None:
 
 
 def check_hub_artifacts(repo_ids: Iterable[str]) -> None:
-    """Fail fast for Hub artifacts that cannot be had: unreachable Hub (or offline) and not in the cache.
+    """Fail fast for Hub artifacts that cannot be had, before any training: load each one now.
 
-    One metadata request per repo, without retries (``hf_hub_download`` retries a failed connection
-    about 25 s when the file is not cached); errors other than "no connection" are left to the load,
-    which names them.
+    The load is the one mechanism (:func:`lopt_hf.hub.load_artifact`): it uses the cache, fails at once
+    when the Hub is unreachable and nothing is cached, and names the problem; what it fetches is cached
+    for the evaluation that follows.
     """
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-
-    from .loader_options import network_error_types
+    from .hub import ArtifactError, load_artifact
 
     for repo_id in repo_ids:
         checked_repo_id(repo_id)
-        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-        if constants.HF_HUB_OFFLINE:
-            if not cached:
-                raise CommandError(f"{repo_id} is not in the local Hub cache and HF_HUB_OFFLINE is set: unset "
-                                   f"HF_HUB_OFFLINE to download it once")
-            continue
         try:
-            get_hf_file_metadata(hf_hub_url(repo_id, "config.json"))
-        except network_error_types() as err:
-            if not cached:
-                raise CommandError(f"could not reach the Hub at {constants.ENDPOINT} to download {repo_id} "
-                                   f"({one_line(err)}), and it is not in the local cache: {OFFLINE_HINT}") from None
-        except Exception:  # noqa: BLE001 - HTTP errors (404, 401, ...): the load reports them in its own words
-            pass
+            load_artifact(repo_id)
+        except ArtifactError as err:
+            raise CommandError(str(err)) from None
 
 
 def one_line(err: BaseException) -> str:
@@ -550,12 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["metatrain"]:  # everything after it belongs to the meta-training parser (incl. --help)
         def metatrain() -> int:
             from .publish.metatrain_command import main as metatrain_main
-            from .publish.metatrain_command import parse_args as parse_metatrain_args
 
-            options, config = parse_metatrain_args(argv[1:], prog="lopt-hf metatrain")
-            if config.push_to_hub and not options.print_config:  # checked now, not after hours of training
-                checked_repo_id(config.push_to_hub)
-                require_online("push_to_hub (--push-to-hub)")
             return metatrain_main(argv[1:], prog="lopt-hf metatrain")
 
         return run_command("metatrain", metatrain, debug)

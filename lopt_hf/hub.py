@@ -628,8 +628,11 @@ class _ArtifactLocation:
         except RevisionNotFoundError:
             raise ArtifactError(f"{self.name}{at}", f"revision {self.revision!r} not found on the Hub") from None
         except LocalEntryNotFoundError:
-            raise ArtifactError(label, "not in the local cache and the Hub could not be reached "
-                                       "(offline, or local_files_only=True)") from None
+            from huggingface_hub import constants
+
+            why = ("HF_HUB_OFFLINE is set: unset it to download it once" if constants.HF_HUB_OFFLINE else
+                   "local_files_only=True, or the Hub could not be reached")
+            raise ArtifactError(label, f"not in the local Hub cache ({why})") from None
         except EntryNotFoundError:
             raise ArtifactError(label, f"missing file: a learned-optimizer artifact needs {filename}") from None
         if self.revision is None or not re.fullmatch(r"[0-9a-f]{40}", self.revision):

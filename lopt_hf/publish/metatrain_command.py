@@ -48,6 +48,26 @@ def train_and_export(config: MetaTrainConfig, *, resume: bool | str | os.PathLik
     return dataclasses.replace(result, artifact_dir=artifact_dir)
 
 
+def check_push_target(repo_id: str | None) -> None:
+    """A ``ConfigError`` before training when ``push_to_hub`` is not a valid repo id or the Hub is switched off."""
+    if not repo_id:
+        return
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from ..metatrain.config import ConfigError
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        first_line = (str(err).strip().splitlines() or ["invalid"])[0]
+        raise ConfigError(f"push_to_hub: not a valid Hub repo id: {first_line}") from None
+    if constants.HF_HUB_OFFLINE:
+        raise ConfigError("push_to_hub needs the Hub, but HF_HUB_OFFLINE is set: unset HF_HUB_OFFLINE (or "
+                          "TRANSFORMERS_OFFLINE) and try again")
+
+
 # =============================================================================== command
 
 
@@ -145,10 +165,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "metatrain.py") -> int:
         return 0
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     try:
+        check_push_target(config.push_to_hub)  # now, not after hours of training
         trainer = MetaTrainer(config, resume=args.resume, progress=not args.no_progress)
         result = train_and_export(config, export=not args.no_export, trainer=trainer)
     except (CheckpointError, ConfigError) as err:
-        print(f"metatrain: {err}", file=sys.stderr)
+        print(f"{prog}: {err}", file=sys.stderr)
         return 2
     if trainer.is_main:
         losses = result.meta_losses
