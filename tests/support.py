@@ -199,3 +199,32 @@ def theta_for(rule, seed: int = 1) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     theta = rule.init_theta(generator)
     return {key: (value + 0.3 * torch.randn(value.shape, generator=generator)).double() for key, value in theta.items()}
+
+
+def scheduled_refvector_steps(rule, stem: str):
+    """Replay ``stem`` (a Celo / Celo-Adam / VeLO reference file) through ``rule``'s own functions —
+    ``tensor_summary`` → ``schedule`` → ``update`` per tensor, as both engines compose them — and
+    yield, per step ``k``, ``(k, arrays, steps, states, schedule_state)``: the reference arrays, our
+    step of each tensor (to compare with ``params − params_out``), each tensor's full state after the
+    step and the whole-model state. Parameters and gradients are the stored inputs of each step."""
+    import json
+
+    arrays = load_refvectors(stem)
+    meta = json.loads((FIXTURES / f"{stem}.json").read_text())
+    theta = subtree(arrays, "theta")
+    num_steps = int(meta["call"]["init"].split("num_steps=")[1].split(")")[0])
+    states = {name: rule.init_state(arrays[f"init_params/{name}"]) for name in PARAM_NAMES}
+    schedule_state = rule.init_schedule_state(num_steps)
+    for k in range(NUM_STEPS):
+        params = {name: arrays[f"step{k}/params/{name}"] for name in PARAM_NAMES}
+        grads = {name: arrays[f"step{k}/grads/{name}"] for name in PARAM_NAMES}
+        summaries = torch.stack([rule.tensor_summary(params[n], grads[n], states[n]) for n in PARAM_NAMES])
+        rows = {key: torch.stack([states[n][key] for n in PARAM_NAMES]) for key in rule.schedule_tensor_keys}
+        controls, schedule_state, rows = rule.schedule(theta, schedule_state, rows, summaries,
+                                                       torch.full((len(PARAM_NAMES),), k), arrays[f"step{k}/loss"])
+        steps = {}
+        for index, name in enumerate(PARAM_NAMES):
+            steps[name], new_state = rule.update(theta, params[name], grads[name], states[name], k,
+                                                 control=controls[index])
+            states[name] = {**states[name], **new_state, **{key: value[index] for key, value in rows.items()}}
+        yield k, arrays, steps, states, schedule_state

@@ -8,6 +8,7 @@ from .base import (RuleConfigError, State, Theta, UpdateRule, available_rules, b
 from . import mlp_lopt, per_param_mlp, small_fc_lopt  # noqa: F401  (registers the rules)
 from . import celo2  # noqa: F401  (registers the rule)
 from . import opt2vec  # noqa: F401  (registers the rule)
+from . import celo  # noqa: F401  (registers celo, celo_adam)
 
 __all__ = ["RuleConfigError", "State", "Theta", "UpdateRule", "available_rules", "build_rule", "register_rule",
            "rule_class"]

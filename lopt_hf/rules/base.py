@@ -63,6 +63,11 @@ class UpdateRule(ABC):
     # result depends on which axis is which; ``LearnedOptimizer`` then hands it each parameter in
     # that layout and maps the step back (see ``lopt_hf.layout``). False: tensors as given.
     layout_sensitive: ClassVar[bool] = False
+    # True: a scheduled rule (see the module docstring): ``tensor_summary``, ``init_schedule_state``,
+    # ``schedule`` and ``update(..., control=...)``; ``schedule_tensor_keys`` name the state entries
+    # ``schedule`` (not ``update``) advances.
+    scheduled: ClassVar[bool] = False
+    schedule_tensor_keys: ClassVar[tuple[str, ...]] = ()
 
     # ----------------------------------------------------------------- hyper-parameters
     def hyperparameters(self) -> dict[str, Any]:
@@ -119,13 +124,19 @@ class UpdateRule(ABC):
         """:meth:`update` of ``B`` independent same-shape tensors stacked on axis 0: ``params`` / ``grads``
         ``(B, *shape)``, every state tensor ``(B, …)`` (tensor ``i``'s state is ``value[i]``).
         Returns the ``(B, *shape)`` steps and the new states, stacked alike; ``kwargs`` go to
-        :meth:`update` (``loss`` for rules with ``needs_loss``).
+        :meth:`update` (``loss`` for rules with ``needs_loss``; ``control`` of a scheduled rule is
+        stacked ``(B, C)``, and tensor ``i`` gets row ``i``).
 
         This default is the per-tensor update over the stack, one tensor at a time; a rule with a
         batched implementation overrides it (and sets ``stackable``). It must equal this loop.
         """
+        control = kwargs.pop("control", None)
+
+        def row_kwargs(index: int) -> dict[str, Any]:
+            return kwargs if control is None else {**kwargs, "control": control[index]}
+
         results = [self.update(theta, params[index], grads[index], {key: value[index] for key, value in states.items()},
-                               step, chunk_size, **kwargs) for index in range(params.shape[0])]
+                               step, chunk_size, **row_kwargs(index)) for index in range(params.shape[0])]
         if len(results) == 1:  # a stack of one: views, no copies
             direction, new_state = results[0]
             return direction.unsqueeze(0), {key: value.unsqueeze(0) for key, value in new_state.items()}

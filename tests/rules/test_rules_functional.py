@@ -15,23 +15,39 @@ SHAPES = [(5, 4), (6,), (2, 3, 4), (1,)]
 BATCH = 3
 
 
+def control_from(rule, loss: torch.Tensor) -> torch.Tensor:
+    """A scheduled rule's control row made from a number: ``lr_mult`` then softmax mixing weights."""
+    mixing = torch.softmax(torch.arange(rule.num_mixed_networks, dtype=loss.dtype) * loss, dim=0)
+    return torch.cat([(0.5 * loss).reshape(1), mixing])
+
+
 def loss_kwargs(rule, loss) -> dict[str, torch.Tensor]:
-    """``{"loss": loss}`` for rules that need the training loss (``needs_loss``), else nothing."""
-    return {"loss": torch.as_tensor(loss, dtype=torch.float32)} if rule.needs_loss else {}
+    """``{"loss": loss}`` for rules that need the training loss (``needs_loss``); for scheduled rules
+    ``{"control": row}`` (their per-tensor update takes the scheduler's output instead); else nothing."""
+    loss = torch.as_tensor(loss, dtype=torch.float32)
+    if rule.scheduled:
+        return {"control": control_from(rule, loss)}
+    return {"loss": loss} if rule.needs_loss else {}
 
 
 def update_with_loss(rule):
     """``rule.update`` taking the loss positionally (vmap batches positional arguments only)."""
     def update(theta, param, grad, state, step, chunk_size, loss):
-        return rule.update(theta, param, grad, state, step, chunk_size, **({"loss": loss} if rule.needs_loss else {}))
+        return rule.update(theta, param, grad, state, step, chunk_size, **loss_kwargs(rule, loss))
     return update
+
+
+def updated_keys(rule, state: dict[str, torch.Tensor]) -> set[str]:
+    """The state keys ``update`` returns: all but those a scheduled rule's ``schedule`` advances."""
+    return set(state) - set(rule.schedule_tensor_keys)
 
 
 def warm_state(rule, theta, param: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
     """A non-trivial state: the rule's own state after one step on a random gradient."""
-    _, state = rule.update(theta, param, torch.randn(param.shape, generator=gen), rule.init_state(param), 0,
+    initial = rule.init_state(param)
+    _, state = rule.update(theta, param, torch.randn(param.shape, generator=gen), initial, 0,
                            **loss_kwargs(rule, 2.3))
-    return state
+    return {**initial, **state}
 
 
 def perturbed_theta(rule, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -83,7 +99,7 @@ def test_vmap_equals_loop(rule_name: str, shape: tuple[int, ...], grad_enabled: 
         step, state = rule.update(thetas[i], params[i], grads[i], states[i], int(steps[i]),
                                   **loss_kwargs(rule, losses[i]))
         torch.testing.assert_close(batched_step[i], step, rtol=1e-5, atol=1e-6 * step.abs().max().item() + 1e-12)
-        assert set(batched_state) == set(state)
+        assert set(batched_state) == set(state) == updated_keys(rule, states[i])
         for key in state:
             torch.testing.assert_close(batched_state[key][i], state[key], rtol=1e-5, atol=1e-7)
 
@@ -116,13 +132,25 @@ def test_grad_wrt_theta_matches_finite_differences(rule_name: str) -> None:
     state_weights = {key: torch.randn(value.shape, generator=gen, dtype=torch.float64) for key, value in state.items()}
     extra = {key: value.double() for key, value in loss_kwargs(rule, 1.7).items()}
 
+    def update(theta_: dict[str, torch.Tensor]):
+        if not rule.scheduled:
+            return rule.update(theta_, param, grad, state, 11, **extra)
+        # a scheduled rule: its whole-model phase (one tensor here) feeds the per-tensor update
+        schedule_state = {key: value.double() for key, value in rule.init_schedule_state(40).items()}
+        rows = {key: state[key].unsqueeze(0) for key in rule.schedule_tensor_keys}
+        summary = rule.tensor_summary(param, grad, state).unsqueeze(0)
+        control, _, new_rows = rule.schedule(theta_, schedule_state, rows, summary, torch.tensor([0]),
+                                             torch.tensor(1.7, dtype=torch.float64))
+        step, new_state = rule.update(theta_, param, grad, state, 11, control=control[0])
+        return step, {**new_state, **{key: value[0] for key, value in new_rows.items()}}
+
     # The update is ~step_mult small and state entries are O(1): weight both to matter equally.
-    base_step, base_state = rule.update(theta, param, grad, state, 11, **extra)
+    base_step, base_state = update(theta)
     step_scale = 1.0 / base_step.abs().max().clamp_min(1e-30)
     state_scales = {key: 1.0 / value.abs().max().clamp_min(1e-30) for key, value in base_state.items()}
 
     def loss(theta_: dict[str, torch.Tensor]) -> torch.Tensor:
-        step, new_state = rule.update(theta_, param, grad, state, 11, **extra)
+        step, new_state = update(theta_)
         total = (step * weights).sum() * step_scale
         for key, value in new_state.items():
             total = total + (value * state_weights[key]).sum() * state_scales[key]
@@ -161,8 +189,8 @@ def test_update_does_not_mutate_inputs(rule_name: str, chunk_size: int | None) -
     for before, after in zip(copies, [theta, state, param, grad, step]):
         torch.testing.assert_close(after, before, rtol=0, atol=0)
     assert update.shape == param.shape
-    assert set(new_state) == set(state)
-    for key in state:
+    assert set(new_state) == updated_keys(rule, state)
+    for key in new_state:
         assert new_state[key].shape == state[key].shape
         assert new_state[key].data_ptr() != state[key].data_ptr()
 

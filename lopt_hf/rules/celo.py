@@ -1,0 +1,260 @@
+"""``celo`` and ``celo_adam``: Celo's learned scheduler driving a learned MLP rule or Adam.
+
+Celo (Moudgil, Knyazev, Lajoie, Belilovsky, "Celo: Training Versatile Learned Optimizers on a
+Compute Diet", TMLR 2025, arXiv 2501.12670, MIT licence) ports of amoudgl/celo
+``celo/optimizers/celo.py`` and ``celo_adam.py`` that reproduce the original's reference vectors
+with the authors' published meta-trained weights.
+
+Both rules are *scheduled* (:mod:`lopt_hf.rules.scheduler`): once per step an LSTM over every
+tensor of the model reads the fraction of training done and the loss statistics and emits a
+per-tensor ``lr_mult``. The scheduler sees no per-tensor statistics here, so every tensor gets the
+same ``lr_mult`` (each keeps its own LSTM row, as in the original). Gradients are clipped to
+±``grad_clip`` before anything else.
+
+``celo`` — per element, plain EMAs without bias correction (momentum 0.9/0.99/0.999, rms 0.999,
+Adafactor-style factored second moments 0.9/0.99/0.999 of ``g² + 1e-30``) feed 14 feature groups
+(30 numbers): g, clip(g, ±0.1), p, m×3, rms, m·rsqrt(rms+1e-6)×3, rsqrt(rms+1e-6), fac_g×3,
+g·rsqrt(rms+1e-6), row×3, col×3, rsqrt(row+1e-8)×3, rsqrt(col+1e-8)×3, fac_mom_mult×3 — tensors
+with fewer than two dims use their full second-moment vector ``v`` for row and col, and
+``m·v^-½`` for fac_mom_mult. Each feature is normalised over the whole tensor (eps 1e-5); a ReLU
+MLP 30 → 4 → 4 → 3 with one first-layer matrix per group (``w0__0`` … ``w0__13``) gives
+``direction`` and ``magnitude``; the step is
+``direction · exp(0.001·magnitude) · 0.001 · rms(p) · lr_mult`` with ``rms(p) = √(mean(p²)+1e-9)``
+(the published weights were meta-trained with this "param scale" factor; ``param_scale_mult``).
+``param_inits > 1`` keeps that many per-element networks, mixed per tensor by the scheduler's
+softmax controls (the published Celo has one).
+
+``celo_adam`` — Adam (momentum 0.9, rms 0.999, bias-corrected with the tensor's step count,
+eps 1e-8) at learning rate ``0.001 · lr_mult``: ``m̂ / (eps + √(v̂ + 1e-10))``. The original also
+keeps factored accumulators that its step never reads; they are not kept here.
+
+Theta keeps the original haiku names (``ff_mod_stack/~/w0__0`` …, ``rnn_params/…``,
+``lstm_init_state/…``) with the leading ``param_inits`` axis of the per-element networks, so a
+published ``theta.state`` converts by flattening its tree. Computation is in JAX layout
+(``layout_sensitive``): the factored statistics pick the two largest axes and, on ties, which one
+counts as larger depends on the axis order.
+
+State per tensor, decay axis first: ``momentum``, ``rms`` and (``celo``) ``v_row`` / ``v_col`` or
+``v_diag``, plus the tensor's LSTM rows ``lstm_hidden`` / ``lstm_cell``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import State, Theta, as_step_tensor, register_rule
+from .features import (factored_accumulator_state, factored_dims, factored_second_moments, normalized_mlp,
+                       step_from_direction_magnitude, truncated_normal_init)
+from .scheduler import ScheduledRule
+
+FF = "ff_mod_stack/~/"
+NUM_GROUPS = 14
+
+
+def _zeros_like_decays(param: Tensor) -> Callable[[int, tuple[int, ...]], Tensor]:
+    def zeros(count: int, of_shape: tuple[int, ...]) -> Tensor:
+        return torch.zeros((count, *of_shape), dtype=torch.float32, device=param.device)
+
+    return zeros
+
+
+def _ema(decays: tuple[float, ...], old: Tensor, new: Tensor) -> Tensor:
+    """``d·old + (1 − d)·new`` per decay (decay axis first; ``new`` broadcast over it)."""
+    d = torch.tensor(decays, dtype=torch.float32, device=old.device).reshape(-1, *([1] * (old.dim() - 1)))
+    return d * old + (1.0 - d) * new.unsqueeze(0)
+
+
+@register_rule
+@dataclasses.dataclass(frozen=True)
+class Celo(ScheduledRule):
+    """Celo: a learned LSTM scheduler steering a learned per-element MLP (published weights: ``amoudgl/celo``)."""
+
+    name: ClassVar[str] = "celo"
+    layout_sensitive: ClassVar[bool] = True
+
+    lstm_hidden_size: int = 64
+    ff_hidden_size: int = 4
+    ff_hidden_layers: int = 2
+    param_inits: int = 1
+    momentum_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    rms_decays: tuple[float, ...] = (0.999,)
+    adafactor_decays: tuple[float, ...] = (0.9, 0.99, 0.999)
+    grad_clip: float = 1000.0
+    exp_mult: float = 0.001
+    step_mult: float = 0.001
+    param_scale_mult: bool = True
+    normalization_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        for field in ("lstm_hidden_size", "ff_hidden_size", "param_inits"):
+            if int(getattr(self, field)) < 1:
+                raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)!r}")
+        if int(self.ff_hidden_layers) < 1:
+            raise ValueError(f"ff_hidden_layers must be >= 1, got {self.ff_hidden_layers!r}")
+        moms, rmss, facs = len(self.momentum_decays), len(self.rms_decays), len(self.adafactor_decays)
+        if rmss != 1 or moms != facs or moms < 1:
+            raise ValueError("celo needs one rms decay and as many adafactor as momentum decays, got "
+                             f"{moms} momentum, {rmss} rms, {facs} adafactor")
+
+    @property
+    def num_mixed_networks(self) -> int:
+        return int(self.param_inits)
+
+    def group_sizes(self) -> tuple[int, ...]:
+        """Numbers in each of the 14 feature groups (30 with the default decays)."""
+        k = len(self.momentum_decays)
+        return (1, 1, 1, k, 1, k, 1, k, 1, k, k, k, k, k)
+
+    # ----------------------------------------------------------------------------- theta
+    def theta_shapes(self) -> dict[str, tuple[int, ...]]:
+        inits, hidden = int(self.param_inits), int(self.ff_hidden_size)
+        shapes = {f"{FF}w0__{i}": (inits, size, hidden) for i, size in enumerate(self.group_sizes())}
+        widths = [hidden] * int(self.ff_hidden_layers) + [3]
+        for layer, width in enumerate(widths):
+            if layer:
+                shapes[f"{FF}w{layer}"] = (inits, widths[layer - 1], width)
+            shapes[f"{FF}b{layer}"] = (inits, width)
+        return shapes | self.schedule_theta_shapes()
+
+    def init_theta(self, generator: torch.Generator | None = None) -> Theta:
+        theta = self.init_schedule_theta(generator)
+        fan_in = sum(self.group_sizes())
+        for key, shape in self.theta_shapes().items():
+            if not key.startswith(FF):
+                continue
+            if "/~/b" in key:
+                theta[key] = torch.zeros(shape, dtype=torch.float32)
+            else:  # haiku: std 1/√fan_in of the whole first layer for every per-group matrix
+                std = 1.0 / math.sqrt(fan_in if "/~/w0__" in key else shape[1])
+                theta[key] = truncated_normal_init(shape, std, generator)
+        return theta
+
+    # ----------------------------------------------------------------------------- state
+    def init_state(self, param: Tensor) -> State:
+        shape = tuple(param.shape) if param.dim() > 0 else (1,)
+        zeros = _zeros_like_decays(param)
+        state = {"momentum": zeros(len(self.momentum_decays), shape), "rms": zeros(1, shape)}
+        return state | factored_accumulator_state(shape, len(self.adafactor_decays), zeros) | self.lstm_state(param)
+
+    # ---------------------------------------------------------------------------- update
+    def network_weights(self, theta: Theta, mixing: Tensor) -> Theta:
+        """The per-element network of one tensor: the ``param_inits`` networks averaged with weights
+        ``mixing`` (the original's ``mean(stack · c)``), the first layer's group matrices stacked."""
+
+        def mix(value: Tensor) -> Tensor:
+            return torch.mean(value * mixing.reshape(-1, *([1] * (value.dim() - 1))), dim=0)
+
+        weights = {"w0": torch.cat([mix(theta[f"{FF}w0__{i}"]) for i in range(NUM_GROUPS)])}
+        for layer in range(int(self.ff_hidden_layers) + 1):
+            if layer:
+                weights[f"w{layer}"] = mix(theta[f"{FF}w{layer}"])
+            weights[f"b{layer}"] = mix(theta[f"{FF}b{layer}"])
+        return weights
+
+    def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
+               chunk_size: int | None = None, *, control: Tensor) -> tuple[Tensor, State]:
+        shape = param.shape
+        p = param.reshape(1) if param.dim() == 0 else param
+        g = torch.clamp(grad.reshape(p.shape), -self.grad_clip, self.grad_clip)
+        momentum = _ema(self.momentum_decays, state["momentum"], g)
+        rms = _ema(self.rms_decays, state["rms"], g * g)
+        accumulators, factors = factored_second_moments(g * g + 1e-30, state,
+                                                        lambda old, new: _ema(self.adafactor_decays, old, new))
+        new_state = {"momentum": momentum, "rms": rms, **accumulators}
+        dims = factored_dims(tuple(p.shape))
+        full = (len(self.adafactor_decays), *p.shape)
+        if dims is None:
+            v = accumulators["v_diag"]
+            fac_factor = factors[0]
+            row = col = v
+            rsqrt_row = rsqrt_col = torch.rsqrt(v + 1e-8)
+            mom_factor = v ** -0.5
+        else:
+            d1, d0 = dims
+            v_row, v_col = accumulators["v_row"], accumulators["v_col"]
+            row_factor, col_factor = factors
+
+            def along_row(x: Tensor) -> Tensor:
+                return x.unsqueeze(1 + d0).expand(full)
+
+            def along_col(x: Tensor) -> Tensor:
+                return x.unsqueeze(1 + d1).expand(full)
+
+            fac_factor = mom_factor = (along_row(row_factor), along_col(col_factor))
+            row, col = along_row(v_row), along_col(v_col)
+            rsqrt_row, rsqrt_col = along_row(torch.rsqrt(v_row + 1e-8)), along_col(torch.rsqrt(v_col + 1e-8))
+
+        def factor_at(factor: Tensor | tuple[Tensor, Tensor], at: tuple) -> Tensor:
+            return factor[0][at] * factor[1][at] if isinstance(factor, tuple) else factor[at]
+
+        def features(index: tuple) -> list[Tensor]:
+            at = (slice(None), *index)
+            g_i, m_i = g[index].unsqueeze(0), momentum[at]
+            rsqrt_rms = torch.rsqrt(rms[at] + 1e-6)
+            fac = factor_at(fac_factor, at)
+            fac_mom = fac if mom_factor is fac_factor else factor_at(mom_factor, at)
+            return [g_i, torch.clamp(g_i, -0.1, 0.1), p[index].unsqueeze(0), m_i, rms[at], m_i * rsqrt_rms, rsqrt_rms,
+                    g_i * fac, g_i * rsqrt_rms, row[at], col[at], rsqrt_row[at], rsqrt_col[at], m_i * fac_mom]
+
+        weights = self.network_weights(theta, control[1:])
+        no_inputs = torch.zeros(0, dtype=torch.float32, device=p.device)
+        direction = normalized_mlp(weights, features, p.shape, no_inputs, int(self.ff_hidden_layers) + 1,
+                                   step_from_direction_magnitude(self.exp_mult, self.step_mult),
+                                   chunk_size=chunk_size, eps=self.normalization_eps)
+        scale = control[0]
+        if self.param_scale_mult:
+            scale = scale * torch.sqrt(torch.mean(torch.square(p)) + 1e-9)
+        return (direction * scale).reshape(shape), new_state
+
+
+@register_rule
+@dataclasses.dataclass(frozen=True)
+class CeloAdam(ScheduledRule):
+    """Celo-Adam: Celo's learned scheduler setting Adam's per-tensor learning rate (``amoudgl/celo-adam``)."""
+
+    name: ClassVar[str] = "celo_adam"
+
+    lstm_hidden_size: int = 64
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1000.0
+    step_mult: float = 0.001
+    param_scale_mult: bool = False
+
+    def __post_init__(self) -> None:
+        if int(self.lstm_hidden_size) < 1:
+            raise ValueError(f"lstm_hidden_size must be a positive integer, got {self.lstm_hidden_size!r}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+
+    def theta_shapes(self) -> dict[str, tuple[int, ...]]:
+        return self.schedule_theta_shapes()
+
+    def init_theta(self, generator: torch.Generator | None = None) -> Theta:
+        return self.init_schedule_theta(generator)
+
+    def init_state(self, param: Tensor) -> State:
+        shape = tuple(param.shape)
+        zeros = _zeros_like_decays(param)
+        return {"momentum": zeros(1, shape), "rms": zeros(1, shape)} | self.lstm_state(param)
+
+    def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
+               chunk_size: int | None = None, *, control: Tensor) -> tuple[Tensor, State]:
+        g = torch.clamp(grad, -self.grad_clip, self.grad_clip)
+        momentum = _ema((self.beta1,), state["momentum"], g)
+        rms = _ema((self.beta2,), state["rms"], g * g)
+        count = as_step_tensor(step, param) + 1.0
+        m_hat = momentum[0] / (1.0 - self.beta1 ** count)
+        v_hat = rms[0] / (1.0 - self.beta2 ** count)
+        lr = control[0] * self.step_mult
+        direction = m_hat * (lr / (self.eps + torch.sqrt(v_hat + 1e-10)))
+        if self.param_scale_mult:
+            direction = direction * torch.sqrt(torch.mean(torch.square(param)) + 1e-9)
+        return direction, {"momentum": momentum, "rms": rms}
