@@ -34,6 +34,13 @@ torch optimizer:
   instead of one set per tensor), for other rules stacks of one. Each tensor keeps its own state
   entries (for Celo2 views of the stacked result, so the next step stacks them back for free;
   ``state_dict`` saves the shared storage once);
+* a *scheduled* rule (``rule.scheduled``: Celo, Celo-Adam, VeLO) first runs its whole-model phase
+  once per step over every tensor of all learned groups that has a finite gradient (its
+  ``schedule``, with the loss and the planned number of steps from :meth:`set_total_steps`; a step
+  without them raises a clear error), then each tensor's update with its row of the scheduler's
+  controls. The whole-model state (loss statistics, iteration) is ``state["schedule"]``, saved by
+  ``state_dict``; each tensor's scheduler rows are in that tensor's state and advance only when the
+  tensor's update is committed (a skipped tensor's rows stay as they were);
 * every ``step()`` keeps cheap statistics of what it did (:meth:`LearnedOptimizer.last_step_stats`:
   RMS of the applied update per route, tensors updated / skipped), for logging;
 * a param group with ``"route": "adamw"`` (and ``betas``, ``eps``) is stepped by plain AdamW
@@ -61,6 +68,8 @@ from .rules.features import DEFAULT_CHUNK_SIZE
 
 STEP_KEY = "step"
 TOTAL_STEPS_KEY = "total_steps"
+# ``optimizer.state`` entry (a string key, kept by ``state_dict``) of a scheduled rule's whole-model state.
+SCHEDULE_KEY = "schedule"
 SKIPPED_KEY = "skipped_nonfinite"
 _RESERVED_KEYS = {STEP_KEY, SKIPPED_KEY}
 
@@ -120,6 +129,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.artifact_defaults: dict[str, Any] = {}
         self._step_stats = _StepStats()
         self._recorded_loss: Tensor | None = None  # set by record_loss, consumed by the next step()
+        # A scheduled rule's output of this step: param -> (control row, the tensor's new scheduler rows).
+        self._controls: dict[Tensor, tuple[Tensor, dict[str, Tensor]]] = {}
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "rule": rule.name,
                                   ROUTE_KEY: LEARNED_ROUTE, TOTAL_STEPS_KEY: None})
 
@@ -195,6 +206,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             total_steps = int(total_steps)
         for group in self.param_groups:
             group[TOTAL_STEPS_KEY] = total_steps
+        schedule_state = self.state.get(SCHEDULE_KEY)
+        if schedule_state and total_steps is not None:  # a scheduled rule's fraction of training follows the plan
+            schedule_state["num_steps"] = torch.full_like(schedule_state["num_steps"], float(total_steps))
 
     @property
     def total_steps(self) -> int | None:
@@ -239,7 +253,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if any(param.grad is not None for group in self.param_groups
                if group.get(ROUTE_KEY, LEARNED_ROUTE) == LEARNED_ROUTE for param in group["params"]):
             raise RuntimeError(f"rule {self.rule.name!r} needs the training loss: call step(closure), "
-                               f"step(loss=loss) or record_loss(loss) before step()")
+                               f"step(loss=loss) or record_loss(loss) before step() (with transformers.Trainer: "
+                               f"lopt_hf.LearnedOptimizerCallback.attach(trainer) hands it the loss)")
         return None
 
     # --------------------------------------------------------------------------------- step
@@ -262,6 +277,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule_loss = self._loss_for_rule(closure_loss if closure is not None else loss)
         skip_learned = rule_loss is not None and not bool(torch.isfinite(rule_loss))
         self._step_stats = _StepStats()
+        self._controls = {}
+        if self.rule.scheduled and rule_loss is not None and not skip_learned:
+            self._run_schedule(rule_loss)
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
             params = [param for param in group["params"] if param.grad is not None]
@@ -272,6 +290,50 @@ class LearnedOptimizer(torch.optim.Optimizer):
             else:
                 self._step_learned_group(params, lr, weight_decay, rule_loss, skip_learned)
         return closure_loss
+
+    def _learned_params(self) -> list[Tensor]:
+        """Every parameter of the learned-route groups, in group order."""
+        return [param for group in self.param_groups if group.get(ROUTE_KEY, LEARNED_ROUTE) == LEARNED_ROUTE
+                for param in group["params"]]
+
+    def _run_schedule(self, loss: Tensor) -> None:
+        """A scheduled rule's whole-model phase over the learned tensors with finite gradients; fills
+        :attr:`_controls`. The whole-model state advances here, each tensor's rows when it is committed."""
+        params = [param for param in self._learned_params() if param.grad is not None]
+        if not params:
+            return
+        total_steps = self.total_steps
+        if total_steps is None:
+            raise RuntimeError(
+                f"rule {self.rule.name!r} schedules its steps by the planned length of training: call "
+                "optimizer.set_total_steps(num_steps) before the first step (with transformers.Trainer, add "
+                "lopt_hf.LearnedOptimizerCallback, which sets it from max_steps)")
+        for param in params:
+            if not self.state[param]:
+                self.state[param].update(self._init_param_state(param))
+        grads = [param.grad.detach().to(torch.float32) for param in params]
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).tolist()
+        params = [param for param, grad, ok in zip(params, grads, finite) if ok or bool(torch.isfinite(grad).all())]
+        if not params:
+            return
+        device = params[0].device
+        schedule_state = self.state.get(SCHEDULE_KEY) or self.rule.init_schedule_state(total_steps, device)
+        summaries, rows = [], {key: [] for key in self.rule.schedule_tensor_keys}
+        for param in params:
+            state, layout = self.state[param], self.layout_of(param)
+            rule_state = {key: value for key, value in state.items() if key not in _RESERVED_KEYS}
+            summaries.append(self.rule.tensor_summary(
+                to_rule_layout(param.detach().to(torch.float32), layout),
+                to_rule_layout(param.grad.detach().to(torch.float32), layout), rule_state).to(device))
+            for key in rows:
+                rows[key].append(state[key].to(device))
+        steps = torch.tensor([self.state[param][STEP_KEY] for param in params], device=device)
+        controls, self.state[SCHEDULE_KEY], new_rows = self.rule.schedule(
+            self.theta_on(device), schedule_state, {key: torch.stack(value) for key, value in rows.items()},
+            torch.stack(summaries), steps, loss.to(device))
+        for index, param in enumerate(params):
+            self._controls[param] = (controls[index].to(param.device),
+                                     {key: value[index].to(param.device) for key, value in new_rows.items()})
 
     def _step_learned_group(self, params: list[Tensor], lr: float, weight_decay: float, loss: Tensor | None,
                             skip: bool) -> None:
@@ -302,10 +364,16 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _step_stack(self, params: list[Tensor], layout: str, lr: float, weight_decay: float,
                     loss: Tensor | None) -> None:
         """One kernel call for same-key tensors (see :meth:`_step_learned_group`)."""
-        if not _representable(lr, weight_decay):
-            # lr, weight_decay or the decay factor beyond float32: no new value would be finite
+        if not _representable(lr, weight_decay) or (self.rule.scheduled
+                                                     and not all(param in self._controls for param in params)):
+            # lr, weight_decay or the decay factor beyond float32: no new value would be finite;
+            # or a scheduled rule without controls for a tensor (its gradient is not finite)
+            kept = [param for param in params if param in self._controls] if self.rule.scheduled else []
             for param in params:
-                self._count_skipped(self.state[param])
+                if param not in kept:
+                    self._count_skipped(self.state[param])
+            if kept and _representable(lr, weight_decay):
+                self._step_stack(kept, layout, lr, weight_decay, loss)
             return
         grads = stack_tensors([param.grad.detach() for param in params]).to(torch.float32)
         finite = _finite_rows(grads)
@@ -321,7 +389,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         rule_states = [{key: value for key, value in state.items() if key not in _RESERVED_KEYS} for state in states]
         param32 = stack_tensors([param.detach() for param in params]).to(torch.float32)
         device = params[0].device
-        loss_kwargs = {} if loss is None else {"loss": loss.to(device)}
+        if self.rule.scheduled:
+            loss_kwargs = {"control": torch.stack([self._controls[param][0] for param in params])}
+        else:
+            loss_kwargs = {} if loss is None else {"loss": loss.to(device)}
         direction, new_states = self.kernel_on(device).update_stack(
             to_rule_layout(param32, layout, stacked=True), to_rule_layout(grads, layout, stacked=True), rule_states,
             states[0][STEP_KEY], chunk_size=self.chunk_size, **loss_kwargs)
@@ -356,6 +427,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._count_skipped(state)
                 continue
             state.update(new_state)
+            if param in self._controls:  # a scheduled rule's rows advance with the committed update
+                state.update(self._controls[param][1])
             state[STEP_KEY] += 1
         self._step_stats.add_stack(LEARNED_ROUTE, lr * change_norms, param32[0].numel(), committed)
 

@@ -11,7 +11,12 @@ from lopt_hf.rules import available_rules, build_rule
 from lopt_hf.rules.base import UpdateRule
 
 
-def loss_kwargs(rule: UpdateRule) -> dict:
+def loss_kwargs(rule: UpdateRule, stack: int | None = None) -> dict:
+    """The keywords of a rule's update: a scheduled rule's control row (stacked ``(stack, C)`` for
+    ``update_stacked``), the loss for rules that read it, else nothing."""
+    if rule.scheduled:
+        row = torch.cat([torch.tensor([0.7]), torch.softmax(torch.arange(rule.num_mixed_networks, dtype=torch.float32), 0)])
+        return {"control": row if stack is None else row.expand(stack, -1)}
     return {"loss": torch.tensor(1.25)} if rule.needs_loss else {}
 
 
@@ -25,7 +30,7 @@ def test_update_stacked_is_update_of_each_tensor(rule_name: str, shape: tuple[in
     states = [rule.init_state(params[i]) for i in range(3)]
     stacked, stacked_states = rule.update_stacked(
         theta, params, grads, {key: torch.stack([s[key] for s in states]) for key in states[0]}, 2,
-        **loss_kwargs(rule))
+        **loss_kwargs(rule, stack=3))
     for i in range(3):
         update, new_state = rule.update(theta, params[i], grads[i], states[i], 2, **loss_kwargs(rule))
         tolerance = {"rtol": 1e-5, "atol": 1e-7} if rule.stackable else {"rtol": 0, "atol": 0}  # batched kernels
@@ -47,8 +52,9 @@ def test_kernel_step_of_one_equals_update(rule_name: str) -> None:
     with torch.no_grad():
         for step in range(2):
             expected, expected_state = rule.update(theta, param, grad, state, step, chunk_size=16, **loss_kwargs(rule))
-            got, (state,) = kernel.update_stack(param[None], grad[None], [state], step, chunk_size=16,
-                                                **loss_kwargs(rule))
+            got, (new_state,) = kernel.update_stack(param[None], grad[None], [state], step, chunk_size=16,
+                                                    **loss_kwargs(rule, stack=1))
+            state = {**state, **new_state}
             if type(kernel) is RuleKernel:
                 assert torch.equal(got[0], expected)
                 assert all(torch.equal(state[key], value) for key, value in expected_state.items())

@@ -15,7 +15,10 @@ from lopt_hf.rules import available_rules, build_rule
 
 def make_optimizer(model: nn.Module, rule_name: str = "per_param_mlp", **kwargs) -> LearnedOptimizer:
     rule = build_rule(rule_name)
-    return LearnedOptimizer(model.parameters(), rule, rule.init_theta(torch.Generator().manual_seed(0)), **kwargs)
+    optimizer = LearnedOptimizer(model.parameters(), rule, rule.init_theta(torch.Generator().manual_seed(0)), **kwargs)
+    if rule.scheduled:  # scheduled rules (celo, velo) plan by the length of training
+        optimizer.set_total_steps(50)
+    return optimizer
 
 
 def small_model(dtype: torch.dtype = torch.float32) -> nn.Module:
