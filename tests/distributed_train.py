@@ -45,8 +45,8 @@ def run_trainer(args: argparse.Namespace) -> None:
     model = tiny_gpt2(tokenizer.vocab_size, dropout=0.0)
     trainer = Trainer(model=model, args=training_args(args.out / "trainer", max_steps=args.steps,
                                                       per_device_train_batch_size=4),
-                      train_dataset=dataset, optimizer_cls_and_kwargs=trainer_optimizer(args.artifact),
-                      callbacks=[LearnedOptimizerCallback()])
+                      train_dataset=dataset, optimizer_cls_and_kwargs=trainer_optimizer(args.artifact))
+    LearnedOptimizerCallback.attach(trainer)  # also hands rules that read the loss each step's (averaged) loss
     trainer.train()
     optimizer = unwrap_optimizer(trainer.optimizer)
     save_rank(args.out, trainer.args.process_index, model, {
@@ -76,6 +76,7 @@ def run_ddp(args: argparse.Namespace) -> None:
     tokenizer, dataset = lm_data()
     model = tiny_gpt2(tokenizer.vocab_size, dropout=0.0)
     optimizer = load_lopt(args.artifact, model)  # the bare model: layouts and harness see its modules
+    optimizer.set_total_steps(args.steps)  # scheduled rules (Celo, VeLO) plan by it; others ignore it
     ddp_model = DistributedDataParallel(model)
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(dataset, batch_size=4, sampler=sampler)
@@ -87,10 +88,11 @@ def run_ddp(args: argparse.Namespace) -> None:
             loss = ddp_model(**batch).loss
             optimizer.zero_grad()
             loss.backward()
-            optimizer.step()
             mean_loss = loss.detach().clone()
             dist.all_reduce(mean_loss)
-            losses.append(float(mean_loss) / world_size)
+            mean_loss /= world_size
+            optimizer.step(loss=mean_loss)  # the same loss on every rank: rules that read it stay in sync
+            losses.append(float(mean_loss))
             if len(losses) == args.steps:
                 break
         epoch += 1

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import SUBPROCESS_ENV, clipped_momentum_artifact, lm_data, tiny_gpt2
+from support import SUBPROCESS_ENV, clipped_momentum_artifact, lm_data, load_refvectors, subtree, tiny_gpt2
 
 from lopt_hf import create_artifact
 
@@ -92,5 +92,19 @@ def test_torchrun_trainer_with_a_harness(tmp_path) -> None:
                     optimizer_defaults={"lr": 1e-3, "weight_decay": 0.0}).save_pretrained(artifact)
     out = tmp_path / "out"
     launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--mode", "trainer",
+            "--artifact", str(artifact), "--out", str(out), "--steps", str(STEPS)], tmp_path)
+    check_ranks(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["trainer", "ddp"])
+def test_published_celo_in_two_processes(mode: str, tmp_path) -> None:
+    """A scheduled rule under DDP: every rank's scheduler gets the same (averaged) loss and the planned
+    steps, so the ranks stay bit-identical."""
+    artifact = tmp_path / "celo"
+    create_artifact("celo", theta=subtree(load_refvectors("celo_published"), "theta"),
+                    optimizer_defaults={"lr": 1.0, "weight_decay": 0.0}).save_pretrained(artifact)
+    out = tmp_path / "out"
+    launch([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(SCRIPT), "--mode", mode,
             "--artifact", str(artifact), "--out", str(out), "--steps", str(STEPS)], tmp_path)
     check_ranks(out)
