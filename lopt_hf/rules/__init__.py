@@ -9,6 +9,7 @@ from . import mlp_lopt, per_param_mlp, small_fc_lopt  # noqa: F401  (registers t
 from . import celo2  # noqa: F401  (registers the rule)
 from . import opt2vec  # noqa: F401  (registers the rule)
 from . import celo  # noqa: F401  (registers celo, celo_adam)
+from . import velo  # noqa: F401  (registers the rule)
 
 __all__ = ["RuleConfigError", "State", "Theta", "UpdateRule", "available_rules", "build_rule", "register_rule",
            "rule_class"]

@@ -14,8 +14,8 @@ per-tensor update, a small network over **all** parameter tensors of the model t
    parameter and its accumulators; Celo: nothing) form one row of the scheduler input ``x (T, F)``;
 4. a *mix* layer couples the tensors: ``x ← W₂x + b₂ + max_over_tensors(relu(W₁x + b₁))``;
 5. an LSTM (haiku's, one row of hidden/cell state per tensor) and two read-outs: per-tensor
-   ``lr_mult = 0.1·exp(w·h + b)`` and, for rules that mix several per-element networks, the mixing
-   ``controls`` (``rnn_to_controls``).
+   ``lr_mult = 0.1·exp(w·h + b)`` (VeLO: ``w·h + b`` itself, :meth:`ScheduledRule.lr_mult_readout`)
+   and, for rules that mix several per-element networks, the mixing ``controls`` (``rnn_to_controls``).
 
 Meta-parameters keep the original haiku names (``rnn_params/…``, ``lstm_init_state/…``), so a
 published checkpoint converts by flattening its tree. The original also creates a first mix
@@ -133,6 +133,11 @@ class ScheduledRule(UpdateRule):
         """Per-tensor scheduler inputs from the parameter, its gradient and its state *before* this step."""
         return param.new_zeros(0, dtype=torch.float32)
 
+    def lr_mult_readout(self, linear: Tensor) -> Tensor:
+        """``lr_mult`` from the ``step_size`` read-out's linear output: ``0.1·exp(linear)`` (Celo);
+        VeLO uses the linear output as it is."""
+        return torch.exp(linear) * 0.1
+
     # ----------------------------------------------------------------------------- theta
     def schedule_theta_shapes(self) -> dict[str, tuple[int, ...]]:
         hidden, inputs = int(self.lstm_hidden_size), NUM_GLOBAL_FEATURES + self.summary_size()
@@ -202,7 +207,7 @@ class ScheduledRule(UpdateRule):
         hidden = torch.where(fresh, theta["lstm_init_state/hidden"], tensor_states["lstm_hidden"])
         cell = torch.where(fresh, theta["lstm_init_state/cell"], tensor_states["lstm_cell"])
         hidden, cell = lstm_cell(theta[f"{RNN}rnn/linear/w"], theta[f"{RNN}rnn/linear/b"], x, hidden, cell)
-        lr_mult = torch.exp(hidden @ theta[f"{RNN}step_size/w"] + theta[f"{RNN}step_size/b"]) * 0.1
+        lr_mult = self.lr_mult_readout(hidden @ theta[f"{RNN}step_size/w"] + theta[f"{RNN}step_size/b"])
         parts = [lr_mult]
         if self.num_mixed_networks:
             controls = hidden @ theta[f"{RNN}rnn_to_controls/w"] + theta[f"{RNN}rnn_to_controls/b"]
