@@ -359,15 +359,24 @@ def _cmd_metatrain(args: argparse.Namespace) -> int:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     from .artifact_validation import ArtifactError
-    from .convert.celo2 import convert_celo2
+    from .convert.foreign import convert_checkpoint
 
+    if args.variant is not None and args.format != "celo2":
+        raise CommandError(f"--variant only applies to `lopt-hf convert celo2`, not to {args.format}")
+    if args.ff_mult is not None and args.format != "velo":
+        raise CommandError(f"--ff-mult only applies to `lopt-hf convert velo`, not to {args.format}")
+    if args.ff_mult is not None and not (math.isfinite(args.ff_mult) and args.ff_mult > 0):
+        raise CommandError(f"--ff-mult must be a positive number, got {args.ff_mult}")
+    variant = (args.variant or "celo2") if args.format == "celo2" else None
     try:
-        artifact = convert_celo2(args.checkpoint, args.out_dir, variant=args.variant)
+        artifact = convert_checkpoint(args.format, args.checkpoint, args.out_dir, variant=variant,
+                                      ff_mult=args.ff_mult, force=args.force)
     except ArtifactError as err:
         print(f"lopt-hf convert: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.variant} artifact (rule {artifact.config.rule}, harness "
-          f"{json.dumps(artifact.config.harness)}) converted from {args.checkpoint} to {args.out_dir}")
+    print(f"wrote {variant or args.format} artifact (rule {artifact.config.rule}, rule_config "
+          f"{json.dumps(artifact.config.rule_config)}, harness {json.dumps(artifact.config.harness)}) converted "
+          f"from {args.checkpoint} to {args.out_dir}")
     return 0
 
 
@@ -454,11 +463,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", parents=[common],
                              help="convert another library's learned-optimizer checkpoint to an artifact")
-    convert.add_argument("format", choices=["celo2"], help="checkpoint format (celo2: the authors' flax theta.state)")
+    convert.add_argument("format", choices=["celo2", "celo", "celo-adam", "velo"],
+                         help="checkpoint format: the authors' flax theta.state of Celo2, Celo, Celo-Adam or VeLO "
+                              "(sizes are read from the shapes; VeLO's ff_mult is 100 for the velo_4000 size, "
+                              "1 otherwise)")
     convert.add_argument("checkpoint", help="path of the checkpoint file (e.g. celo2/theta.state)")
-    convert.add_argument("out_dir", help="artifact folder to write (config.json, model.safetensors, README.md)")
-    convert.add_argument("--variant", choices=["celo2", "celo2-base"], default="celo2",
-                         help="celo2: orthogonalisation + AdamW for 1-D/embeddings; celo2-base: learned rule only")
+    convert.add_argument("out_dir", help="artifact folder to create (config.json, model.safetensors, README.md); "
+                                         "must be new or empty unless --force")
+    convert.add_argument("--force", action="store_true", help="replace the artifact files of a non-empty out_dir")
+    convert.add_argument("--variant", choices=["celo2", "celo2-base"], default=None,
+                         help="celo2 format only: celo2 (default): orthogonalisation + AdamW for 1-D/embeddings; "
+                              "celo2-base: learned rule only")
+    convert.add_argument("--ff-mult", type=float, default=None,
+                         help="velo format only: factor on the mixed per-element network, which the checkpoint "
+                              "does not store (default: 100 for the velo_4000 size, LSTM 512 and 256 networks; "
+                              "1 otherwise, as velo_s)")
     convert.set_defaults(func=_cmd_convert)
 
     metatrain = sub.add_parser("metatrain", add_help=False,

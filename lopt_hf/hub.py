@@ -15,6 +15,11 @@ overridden here:
   with its auto-generated one).
 
 Problems with an artifact raise :class:`ArtifactError` naming the file and the problem.
+
+A repo or folder without ``config.json`` but with a ``theta.state`` — the authors' own Celo, Celo-Adam,
+VeLO, Celo2 repos (``amoudgl/celo`` …) — is recognised by its tree, converted (no JAX, nothing
+unpickled: :mod:`lopt_hf.convert.flax_msgpack`) and the converted artifact cached, then loaded
+like any other; see :mod:`lopt_hf.convert.foreign`.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from .loader_options import UnsafeLoadOptionError, network_error_types, split_lo
 from .pretrained import pretrained_path
 from .rules import UpdateRule
 
-__all__ = ["ArtifactError", "FORMAT_VERSION", "LearnedOptimizerConfig", "LearnedOptimizerModel",
+__all__ = ["ArtifactError", "FORMAT_VERSION", "LearnedOptimizerConfig", "LearnedOptimizerModel", "MissingArtifactFileError",
            "UnsafeLoadOptionError", "create_artifact", "load_artifact", "lopt_hf_version"]
 
 # Keyword arguments of PreTrainedConfig's constructor that from_dict may pass; anything else is a typo.
@@ -383,7 +388,9 @@ class LearnedOptimizerModel(PreTrainedModel):
         Everything is checked before the model is built (all-or-nothing): config.json (model
         type, format version, rule, hyper-parameters), model.safetensors (header sanity, exactly
         the rule's tensors, float32, shapes, finite values). Only ``config.json`` and
-        ``model.safetensors`` are read; nothing is unpickled and no code is run.
+        ``model.safetensors`` are read; nothing is unpickled and no code is run. Without a
+        ``config.json``, a foreign ``theta.state`` (the authors' Celo-family repos) is converted
+        and cached (:mod:`lopt_hf.convert.foreign`) and the converted artifact loaded.
 
         Args:
             pretrained_model_name_or_path: local folder or Hub repo id.
@@ -407,7 +414,12 @@ class LearnedOptimizerModel(PreTrainedModel):
         options = split_load_options(kwargs, caller)
         location = _ArtifactLocation.create(pretrained_model_name_or_path, revision, options.download)
         if config is None:
-            config, rule, _ = location.load_config()
+            try:
+                config, rule, _ = location.load_config()
+            except MissingArtifactFileError as missing:  # maybe the authors' own checkpoint: convert it
+                model = location.load_foreign(missing)
+                model.config.name_or_path = str(pretrained_model_name_or_path)
+                return model
         elif isinstance(config, LearnedOptimizerConfig):
             _, rule = validate_config(config.to_dict(), "config argument")
         else:
@@ -558,6 +570,10 @@ def file_inside(folder: str | os.PathLike[str], relative: str | os.PathLike[str]
     return target
 
 
+class MissingArtifactFileError(ArtifactError):
+    """A file an artifact needs is not there: not in the folder, not in the Hub repo, or not cached offline."""
+
+
 @dataclass
 class _ArtifactLocation:
     """Where an artifact's files come from: a local folder or a Hub repo at one revision."""
@@ -606,7 +622,8 @@ class _ArtifactLocation:
         if self.local_dir is not None:
             path = self.local_dir / filename
             if not os.path.lexists(path):
-                raise ArtifactError(str(path), f"missing file: a learned-optimizer artifact needs {filename}")
+                raise MissingArtifactFileError(str(path), f"missing file: a learned-optimizer artifact needs "
+                                                          f"{filename}")
             return file_inside(self.local_dir, filename, str(path)), str(path)
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError,
@@ -632,9 +649,10 @@ class _ArtifactLocation:
 
             why = ("HF_HUB_OFFLINE is set: unset it to download it once" if constants.HF_HUB_OFFLINE else
                    "local_files_only=True, or the Hub could not be reached")
-            raise ArtifactError(label, f"not in the local Hub cache ({why})") from None
+            raise MissingArtifactFileError(label, f"not in the local Hub cache ({why})") from None
         except EntryNotFoundError:
-            raise ArtifactError(label, f"missing file: a learned-optimizer artifact needs {filename}") from None
+            raise MissingArtifactFileError(label, f"missing file: a learned-optimizer artifact needs {filename}") \
+                from None
         if self.revision is None or not re.fullmatch(r"[0-9a-f]{40}", self.revision):
             # Pin the commit the first file came from, so config and theta always match.
             match = _SNAPSHOT_COMMIT.search(os.fspath(path))
@@ -670,6 +688,21 @@ class _ArtifactLocation:
                                        "HF_HUB_OFFLINE=1 to use only cached artifacts") from None
         except Exception:  # noqa: BLE001  (HTTP answers — 404, 401, ...: hf_hub_download reports them)
             return
+
+    def load_foreign(self, missing: MissingArtifactFileError) -> "LearnedOptimizerModel":
+        """The artifact converted from a foreign ``theta.state`` here (a repo or folder without ``config.json``).
+
+        See :mod:`lopt_hf.convert.foreign` (which optimizer, where the conversion is cached).
+        Raises ``missing`` (the config.json error) when there is no ``theta.state`` either.
+        """
+        from .convert.foreign import FOREIGN_CHECKPOINT_NAME, load_foreign_checkpoint
+
+        try:
+            path, source = self.fetch(FOREIGN_CHECKPOINT_NAME)
+        except MissingArtifactFileError:
+            raise missing from None
+        name = self.name if self.local_dir is None else os.fspath(Path(self.local_dir).resolve())
+        return load_foreign_checkpoint(path, name, source)
 
     def load_config(self) -> tuple[LearnedOptimizerConfig, UpdateRule, str]:
         """The validated config, the rule it names (built once, by the validation) and its label for errors."""

@@ -201,17 +201,19 @@ def theta_for(rule, seed: int = 1) -> dict[str, torch.Tensor]:
     return {key: (value + 0.3 * torch.randn(value.shape, generator=generator)).double() for key, value in theta.items()}
 
 
-def scheduled_refvector_steps(rule, stem: str):
+def scheduled_refvector_steps(rule, stem: str, theta: dict[str, torch.Tensor] | None = None):
     """Replay ``stem`` (a Celo / Celo-Adam / VeLO reference file) through ``rule``'s own functions —
     ``tensor_summary`` → ``schedule`` → ``update`` per tensor, as both engines compose them — and
     yield, per step ``k``, ``(k, arrays, steps, states, schedule_state)``: the reference arrays, our
     step of each tensor (to compare with ``params − params_out``), each tensor's full state after the
-    step and the whole-model state. Parameters and gradients are the stored inputs of each step."""
+    step and the whole-model state. Parameters and gradients are the stored inputs of each step.
+    ``theta``: the meta-parameters to run with (default: the file's own ``theta/…``, e.g. to replay
+    with a converted checkpoint's theta)."""
     import json
 
     arrays = load_refvectors(stem)
     meta = json.loads((FIXTURES / f"{stem}.json").read_text())
-    theta = subtree(arrays, "theta")
+    theta = subtree(arrays, "theta") if theta is None else theta
     num_steps = int(meta["call"]["init"].split("num_steps=")[1].split(")")[0])
     states = {name: rule.init_state(arrays[f"init_params/{name}"]) for name in PARAM_NAMES}
     schedule_state = rule.init_schedule_state(num_steps)

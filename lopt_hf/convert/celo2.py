@@ -31,6 +31,7 @@ from torch import Tensor
 from ..artifact_validation import ArtifactError
 from ..harness import RULE_PRESETS
 from ..rules.celo2 import HAIKU_PREFIX, Celo2
+from .checkpoint import mismatch_hint, write_artifact
 from .flax_msgpack import FlaxMsgpackError, flatten_tree, read_flax_msgpack, to_torch
 
 __all__ = ["VARIANTS", "convert_celo2", "read_celo2_theta"]
@@ -105,8 +106,9 @@ def read_celo2_theta(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
     if set(tree) != {"ff_mod_stack"} or not isinstance(stack, dict) or set(stack) != {"~"} \
             or not isinstance(stack["~"], dict):
         top = sorted(map(str, tree))
-        raise ArtifactError(source, f"not a Celo2 checkpoint: expected the tree ff_mod_stack/~/{{w0__0, ..., b2}}, "
-                                    f"found top-level key(s) {top}")
+        hint = mismatch_hint(flatten_tree(tree), "celo2")
+        raise ArtifactError(source, f"not a Celo2 checkpoint{hint}: expected the tree ff_mod_stack/~/{{w0__0, ..., "
+                                    f"b2}}, found top-level key(s) {top}")
     flat = {name[len(HAIKU_PREFIX):]: value for name, value in flatten_tree(tree).items()}
     problems = [f"{HAIKU_PREFIX}{name}: not an array ({type(value).__name__})"
                 for name, value in flat.items() if not isinstance(value, np.ndarray)]
@@ -143,14 +145,16 @@ def read_celo2_theta(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
 
 
 def convert_celo2(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
-                  variant: str = "celo2", provenance: dict[str, Any] | None = None) -> Any:
+                  variant: str = "celo2", provenance: dict[str, Any] | None = None, force: bool = False) -> Any:
     """Convert a Celo2 ``theta.state`` into an artifact; write it to ``out_dir`` if given.
 
     Args:
         checkpoint: path of the flax msgpack ``theta.state``.
-        out_dir: folder to write ``config.json``, ``model.safetensors``, ``README.md`` into.
+        out_dir: folder to create with ``config.json``, ``model.safetensors``, ``README.md`` (all or
+            nothing, see :func:`lopt_hf.convert.checkpoint.write_artifact`).
         variant: ``"celo2"`` (orthogonalisation + AdamW harness) or ``"celo2-base"``.
         provenance: extra provenance entries (merged over the defaults).
+        force: replace the artifact files of an existing non-empty ``out_dir``.
 
     Returns:
         the ``LearnedOptimizerModel``.
@@ -182,5 +186,5 @@ def convert_celo2(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike
                                optimizer_defaults=dict(OPTIMIZER_DEFAULTS), harness=spec["harness"],
                                provenance=info)
     if out_dir is not None:
-        artifact.save_pretrained(out_dir)
+        write_artifact(artifact, out_dir, force=force)
     return artifact

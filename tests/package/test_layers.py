@@ -8,10 +8,10 @@ even lazily inside a function):
 2. ``lopt_hf.kernels`` — deployment executions of the rules (stacked, chunked, fused)
 3. the optimizer: ``optim``, ``harness``, ``lookahead``, ``adamw``
 4. the artifact: validation, model card, ``hub`` (config/model classes, push), Auto-class registration,
-   shipped optimizers, ``load_lopt``
+   shipped optimizers, ``load_lopt``, ``convert`` (the authors' checkpoints, which ``hub`` loads directly)
 5. integrations: ``lopt_hf.trainer`` (transformers)
 6. ``lopt_hf.metatrain`` and ``lopt_hf.evaluation``: siblings, neither imports the other
-7. on top: ``lopt_hf.publish`` (export + evaluated card), ``cli``, ``bench``, ``convert``
+7. on top: ``lopt_hf.publish`` (export + evaluated card), ``cli``, ``bench``
 8. ``lopt_hf`` itself: the public facade, imported by nothing inside the package
 """
 
@@ -30,10 +30,10 @@ LAYERS: dict[str, int] = {
     "lopt_hf.kernels": 2,
     "lopt_hf.optim": 3, "lopt_hf.harness": 3, "lopt_hf.lookahead": 3, "lopt_hf.adamw": 3,
     "lopt_hf.artifact_validation": 4, "lopt_hf.model_card": 4, "lopt_hf.hub": 4, "lopt_hf.pretrained": 4,
-    "lopt_hf.load": 4, "lopt_hf.auto_registration": 4,
+    "lopt_hf.load": 4, "lopt_hf.auto_registration": 4, "lopt_hf.convert": 4,
     "lopt_hf.trainer": 5,
     "lopt_hf.metatrain": 6, "lopt_hf.evaluation": 6,
-    "lopt_hf.publish": 7, "lopt_hf.cli": 7, "lopt_hf.bench": 7, "lopt_hf.convert": 7,
+    "lopt_hf.publish": 7, "lopt_hf.cli": 7, "lopt_hf.bench": 7,
     "lopt_hf": 8,
 }
 SIBLINGS = [{"lopt_hf.metatrain", "lopt_hf.evaluation"}]
