@@ -682,6 +682,9 @@ class _ArtifactLocation:
                                  headers=self.hub_options.get("headers"), endpoint=endpoint,
                                  timeout=self.hub_options.get("etag_timeout", 10))
         except network_error_types() as err:
+            if cached is not None:  # the cache knows the file is not in the repo (a foreign checkpoint's config.json)
+                raise MissingArtifactFileError(label, "missing file (known from the local Hub cache; the Hub could "
+                                                      "not be reached)") from None
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ArtifactError(label, f"not in the local cache and the Hub at {endpoint or constants.ENDPOINT} "
                                        f"could not be reached ({first_line}): check the network, or set "

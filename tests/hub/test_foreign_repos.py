@@ -198,3 +198,20 @@ def test_a_downloaded_folder_loads_too(authors_repos, conversions, tmp_path: Pat
     optimizer = load_lopt(folder, tiny_model())
     assert optimizer.rule.name == "celo2" and optimizer.rule.orthogonalize is False  # the name says -base
     assert {group.get("route") for group in optimizer.param_groups} == {"learned"}
+
+
+def test_cached_authors_repo_loads_when_the_hub_is_unreachable(authors_repos, conversions, tmp_path: Path) -> None:
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}"  # nothing listens there once the block ends
+    first = load_artifact("amoudgl/celo-adam", cache_dir=tmp_path / "cache")  # fills both caches
+    start = time.perf_counter()
+    again = load_artifact("amoudgl/celo-adam", cache_dir=tmp_path / "cache", endpoint=closed)
+    assert time.perf_counter() - start < 10  # no ≈ 25 s of retries
+    assert all(first.theta()[name].equal(value) for name, value in again.theta().items())
+    assert conversions == ["celo-adam"]
+    with pytest.raises(ArtifactError, match="could not be reached.*HF_HUB_OFFLINE=1"):  # never fetched: fails fast
+        load_artifact("amoudgl/celo", cache_dir=tmp_path / "cache", endpoint=closed)
