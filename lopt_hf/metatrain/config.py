@@ -6,7 +6,7 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     name: quickstart              # run name: default output_dir is runs/<name>
     seed: 0
     outer_steps: 300
-    rule:            {name: per_param_mlp, config: {hidden_sizes: [32]}}
+    rule:            {name: per_param_mlp, config: {hidden_sizes: [32]}, init_from: null}
     task:            {dataset: digits, hidden_sizes: [32], batch_size: 128, image_size: 8, ...}
     estimator:       {name: pes, num_tasks: 8, truncation_length: 10, min_unroll: 50, max_unroll: 100, std: 0.01}
     meta_optimizer:  {lr: 0.003, weight_decay: 0.0, grad_clip: 1.0}
@@ -64,10 +64,17 @@ class ConfigError(ValueError):
 
 @dataclass
 class RuleSection:
-    """The update rule being meta-trained (``lopt_hf.available_rules()``)."""
+    """The update rule being meta-trained (``lopt_hf.available_rules()``).
+
+    ``init_from``: an artifact (local folder or Hub repo id, e.g. a converted published Celo
+    checkpoint) whose theta meta-training starts from instead of ``rule.init_theta`` — to fine-tune
+    published weights. Its rule and hyper-parameters must be ``name`` / ``config`` (defaults
+    included); checked when training starts (``lopt_hf.metatrain.trainer.initial_theta``).
+    """
 
     name: str = "per_param_mlp"
     config: dict[str, Any] = field(default_factory=dict)  # rule hyper-parameters, others default
+    init_from: Union[str, None] = None
 
 
 @dataclass
@@ -251,6 +258,8 @@ def _check_values(config: MetaTrainConfig) -> None:
         low_high = task.reparam_scale_range
         need(len(low_high) == 2 and 0 < low_high[0] <= low_high[1], "task.reparam_scale_range",
              f"must be [low, high] with 0 < low <= high, got {low_high}")
+    need(config.rule.init_from is None or bool(config.rule.init_from.strip()), "rule.init_from",
+         "must be an artifact folder or Hub repo id, or null")
     try:
         from ..rules import build_rule
 

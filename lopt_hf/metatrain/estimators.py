@@ -21,7 +21,10 @@ Full estimators average it over one whole trajectory; truncated estimators avera
 one truncation of ``truncation_length`` steps. Trajectory lengths are drawn log-uniformly from
 ``[min_unroll, max_unroll]``; a trajectory that reaches its length is reset (a new task,
 initialisation and length) inside the truncation. Starts are staggered: a slot's first
-trajectory gets a length uniform in ``[1, L]`` so that slots do not reset in lock-step.
+trajectory gets a length uniform in ``[1, L]`` so that slots do not reset in lock-step. A
+scheduled rule (Celo, VeLO) is told each trajectory's length as its planned number of steps
+(``total_steps``: the staggered length for a slot's first one), so its fraction-of-training
+features say how far the trajectory actually is.
 
 Perturbations: ``theta ± std * z`` with ``z ~ N(0, I)``, ``num_antithetic`` pairs per task; an
 antithetic pair shares its task, initialisation and data. ES estimates are
@@ -266,7 +269,8 @@ class _FullUnrollEstimator(_Estimator):
         members = self.members_per_task
         tasks, params, lengths, data, longest = self._trajectories(task_ids, outer_step)
         problems = self.trainer.init_problems(
-            [task for task in tasks for _ in range(members)], [init for init in params for _ in range(members)])
+            [task for task in tasks for _ in range(members)], [init for init in params for _ in range(members)],
+            [length for length in lengths for _ in range(members)])
         raw, _ = run_unroll(self.trainer, theta, problems,
                             lambda t: self._expand({key: value[t] for key, value in data.items()}, members), longest)
         raw = raw.reshape(longest, len(task_ids), members)
@@ -346,6 +350,8 @@ class TrajectoryStart:
     task: TaskDescriptor
     params: Params | None  # its fresh initialisation (None: it resumes a stored state, see LoLO's buffer)
     step: int = 0
+    # its planned number of inner steps (a fresh start's drawn length): a scheduled rule's total_steps
+    total_steps: int = 0
 
 
 @dataclasses.dataclass
@@ -391,7 +397,8 @@ class _TruncatedEstimator(_Estimator):
             params.append(init)
             lengths.append(length)
         problems = self.trainer.init_problems([task for task in tasks for _ in range(copies)],
-                                              [init for init in params for _ in range(copies)])
+                                              [init for init in params for _ in range(copies)],
+                                              [length for length in lengths for _ in range(copies)])
         state = self._state_from_problems(problems, torch.tensor(lengths, dtype=torch.int64), len(task_ids))
         state.update(self._extra_init_state(theta, len(task_ids)))
         return state
@@ -477,7 +484,7 @@ class _TruncatedEstimator(_Estimator):
                           t: int) -> tuple[TrajectoryStart, int]:
         """The trajectory ``slot`` starts before step ``t`` (a fresh task and initialisation) and its end step."""
         task, init, length = self._new_trajectory(slot_generator(self.seed, task_id, outer_step, "reset", t))
-        return TrajectoryStart(slot, task, init), length
+        return TrajectoryStart(slot, task, init, total_steps=length), length
 
     def _run(self, theta: Theta, problems: InnerProblems, plan: TruncationPlan, members: int, *,
              before_step: Callable[[int, InnerProblems], InnerProblems] | None = None,
@@ -512,7 +519,8 @@ class _TruncatedEstimator(_Estimator):
             return torch.stack(values).repeat_interleave(members, dim=0)
 
         fresh_params = {key: fresh_rows([item.params[key] for item in resets]) for key in problems.params}
-        fresh_state = self.trainer.init_opt_state(fresh_params)
+        fresh_state = self.trainer.init_opt_state(fresh_params,
+                                                  [item.total_steps for item in resets for _ in range(members)])
         fresh_task = {key: fresh_rows([item.task[key] for item in resets]) for key in problems.task}
 
         def put(value: Tensor, fresh: Tensor) -> Tensor:

@@ -34,6 +34,9 @@ states trajectories start from).
 
 The learned optimizer's step is the one :class:`~lopt_hf.metatrain.unroll.VectorizedInnerTrainer`
 takes; with behaviour cloning the step runs eagerly (the gradient is shared by both optimizers).
+A scheduled rule's whole-model state is part of the inner state (``opt_state``), so a buffer start
+resumes it as stored — its iteration and the planned number of steps of the trajectory that pushed
+it — while a fresh start plans for its own drawn length.
 """
 
 from __future__ import annotations
@@ -230,7 +233,7 @@ class LoLOPES(PES):
         """PES's start (the same draws), from the buffer head with probability ``1 − P_th``; draws its push step."""
         task, init, length = self._new_trajectory(slot_generator(self.seed, task_id, outer_step, "reset", t))
         if self.buffer is None:
-            return _Reset(slot, task, init), length
+            return _Reset(slot, task, init, total_steps=length), length
         decide = slot_generator(self.seed, task_id, outer_step, "lolo", t)
         use = float(torch.rand((), generator=decide, dtype=torch.float64)) > self.lolo.p_threshold
         head = self.buffer.head(state, slot)  # the queue does not change within a truncation
@@ -239,8 +242,8 @@ class LoLOPES(PES):
             task = {key[len("task/"):]: value for key, value in entry.items() if key.startswith("task/")}
         first = int(entry["step"]) if entry is not None else 0
         end = first + length
-        return _Reset(slot, task, None if entry is not None else init, first, entry,
-                      self._push_step(decide, first, end)), end
+        return _Reset(slot, task, None if entry is not None else init, step=first, total_steps=length, entry=entry,
+                      push_step=self._push_step(decide, first, end)), end
 
     def _apply_lolo_resets(self, problems: InnerProblems, expert: dict[str, Tensor] | None, items: list[_Reset],
                            members: int) -> tuple[InnerProblems, dict[str, Tensor] | None]:
@@ -252,7 +255,8 @@ class LoLOPES(PES):
         for item in items:
             if item.entry is None:
                 params = item.params
-                opt = self.trainer.init_opt_state({key: value.unsqueeze(0) for key, value in params.items()})
+                opt = self.trainer.init_opt_state({key: value.unsqueeze(0) for key, value in params.items()},
+                                                  [item.total_steps])
                 opt = {name: {key: value[0] for key, value in state.items()} for name, state in opt.items()}
                 step = torch.zeros((), dtype=torch.int64)
                 exp = self._expert_init(params)
@@ -291,15 +295,14 @@ class LoLOPES(PES):
                  alpha: float) -> tuple[Tensor, Tensor, InnerProblems, dict[str, Tensor]]:
         """One mixed step: ``(loss, L^bc (M,), problems, expert moments)``."""
         loss, grads = self.family.loss_and_grad(problems.params, problems.task, batch)
-        update, extra = self.trainer.member_update(self.trainer.theta_is_batched(theta), loss)
-        rule_step = problems.step.to(torch.float32)
+        deltas, new_state = self.trainer.rule_steps(self.trainer.theta_is_batched(theta), theta, problems.params, grads,
+                                                    problems.opt_state, problems.step, loss)
         beta1, beta2 = ADAM_BETAS
         count = (problems.step + 1).to(loss.dtype)
-        new_params, new_state, new_expert = {}, {}, {}
+        new_params, new_expert = {}, {}
         bc = torch.zeros_like(loss)
         for name, value in problems.params.items():
-            delta, new_state[name] = update(theta, value, grads[name], problems.opt_state[name], rule_step, *extra)
-            lo = value - delta
+            lo = value - deltas[name]
             grad = grads[name]
             m = beta1 * expert[f"m/{name}"] + (1 - beta1) * grad
             v = beta2 * expert[f"v/{name}"] + (1 - beta2) * grad.square()

@@ -57,9 +57,26 @@ def task_block(num_tasks: int, rank: int, world_size: int) -> list[int]:
 
 
 def initial_theta(config: MetaTrainConfig) -> dict[str, Tensor]:
-    """The meta-parameters meta-training starts from: ``rule.init_theta`` seeded with ``config.seed``."""
+    """The meta-parameters meta-training starts from: ``rule.init_theta`` seeded with ``config.seed``,
+    or the theta of the artifact ``rule.init_from`` (fine-tuning), whose rule and hyper-parameters
+    must be the configured ones."""
     rule = build_rule(config.rule.name, **config.rule.config)
-    return rule.init_theta(torch.Generator().manual_seed(config.seed))
+    source = config.rule.init_from
+    if source is None:
+        return rule.init_theta(torch.Generator().manual_seed(config.seed))
+    from ..hub import load_artifact
+
+    artifact = load_artifact(source)
+    if artifact.rule.name != rule.name:
+        raise ConfigError(f"rule.init_from: {source} holds rule {artifact.rule.name!r}, the config trains "
+                          f"{rule.name!r}")
+    theirs, ours = artifact.rule.hyperparameters(), rule.hyperparameters()
+    differ = sorted(key for key in set(theirs) | set(ours) if theirs.get(key) != ours.get(key))
+    if differ:
+        details = ", ".join(f"{key}: artifact {theirs.get(key)!r}, config {ours.get(key)!r}" for key in differ)
+        raise ConfigError(f"rule.init_from: {source} has other {rule.name} hyper-parameters than rule.config "
+                          f"({details}); set rule.config to the artifact's")
+    return {name: value.to(torch.float32) for name, value in artifact.theta().items()}
 
 
 @dataclass
@@ -130,7 +147,11 @@ class MetaTrainer:
                                              **estimator.options(config.seed))
 
         self.names = list(self.rule.theta_shapes())
-        theta = initial_theta(config)
+        checkpoint = self._checkpoint_to_resume(resume)
+        # A resumed run takes theta from its checkpoint: the starting theta (maybe an artifact to
+        # download, rule.init_from) is not needed then.
+        theta = initial_theta(config) if checkpoint is None else {
+            name: torch.zeros(shape) for name, shape in self.rule.theta_shapes().items()}
         self.theta = {name: theta[name].to(self.device, torch.float32).clone() for name in self.names}
         meta = config.meta_optimizer
         self.meta_optimizer = torch.optim.AdamW([self.theta[name] for name in self.names], lr=meta.lr,
@@ -142,7 +163,6 @@ class MetaTrainer:
         self.last_meta_gradient: dict[str, Tensor] | None = None
         self.estimator_state: dict[str, Tensor] = {}
 
-        checkpoint = self._checkpoint_to_resume(resume)
         if checkpoint is not None:
             self._restore(checkpoint)
         else:

@@ -14,6 +14,21 @@ inner step is
    positionally, since ``vmap`` batches positional arguments only — so it works with every
    estimator; under autograd (BPTT) the loss stays on the graph, like the gradient.
 
+**Scheduled rules** (``rule.scheduled``: Celo, Celo-Adam, VeLO; see :mod:`lopt_hf.rules.scheduler`)
+add a whole-model phase between 1. and 2., composed exactly as ``LearnedOptimizer`` composes it:
+``tensor_summary`` of every tensor (vmapped over members, stacked ``(M, T, F)``), then one
+``schedule`` per member (vmapped; ``theta`` shared or per member as for ``update``) with the
+member's loss of this step, its step count for every tensor and the tensors' LSTM rows
+(``schedule_tensor_keys``), then each tensor's ``update(..., control=controls[:, i])`` with the new
+rows merged into the tensor's state. The whole-model state (``rule.init_schedule_state``: iteration,
+planned number of steps, loss buffer) is one more entry of each member's ``opt_state``, under the
+reserved name :data:`SCHEDULE_STATE` (no inner parameter may have it), so the estimators' resets,
+selects, maps, LoLO's replay buffer and checkpoints carry it like any per-tensor state.
+:meth:`VectorizedInnerTrainer.init_opt_state` makes it from each member's ``total_steps``: the
+length of the trajectory the member starts (estimators pass the length they drew for it — as
+learned_optimization, which Celo was meta-trained with, initialises the optimizer with the
+trajectory's own length), so the fraction-of-training features reach 1 where the trajectory ends.
+
 Everything is differentiable in ``theta`` when autograd is on (BPTT estimators).
 
 **Compiled path** (``compile=True``, steps without autograd). Under vmap the rules'
@@ -34,7 +49,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -56,6 +71,8 @@ SKINNY_OUTER = 4
 def _skinny_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` (``mm`` or ``bmm``) as broadcast products when one side is skinny, else NotImplemented."""
     inner, outer = a.shape[-1], b.shape[-1]
+    if inner == 0:  # an empty sum (e.g. a scheduler without per-tensor summaries): leave it to aten
+        return NotImplemented
     if inner <= SKINNY_INNER:
         out = a[..., 0:1] * b[..., 0:1, :]
         for k in range(1, inner):
@@ -79,6 +96,11 @@ SKINNY_DECOMPOSITIONS = {aten.mm.default: _skinny_matmul, aten.bmm.default: _ski
 # one reduction per output column. Inlined, the fused loop computes it once and never stores
 # it: ~25 % faster steps for per_param_mlp (measured, same process, 1 thread, 32 members).
 COMPILE_OPTIONS = {"realize_reads_threshold": 64}
+
+# The opt_state entry holding a scheduled rule's whole-model state. "@" cannot occur in a Python
+# attribute name (so in no nn.Module parameter name) nor does it split the estimator state's
+# ``opt_state/<name>/<key>`` keys; the trainer refuses a task family that uses it anyway.
+SCHEDULE_STATE = "@schedule"
 
 
 @dataclasses.dataclass
@@ -141,17 +163,39 @@ class VectorizedInnerTrainer:
         self.compile = bool(compile)
         self._compiled: dict[Any, Callable[..., Any]] = {}
         self._theta_dims = {key: len(shape) for key, shape in rule.theta_shapes().items()}
+        if rule.scheduled and SCHEDULE_STATE in family.param_shapes:
+            raise ValueError(f"inner parameter name {SCHEDULE_STATE!r} is reserved for the whole-model state of "
+                             f"scheduled rules such as {rule.name!r}")
 
     # ----------------------------------------------------------------------------- building
-    def init_problems(self, tasks: list[TaskDescriptor], params: list[Params]) -> InnerProblems:
-        """Fresh problems (step 0, the rule's initial state) from per-member tasks and parameters."""
+    def init_problems(self, tasks: list[TaskDescriptor], params: list[Params],
+                      total_steps: Sequence[int] | None = None) -> InnerProblems:
+        """Fresh problems (step 0, the rule's initial state) from per-member tasks and parameters.
+
+        ``total_steps``: each member's planned number of inner steps (needed by scheduled rules only,
+        see :meth:`init_opt_state`).
+        """
         stacked = stack_dicts(params)
-        return InnerProblems(params=stacked, opt_state=self.init_opt_state(stacked),
+        return InnerProblems(params=stacked, opt_state=self.init_opt_state(stacked, total_steps),
                              step=torch.zeros(len(params), dtype=torch.int64), task=stack_dicts(tasks))
 
-    def init_opt_state(self, params: Params) -> dict[str, dict[str, Tensor]]:
-        """The rule's initial state for every (batched) parameter tensor."""
-        return {name: vmap(self.rule.init_state)(value) for name, value in params.items()}
+    def init_opt_state(self, params: Params, total_steps: Sequence[int] | None = None) -> dict[str, dict[str, Tensor]]:
+        """The rule's initial state for every (batched) parameter tensor.
+
+        A scheduled rule also gets its whole-model state (:data:`SCHEDULE_STATE`), one per member,
+        planned for ``total_steps[m]`` inner steps (one int per member; required for such rules,
+        ignored by the others).
+        """
+        state = {name: vmap(self.rule.init_state)(value) for name, value in params.items()}
+        if self.rule.scheduled:
+            members = int(next(iter(params.values())).shape[0])
+            if total_steps is None or len(total_steps) != members:
+                raise ValueError(f"rule {self.rule.name!r} is scheduled: init_opt_state needs total_steps, the planned "
+                                 f"number of inner steps of each of the {members} members, got {total_steps!r}")
+            device = next(iter(params.values())).device
+            init = self._scheduled_rule.init_schedule_state
+            state[SCHEDULE_STATE] = stack_dicts([init(int(count), device) for count in total_steps])
+        return state
 
     def theta_is_batched(self, theta: dict[str, Tensor]) -> bool:
         """True when ``theta`` carries a leading member axis (one copy per member)."""
@@ -175,21 +219,77 @@ class VectorizedInnerTrainer:
                    opt_state: dict[str, dict[str, Tensor]], step: Tensor, task: TaskDescriptor,
                    batch: Batch) -> tuple[Tensor, Params, dict[str, dict[str, Tensor]]]:
         loss, grads = self.family.loss_and_grad(params, task, batch)
+        deltas, new_state = self.rule_steps(theta_batched, theta, params, grads, opt_state, step, loss)
+        new_params = {name: value - deltas[name] for name, value in params.items()}
+        return loss, new_params, new_state
+
+    def rule_steps(self, theta_batched: bool, theta: dict[str, Tensor], params: Params, grads: Params,
+                   opt_state: dict[str, dict[str, Tensor]], step: Tensor,
+                   loss: Tensor) -> tuple[Params, dict[str, dict[str, Tensor]]]:
+        """The rule's step of every tensor of every member: ``(steps to subtract, new opt_state)``.
+
+        ``step`` (M,) is each member's update count, ``loss`` (M,) its loss before this update.
+        Scheduled rules run their whole-model phase first (see the module docstring).
+        """
+        if self.rule.scheduled:
+            return self._scheduled_steps(theta_batched, theta, params, grads, opt_state, step, loss)
         update, extra = self.member_update(theta_batched, loss)
         rule_step = step.to(torch.float32)
-        new_params, new_state = {}, {}
+        deltas, new_state = {}, {}
         for name, value in params.items():
-            delta, new_state[name] = update(theta, value, grads[name], opt_state[name], rule_step, *extra)
-            new_params[name] = value - delta
-        return loss, new_params, new_state
+            deltas[name], new_state[name] = update(theta, value, grads[name], opt_state[name], rule_step, *extra)
+        return deltas, new_state
+
+    def _scheduled_steps(self, theta_batched: bool, theta: dict[str, Tensor], params: Params, grads: Params,
+                         opt_state: dict[str, dict[str, Tensor]], step: Tensor,
+                         loss: Tensor) -> tuple[Params, dict[str, dict[str, Tensor]]]:
+        rule, names = self._scheduled_rule, list(params)
+        theta_dim = 0 if theta_batched else None
+        rule_step = step.to(torch.float32)
+        summary = vmap(rule.tensor_summary)
+        summaries = torch.stack([summary(params[name], grads[name], opt_state[name]) for name in names], dim=1)
+        rows = {key: torch.stack([opt_state[name][key] for name in names], dim=1) for key in rule.schedule_tensor_keys}
+        controls, schedule_state, new_rows = vmap(self.schedule_member, in_dims=(theta_dim, 0, 0, 0, 0, 0))(
+            theta, opt_state[SCHEDULE_STATE], rows, summaries, rule_step, loss)
+        update = vmap(self.update_with_control, in_dims=(theta_dim, 0, 0, 0, 0, 0))
+        deltas: Params = {}
+        new_state: dict[str, dict[str, Tensor]] = {}
+        for index, name in enumerate(names):
+            deltas[name], updated = update(theta, params[name], grads[name], opt_state[name], rule_step,
+                                           controls[:, index])
+            new_state[name] = {**opt_state[name], **updated,
+                               **{key: value[:, index] for key, value in new_rows.items()}}
+        # last and in init_opt_state's key order: the same pytree every step (one compiled signature)
+        new_state[SCHEDULE_STATE] = {key: schedule_state[key] for key in opt_state[SCHEDULE_STATE]}
+        return deltas, new_state
+
+    def schedule_member(self, theta: dict[str, Tensor], schedule_state: dict[str, Tensor], rows: dict[str, Tensor],
+                        summaries: Tensor, step: Tensor, loss: Tensor) -> tuple[Tensor, dict[str, Tensor],
+                                                                                dict[str, Tensor]]:
+        """One member's ``rule.schedule``: every tensor of the member has had ``step`` updates."""
+        tensor_steps = step.expand(summaries.shape[0])
+        return self._scheduled_rule.schedule(theta, schedule_state, rows, summaries, tensor_steps, loss)
+
+    def update_with_control(self, theta: dict[str, Tensor], param: Tensor, grad: Tensor, state: dict[str, Tensor],
+                            step: Tensor, control: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """A scheduled rule's ``update`` with the tensor's row of the scheduler's controls as ``control``."""
+        return self._scheduled_rule.update(theta, param, grad, state, step, control=control)
+
+    @property
+    def _scheduled_rule(self) -> Any:
+        """The rule, typed for the scheduled part of the protocol (``UpdateRule.scheduled``: duck-typed)."""
+        return self.rule
 
     def member_update(self, theta_batched: bool, loss: Tensor) -> tuple[Callable[..., Any], tuple[Tensor, ...]]:
         """``rule.update`` vmapped over members, and the extra positional arguments to pass it.
 
         Call it as ``update(theta, param, grad, state, step, *extra)``; rules that read the loss get
-        each member's ``loss`` (vmap batches positional arguments only).
+        each member's ``loss`` (vmap batches positional arguments only). Not for scheduled rules,
+        whose tensors are updated together (:meth:`rule_steps`).
         """
         theta_dim = 0 if theta_batched else None
+        if self.rule.scheduled:
+            raise ValueError(f"rule {self.rule.name!r} is scheduled: its tensors step together through rule_steps")
         if self.rule.needs_loss:
             return vmap(self.update_with_loss, in_dims=(theta_dim, 0, 0, 0, 0, 0)), (loss,)
         return vmap(self.rule.update, in_dims=(theta_dim, 0, 0, 0, 0)), ()

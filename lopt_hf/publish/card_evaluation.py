@@ -51,12 +51,15 @@ def evaluate_for_card(artifact: LearnedOptimizerModel, config: MetaTrainConfig, 
     settings = config.evaluation
     steps = int(steps or settings.steps or DEFAULT_STEPS)
     name = (artifact.config.provenance or {}).get("name") or config.card.name or config.name
+    # fine-tuning (rule.init_from) starts from an artifact's theta, not a random one
+    initial_label = (f"start θ₀ ({config.rule.init_from.replace('=', '-')})" if config.rule.init_from
+                     else RANDOM_INIT_LABEL)  # '=' would end the label of an evaluation spec
     with tempfile.TemporaryDirectory(prefix="lopt_hf_eval_") as tmp:
         learned, initial = Path(tmp) / "learned", Path(tmp) / "initial"
         artifact.save_pretrained(learned)
         create_artifact(config.rule.name, theta=initial_theta(config),
                         rule_config=config.rule.config).save_pretrained(initial)
-        specs = [f"{name}={learned}", f"{RANDOM_INIT_LABEL}={initial}",
+        specs = [f"{name}={learned}", f"{initial_label}={initial}",
                  *(f"AdamW {lr:g}=adamw:{lr!r}" for lr in settings.adamw_lrs)]
         results = run_evaluation(settings.tasks, specs, steps=steps, seeds=settings.seeds, progress=progress,
                                  threads=threads)
@@ -67,7 +70,7 @@ def evaluate_for_card(artifact: LearnedOptimizerModel, config: MetaTrainConfig, 
             f"Evaluated with the `lopt-hf eval` harness (`lopt_hf.evaluation`): {steps} steps per run, seeds "
             f"{list(settings.seeds)}; every optimizer trains the same models from the same initialisations on "
             f"the same batches. "
-            f"'{name}' is this artifact; '{RANDOM_INIT_LABEL}' is this rule with the meta-parameters "
+            f"'{name}' is this artifact; '{initial_label}' is this rule with the meta-parameters "
             f"meta-training started from" + (f"; AdamW (weight decay 0.01) at lr {adamw}" if adamw else "")
             + f". Tasks: {tasks}."),
         "table": markdown_table(results),

@@ -138,7 +138,8 @@ def test_shipped_configs_load(path: Path) -> None:
 
 
 def test_shipped_configs_exist() -> None:
-    assert {"quickstart", "small_fc_pes", "celo2_base", "small_fc_lolo", "celo2_base_mini"} <= {p.stem for p in CONFIGS}
+    assert {"quickstart", "small_fc_pes", "celo2_base", "small_fc_lolo", "celo2_base_mini", "celo", "velo_s"} <= {
+        p.stem for p in CONFIGS}
 
 
 def test_celo2_base_config_mirrors_the_published_table() -> None:
