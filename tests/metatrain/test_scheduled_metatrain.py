@@ -274,3 +274,17 @@ def test_estimators_give_each_trajectory_its_own_length(family) -> None:
         state = estimator.estimate(theta, state, [0, 1, 2], outer_step).new_state
         assert torch.equal(state["opt_state/@schedule/num_steps"],
                            state["length"].to(torch.float32).unsqueeze(1).expand(-1, 2))
+
+
+@pytest.mark.parametrize("estimator_name", ["full_bptt", "truncated_bptt", "es", "truncated_es", "pes"])
+def test_every_estimator_reaches_the_scheduler(family, estimator_name: str) -> None:
+    """Autograd (BPTT) and perturbations (ES, PES) both give the scheduler's theta a gradient."""
+    rule = build_rule("celo_adam", lstm_hidden_size=8)
+    estimator = build_estimator(estimator_name, family, rule, truncation_length=3, min_unroll=4, max_unroll=6,
+                                compile=False, seed=0)
+    theta = rule.init_theta(torch.Generator().manual_seed(0))
+    state = estimator.init_state(theta, [0, 1], 0)
+    result = estimator.estimate(theta, state, [0, 1], 0)
+    assert torch.isfinite(result.meta_loss_sum)
+    for key in ("rnn_params/step_size/w", "lstm_init_state/hidden", "rnn_params/linear_2/w"):
+        assert torch.isfinite(result.grad_sum[key]).all() and result.grad_sum[key].abs().sum() > 0, key
