@@ -75,8 +75,9 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     lr = 1e-3 if name in PRESETS else 1.0
     params = route_parameters(harness, model, lr=lr)
     optimizer = LearnedOptimizer(params, rule, theta, lr=lr, param_layouts=infer_layouts(model))
-    if rule.needs_loss:  # fixed gradients, no forward pass: give such rules (opt2vec) a constant loss
+    if rule.needs_loss:  # fixed gradients, no forward pass: give such rules (opt2vec, celo) a constant loss
         optimizer.step = functools.partial(optimizer.step, loss=1.0)  # type: ignore[method-assign]
+    optimizer.set_total_steps(10_000)  # scheduled rules (celo, velo) plan by it; others ignore it
     return optimizer
 
 

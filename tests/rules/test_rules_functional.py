@@ -7,6 +7,8 @@ import torch
 from torch.func import grad as func_grad
 from torch.func import vmap
 
+from support import small_rule
+
 from lopt_hf.rules import available_rules, build_rule
 from lopt_hf.rules.features import chunk_indices
 
@@ -66,7 +68,7 @@ def test_rules_registered() -> None:
 
 @pytest.mark.parametrize("rule_name", RULES)
 def test_init_theta_deterministic_and_shaped(rule_name: str) -> None:
-    rule = build_rule(rule_name)
+    rule = small_rule(rule_name)
     first = rule.init_theta(torch.Generator().manual_seed(3))
     again = rule.init_theta(torch.Generator().manual_seed(3))
     other = rule.init_theta(torch.Generator().manual_seed(4))
@@ -83,7 +85,7 @@ def test_init_theta_deterministic_and_shaped(rule_name: str) -> None:
 @pytest.mark.parametrize("grad_enabled, chunk_size", [(True, None), (False, None), (False, 7)])
 def test_vmap_equals_loop(rule_name: str, shape: tuple[int, ...], grad_enabled: bool, chunk_size: int | None) -> None:
     # No-grad vmap is what evolution-strategies meta-training runs; chunks are the deployment path.
-    rule = build_rule(rule_name)
+    rule = small_rule(rule_name)
     gen = torch.Generator().manual_seed(1)
     thetas = [perturbed_theta(rule, gen) for _ in range(BATCH)]
     params = [0.1 * torch.randn(shape, generator=gen) for _ in range(BATCH)]
@@ -106,7 +108,7 @@ def test_vmap_equals_loop(rule_name: str, shape: tuple[int, ...], grad_enabled: 
 
 @pytest.mark.parametrize("rule_name", RULES)
 def test_step_int_or_tensor(rule_name: str) -> None:
-    rule = build_rule(rule_name)
+    rule = small_rule(rule_name)
     gen = torch.Generator().manual_seed(2)
     theta = perturbed_theta(rule, gen)
     param, grad = torch.randn(4, 3, generator=gen), torch.randn(4, 3, generator=gen)
@@ -119,7 +121,7 @@ def test_step_int_or_tensor(rule_name: str) -> None:
 
 @pytest.mark.parametrize("rule_name", RULES)
 def test_grad_wrt_theta_matches_finite_differences(rule_name: str) -> None:
-    rule = build_rule(rule_name)
+    rule = small_rule(rule_name)
     gen = torch.Generator().manual_seed(5)
     theta32 = perturbed_theta(rule, gen)
     param32 = 0.1 * torch.randn(6, 5, generator=gen)
@@ -176,7 +178,7 @@ def test_grad_wrt_theta_matches_finite_differences(rule_name: str) -> None:
 @pytest.mark.parametrize("rule_name", RULES)
 @pytest.mark.parametrize("chunk_size", [None, 7])
 def test_update_does_not_mutate_inputs(rule_name: str, chunk_size: int | None) -> None:
-    rule = build_rule(rule_name)
+    rule = small_rule(rule_name)
     gen = torch.Generator().manual_seed(6)
     theta = perturbed_theta(rule, gen)
     param, grad = torch.randn(5, 6, generator=gen), torch.randn(5, 6, generator=gen)
