@@ -25,14 +25,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from ..artifact_validation import ArtifactError
 from ..harness import RULE_PRESETS
 from ..rules.celo2 import HAIKU_PREFIX, Celo2
-from .checkpoint import mismatch_hint, write_artifact
-from .flax_msgpack import FlaxMsgpackError, flatten_tree, read_flax_msgpack, to_torch
+from .checkpoint import checked_theta, mismatch_hint, write_artifact
+from .flax_msgpack import FlaxMsgpackError, flatten_tree, read_flax_msgpack
 
 __all__ = ["VARIANTS", "convert_celo2", "read_celo2_theta"]
 
@@ -125,22 +124,10 @@ def read_celo2_theta(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
         rule = Celo2(hidden_size=hidden_size, hidden_layers=hidden_layers)
     except ValueError as err:
         raise ArtifactError(source, f"not a Celo2 checkpoint: {err}") from None
-    expected = rule.theta_shapes()
-    for name in expected:
-        if name not in flat:
-            problems.append(f"missing {HAIKU_PREFIX}{name} (shape {expected[name]})")
-    for name, value in flat.items():
-        if name not in expected:
-            problems.append(f"unexpected array {HAIKU_PREFIX}{name} {tuple(value.shape)}")
-        elif tuple(value.shape) != expected[name]:
-            problems.append(f"{HAIKU_PREFIX}{name}: shape {tuple(value.shape)}, expected {expected[name]}")
-        elif value.dtype.kind != "f":
-            problems.append(f"{HAIKU_PREFIX}{name}: dtype {value.dtype}, expected floating point")
-        elif not np.isfinite(value).all():
-            problems.append(f"{HAIKU_PREFIX}{name}: {int((~np.isfinite(value)).sum())} non-finite value(s)")
-    if problems:
-        raise ArtifactError(source, problems, headline="not a valid Celo2 checkpoint")
-    theta = {name: to_torch(flat[name]).to(torch.float32) for name in expected}
+    expected = {HAIKU_PREFIX + name: shape for name, shape in rule.theta_shapes().items()}
+    checked = checked_theta({HAIKU_PREFIX + name: value for name, value in flat.items()}, expected, source,
+                            "not a valid Celo2 checkpoint")
+    theta = {name[len(HAIKU_PREFIX):]: value for name, value in checked.items()}
     return theta, {"hidden_size": hidden_size, "hidden_layers": hidden_layers}
 
 

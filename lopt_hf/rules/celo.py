@@ -49,7 +49,7 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, as_step_tensor, register_rule
-from .features import (factored_accumulator_state, factored_dims, factored_second_moments, normalized_mlp,
+from .features import (factored_accumulator_state, factored_features, factored_second_moments, normalized_mlp,
                        step_from_direction_magnitude, truncated_normal_init)
 from .scheduler import ScheduledRule
 
@@ -167,40 +167,16 @@ class Celo(ScheduledRule):
         accumulators, factors = factored_second_moments(g * g + 1e-30, state,
                                                         lambda old, new: _ema(self.adafactor_decays, old, new))
         new_state = {"momentum": momentum, "rms": rms, **accumulators}
-        dims = factored_dims(tuple(p.shape))
-        full = (len(self.adafactor_decays), *p.shape)
-        if dims is None:
-            v = accumulators["v_diag"]
-            fac_factor = factors[0]
-            row = col = v
-            rsqrt_row = rsqrt_col = torch.rsqrt(v + 1e-8)
-            mom_factor = v ** -0.5
-        else:
-            d1, d0 = dims
-            v_row, v_col = accumulators["v_row"], accumulators["v_col"]
-            row_factor, col_factor = factors
-
-            def along_row(x: Tensor) -> Tensor:
-                return x.unsqueeze(1 + d0).expand(full)
-
-            def along_col(x: Tensor) -> Tensor:
-                return x.unsqueeze(1 + d1).expand(full)
-
-            fac_factor = mom_factor = (along_row(row_factor), along_col(col_factor))
-            row, col = along_row(v_row), along_col(v_col)
-            rsqrt_row, rsqrt_col = along_row(torch.rsqrt(v_row + 1e-8)), along_col(torch.rsqrt(v_col + 1e-8))
-
-        def factor_at(factor: Tensor | tuple[Tensor, Tensor], at: tuple) -> Tensor:
-            return factor[0][at] * factor[1][at] if isinstance(factor, tuple) else factor[at]
+        fac = factored_features(accumulators, factors, tuple(p.shape), lambda v: v ** -0.5)
 
         def features(index: tuple) -> list[Tensor]:
             at = (slice(None), *index)
             g_i, m_i = g[index].unsqueeze(0), momentum[at]
             rsqrt_rms = torch.rsqrt(rms[at] + 1e-6)
-            fac = factor_at(fac_factor, at)
-            fac_mom = fac if mom_factor is fac_factor else factor_at(mom_factor, at)
+            fac_g = fac.grad_factor_at(at)
             return [g_i, torch.clamp(g_i, -0.1, 0.1), p[index].unsqueeze(0), m_i, rms[at], m_i * rsqrt_rms, rsqrt_rms,
-                    g_i * fac, g_i * rsqrt_rms, row[at], col[at], rsqrt_row[at], rsqrt_col[at], m_i * fac_mom]
+                    g_i * fac_g, g_i * rsqrt_rms, fac.row[at], fac.col[at], fac.rsqrt_row[at], fac.rsqrt_col[at],
+                    m_i * fac.momentum_factor_at(at, fac_g)]
 
         weights = self.network_weights(theta, control[1:])
         no_inputs = torch.zeros(0, dtype=torch.float32, device=p.device)

@@ -7,6 +7,7 @@ vmap-friendly (no in-place ops on their inputs, no data-dependent Python control
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Callable
@@ -169,6 +170,66 @@ def factored_second_moments(grad_sqr: Tensor, state: dict[str, Tensor], ema: Cal
     row_axis_d1 = (d1 - 1 if d1 > d0 else d1) + 1 + lead_axes
     row_col_mean = torch.mean(v_row, dim=row_axis_d1, keepdim=True)
     return {"v_row": v_row, "v_col": v_col}, (safe_rsqrt(v_row / (row_col_mean + 1e-9)), safe_rsqrt(v_col))
+
+
+Factor = Tensor | tuple[Tensor, Tensor]  # one preconditioner, or a (row, col) pair whose product is one
+
+
+@dataclasses.dataclass(frozen=True)
+class FactoredFeatures:
+    """The factored second moments as per-element features, all broadcast views of ``(k, *shape)``
+    (decay axis first; nothing of full size is allocated): the preconditioners of ``g`` and of the
+    momentum (for ≥ 2-D tensors the same ``(row, col)`` pair, multiplied per chunk), ``row`` / ``col``
+    and their ``rsqrt(· + 1e-8)`` — learned_optimization's adafactor features, shared by
+    ``small_fc_lopt`` and ``celo``."""
+
+    grad_factor: Factor
+    momentum_factor: Factor
+    row: Tensor
+    col: Tensor
+    rsqrt_row: Tensor
+    rsqrt_col: Tensor
+
+    def grad_factor_at(self, at: tuple) -> Tensor:
+        """The preconditioner of ``g`` at ``at`` (an index whose first entry covers the decays)."""
+        return factor_at(self.grad_factor, at)
+
+    def momentum_factor_at(self, at: tuple, grad_factor: Tensor) -> Tensor:
+        """The momentum's preconditioner at ``at``; ``grad_factor`` (from :meth:`grad_factor_at`) is reused when equal."""
+        return grad_factor if self.momentum_factor is self.grad_factor else factor_at(self.momentum_factor, at)
+
+
+def factor_at(factor: Factor, at: tuple) -> Tensor:
+    """``factor[at]``, or ``row[at] * col[at]`` for a pair."""
+    return factor[0][at] * factor[1][at] if isinstance(factor, tuple) else factor[at]
+
+
+def factored_features(accumulators: dict[str, Tensor], factors: tuple[Tensor, ...], shape: tuple[int, ...],
+                      diag_momentum_factor: Callable[[Tensor], Tensor]) -> FactoredFeatures:
+    """:class:`FactoredFeatures` from :func:`factored_second_moments`' accumulators and factors.
+
+    Tensors with fewer than two dims use their full ``v_diag`` for row and col, ``factors[0]`` for
+    ``g`` and ``diag_momentum_factor(v_diag)`` for the momentum (the rules differ there:
+    ``(v + 1e-6)^-½`` in small_fc_lopt, ``v^-½`` in Celo).
+    """
+    dims = factored_dims(shape)
+    if dims is None:
+        v_diag = accumulators["v_diag"]
+        rsqrt = torch.rsqrt(v_diag + 1e-8)
+        return FactoredFeatures(factors[0], diag_momentum_factor(v_diag), v_diag, v_diag, rsqrt, rsqrt)
+    d1, d0 = dims
+    full = (accumulators["v_row"].shape[0], *shape)
+
+    def along_row(x: Tensor) -> Tensor:
+        return x.unsqueeze(1 + d0).expand(full)
+
+    def along_col(x: Tensor) -> Tensor:
+        return x.unsqueeze(1 + d1).expand(full)
+
+    v_row, v_col = accumulators["v_row"], accumulators["v_col"]
+    pair = (along_row(factors[0]), along_col(factors[1]))
+    return FactoredFeatures(pair, pair, along_row(v_row), along_col(v_col), along_row(torch.rsqrt(v_row + 1e-8)),
+                            along_col(torch.rsqrt(v_col + 1e-8)))
 
 
 def chunk_indices(shape: tuple[int, ...] | torch.Size, chunk_size: int | None,

