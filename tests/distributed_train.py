@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import faulthandler
+import gc
 import json
 import os
 import sys
@@ -61,6 +62,7 @@ def run_trainer(args: argparse.Namespace) -> None:
     if dist.is_initialized():
         dist.barrier()
         del trainer
+        gc.collect()  # attach() makes the trainer part of a reference cycle: free its DDP reducer now
         dist.destroy_process_group()
 
 

@@ -1,5 +1,5 @@
-"""The user-facing scripts (demo, demo_opt2vec, finetune, bench_trainer, device_check) run end to end with their smallest
-settings, each in a subprocess like a user would start it."""
+"""The user-facing scripts (demo, demo_opt2vec, finetune, bench_trainer, device_check, diagnose_step_sizes) run end
+to end with their smallest settings, each in a subprocess like a user would start it."""
 
 from __future__ import annotations
 
@@ -59,3 +59,14 @@ def test_device_check_runs_every_rule_and_times_the_optimizers(tmp_path: Path) -
         assert row["max_abs_diff_fp32"] == 0.0 and row["bf16_finite"], (name, row)
     assert all("error" not in row and row["params_finite"] for row in report["speed"].values())
     assert (tmp_path / "device_check.md").read_text().count("|") > 20
+
+
+def test_diagnose_step_sizes_records_every_tensor(tmp_path: Path) -> None:
+    run_script("diagnose_step_sizes.py", "--optimizers", "lolo=lopt-hf/small-fc-lolo", "adamw:1e-3", "--task",
+               "digits_mlp", "--steps", "4", "--out", str(tmp_path))
+    report = json.loads((tmp_path / "step_sizes.json").read_text())
+    for result in report["results"].values():
+        assert set(result["relative_steps"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+        assert all(len(values) == 4 and all(value > 0 for value in values)
+                   for values in result["relative_steps"].values())
+    assert (tmp_path / "step_sizes.png").stat().st_size > 0 and "0.weight" in (tmp_path / "step_sizes.md").read_text()
