@@ -271,11 +271,14 @@ def _cmd_create(args: argparse.Namespace) -> int:
         rule, preset_config, harness = RULE_PRESETS[args.rule]
         rule_config = {**preset_config, **(rule_config or {})}
         defaults = dict(OPTIMIZER_DEFAULTS)
+    provenance = {"name": f"{args.rule} (untrained random initialisation, seed {args.seed})", "untrained": True,
+                  "tags": ["untrained", "random-init"],
+                  "source": f"lopt-hf create {args.rule} --seed {args.seed} (random init)"}
     artifact = create_artifact(rule, seed=args.seed, rule_config=rule_config, harness=harness,
-                               optimizer_defaults=defaults,
-                               provenance={"source": f"lopt-hf create {args.rule} --seed {args.seed} (random init)"})
+                               optimizer_defaults=defaults, provenance=provenance)
     artifact.save_pretrained(args.out_dir)
-    print(f"wrote {args.rule} artifact (random init, seed {args.seed}) to {args.out_dir}")
+    print(f"wrote {args.rule} artifact (untrained random initialisation, seed {args.seed}: a starting point for "
+          f"meta-training, not a usable optimizer) to {args.out_dir}")
     return 0
 
 
@@ -303,6 +306,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.push_to_hub:
         checked_repo_id(args.push_to_hub)
         require_online("--push-to-hub")
+    if args.base_model:
+        checked_repo_id(args.base_model)
     if not (checkpoint / "trainer_state.json").is_file():
         # A run folder (or its checkpoints/ folder): take the newest complete checkpoint.
         found = latest_checkpoint(checkpoint / "checkpoints") or latest_checkpoint(checkpoint)
@@ -312,7 +317,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             return 2
         checkpoint = found
     try:
-        artifact = export_checkpoint(checkpoint, args.out_dir, evaluate=args.evaluate, progress=True)
+        artifact = export_checkpoint(checkpoint, args.out_dir, evaluate=args.evaluate, progress=True,
+                                     license=args.license, base_model=args.base_model)
     except CheckpointError as err:
         print(f"lopt-hf export: {err}", file=sys.stderr)
         return 2
@@ -450,7 +456,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(load_lopt(NAME, model) loads them offline)")
     pretrained.set_defaults(func=_cmd_pretrained)
 
-    create = sub.add_parser("create", parents=[common], help="write a randomly initialised artifact for a rule")
+    create = sub.add_parser("create", parents=[common],
+                            help="write an untrained, randomly initialised artifact for a rule (a starting point "
+                                 "for meta-training and a test fixture, not a usable optimizer)")
     create.add_argument("rule", help="rule name (`lopt-hf rules`) or preset: celo2 (with its AdamW harness), "
                                      "celo2-base")
     create.add_argument("out_dir", help="artifact folder to write (config.json, model.safetensors, README.md); "
@@ -481,8 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_cmd_convert)
 
     metatrain = sub.add_parser("metatrain", add_help=False,
-                               help="meta-train a learned optimizer (same options as scripts/metatrain.py; "
-                                    "`lopt-hf metatrain --help`)")
+                               help="meta-train a learned optimizer from a shipped config (`--config quickstart`; "
+                                    "`--list-configs`) or a YAML file; `lopt-hf metatrain --help`")
     metatrain.add_argument("metatrain_args", nargs=argparse.REMAINDER,
                            help="options of the meta-training command (`lopt-hf metatrain --help`)")
     metatrain.set_defaults(func=_cmd_metatrain)
@@ -515,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="run the config's evaluation (the lopt-hf eval harness) for the model card (default: "
                              "if the run's config has evaluation.steps > 0)")
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="also publish the artifact to this Hub repo")
+    export.add_argument("--license", metavar="ID", help="license of the exported weights in the card's metadata, a "
+                                                        "Hub license id such as apache-2.0 or mit (default: the run "
+                                                        "config's card.license)")
+    export.add_argument("--base-model", metavar="REPO_ID",
+                        help="Hub model these weights were fine-tuned from, for the card's base_model metadata "
+                             "(default: card.base_model, or rule.init_from when it is a Hub repo id)")
     export.set_defaults(func=_cmd_export)
 
     card = sub.add_parser("card", parents=[common],

@@ -8,6 +8,13 @@ Provenance keys the card knows about (all optional):
 
 * ``name`` — card title; ``description`` — a paragraph under the title;
 * ``license`` (default ``apache-2.0``), ``tags`` (extra Hub tags), ``citation`` (BibTeX);
+* ``base_model`` — the Hub model id these weights come from (card metadata ``base_model``);
+* ``paper`` (a URL; an arXiv one also becomes an ``arxiv:ID`` tag, which the Hub links), ``paper_title``
+  (default: the title in ``citation``), ``original_authors``, ``original_code``, ``original_license``,
+  ``original_weights`` (a Hub repo id or URL) — the work the optimizer comes from, shown in a "Paper
+  and licence" section (converted checkpoints);
+* ``untrained`` — true for a random initialisation (``lopt-hf create``): the card says, at the top, that
+  it is not a usable optimizer;
 * ``meta_training`` — a dict, shown flattened as the "Meta-training config" table; or, as
   ``lopt_hf.publish.export`` writes it, a dict with ``summary`` (display label → value, shown
   in order like the Celo2 card's table: optimizer architecture, tasks, meta-trainer, truncation,
@@ -32,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from importlib import resources
 from typing import Any
@@ -44,7 +52,14 @@ DEFAULT_LICENSE = "apache-2.0"
 BASE_TAGS = ("learned-optimizer", "lopt_hf")
 # Provenance keys rendered in their own sections rather than in the provenance table.
 CARD_KEYS = ("name", "description", "license", "tags", "citation", "meta_training", "evaluation", "limitations",
-             "reproduce", "shipped_as")
+             "reproduce", "shipped_as", "base_model", "paper", "paper_title", "original_authors", "original_code",
+             "original_license", "original_weights", "untrained")
+ARXIV_URL = re.compile(r"arxiv\.org/(?:abs|pdf)/(\d{4}\.\d{4,5})")
+BIBTEX_TITLE = re.compile(r"title\s*=\s*[{\"](.+?)[}\"]\s*,", re.IGNORECASE | re.DOTALL)
+UNTRAINED_NOTE = ("**Untrained: a random initialisation, not a usable optimizer.** Its meta-parameters are random "
+                  "(written by `lopt-hf create`), so its updates are arbitrary; it is a starting point for "
+                  "meta-training (`lopt-hf metatrain` with `rule.init_from` set to this folder) and a fixture for "
+                  "tests. For an optimizer that trains models, see `lopt-hf pretrained` or a meta-trained artifact.")
 
 
 def template_text() -> str:
@@ -67,8 +82,12 @@ def render_model_card(*, rule: str, rule_config: Mapping[str, Any], theta_shapes
     extra_tags = provenance.get("tags")
     if isinstance(extra_tags, list):
         tags += [str(tag) for tag in extra_tags if str(tag) not in tags]
+    arxiv = ARXIV_URL.search(str(provenance.get("paper") or ""))
+    if arxiv and f"arxiv:{arxiv.group(1)}" not in tags:
+        tags.append(f"arxiv:{arxiv.group(1)}")
+    base_model = provenance.get("base_model")
     card_data = ModelCardData(library_name="lopt_hf", license=str(provenance.get("license", DEFAULT_LICENSE)),
-                              tags=tags)
+                              tags=tags, base_model=str(base_model) if base_model else None)
     num_meta_parameters = sum(math.prod(shape) for shape in theta_shapes.values())
     name = provenance.get("name") or (repo_id.split("/")[-1] if repo_id else f"{rule} learned optimizer")
 
@@ -80,7 +99,9 @@ def render_model_card(*, rule: str, rule_config: Mapping[str, Any], theta_shapes
         card_data,
         template_str=template_text(),
         model_name=str(name),
-        description=str(provenance["description"]) if provenance.get("description") else "",
+        description="\n\n".join(
+            part for part in (UNTRAINED_NOTE if provenance.get("untrained") else "",
+                              str(provenance.get("description") or "").strip()) if part),
         rule=rule,
         repo_id=repo_id,
         load_path=repo_id or provenance.get("shipped_as") or "path/to/this/folder",
@@ -98,9 +119,40 @@ def render_model_card(*, rule: str, rule_config: Mapping[str, Any], theta_shapes
         format_version=format_version,
         extra_files=extra_files_table_rows(meta_training, evaluation),
         citation=str(citation).strip() if citation else "",
+        paper_section=paper_section(provenance),
+        untrained=bool(provenance.get("untrained")),
         limitations=str(provenance.get("limitations") or "").strip(),
         reproduce=str(provenance.get("reproduce") or "").strip(),
     )
+
+
+def paper_section(provenance: Mapping[str, Any]) -> str:
+    """Markdown list of the work an optimizer comes from (paper, authors, code, licences), or ``""``."""
+    paper, code = provenance.get("paper"), provenance.get("original_code")
+    if not (paper or code or provenance.get("original_authors")):
+        return ""
+    title = provenance.get("paper_title")
+    if not title:
+        found = BIBTEX_TITLE.search(str(provenance.get("citation") or ""))
+        title = " ".join(found.group(1).replace("{", "").replace("}", "").split()) if found else None
+    lines = []
+    if paper:
+        arxiv = ARXIV_URL.search(str(paper))
+        label = f"arXiv {arxiv.group(1)}" if arxiv else str(paper)
+        lines.append(f"- **Paper**: {f'“{title}”, ' if title else ''}[{label}]({paper})")
+    if provenance.get("original_authors"):
+        lines.append(f"- **Authors**: {provenance['original_authors']}")
+    if code:
+        licence = f" ({provenance['original_license']} licence)" if provenance.get("original_license") else ""
+        lines.append(f"- **Original code**: [{code}]({code}){licence}")
+    weights = provenance.get("original_weights")
+    if weights:
+        url = str(weights) if "://" in str(weights) else f"https://huggingface.co/{weights}"
+        lines.append(f"- **Published weights**: [{weights}]({url})")
+    lines.append(f"- **License of this artifact**: `{provenance.get('license', DEFAULT_LICENSE)}` (card metadata)"
+                 + (f"; base model [`{provenance['base_model']}`](https://huggingface.co/{provenance['base_model']})"
+                    if provenance.get("base_model") else ""))
+    return "\n".join(lines)
 
 
 def meta_training_section(meta_training: Mapping[str, Any]) -> str:
@@ -120,8 +172,8 @@ def meta_training_section(meta_training: Mapping[str, Any]) -> str:
         import yaml
 
         text = _yaml_block(config)
-        parts.append("<details>\n<summary>Full meta-training config (YAML; reproduce with "
-                     "<code>accelerate launch scripts/metatrain.py --config config.yaml</code>)</summary>\n\n"
+        parts.append("<details>\n<summary>Full meta-training config (YAML; save it as config.yaml and reproduce "
+                     "with <code>lopt-hf metatrain --config config.yaml</code>)</summary>\n\n"
                      f"```yaml\n{text}\n```\n\n</details>")
     return "\n\n".join(parts)
 

@@ -51,6 +51,7 @@ CELO_VARIANTS: dict[str, dict[str, Any]] = {
     "celo": {
         "rule": Celo,
         "name": "Celo",
+        "weights": "amoudgl/celo",
         "description": (
             "Celo learned optimizer (Moudgil, Knyazev, Lajoie, Belilovsky — \"Celo: Training Versatile Learned "
             "Optimizers on a Compute Diet\", TMLR 2025, [arXiv 2501.12670](" + PAPER + ")), converted from the "
@@ -61,6 +62,7 @@ CELO_VARIANTS: dict[str, dict[str, Any]] = {
     "celo-adam": {
         "rule": CeloAdam,
         "name": "Celo-Adam",
+        "weights": "amoudgl/celo-adam",
         "description": (
             "Celo-Adam learned optimizer (Moudgil, Knyazev, Lajoie, Belilovsky — \"Celo: Training Versatile "
             "Learned Optimizers on a Compute Diet\", TMLR 2025, [arXiv 2501.12670](" + PAPER + ")), converted "
@@ -139,6 +141,7 @@ def convert_celo(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[
         "paper": PAPER,
         "original_code": CODE,
         "original_license": "MIT",
+        "original_weights": spec["weights"],
         **(provenance or {}),
     }
     artifact = create_artifact(spec["rule"].name, theta=theta, rule_config=config,

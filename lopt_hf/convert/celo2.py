@@ -67,6 +67,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "rule_config": RULE_PRESETS["celo2"][1],
         "harness": RULE_PRESETS["celo2"][2],
         "name": "Celo2",
+        "weights": "amoudgl/celo2",
         "description": (
             "Celo2 learned optimizer (Moudgil, Knyazev, Belilovsky — [arXiv 2602.19142](" + PAPER + ")), "
             "converted from the authors' published `theta.state` for PyTorch. The learned MLP update rule, "
@@ -78,6 +79,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "rule_config": RULE_PRESETS["celo2-base"][1],
         "harness": RULE_PRESETS["celo2-base"][2],
         "name": "Celo2-base",
+        "weights": "amoudgl/celo2-base",
         "description": (
             "Celo2-base learned optimizer (Moudgil, Knyazev, Belilovsky — [arXiv 2602.19142](" + PAPER + ")), "
             "converted from the authors' published `theta.state` for PyTorch. The learned MLP update rule "
@@ -167,6 +169,7 @@ def convert_celo2(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike
         "paper": PAPER,
         "original_code": CODE,
         "original_license": "MIT",
+        "original_weights": spec["weights"],
         **(provenance or {}),
     }
     artifact = create_artifact("celo2", theta=theta, rule_config={**architecture, **spec["rule_config"]},

@@ -117,6 +117,7 @@ def convert_velo(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[
         "paper": PAPER,
         "original_code": CODE,
         "original_license": "Apache-2.0",
+        **({"original_weights": "amoudgl/velo-4000"} if size == "velo_4000" else {}),
         **(provenance or {}),
     }
     artifact = create_artifact(Velo.name, theta=theta, rule_config=config,

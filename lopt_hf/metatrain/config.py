@@ -15,7 +15,7 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     log_every: 10
     output_dir: null              # default runs/<name>
     push_to_hub: null             # a Hub repo id to publish the final artifact to
-    card:            {description: ..., license: apache-2.0, tags: [...]}
+    card:            {name: ..., description: ..., license: apache-2.0, base_model: null, tags: [...], citation: ...}
     evaluation:      {steps: 200, tasks: [digits_mlp], ...}   # post-training evaluation for the model card
     lolo: null                    # LoLO (PES only): {buffer_size: 4, p_threshold: 0.5, behaviour_cloning: true, expert_lr: 0.001}
 
@@ -149,8 +149,11 @@ class CardSection:
     """What the exported artifact's model card says about itself."""
 
     name: Union[str, None] = None  # card title (default: the run name)
+    # What the optimizer is for, in words; the card adds what the run did (steps, time, tasks) itself.
     description: Union[str, None] = None
-    license: str = "apache-2.0"
+    license: str = "apache-2.0"  # Hub license id of the exported weights (card metadata)
+    # Hub model id the card's `base_model` metadata names (default: rule.init_from when it is a Hub id)
+    base_model: Union[str, None] = None
     tags: list[str] = field(default_factory=list)
     citation: Union[str, None] = None  # BibTeX shown at the end of the card
 

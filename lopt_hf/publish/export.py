@@ -32,8 +32,8 @@ from ..rules import build_rule
 from .card_evaluation import evaluate_for_card
 from .push import push_artifact_folder
 
-__all__ = ["export_checkpoint", "meta_training_provenance", "describe_rule_architecture", "format_duration",
-           "META_LOSS_PLOT", "EVALUATION_PLOT"]
+__all__ = ["export_checkpoint", "meta_training_provenance", "run_description", "hub_base_model",
+           "describe_rule_architecture", "format_duration", "META_LOSS_PLOT", "EVALUATION_PLOT"]
 
 META_LOSS_PLOT = "meta_loss.png"
 EVALUATION_PLOT = "evaluation.png"
@@ -50,8 +50,8 @@ ESTIMATOR_TITLES = {
 
 
 def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], *,
-                      evaluate: bool | None = None, push_to_hub: str | None = None,
-                      progress: bool = False) -> LearnedOptimizerModel:
+                      evaluate: bool | None = None, push_to_hub: str | None = None, progress: bool = False,
+                      license: str | None = None, base_model: str | None = None) -> LearnedOptimizerModel:
     """Write the artifact folder of a checkpoint (see the module docstring) and return the artifact.
 
     Args:
@@ -61,6 +61,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.
             ``None``: when the config asks for it (``evaluation.steps > 0``).
         push_to_hub: also publish the folder to this Hub repo id.
         progress: show the evaluation's tqdm bar.
+        license, base_model: the card's license and base model (default: the config's ``card`` section;
+            ``base_model`` also defaults to ``rule.init_from`` when that is a Hub repo id).
     """
     checkpoint_dir = Path(checkpoint_dir)
     state = read_trainer_state(checkpoint_dir)
@@ -74,6 +76,10 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.
     if has_curve:
         plot_meta_loss(history, out / META_LOSS_PLOT, title=f"{config.name}: meta-loss")
     provenance = meta_training_provenance(config, state, plot=META_LOSS_PLOT if has_curve else None)
+    if license:
+        provenance["license"] = license
+    if base_model:
+        provenance["base_model"] = base_model
     provenance["source"] = f"lopt_hf meta-training, checkpoint {checkpoint_dir.name} of run {config.name!r}"
     artifact = create_artifact(config.rule.name, theta=theta, rule_config=config.rule.config, provenance=provenance)
 
@@ -135,9 +141,10 @@ def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], 
         meta_training["plot"] = plot
     meta_training["config"] = config.to_dict()
     card = config.card
-    description = card.description or (
-        f"Meta-trained with `lopt_hf` ({ESTIMATOR_TITLES.get(estimator.name, estimator.name)}) for "
-        f"{_count(step)} outer iterations on {', '.join(datasets)} MLP training tasks.")
+    # What the run did comes from the run; the config's words only say what the optimizer is for.
+    description = run_description(config, state, datasets)
+    if card.description:
+        description += "\n\n" + card.description.strip()
     tags = [*card.tags]
     for tag in ("meta-trained", estimator.name, *datasets):
         if tag not in tags:
@@ -146,7 +153,56 @@ def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], 
                   "tags": tags, "meta_training": meta_training}
     if card.citation:
         provenance["citation"] = card.citation
+    base_model = card.base_model or hub_base_model(config.rule.init_from)
+    if base_model:
+        provenance["base_model"] = base_model
     return provenance
+
+
+SHORT_RUN_STEPS = 100  # fewer outer iterations than this: the card says to check the evaluation first
+
+
+def run_description(config: MetaTrainConfig, state: Mapping[str, Any], datasets: list[str]) -> str:
+    """The card's first paragraph, from what the run did: iterations, estimator, tasks, unrolls, time, processes."""
+    estimator = config.estimator
+    step = int(state.get("step", 0))
+    processes = int(state.get("num_processes", 1))
+    unrolls = (f"{estimator.min_unroll}-step" if estimator.min_unroll == estimator.max_unroll
+               else f"{estimator.min_unroll}–{estimator.max_unroll}-step")
+    truncated = (f", truncations of {estimator.truncation_length} steps"
+                 if estimator.name in ("pes", "truncated_es", "truncated_bptt") else "")
+    start = (f"fine-tuned from `{config.rule.init_from}`" if config.rule.init_from
+             else "from a random initialisation")
+    of_configured = "" if step == config.outer_steps else f" (a checkpoint; the run was configured for " \
+                                                          f"{_count(config.outer_steps)})"
+    text = (f"Meta-trained by `lopt_hf` {start}: {_count(step)} outer iteration{'s' if step != 1 else ''}"
+            f"{of_configured} of {ESTIMATOR_TITLES.get(estimator.name, estimator.name)}"
+            f"{_describe_lolo(config.lolo)}, {estimator.num_tasks} task slot{'s' if estimator.num_tasks != 1 else ''} "
+            f"per iteration, on {unrolls} training runs of MLP classifiers of {', '.join(datasets)}{truncated}; "
+            f"{format_duration(float(state.get('elapsed_s', 0.0)))} of meta-training on {processes} "
+            f"process{'es' if processes != 1 else ''}.")
+    if step < SHORT_RUN_STEPS:
+        text += (f" Only {step} outer iteration{'s' if step != 1 else ''}: check the evaluation "
+                 f"(`lopt-hf eval --optimizers PATH`) before relying on it.")
+    return text
+
+
+def hub_base_model(init_from: str | None) -> str | None:
+    """``init_from`` when it names a Hub repo (not a local folder or an optimizer shipped with lopt_hf), else None."""
+    if not init_from or os.path.exists(os.path.expanduser(init_from)) or init_from.count("/") != 1:
+        return None
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from ..pretrained import pretrained_path
+
+    if pretrained_path(init_from) is not None:
+        return None
+    try:
+        validate_repo_id(init_from)
+    except HFValidationError:
+        return None
+    return init_from
 
 
 def _describe_lolo(lolo: Mapping[str, Any] | None) -> str:
@@ -207,6 +263,8 @@ def format_duration(seconds: float) -> str:
     """``95.3`` → ``1 min 35 s``; ``7384`` → ``2 h 3 min``."""
     if not math.isfinite(seconds) or seconds < 0:
         return "unknown"
+    if seconds < 0.1:
+        return "under 0.1 s"
     if seconds < 60:
         return f"{seconds:.1f} s"
     minutes, secs = divmod(int(round(seconds)), 60)

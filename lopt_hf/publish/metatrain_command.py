@@ -68,17 +68,33 @@ def check_push_target(repo_id: str | None) -> None:
                           "TRANSFORMERS_OFFLINE) and try again")
 
 
+def start_line(config: MetaTrainConfig, source: os.PathLike[str] | None, step: int, processes: int) -> str:
+    """What is about to run, printed before the first outer step: config, length, estimator, run folder."""
+    origin = f"config {source}" if source is not None else "built-in defaults"
+    resumed = f", resuming at step {step}" if step else ""
+    return (f"meta-training {config.name!r} ({origin}): rule {config.rule.name}, {config.outer_steps} outer steps of "
+            f"{config.estimator.name} with {config.estimator.num_tasks} task slot(s) on {processes} process(es)"
+            f"{resumed}; run folder {config.run_dir}")
+
+
 # =============================================================================== command
 
 
 EPILOG = """\
 examples:
-  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml
-  accelerate launch --num_processes 2 scripts/metatrain.py --config configs/small_fc_pes.yaml \\
+  lopt-hf metatrain --list-configs                                  # the configs shipped with lopt_hf
+  lopt-hf metatrain --config quickstart                             # a shipped config, by name
+  lopt-hf metatrain --config my_config.yaml                         # or any YAML file
+  accelerate launch -m lopt_hf.metatrain --config quickstart        # the same, with Accelerate
+  accelerate launch --num_processes 2 -m lopt_hf.metatrain --config small_fc_pes \\
       --set estimator.num_tasks=16 --meta_optimizer.lr 1e-3
-  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml --resume      # after a crash
-  accelerate launch scripts/metatrain.py --config configs/quickstart.yaml --push-to-hub you/quickstart-lopt
-  python scripts/metatrain.py --config configs/quickstart.yaml --print-config       # resolved config
+  lopt-hf metatrain --config quickstart --resume                    # after a crash
+  lopt-hf metatrain --config quickstart --push-to-hub you/quickstart-lopt
+  lopt-hf metatrain --config quickstart --print-config              # resolved config (save it, edit it)
+
+--config takes a YAML path or the name of a config shipped inside the package (its file stem under
+lopt_hf/configs/, e.g. quickstart, celo, pretrained/small_fc_lolo); in a checkout, configs/ links to
+the same files. `python -m lopt_hf.metatrain` and `scripts/metatrain.py` are this command too.
 
 overrides: any config key, dotted: `--set SECTION.KEY=VALUE` (repeatable) or `--SECTION.KEY VALUE`;
 values are YAML (`--set task.hidden_sizes=[64,32]`, `--set meta_optimizer.grad_clip=null`).
@@ -97,8 +113,11 @@ def build_parser(prog: str = "metatrain.py") -> argparse.ArgumentParser:
         description="Meta-train a learned optimizer (lopt_hf) with Accelerate: tasks are split across the "
                     "launched processes, meta-gradients all-reduced, theta updated with AdamW; progress bar, "
                     "TensorBoard logs, atomic checkpoints, and the final artifact with its model card.")
-    parser.add_argument("--config", metavar="YAML", help="meta-training config (see configs/); default: built-in "
-                                                         "defaults")
+    parser.add_argument("--config", metavar="NAME|YAML",
+                        help="meta-training config: the name of a shipped one (`--list-configs`) or a YAML file; "
+                             "default: built-in defaults")
+    parser.add_argument("--list-configs", action="store_true",
+                        help="list the configs shipped with lopt_hf (names for --config) and exit")
     parser.add_argument("--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
                         help="continue the run from its newest checkpoint (or from the given checkpoint folder); "
                              "starts fresh if the run has none")
@@ -119,8 +138,14 @@ def parse_args(argv: Sequence[str] | None = None,
     """Parse the command line into the options and the resolved config."""
     parser = build_parser(prog)
     args, rest = parser.parse_known_args(argv)
+    if args.list_configs:
+        from .shipped_configs import describe_shipped_configs
+
+        print(describe_shipped_configs())
+        parser.exit()
     from ..metatrain.config import ConfigError, load_config
     from .card_evaluation import check_evaluation_tasks
+    from .shipped_configs import resolve_config
 
     overrides = list(args.overrides)
     index = 0
@@ -144,7 +169,8 @@ def parse_args(argv: Sequence[str] | None = None,
     if args.push_to_hub:
         overrides.append(f"push_to_hub={args.push_to_hub}")
     try:
-        config = load_config(args.config, overrides)
+        args.config_path = None if args.config is None else resolve_config(args.config)
+        config = load_config(args.config_path, overrides)
         check_evaluation_tasks(config, source=args.config or "command line")
     except ConfigError as err:
         parser.error(str(err))
@@ -152,7 +178,7 @@ def parse_args(argv: Sequence[str] | None = None,
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "metatrain.py") -> int:
-    """Entry point of ``scripts/metatrain.py`` and ``lopt-hf metatrain``."""
+    """Entry point of ``lopt-hf metatrain``, ``python -m lopt_hf.metatrain`` and ``scripts/metatrain.py``."""
     args, config = parse_args(argv, prog)
     from ..metatrain.checkpoint import CheckpointError
     from ..metatrain.config import ConfigError, config_to_dict
@@ -167,6 +193,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "metatrain.py") -> int:
     try:
         check_push_target(config.push_to_hub)  # now, not after hours of training
         trainer = MetaTrainer(config, resume=args.resume, progress=not args.no_progress)
+        if trainer.is_main:
+            print(start_line(config, args.config_path, trainer.step, trainer.accelerator.num_processes),
+                  file=sys.stderr)
         result = train_and_export(config, export=not args.no_export, trainer=trainer)
     except (CheckpointError, ConfigError) as err:
         print(f"{prog}: {err}", file=sys.stderr)

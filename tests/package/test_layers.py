@@ -11,7 +11,8 @@ even lazily inside a function):
    shipped optimizers, ``load_lopt``, ``convert`` (the authors' checkpoints, which ``hub`` loads directly)
 5. integrations: ``lopt_hf.trainer`` (transformers)
 6. ``lopt_hf.metatrain`` and ``lopt_hf.evaluation``: siblings, neither imports the other
-7. on top: ``lopt_hf.publish`` (export + evaluated card), ``cli``, ``bench``
+7. on top: ``lopt_hf.publish`` (export + evaluated card), ``cli``, ``bench``, and the entry point
+   ``lopt_hf.metatrain.__main__`` (``python -m lopt_hf.metatrain`` runs the publish-layer command)
 8. ``lopt_hf`` itself: the public facade, imported by nothing inside the package
 """
 
@@ -33,7 +34,7 @@ LAYERS: dict[str, int] = {
     "lopt_hf.load": 4, "lopt_hf.auto_registration": 4, "lopt_hf.convert": 4,
     "lopt_hf.trainer": 5,
     "lopt_hf.metatrain": 6, "lopt_hf.evaluation": 6,
-    "lopt_hf.publish": 7, "lopt_hf.cli": 7, "lopt_hf.bench": 7,
+    "lopt_hf.publish": 7, "lopt_hf.cli": 7, "lopt_hf.bench": 7, "lopt_hf.metatrain.__main__": 7,
     "lopt_hf": 8,
 }
 SIBLINGS = [{"lopt_hf.metatrain", "lopt_hf.evaluation"}]

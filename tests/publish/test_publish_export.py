@@ -146,6 +146,13 @@ def test_cli_export_from_a_checkpoint_and_card(trained_run: Path, tmp_path: Path
     assert "| **Outer iterations** | 4 |" in card_parts(tmp_path / "newest")[1]
     assert cli_main(["export", str(tmp_path), str(tmp_path / "x")]) == 2
     assert "neither a checkpoint" in capsys.readouterr().err
+    # The card's license and base model, chosen at export.
+    assert cli_main(["export", str(trained_run), str(tmp_path / "licensed"), "--no-evaluate", "--license", "mit",
+                     "--base-model", "someone/base-lopt"]) == 0
+    metadata, _ = card_parts(tmp_path / "licensed")
+    assert (metadata["license"], metadata["base_model"]) == ("mit", "someone/base-lopt")
+    assert cli_main(["export", str(trained_run), str(tmp_path / "y"), "--base-model", "not/a/repo"]) == 2
+    assert "not a valid Hub repo id" in capsys.readouterr().err and not (tmp_path / "y").exists()
     # `lopt-hf card` re-renders README.md from config.json.
     (out / "README.md").unlink()
     assert cli_main(["card", str(out), "--repo-id", "someone/tiny"]) == 0

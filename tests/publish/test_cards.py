@@ -1,0 +1,109 @@
+"""Model cards tell the truth: what the run did, license and base model, the papers of converted optimizers,
+and a random initialisation that says it is one."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lopt_hf import load_artifact
+from lopt_hf.cli import main as cli_main
+from lopt_hf.metatrain.config import load_config
+from lopt_hf.model_card import render_model_card
+from lopt_hf.publish.export import format_duration, hub_base_model, meta_training_provenance
+from lopt_hf.publish.shipped_configs import shipped_configs
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "refvectors"
+
+
+def card_parts(text: str) -> tuple[dict, str]:
+    _, header, body = text.split("---\n", 2)
+    return yaml.safe_load(header), body
+
+
+def render(provenance: dict) -> str:
+    return str(render_model_card(rule="per_param_mlp", rule_config={}, theta_shapes={"w0": (3, 2)},
+                                 optimizer_defaults={"lr": 1.0}, harness=None, provenance=provenance,
+                                 format_version=1))
+
+
+def test_the_description_says_what_the_run_did() -> None:
+    config = load_config(shipped_configs()["quickstart"], ["outer_steps=30", "estimator.min_unroll=5",
+                                                            "estimator.max_unroll=9"])
+    state = {"step": 30, "elapsed_s": 12.34, "num_processes": 2, "history": {"meta_loss": [1.0, 0.9]}}
+    description = meta_training_provenance(config, state)["description"]
+    facts, recipe = description.split("\n\n")
+    assert facts.startswith("Meta-trained by `lopt_hf` from a random initialisation: 30 outer iterations of "
+                            "Persistent Evolution Strategies (PES), 8 task slots per iteration, on 5–9-step training "
+                            "runs of MLP classifiers of digits, truncations of 10 steps; 12.3 s of meta-training on "
+                            "2 processes.")
+    assert "Only 30 outer iterations: check the evaluation" in facts
+    assert recipe.startswith("A small learned optimizer from the lopt_hf quickstart config")
+    # an exported checkpoint that is not the run's end says so; a long run gets no warning
+    state = {**state, "step": 200, "elapsed_s": 4000.0}
+    facts = meta_training_provenance(load_config(shipped_configs()["quickstart"]), state)["description"]
+    assert "200 outer iterations (a checkpoint; the run was configured for 400)" in facts
+    assert "1 h 6 min of meta-training" in facts and "Only" not in facts
+    assert format_duration(0.03) == "under 0.1 s"
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs()))
+def test_shipped_config_descriptions_claim_no_run_facts(name: str) -> None:
+    """Durations and unroll lengths come from the run (overrides change them), never from the config's words."""
+    description = load_config(shipped_configs()[name]).card.description or ""
+    assert not re.search(r"minute|hour|second|\bCPU core|\d+\s*[–-]\s*\d+[- ]step", description), description
+
+
+def test_license_and_base_model() -> None:
+    fine_tune = load_config(shipped_configs()["celo"])  # rule.init_from: amoudgl/celo, card.license: mit
+    provenance = meta_training_provenance(fine_tune, {"step": 1})
+    assert provenance["license"] == "mit" and provenance["base_model"] == "amoudgl/celo"
+    assert "fine-tuned from `amoudgl/celo`" in provenance["description"]
+    metadata, body = card_parts(render(provenance))
+    assert metadata["base_model"] == "amoudgl/celo" and metadata["license"] == "mit"
+    assert "[`amoudgl/celo`](https://huggingface.co/amoudgl/celo)" not in body  # no paper keys: no such section
+    chosen = load_config(shipped_configs()["celo"], ["card.base_model=someone/base", "card.license=cc-by-4.0"])
+    provenance = meta_training_provenance(chosen, {"step": 1})
+    assert (provenance["base_model"], provenance["license"]) == ("someone/base", "cc-by-4.0")
+    assert hub_base_model("lopt-hf/small-fc-lolo") is None  # shipped with lopt_hf, not a Hub repo
+    assert hub_base_model(str(FIXTURES)) is None and hub_base_model("not a repo/x") is None
+    assert "base_model" not in meta_training_provenance(load_config(shipped_configs()["quickstart"]), {"step": 1})
+
+
+@pytest.mark.parametrize("fmt, checkpoint, arxiv, title, weights, licence", [
+    ("celo2", "celo2_theta0.state", "2602.19142", "Celo2: Towards Learned Optimization Free Lunch",
+     "amoudgl/celo2", "mit"),
+    ("celo", "celo_published_theta.state", "2501.12670", "Celo: Training Versatile Learned Optimizers on a Compute "
+     "Diet", "amoudgl/celo", "mit"),
+    ("celo-adam", "celo_adam_published_theta.state", "2501.12670", "Celo: Training Versatile Learned Optimizers on a "
+     "Compute Diet", "amoudgl/celo-adam", "mit"),
+    ("velo", "velo_4000_random_perturbed_theta.state", "2211.09760", "VeLO: Training Versatile Learned Optimizers "
+     "by Scaling Up", "amoudgl/velo-4000", "apache-2.0"),
+])
+def test_converted_cards_link_the_paper(fmt: str, checkpoint: str, arxiv: str, title: str, weights: str,
+                                        licence: str, tmp_path: Path) -> None:
+    assert cli_main(["convert", fmt, str(FIXTURES / checkpoint), str(tmp_path / "out")]) == 0
+    metadata, body = card_parts((tmp_path / "out" / "README.md").read_text())
+    assert f"arxiv:{arxiv}" in metadata["tags"] and metadata["license"] == licence
+    section = body.split("## Paper and licence\n\n", 1)[1].split("\n## ", 1)[0]
+    assert f"- **Paper**: “{title}”, [arXiv {arxiv}](https://arxiv.org/abs/{arxiv})" in section
+    assert "- **Authors**: " in section and "- **Original code**: [https://github.com/" in section
+    assert f"- **Published weights**: [{weights}](https://huggingface.co/{weights})" in section
+    assert f"- **License of this artifact**: `{licence}`" in section
+    assert "| paper |" not in body  # shown in its section, not repeated in the provenance table
+
+
+def test_a_created_random_theta_says_it_is_untrained(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["create", "small_fc_lopt", str(tmp_path / "a"), "--seed", "4"]) == 0
+    assert "not a usable optimizer" in capsys.readouterr().out
+    metadata, body = card_parts((tmp_path / "a" / "README.md").read_text())
+    assert {"untrained", "random-init"} <= set(metadata["tags"])
+    assert body.lstrip().startswith("# small_fc_lopt (untrained random initialisation, seed 4)\n\n"
+                                    "**Untrained: a random initialisation, not a usable optimizer.**")
+    assert "use it like any other optimizer" not in body
+    assert load_artifact(tmp_path / "a").config.provenance["untrained"] is True
+    # a trained artifact's card keeps the usual wording
+    assert "use it like any other optimizer" in render({"description": "trained"})
