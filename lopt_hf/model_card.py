@@ -46,6 +46,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from .rules.base import RuleConfigError, rule_class
+
 TEMPLATE_PACKAGE = "lopt_hf"
 TEMPLATE_NAME = "templates/model_card.md"
 DEFAULT_LICENSE = "apache-2.0"
@@ -121,9 +123,18 @@ def render_model_card(*, rule: str, rule_config: Mapping[str, Any], theta_shapes
         citation=str(citation).strip() if citation else "",
         paper_section=paper_section(provenance),
         untrained=bool(provenance.get("untrained")),
+        scheduled=_is_scheduled(rule),
         limitations=str(provenance.get("limitations") or "").strip(),
         reproduce=str(provenance.get("reproduce") or "").strip(),
     )
+
+
+def _is_scheduled(rule: str) -> bool:
+    """Whether ``rule`` is a scheduled rule (it needs the planned steps and the loss every step)."""
+    try:
+        return bool(rule_class(rule).scheduled)
+    except RuleConfigError:
+        return False
 
 
 def paper_section(provenance: Mapping[str, Any]) -> str:

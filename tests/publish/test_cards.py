@@ -107,3 +107,16 @@ def test_a_created_random_theta_says_it_is_untrained(tmp_path: Path, capsys: pyt
     assert load_artifact(tmp_path / "a").config.provenance["untrained"] is True
     # a trained artifact's card keeps the usual wording
     assert "use it like any other optimizer" in render({"description": "trained"})
+
+
+def test_a_scheduled_rule_card_shows_the_planned_steps_and_the_loss(tmp_path) -> None:
+    """Celo / VeLO cards: the quickstart calls set_total_steps and step(loss=...), and Trainer needs attach()."""
+    from lopt_hf import create_artifact
+
+    create_artifact("celo", seed=0).save_pretrained(tmp_path / "celo")
+    create_artifact("small_fc_lopt", seed=0).save_pretrained(tmp_path / "plain")
+    scheduled = (tmp_path / "celo" / "README.md").read_text()
+    plain = (tmp_path / "plain" / "README.md").read_text()
+    assert "optimizer.set_total_steps(num_steps)" in scheduled and "optimizer.step(loss=loss)" in scheduled
+    assert "LearnedOptimizerCallback.attach(trainer)" in scheduled
+    assert "set_total_steps" not in plain and "optimizer.step()" in plain
