@@ -14,6 +14,10 @@ by ``√v / √(1 − β₂ᵗ)`` and folds ``lr / (1 − β₁ᵗ)`` into ``add
 to 2.4e-7 absolute on unit-scale weights after 5 steps). Keeping this arithmetic keeps every
 ``"adamw"``-routed step (Celo2's harness) bit-identical to the artifacts and tests made with it;
 it also keeps float32 moments for bf16 parameters, which torch's grouping by dtype does not.
+
+These functions do not check their input: ``LearnedOptimizer`` hands them only gradients whose
+elements are all below ``lopt_hf.optim.ADAMW_GRAD_LIMIT`` in magnitude (1e19), so ``g²`` and the
+second moment stay finite (a larger or non-finite gradient is skipped and counted there).
 """
 
 from __future__ import annotations

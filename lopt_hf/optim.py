@@ -16,7 +16,12 @@ torch optimizer:
 * ``state_dict()`` holds only tensors and plain Python values, so it loads with
   ``torch.load(weights_only=True)`` (how ``transformers.Trainer`` reloads ``optimizer.pt``);
 * a tensor whose gradient (or computed step) is not finite is left untouched, its state is not
-  advanced, and the skip is counted — NaN never reaches the parameters;
+  advanced, and the skip is counted — NaN never reaches the parameters. On the ``"adamw"`` route a
+  gradient element of magnitude ≥ ``ADAMW_GRAD_LIMIT`` (1e19; its square overflows float32) counts
+  as non-finite too, so one absurd gradient cannot make a second moment infinite;
+* ``step()`` checks what could stop it (sparse gradients) before it changes anything;
+  ``load_state_dict`` checks every state tensor's shape against what the rule keeps for that
+  parameter before it loads anything; a 0-element tensor is left as it is (no state, not counted);
 * the rule computes in float32 whatever the parameter dtype (bf16 parameters keep float32
   optimizer state; the result is rounded once when written back);
 * a rule with ``layout_sensitive = True`` computes in JAX layout: each parameter is handed to it
@@ -27,6 +32,9 @@ torch optimizer:
 * ``set_total_steps(n)`` records the planned length of training in every param group
   (``"total_steps"``; saved with ``state_dict``) for rules and tools that need it —
   ``lopt_hf.LearnedOptimizerCallback`` sets it from ``transformers.Trainer``'s ``max_steps``;
+* stepped by ``transformers.Trainer`` without that callback (found on the call stack at the first
+  ``step()``), it warns once (:class:`LearnedOptimizerSettingsWarning`) if Trainer's LR scheduler
+  scales the learned step or ``max_grad_norm`` clips the gradients — Trainer's defaults do both;
 * the rule runs through its deployment kernel (:func:`lopt_hf.kernels.kernel_for`), one learned-step
   path for every rule: tensors go to the kernel in stacks — for a rule with ``stackable = True``
   (Celo2) the tensors of one shape, layout, dtype and step count together (in stacks of at most
@@ -53,6 +61,8 @@ torch optimizer:
 from __future__ import annotations
 
 import math
+import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -77,10 +87,19 @@ ROUTE_KEY = "route"
 LEARNED_ROUTE = "learned"
 ADAMW_ROUTE = "adamw"
 ROUTES = (LEARNED_ROUTE, ADAMW_ROUTE)
+# The AdamW route treats a gradient with an element of this magnitude or more like a non-finite one (skipped,
+# counted): its square (1e38 here; float32's largest is 3.4e38) would make the second moment infinite, and
+# m / (√v + eps) = 0 would then never move that element again. No trained model's gradient comes near it.
+ADAMW_GRAD_LIMIT = 1.0e19
 # torch.optim.AdamW's defaults, for an "adamw" group that does not set its own.
 ADAMW_DEFAULTS = {"betas": (0.9, 0.999), "eps": 1e-8}
 
 ParamsT = Iterable[Tensor] | Iterable[dict[str, Any]]
+
+
+class LearnedOptimizerSettingsWarning(UserWarning):
+    """A ``transformers.Trainer`` setting silently changes what a learned optimizer does."""
+
 
 # Most elements in one stack of same-shape tensors for rules with ``update_stacked``: stacking pays
 # where tensors are small (Python and kernel overhead per tensor); larger ones go alone, so a
@@ -127,6 +146,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
         # Settings of the artifact this optimizer was loaded from (``load_lopt`` fills it in), so
         # tools can tell e.g. a learning rate far from the one the rule was meta-trained with.
         self.artifact_defaults: dict[str, Any] = {}
+        # False until someone has checked how this optimizer is driven: ``LearnedOptimizerCallback`` sets it at
+        # the start of training; otherwise the first ``step()`` looks whether ``transformers.Trainer`` drives it
+        # with settings that change the learned step (an LR schedule, gradient clipping) and warns once.
+        self.settings_checked = False
         self._step_stats = _StepStats()
         self._recorded_loss: Tensor | None = None  # set by record_loss, consumed by the next step()
         # A scheduled rule's output of this step: param -> (control row, the tensor's new scheduler rows).
@@ -270,10 +293,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """
         if closure is not None and loss is not None:
             raise ValueError("pass either a closure or loss=..., not both")
+        if not self.settings_checked:
+            self.settings_checked = True
+            _warn_if_trainer_changes_the_step(self)
         closure_loss = None
         if closure is not None:
             with torch.enable_grad():
                 closure_loss = closure()
+        self._check_gradients()  # before anything changes: a bad gradient leaves every group as it was
         rule_loss = self._loss_for_rule(closure_loss if closure is not None else loss)
         skip_learned = rule_loss is not None and not bool(torch.isfinite(rule_loss))
         self._step_stats = _StepStats()
@@ -282,14 +309,21 @@ class LearnedOptimizer(torch.optim.Optimizer):
             self._run_schedule(rule_loss)
         for group in self.param_groups:
             lr, weight_decay = group["lr"], group["weight_decay"]
-            params = [param for param in group["params"] if param.grad is not None]
-            if any(param.grad.is_sparse for param in params):
-                raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+            params = [param for param in group["params"] if _steps(param)]
             if group.get(ROUTE_KEY, LEARNED_ROUTE) == ADAMW_ROUTE:
                 self._adamw_step_group(params, lr, weight_decay, group["betas"], group["eps"])
             else:
                 self._step_learned_group(params, lr, weight_decay, rule_loss, skip_learned)
         return closure_loss
+
+    def _check_gradients(self) -> None:
+        """Raise for gradients no route can step (sparse ones), naming the tensor, before any group is stepped."""
+        for group_index, group in enumerate(self.param_groups):
+            for param_index, param in enumerate(group["params"]):
+                if param.grad is not None and param.grad.is_sparse:
+                    raise RuntimeError(f"LearnedOptimizer does not support sparse gradients (param group "
+                                       f"{group_index}, tensor {param_index} of shape {tuple(param.shape)}); "
+                                       "nothing was stepped")
 
     def _learned_params(self) -> list[Tensor]:
         """Every parameter of the learned-route groups, in group order."""
@@ -299,7 +333,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _run_schedule(self, loss: Tensor) -> None:
         """A scheduled rule's whole-model phase over the learned tensors with finite gradients; fills
         :attr:`_controls`. The whole-model state advances here, each tensor's rows when it is committed."""
-        params = [param for param in self._learned_params() if param.grad is not None]
+        params = [param for param in self._learned_params() if _steps(param)]
         if not params:
             return
         total_steps = self.total_steps
@@ -439,7 +473,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def _adamw_step_group(self, params: list[Tensor], lr: float, weight_decay: float, betas: tuple[float, float],
                           eps: float) -> None:
         """One AdamW step (:mod:`lopt_hf.adamw`, float32) for a group's tensors, with ``torch._foreach``
-        kernels; a tensor whose gradient is not finite is skipped and counted."""
+        kernels; a tensor whose gradient is not finite — or has an element of magnitude
+        :data:`ADAMW_GRAD_LIMIT` or more, whose square would overflow the float32 second moment
+        and freeze that element for good — is skipped (moments untouched) and counted."""
         for param in params:
             state = self.state[param]
             if not state:
@@ -448,9 +484,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
         if not params:
             return
         grads = [param.grad.detach().to(torch.float32) for param in params]
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).tolist()  # see _finite_rows
+        # Usable: every |g| < ADAMW_GRAD_LIMIT (so g² and the second moment stay finite). A 2-norm below the
+        # limit proves it (one reduction, one sync); NaN, inf and larger norms are told apart exactly.
+        finite = (torch.stack(torch._foreach_norm(grads)) < ADAMW_GRAD_LIMIT).tolist()
         if not all(finite):
-            finite = [ok or bool(torch.isfinite(grad).all()) for ok, grad in zip(finite, grads)]
+            finite = [ok or bool(grad.abs().max() < ADAMW_GRAD_LIMIT) for ok, grad in zip(finite, grads)]
         by_count: dict[int, list[int]] = {}  # tensors by step count: their bias corrections agree
         for index, (param, ok) in enumerate(zip(params, finite)):
             if ok:
@@ -495,12 +533,19 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state saved by ``state_dict()``; refuses a state of a different rule."""
+        """Load a state saved by ``state_dict()``.
+
+        Refuses — with a ``ValueError`` naming the parameter and the key, before anything is loaded — a
+        state of a different rule, or of other parameter groups, or one whose tensors do not have the
+        shapes this rule keeps for these parameters (a state saved for wider layers, or by the rule with
+        other hyper-parameters, would otherwise load and fail at the next ``step()``).
+        """
         for group in state_dict.get("param_groups", []):
             saved_rule = group.get("rule", self.rule.name)
             if saved_rule != self.rule.name:
                 raise ValueError(f"optimizer state was saved by rule {saved_rule!r}, but this optimizer "
                                  f"runs rule {self.rule.name!r}")
+        self._check_state_shapes(state_dict)
         super().load_state_dict(state_dict)
         # torch casts floating state to each parameter's dtype on load (bf16 for bf16 params),
         # which would lose our float32 rule state: put back the saved tensors with their dtype.
@@ -511,11 +556,148 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if isinstance(value, Tensor):
                     self.state[param][key] = value.to(device=param.device).clone()
 
+    def _check_state_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless every saved per-tensor state has the keys and shapes this optimizer would
+        give that tensor (``init_state`` in the rule's layout, or AdamW's moments, by the saved group's route)
+        and the whole-model schedule state those of ``init_schedule_state``."""
+        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, Mapping):
+            raise ValueError("not an optimizer state_dict: it needs a 'param_groups' list and a 'state' mapping")
+        if len(saved_groups) != len(self.param_groups) or any(
+                len(saved["params"]) != len(group["params"]) for saved, group in zip(saved_groups, self.param_groups)):
+            raise ValueError(f"optimizer state has param groups of sizes {[len(g['params']) for g in saved_groups]}, "
+                             f"this optimizer {[len(g['params']) for g in self.param_groups]}: it was saved for "
+                             "other parameters")
+        expected_by_key: dict[tuple, dict[str, tuple[int, ...]]] = {}  # same shape and layout: same state
+        index = 0
+        for saved_group, group in zip(saved_groups, self.param_groups):
+            route = saved_group.get(ROUTE_KEY, LEARNED_ROUTE)  # the route the group has once loaded
+            for saved_id, param in zip(saved_group["params"], group["params"]):
+                state = saved_state.get(saved_id, {})
+                if state and param.numel() > 0:  # (a 0-element tensor's state is never read)
+                    key = (route, tuple(param.shape), self.layout_of(param))
+                    if key not in expected_by_key:
+                        expected_by_key[key] = self._expected_state_shapes(param, route)
+                    _check_state(f"parameter {index} (shape {tuple(param.shape)})", state, expected_by_key[key],
+                                 {STEP_KEY, SKIPPED_KEY})
+                index += 1
+        schedule_state = saved_state.get(SCHEDULE_KEY)
+        if self.rule.scheduled and schedule_state:
+            expected = {key: tuple(value.shape) for key, value in self.rule.init_schedule_state(1).items()}
+            _check_state(f"'{SCHEDULE_KEY}' (the whole-model state)", schedule_state, expected, set())
+
+    def _expected_state_shapes(self, param: Tensor, route: str) -> dict[str, tuple[int, ...]]:
+        """Key → shape of the state tensors ``step()`` keeps for ``param`` on ``route``."""
+        if route == ADAMW_ROUTE:
+            return {"exp_avg": tuple(param.shape), "exp_avg_sq": tuple(param.shape)}
+        state = self._init_param_state(param)
+        return {key: tuple(value.shape) for key, value in state.items() if key not in _RESERVED_KEYS}
+
     def __repr__(self) -> str:
         groups = ", ".join(f"group {i}: {g.get(ROUTE_KEY, LEARNED_ROUTE)}, lr={g['lr']}, "
                            f"weight_decay={g['weight_decay']}, {len(g['params'])} tensors"
                            for i, g in enumerate(self.param_groups))
         return f"LearnedOptimizer(rule={self.rule.name!r}, {groups})"
+
+
+def lr_schedule_factors(lr_scheduler: Any, max_steps: int) -> list[float] | None:
+    """The multipliers a ``LambdaLR``-style scheduler (``transformers``' schedules) applies at a few steps
+    over ``max_steps``, or ``None`` if they cannot be read without stepping it."""
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if not lambdas or max_steps <= 0:
+        return None
+    probe_steps = sorted({0, 1, max_steps // 4, max_steps // 2, (3 * max_steps) // 4, max(max_steps - 1, 0)})
+    try:
+        return [float(lambdas[0](step)) for step in probe_steps]
+    except Exception:  # noqa: BLE001 -- a stateful or unusual lambda: do not guess
+        return None
+
+
+# How many calling frames the first step() looks through for a transformers.Trainer (its training loop calls
+# step() through Accelerate's wrapper, the LR scheduler's and torch's hooks: about eight frames).
+_TRAINER_SEARCH_DEPTH = 24
+
+
+def _calling_trainer() -> tuple[Any, int]:
+    """The ``transformers.Trainer`` whose training loop is calling ``step()`` (found on the call stack by
+    class, without importing transformers) and how many frames above the caller it is; ``(None, 0)`` if none."""
+    frame = sys._getframe(1)
+    for depth in range(_TRAINER_SEARCH_DEPTH):
+        if frame is None:
+            break
+        candidate = frame.f_locals.get("self")
+        if candidate is not None and any(cls.__name__ == "Trainer" and cls.__module__.startswith("transformers.")
+                                         for cls in type(candidate).__mro__):
+            return candidate, depth
+        frame = frame.f_back
+    return None, 0
+
+
+def _warn_if_trainer_changes_the_step(optimizer: LearnedOptimizer) -> None:
+    """Warn once (:class:`LearnedOptimizerSettingsWarning`) if ``transformers.Trainer`` steps ``optimizer``
+    without ``LearnedOptimizerCallback`` (which checks every setting at the start of training) while
+    its LR scheduler scales the learned step or ``max_grad_norm`` clips the gradients — Trainer's
+    defaults do both (``lr_scheduler_type="linear"``: the step decays to 0; ``max_grad_norm=1.0``)."""
+    trainer, depth = _calling_trainer()
+    args = getattr(trainer, "args", None)
+    if args is None:
+        return
+    is_main = getattr(trainer, "is_local_process_zero", None)
+    if callable(is_main) and not is_main():
+        return
+    problems = []
+    kind = getattr(args, "lr_scheduler_type", "constant")
+    kind = str(getattr(kind, "value", kind))
+    max_steps = int(getattr(getattr(trainer, "state", None), "max_steps", 0) or 0)
+    factors = lr_schedule_factors(getattr(trainer, "lr_scheduler", None), max_steps)
+    if factors is not None and not all(math.isclose(factor, 1.0, rel_tol=1e-6) for factor in factors):
+        problems.append(f"the LR scheduler (lr_scheduler_type={kind}) scales the learned step by factors from "
+                        f"{min(factors):.3g} to {max(factors):.3g} over {max_steps} steps")
+    elif factors is None and kind != "constant":
+        problems.append(f"lr_scheduler_type={kind} scales the learned step during training")
+    max_grad_norm = getattr(args, "max_grad_norm", 0) or 0
+    if max_grad_norm > 0:
+        problems.append(f"max_grad_norm={max_grad_norm} clips the gradients before the learned rule sees them")
+    if problems:
+        warnings.warn("LearnedOptimizer is stepped by transformers.Trainer without lopt_hf.LearnedOptimizerCallback, "
+                      "and Trainer settings change what it does:\n" + "\n".join(f"  - {p}" for p in problems)
+                      + "\n(a learned optimizer was meta-trained with a constant multiplier on raw gradients: use "
+                        "TrainingArguments(lr_scheduler_type='constant', max_grad_norm=0), and add "
+                        "callbacks=[lopt_hf.LearnedOptimizerCallback()], which sets the planned number of steps, "
+                        "logs the optimizer's statistics and checks every setting at the start of training)",
+                      LearnedOptimizerSettingsWarning, stacklevel=depth + 1)  # at Trainer's optimizer.step()
+
+
+def _check_state(what: str, state: Mapping[str, Any], expected: dict[str, tuple[int, ...]], counters: set[str]) -> None:
+    """Raise ``ValueError`` unless ``state`` has exactly the tensor keys of ``expected``, with those shapes,
+    and the ``counters`` (plain integers)."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"optimizer state of {what} is a {type(state).__name__}, not a mapping")
+    missing = sorted(set(expected) - set(state)) + sorted(counters - set(state))
+    extra = sorted(set(state) - set(expected) - counters)
+    if missing or extra:
+        problems = ([f"missing {missing}"] if missing else []) + ([f"unknown {extra}"] if extra else [])
+        raise ValueError(f"optimizer state of {what} does not fit this optimizer ({'; '.join(problems)} keys): it was "
+                         "saved by the rule with other hyper-parameters or for other parameters; nothing was loaded")
+    for key, shape in expected.items():
+        value = state[key]
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+            found = f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+            raise ValueError(f"optimizer state of {what}: '{key}' has {found}, but this optimizer keeps shape "
+                             f"{shape} for it — saved for differently sized parameters or by the rule with other "
+                             "hyper-parameters; nothing was loaded")
+    for key in counters:
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"optimizer state of {what}: '{key}' must be a count (an integer >= 0), got "
+                             f"{state[key]!r}; nothing was loaded")
+
+
+def _steps(param: Tensor) -> bool:
+    """Does ``step()`` touch ``param``? Only with a gradient, and only if it has elements: a 0-element
+    tensor has nothing to update (it is left as it is, gets no state, and counts as neither updated nor
+    skipped) — and kept out of the rule, whose statistics over a tensor's elements are not defined for none."""
+    return param.grad is not None and param.numel() > 0
 
 
 def _scalar_loss(loss: Tensor | float) -> Tensor:

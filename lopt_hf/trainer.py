@@ -30,7 +30,10 @@ What ``Trainer`` does and does not apply to a learned optimizer (both ways):
   ``lopt/skipped_nonfinite``) — the parameters stay finite.
 
 ``LearnedOptimizerCallback`` tells the optimizer the planned number of steps, logs its statistics
-and warns once about the settings above.
+and warns once about the settings above. Without the callback, the optimizer's first ``step()``
+finds the Trainer driving it and warns once (:class:`LearnedOptimizerSettingsWarning`) if its LR
+scheduler scales the learned step or ``max_grad_norm`` clips the gradients — Trainer's defaults
+(``lr_scheduler_type="linear"``, ``max_grad_norm=1.0``) do both.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from transformers import TrainerCallback
 
 from .hub import LearnedOptimizerModel
 from .load import load_lopt, resolve_artifact
-from .optim import ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY, LearnedOptimizer
+from .optim import (ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY, LearnedOptimizer, LearnedOptimizerSettingsWarning,
+                    lr_schedule_factors)
 
 __all__ = ["LearnedOptimizerCallback", "LearnedOptimizerFactory", "LearnedOptimizerSettingsWarning",
            "trainer_optimizer", "unwrap_optimizer"]
@@ -59,10 +63,6 @@ logger = logging.getLogger(__name__)
 TINY_LR_RATIO = 0.01
 # Prefix of the keys LearnedOptimizerCallback adds to Trainer's logs.
 LOG_PREFIX = "lopt/"
-
-
-class LearnedOptimizerSettingsWarning(UserWarning):
-    """A Trainer setting silently changes what a learned optimizer does."""
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -217,6 +217,7 @@ class LearnedOptimizerCallback(TrainerCallback):
                             type(learned).__name__)
                 self._not_learned_noted = True
             return
+        learned.settings_checked = True  # checked here: the optimizer need not look for a Trainer itself
         if learned.rule.needs_loss and self._trainer is None:
             raise RuntimeError(f"rule {learned.rule.name!r} needs the training loss, which Trainer's callback events "
                                "do not carry: add the callback with LearnedOptimizerCallback.attach(trainer) "
@@ -260,7 +261,7 @@ def settings_problems(args: Any, optimizer: LearnedOptimizer, lr_scheduler: Any,
     groups = learned_groups or optimizer.param_groups
     base_lr = float(groups[0].get("initial_lr", groups[0]["lr"]))
 
-    factors = _schedule_factors(lr_scheduler, max_steps)
+    factors = lr_schedule_factors(lr_scheduler, max_steps)
     if factors is not None:
         low, high = min(factors), max(factors)
         if not (math.isclose(low, 1.0, rel_tol=1e-6) and math.isclose(high, 1.0, rel_tol=1e-6)):
@@ -300,15 +301,3 @@ def settings_problems(args: Any, optimizer: LearnedOptimizer, lr_scheduler: Any,
 def _scheduler_name(args: Any) -> str:
     kind = getattr(args, "lr_scheduler_type", "constant")
     return str(getattr(kind, "value", kind))
-
-
-def _schedule_factors(lr_scheduler: Any, max_steps: int) -> list[float] | None:
-    """The multipliers a ``LambdaLR``-style scheduler applies at a few steps, or ``None`` if unknown."""
-    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-    if not lambdas or max_steps <= 0:
-        return None
-    probe_steps = sorted({0, 1, max_steps // 4, max_steps // 2, (3 * max_steps) // 4, max(max_steps - 1, 0)})
-    try:
-        return [float(lambdas[0](step)) for step in probe_steps]
-    except Exception:  # noqa: BLE001 -- a stateful or unusual lambda: do not guess
-        return None

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from lopt_hf import LearnedOptimizer, Lookahead, build_rule, create_artifact, load_lopt
+from lopt_hf.optim import LearnedOptimizerSettingsWarning
 
 A = torch.tensor([[3.0, 0.5, 0.0], [0.5, 1.0, 0.2], [0.0, 0.2, 0.4]], dtype=torch.float64)
 X0 = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
@@ -281,7 +282,10 @@ def test_inside_transformers_trainer(tmp_path) -> None:
                              disable_tqdm=True, dataloader_num_workers=0, seed=0)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainer = Trainer(model=model, args=args, train_dataset=TokenBlocks(), optimizers=(opt, None))
-    trainer.train()
+    # Trainer's defaults (linear decay, clipping) without LearnedOptimizerCallback: the wrapped optimizer says so
+    with pytest.warns(LearnedOptimizerSettingsWarning, match="lr_scheduler_type=linear") as record:
+        trainer.train()
+    assert len(record) == 1 and record[0].filename.endswith("transformers/trainer.py")
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
