@@ -21,12 +21,22 @@ Writing is atomic: every process writes into ``.tmp-step-…`` (each file fsync'
 process then fsyncs the folder and ``os.replace`` s it to its final name, and fsyncs the parent.
 A run killed at any moment leaves either the previous complete checkpoints or the new one —
 never a half-written one (leftover ``.tmp-*`` folders are ignored and cleaned up). Only the
-newest ``keep`` checkpoints are kept. Nothing is pickled: tensors go to safetensors, everything
-else to JSON.
+newest ``keep`` checkpoints are kept; an old one is first renamed out of the listing
+(``.tmp-pruned-…``) and only then deleted, so a kill while pruning never leaves a listed
+checkpoint with files missing. Nothing is pickled: tensors go to safetensors, everything else to
+JSON.
+
+``trainer_state.json`` also records the size and sha256 of every other file of the checkpoint and
+each ``rank<r>.json`` the order of its estimator state keys (estimators iterate over their state,
+and float sums depend on the order, so a resume restores it exactly). :func:`verify_checkpoint`
+checks a folder before anything is loaded — files present, sizes and checksums, JSON and
+safetensors headers that parse, a step count that matches the folder name and the history, a
+finite theta — and names the damaged file in one line (:class:`CheckpointError`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -43,7 +53,7 @@ from torch import Tensor
 
 __all__ = ["CheckpointData", "CheckpointError", "CHECKPOINT_FORMAT", "checkpoint_dir_name", "list_checkpoints",
            "latest_checkpoint", "save_checkpoint", "load_checkpoint", "read_trainer_state", "read_theta",
-           "capture_rng_state", "restore_rng_state"]
+           "capture_rng_state", "restore_rng_state", "verify_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 TRAINER_STATE = "trainer_state.json"
@@ -51,6 +61,7 @@ THETA_FILE = "theta.safetensors"
 META_OPTIMIZER_FILE = "meta_optimizer.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-"
+_HASH_CHUNK = 1 << 20
 
 
 class CheckpointError(RuntimeError):
@@ -128,20 +139,22 @@ def save_checkpoint(root: str | os.PathLike[str], data: CheckpointData, *, rank:
     splittable = bool(data.task_ids) and all(
         value.dim() >= 1 and value.shape[0] == len(data.task_ids) for value in data.estimator_state.values())
     _write_synced(tmp / f"rank{rank}.json", json.dumps({"rng": rng_json, "task_ids": list(data.task_ids),
-                                                        "splittable": splittable}).encode())
+                                                        "splittable": splittable,
+                                                        "keys": list(data.estimator_state)}).encode())
     if rank == 0:
         _write_synced(tmp / THETA_FILE, save_safetensors(_cpu_tensors(data.theta), metadata={"format": "pt"}))
         optimizer_tensors: dict[str, Tensor] = {}
         optimizer_json = _encode(data.meta_optimizer, optimizer_tensors, "")
         _write_synced(tmp / META_OPTIMIZER_FILE, save_safetensors(_cpu_tensors(optimizer_tensors),
                                                                   metadata={"format": "pt"}))
-        state = {"format": CHECKPOINT_FORMAT, "step": data.step, "num_processes": data.num_processes,
-                 "elapsed_s": data.elapsed_s, "config": data.config, "history": data.history,
-                 "meta_optimizer": optimizer_json, "extra": data.extra}
-        # trainer_state.json last: list_checkpoints only counts folders that have it.
-        _write_synced(tmp / TRAINER_STATE, json.dumps(state, indent=1).encode())
     barrier()
     if rank == 0:
+        state = {"format": CHECKPOINT_FORMAT, "step": data.step, "num_processes": data.num_processes,
+                 "elapsed_s": data.elapsed_s, "config": data.config, "history": data.history,
+                 "meta_optimizer": optimizer_json, "extra": data.extra,
+                 "files": {file.name: _file_record(file) for file in sorted(tmp.iterdir())}}
+        # trainer_state.json last (after every process's files): list_checkpoints only counts folders that have it.
+        _write_synced(tmp / TRAINER_STATE, json.dumps(state, indent=1).encode())
         _fsync_path(tmp)
         if final.exists():  # re-saving a step (a resumed run repeating one): swap the old one out
             stale = root / f"{_TMP_PREFIX}old-{final.name}"
@@ -155,7 +168,13 @@ def save_checkpoint(root: str | os.PathLike[str], data: CheckpointData, *, rank:
         _fsync_path(root)
         if keep is not None:
             for _, old in list_checkpoints(root)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                # Out of the listing first (one atomic rename), then deleted: a kill in between leaves
+                # a .tmp- folder (cleaned up next time), never a listed checkpoint with files missing.
+                doomed = root / f"{_TMP_PREFIX}pruned-{old.name}"
+                if doomed.exists():
+                    shutil.rmtree(doomed)
+                os.replace(old, doomed)
+            _fsync_path(root)
         for leftover in root.glob(f"{_TMP_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
     barrier()
@@ -166,28 +185,84 @@ def save_checkpoint(root: str | os.PathLike[str], data: CheckpointData, *, rank:
 
 
 def read_trainer_state(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``trainer_state.json`` of a checkpoint folder (step, config, history, ...)."""
+    """``trainer_state.json`` of a checkpoint folder (step, config, history, ...), its fields checked."""
     file = Path(path) / TRAINER_STATE
     if not file.is_file():
         raise CheckpointError(f"{path}: not a complete checkpoint (no {TRAINER_STATE})")
-    try:
-        state = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{file}: not valid JSON: {err}") from None
+    state = _read_json(file)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{file}: unsupported checkpoint format {state.get('format')!r} "
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{file}: unsupported checkpoint format {found!r} "
                               f"(this lopt_hf reads format {CHECKPOINT_FORMAT})")
+    expected = {"step": int, "num_processes": int, "config": dict, "history": dict, "meta_optimizer": dict}
+    for key, kind in expected.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(f"{file}: {key!r} is missing or not a {kind.__name__} (got {value!r:.60})")
+    if state["step"] < 0 or state["num_processes"] < 1:
+        raise CheckpointError(f"{file}: step {state['step']} / num_processes {state['num_processes']} out of range")
     return state
 
 
 def read_theta(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """The meta-parameters stored in a checkpoint folder."""
-    from safetensors.torch import load_file
-
     file = Path(path) / THETA_FILE
     if not file.is_file():
         raise CheckpointError(f"{path}: missing {THETA_FILE}")
-    return load_file(file)
+    return _load_safetensors(file)
+
+
+def verify_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Check a checkpoint folder without loading its state; return its ``trainer_state.json``.
+
+    Raises :class:`CheckpointError` naming the damaged file when a file is missing, its size or
+    sha256 differs from what the save recorded, a JSON file or safetensors header does not parse,
+    the step count disagrees with the folder name or the history, or theta or the meta-optimizer
+    state is not finite.
+    """
+    path = Path(path)
+    state = read_trainer_state(path)
+    step = state["step"]
+    match = _STEP_DIR.match(path.name)
+    if match and int(match.group(1)) != step:
+        raise CheckpointError(f"{path / TRAINER_STATE}: step {step} does not match the folder name {path.name}")
+    _check_history(state["history"], step, path / TRAINER_STATE)
+    records = state.get("files")  # absent in checkpoints written before it was recorded: no checksums then
+    if records is not None:
+        if not isinstance(records, dict):
+            raise CheckpointError(f"{path / TRAINER_STATE}: 'files' is not a mapping")
+        for name, record in records.items():
+            file = path / str(name)
+            if file.parent != path or not file.is_file():
+                raise CheckpointError(f"{file}: missing (the checkpoint recorded it)")
+            if not isinstance(record, dict) or _file_record(file) != record:
+                raise CheckpointError(f"{file}: size or sha256 differs from what the save recorded "
+                                      f"(changed or damaged since)")
+    required = [THETA_FILE, META_OPTIMIZER_FILE, *[f"rank{index}.{suffix}" for index in range(state["num_processes"])
+                                                   for suffix in ("safetensors", "json")]]
+    names: list[str] = []  # the tensor names of the rank file just checked (its .json comes next)
+    for name in required:
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        if not name.endswith(".json"):
+            names = _safetensors_names(file)
+            continue
+        info = _read_json(file)
+        if not isinstance(info, dict) or not isinstance(info.get("task_ids", []), list):
+            raise CheckpointError(f"{file}: not a process record (a JSON object with task_ids)")
+        stored = sorted(key[len("estimator/"):] for key in names if key.startswith("estimator/"))
+        keys = info.get("keys", stored)  # absent before the key order was recorded
+        if not isinstance(keys, list) or sorted(map(str, keys)) != stored:
+            raise CheckpointError(f"{file}: its estimator key list does not match "
+                                  f"{file.with_suffix('.safetensors').name}")
+    for name, what in ((THETA_FILE, "theta"), (META_OPTIMIZER_FILE, "the meta-optimizer state")):
+        tensors = _load_safetensors(path / name)
+        bad = sorted(key for key, value in tensors.items()
+                     if value.is_floating_point() and not bool(torch.isfinite(value).all()))
+        if bad:
+            raise CheckpointError(f"{path / name}: {what} is not finite in {bad[:4]}; refusing to resume from it")
+    return state
 
 
 def load_checkpoint(path: str | os.PathLike[str], *, rank: int = 0, num_processes: int = 1,
@@ -195,22 +270,18 @@ def load_checkpoint(path: str | os.PathLike[str], *, rank: int = 0, num_processe
     """Read a checkpoint for process ``rank`` of ``num_processes`` owning global ``task_ids``.
 
     With the saving run's process count each process gets back exactly what it saved (RNG
-    states included); with another count, the estimator state rows of ``task_ids`` are
-    gathered from the saved blocks (RNG states are then not restored).
+    states and the order of the estimator state's keys included); with another count, the
+    estimator state rows of ``task_ids`` are gathered from the saved blocks (RNG states are then
+    not restored). The folder is checked first (:func:`verify_checkpoint`); any damage is a
+    :class:`CheckpointError` naming the file.
     """
-    from safetensors.torch import load_file
-
     path = Path(path)
-    state = read_trainer_state(path)
+    state = verify_checkpoint(path)
     saved_processes = int(state["num_processes"])
     rank_files = [path / f"rank{index}.safetensors" for index in range(saved_processes)]
-    missing = [file.name for file in rank_files if not file.is_file()]
-    if missing:
-        raise CheckpointError(f"{path}: missing {missing}")
-    rank_json = [json.loads((path / f"rank{index}.json").read_text(encoding="utf-8"))
-                 for index in range(saved_processes)]
+    rank_json = [_read_json(path / f"rank{index}.json") for index in range(saved_processes)]
     if saved_processes == num_processes:
-        own = load_file(rank_files[rank], device=str(device))
+        own = _load_safetensors(rank_files[rank], device=str(device))
         estimator_state = {name[len("estimator/"):]: value for name, value in own.items()
                            if name.startswith("estimator/")}
         if task_ids is not None and rank_json[rank].get("task_ids") not in (None, list(task_ids)):
@@ -223,17 +294,93 @@ def load_checkpoint(path: str | os.PathLike[str], *, rank: int = 0, num_processe
                                   f"cannot be re-split over processes")
         estimator_state = _gather_rows(rank_files, [info["task_ids"] for info in rank_json], list(task_ids),
                                        str(device), path)
+    estimator_state = _in_saved_order(estimator_state, rank_json[rank if saved_processes == num_processes else 0],
+                                      rank_files[rank if saved_processes == num_processes else 0])
     rng: dict[str, Any] = {}
     if saved_processes == num_processes:  # RNG streams belong to processes, not to task slots
-        rng_tensors = {name: value for name, value in load_file(rank_files[rank]).items() if name.startswith("rng/")}
+        rng_tensors = {name: value for name, value in _load_safetensors(rank_files[rank]).items()
+                       if name.startswith("rng/")}
         rng = _join_rng(rng_tensors, rank_json[rank].get("rng", {}))
     theta = {name: value.to(device) for name, value in read_theta(path).items()}
-    optimizer_tensors = load_file(path / META_OPTIMIZER_FILE, device=str(device))
-    meta_optimizer = _decode(state["meta_optimizer"], optimizer_tensors)
+    optimizer_tensors = _load_safetensors(path / META_OPTIMIZER_FILE, device=str(device))
+    try:
+        meta_optimizer = _decode(state["meta_optimizer"], optimizer_tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path / TRAINER_STATE}: the meta_optimizer entry does not match "
+                              f"{META_OPTIMIZER_FILE} ({type(err).__name__}: {err})") from None
     return CheckpointData(step=int(state["step"]), theta=theta, meta_optimizer=meta_optimizer,
                           estimator_state=estimator_state, config=state["config"], history=state["history"],
                           num_processes=saved_processes, elapsed_s=float(state.get("elapsed_s", 0.0)), rng=rng,
                           extra=state.get("extra") or {}, task_ids=list(task_ids or []))
+
+
+def _in_saved_order(estimator_state: dict[str, Tensor], info: dict[str, Any], file: Path) -> dict[str, Tensor]:
+    """The estimator state with its keys in the order they had when saved (safetensors sorts them)."""
+    order = info.get("keys")
+    if order is None:  # written before the order was recorded
+        return estimator_state
+    if not isinstance(order, list) or sorted(map(str, order)) != sorted(estimator_state):
+        raise CheckpointError(f"{file.with_suffix('.json')}: its key list does not match the estimator state in "
+                              f"{file.name}")
+    return {key: estimator_state[key] for key in order}
+
+
+def _check_history(history: dict[str, Any], step: int, file: Path) -> None:
+    """Every history series is a list of numbers; a ``step`` series is exactly 1..step, the others as long."""
+    for key, values in history.items():
+        if not isinstance(values, list) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                   for v in values):
+            raise CheckpointError(f"{file}: history[{key!r}] is not a list of numbers")
+    steps = history.get("step")
+    if steps is None:
+        return
+    if steps != list(range(1, step + 1)):
+        raise CheckpointError(f"{file}: the history records steps {_span(steps)} but the checkpoint is at step {step} "
+                              f"(truncated or edited)")
+    short = sorted(key for key, values in history.items() if len(values) != step)
+    if short:
+        raise CheckpointError(f"{file}: history {short} do not have {step} entries (truncated or edited)")
+
+
+def _span(steps: list[Any]) -> str:
+    return f"{steps[0]}..{steps[-1]} ({len(steps)} entries)" if steps else "none"
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise CheckpointError(f"{file}: not valid JSON ({type(err).__name__}: {str(err)[:120]})") from None
+    except OSError as err:
+        raise CheckpointError(f"{file}: cannot be read ({err.strerror or err})") from None
+
+
+def _safetensors_names(file: Path) -> list[str]:
+    """The tensor names in a safetensors file (its header parsed, its size checked); damage → CheckpointError."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return list(handle.keys())
+    except Exception as err:  # SafetensorError, OSError, ...: safetensors raises several kinds
+        raise CheckpointError(f"{file}: not a readable safetensors file ({' '.join(str(err).split())[:160]})") from None
+
+
+def _load_safetensors(file: Path, device: str = "cpu") -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(file, device=device)
+    except Exception as err:  # SafetensorError, OSError, ...
+        raise CheckpointError(f"{file}: not a readable safetensors file ({' '.join(str(err).split())[:160]})") from None
+
+
+def _file_record(file: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(file, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return {"bytes": file.stat().st_size, "sha256": digest.hexdigest()}
 
 
 def _gather_rows(files: list[Path], blocks: list[list[int]], wanted: list[int], device: str,

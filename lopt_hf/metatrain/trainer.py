@@ -14,7 +14,10 @@ One outer step:
 
 Around it: a tqdm bar on the main process (meta-loss, steps/s, ETA), Accelerate trackers
 (TensorBoard by default: ``<run>/logs``), atomic checkpoints every ``checkpoint_every`` steps
-(``lopt_hf.metatrain.checkpoint``; ``--resume`` continues bit-for-bit) and the meta-loss plot
+(``lopt_hf.metatrain.checkpoint``; ``--resume`` continues bit-for-bit from the newest *intact*
+checkpoint: a damaged newer one is reported by file and moved aside to ``damaged-step-…``), SIGINT /
+SIGTERM handled at the end of the current outer step (checkpoint, resume command, exit status
+130 / 143: :mod:`lopt_hf.metatrain.interrupt`) and the meta-loss plot
 ``<run>/meta_loss.png``. Exporting the final checkpoint as an artifact (``<run>/final``, with its
 evaluated model card, optionally pushed to the Hub) is publishing's job: the ``metatrain``
 command (:mod:`lopt_hf.publish.metatrain_command`) trains, then exports.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -35,9 +39,10 @@ from torch import Tensor
 
 from ..plotting import plot_meta_loss
 from ..rules import build_rule
-from .checkpoint import (CheckpointData, CheckpointError, capture_rng_state, latest_checkpoint, list_checkpoints,
-                         load_checkpoint, restore_rng_state, save_checkpoint)
+from .checkpoint import (CheckpointData, CheckpointError, capture_rng_state, checkpoint_dir_name, list_checkpoints,
+                         load_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint)
 from .config import ConfigError, MetaTrainConfig, config_from_dict
+from .interrupt import MetaTrainingInterrupted, StopSignals, resume_command
 
 __all__ = ["MetaTrainer", "TrainResult", "task_block", "initial_theta"]
 
@@ -162,6 +167,8 @@ class MetaTrainer:
         self.skipped_updates = 0
         self.last_meta_gradient: dict[str, Tensor] | None = None
         self.estimator_state: dict[str, Tensor] = {}
+        self.stop_signals: StopSignals | None = None  # set while train() runs
+        self.stop_requested = False  # some process got SIGINT/SIGTERM (agreed on by the all-reduce)
 
         if checkpoint is not None:
             self._restore(checkpoint)
@@ -177,14 +184,53 @@ class MetaTrainer:
                                       f"that run, or choose another output_dir / name")
             return None
         if resume is True:
-            return latest_checkpoint(self.checkpoint_root)
+            return self._newest_intact(self.checkpoint_root)
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
-            found = latest_checkpoint(path / "checkpoints") or latest_checkpoint(path)
+            root = path / "checkpoints" if list_checkpoints(path / "checkpoints") else path
+            found = self._newest_intact(root)
             if found is None:
                 raise CheckpointError(f"{path}: no checkpoint to resume from")
-            path = found
+            return found
+        verify_checkpoint(path)  # a checkpoint named explicitly: damage is an error, no fallback
         return path
+
+    def _newest_intact(self, root: Path) -> Path | None:
+        """The newest checkpoint under ``root`` that passes :func:`verify_checkpoint` (None: there are none).
+
+        Damaged newer ones are reported (one line each) and renamed ``damaged-step-…`` by the main
+        process, out of the listing (so pruning cannot delete the intact one in their favour) but
+        kept for inspection. Every process reaches the same verdict: the checks are deterministic.
+        """
+        checkpoints = list_checkpoints(root)
+        damaged: list[Path] = []
+        found = None
+        for _, path in reversed(checkpoints):
+            try:
+                verify_checkpoint(path)
+            except CheckpointError as err:
+                if self.is_main:
+                    print(f"damaged checkpoint: {err}", file=sys.stderr)
+                damaged.append(path)
+                continue
+            found = path
+            break
+        if damaged:
+            if found is None:
+                raise CheckpointError(f"{root}: all {len(checkpoints)} checkpoint(s) are damaged (see above); "
+                                      f"nothing to resume from")
+            self.accelerator.wait_for_everyone()  # every process has checked them before they move
+            if self.is_main:
+                for path in damaged:
+                    aside = path.with_name(f"damaged-{path.name}")
+                    suffix = 1
+                    while aside.exists():
+                        aside, suffix = path.with_name(f"damaged-{path.name}.{suffix}"), suffix + 1
+                    os.replace(path, aside)
+                print(f"falling back to {found}, the newest intact checkpoint (damaged ones moved to "
+                      f"{', '.join(f'damaged-{path.name}' for path in damaged)})", file=sys.stderr)
+            self.accelerator.wait_for_everyone()
+        return found
 
     def _restore(self, path: Path) -> None:
         data = load_checkpoint(path, rank=self.rank, num_processes=self.world_size, task_ids=self.task_ids,
@@ -196,13 +242,15 @@ class MetaTrainer:
             details = "; ".join(f"{key}: checkpoint {saved.get(key)!r}, now {current[key]!r}" for key in changed)
             raise CheckpointError(f"{path}: the config differs from the checkpoint's in {changed} ({details}); "
                                   f"only {list(RESUMABLE_CHANGES)} may change on resume")
-        missing = sorted(set(self.names) - set(data.theta))
-        if missing:
-            raise CheckpointError(f"{path}: theta lacks {missing}")
+        self._check_restored(path, data)
         with torch.no_grad():
             for name in self.names:
                 self.theta[name].copy_(data.theta[name])
-        self.meta_optimizer.load_state_dict(data.meta_optimizer)
+        try:
+            self.meta_optimizer.load_state_dict(data.meta_optimizer)
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"{path}/meta_optimizer.safetensors: not this run's meta-optimizer state "
+                                  f"({type(err).__name__}: {' '.join(str(err).split())[:160]})") from None
         self.estimator_state = data.estimator_state
         self.step = data.step
         self.history = {key: list(values) for key, values in data.history.items()}
@@ -211,6 +259,28 @@ class MetaTrainer:
         restore_rng_state(data.rng)
         if self.is_main:
             print(f"resumed from {path} (outer step {self.step})", file=sys.stderr)
+
+    def _check_restored(self, path: Path, data: CheckpointData) -> None:
+        """Theta, meta-optimizer and estimator state have the names, shapes and dtypes this run makes."""
+        shapes = self.rule.theta_shapes()
+        wrong = sorted(set(self.names) ^ set(data.theta)) + sorted(
+            name for name in self.names if name in data.theta and tuple(data.theta[name].shape) != tuple(shapes[name]))
+        if wrong:
+            raise CheckpointError(f"{path}/theta.safetensors: theta does not fit rule {self.config.rule.name} "
+                                  f"(missing, extra or mis-shaped: {wrong})")
+        for index, name in enumerate(self.names):
+            for key, value in data.meta_optimizer.get("state", {}).get(index, {}).items():
+                if key != "step" and (not isinstance(value, Tensor) or value.shape != data.theta[name].shape):
+                    raise CheckpointError(f"{path}/meta_optimizer.safetensors: state {key!r} of {name} is "
+                                          f"mis-shaped")
+        expected = self.estimator.init_state(self._theta_copy(), self.task_ids, data.step)
+        state = data.estimator_state
+        bad = sorted(set(expected) ^ set(state)) + sorted(
+            key for key in expected if key in state
+            and (state[key].shape != expected[key].shape or state[key].dtype != expected[key].dtype))
+        if bad:
+            raise CheckpointError(f"{path}/rank{self.rank}.safetensors: the estimator state does not fit this "
+                                  f"run's estimator (missing, extra or mis-shaped: {bad[:6]})")
 
     def _save_config(self) -> None:
         if self.is_main:
@@ -237,6 +307,9 @@ class MetaTrainer:
         pieces.append(torch.tensor([float(result.num_tasks)], dtype=torch.float32, device=self.device))
         pieces.append(torch.tensor([float(result.stats[name]) for name in stat_names], dtype=torch.float32,
                                    device=self.device))
+        # Last: whether this process got SIGINT/SIGTERM; summed, so every process stops after the same step.
+        signalled = self.stop_signals is not None and self.stop_signals.requested is not None
+        pieces.append(torch.tensor([float(signalled)], dtype=torch.float32, device=self.device))
         flat = torch.cat(pieces)
         if self.world_size > 1:
             flat = self.accelerator.reduce(flat, reduction="sum")
@@ -252,7 +325,8 @@ class MetaTrainer:
             offset += size
         meta_loss = float(flat[total_grad]) / total_tasks
         stats = {name: float(value) / self.world_size
-                 for name, value in zip(stat_names, flat[total_grad + 2:].tolist())}
+                 for name, value in zip(stat_names, flat[total_grad + 2:-1].tolist())}
+        self.stop_requested = self.stop_requested or bool(flat[-1] > 0)
         self.estimator_state = result.new_state
         return grads, meta_loss, stats
 
@@ -321,29 +395,60 @@ class MetaTrainer:
                    disable=not (self.progress and self.is_main), smoothing=0.1)
         start = time.perf_counter()
         elapsed_before = self.elapsed_s
-        recent: list[float] = []
+        saved_at = -1
+        self.stop_requested = False
         try:
-            while self.step < target:
-                values = self.outer_step()
-                self.elapsed_s = elapsed_before + time.perf_counter() - start
-                recent = (recent + [values["meta_loss"]])[-config.log_every:]
-                bar.update(1)
-                bar.set_postfix(meta_loss=f"{values['meta_loss']:.4f}",
-                                avg=f"{sum(recent) / len(recent):.4f}", refresh=False)
-                if trackers and (self.step % config.log_every == 0 or self.step == target):
-                    self.accelerator.log({**values, "meta_loss_avg": sum(recent) / len(recent),
-                                          "elapsed_s": self.elapsed_s}, step=self.step)
-                if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < target:
-                    self.save_checkpoint()
+            with StopSignals(announce=self.is_main) as self.stop_signals:
+                saved_at = self._loop(target, bar, start, elapsed_before, trackers)
+                if self.stop_requested:
+                    self._stop_on_signal(saved_at, trackers)
         finally:
             bar.close()
-        self.save_checkpoint()
+            self.stop_signals = None
+        if saved_at != self.step:
+            self.save_checkpoint()
         self.accelerator.wait_for_everyone()
         if trackers:
             self.accelerator.end_training()
         return TrainResult(run_dir=self.run_dir, final_step=self.step,
                            theta={name: value.detach().cpu().clone() for name, value in self.theta.items()},
                            meta_losses=list(self.history["meta_loss"]), elapsed_s=self.elapsed_s)
+
+    def _loop(self, target: int, bar: Any, start: float, elapsed_before: float, trackers: bool) -> int:
+        """Outer steps up to ``target`` (or a stop request); returns the step of the last checkpoint written."""
+        config = self.config
+        saved_at = -1
+        recent: list[float] = []
+        while self.step < target and not self.stop_requested:
+            values = self.outer_step()
+            self.elapsed_s = elapsed_before + time.perf_counter() - start
+            recent = (recent + [values["meta_loss"]])[-config.log_every:]
+            bar.update(1)
+            bar.set_postfix(meta_loss=f"{values['meta_loss']:.4f}",
+                            avg=f"{sum(recent) / len(recent):.4f}", refresh=False)
+            if trackers and (self.step % config.log_every == 0 or self.step == target):
+                self.accelerator.log({**values, "meta_loss_avg": sum(recent) / len(recent),
+                                      "elapsed_s": self.elapsed_s}, step=self.step)
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and self.step < target:
+                self.save_checkpoint()
+                saved_at = self.step
+        return saved_at
+
+    def _stop_on_signal(self, saved_at: int, trackers: bool) -> None:
+        """Checkpoint the current step (unless just written), say how to resume, raise MetaTrainingInterrupted."""
+        path = self.checkpoint_root / checkpoint_dir_name(self.step)
+        if saved_at != self.step:
+            path = self.save_checkpoint()
+        self.accelerator.wait_for_everyone()
+        if trackers:
+            self.accelerator.end_training()
+        requested = self.stop_signals.requested if self.stop_signals is not None else None
+        signum = requested if requested is not None else signal.SIGTERM  # another process got it
+        if self.is_main:
+            print(f"{signal.Signals(signum).name}: stopped after outer step {self.step}/{self.config.outer_steps}; "
+                  f"checkpoint {path}\nresume with: {resume_command(distributed=self.world_size > 1)}",
+                  file=sys.stderr, flush=True)
+        raise MetaTrainingInterrupted(signum, self.step, path)
 
 
 def _tracker_hparams(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
