@@ -268,3 +268,42 @@ def test_checkpoints_without_checksums_still_load_and_damage_is_still_named(tmp_
     with pytest.raises(CheckpointError, match=f"^{path / file}: {expected}") as caught:
         verify_checkpoint(path)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_checkpoints_on_every_process(tmp_path: Path) -> None:
+    """Issue 19: Ctrl-C under `accelerate launch` saved nothing and printed a cut-off traceback. Ctrl-C in a
+    terminal signals the whole foreground process group; the launcher forwards it to its workers, which
+    agree (through the meta-gradient all-reduce) on the outer step after which they stop together."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run_dir = tmp_path / "run"
+    overrides = tiny(run_dir, "outer_steps=100000", "checkpoint_every=3")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               str(port), str(ROOT / "scripts" / "metatrain.py"), "--no-progress", "--no-export",
+               *[arg for override in overrides for arg in ("--set", override)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while latest_checkpoint(run_dir / "checkpoints") is None and process.poll() is None:
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=90)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    assert process.returncode == 130, err[-3000:]
+    newest = latest_checkpoint(run_dir / "checkpoints")
+    assert newest is not None
+    state = verify_checkpoint(newest)
+    assert state["num_processes"] == 2
+    assert f"SIGINT: stopped after outer step {state['step']}/100000; checkpoint {newest}" in err
+    assert "resume with: accelerate launch " in err and "Traceback" not in err
