@@ -253,8 +253,8 @@ def validate_config(raw: Mapping[str, Any], source: str) -> tuple[dict[str, Any]
     harness = raw.get("harness")
     if harness is not None and not isinstance(harness, dict):
         problems.append(f"'harness' must be a JSON object or null, found a JSON {_json_type(harness)}")
-    elif harness and "type" in harness:
-        # A typed harness is checked as load_lopt will resolve it (an untyped dict is still stored as given).
+    elif harness:
+        # Checked as load_lopt will resolve it: an invalid harness is refused here, not at the first load_lopt.
         try:
             resolve_harness(harness, source="'harness'")
         except HarnessError as err:
@@ -292,7 +292,7 @@ def build_rule_checked(rule_name: str, rule_config: Mapping[str, Any], source: s
     if problems:
         raise ArtifactError(source, problems, headline=f"invalid rule_config for rule {rule_name!r}")
     try:
-        rule = build_rule(rule_name, **dict(rule_config))
+        rule = build_rule(rule_name, **float_hyperparameters(rule_name, rule_config))
     except Exception as err:  # the rule's own validation: RuleConfigError, ValueError, TypeError, ...
         raise ArtifactError(source, f"invalid rule_config for rule {rule_name!r}: {err}") from None
     try:
@@ -337,6 +337,25 @@ def check_hyperparameter_values(rule_name: str, rule_config: Mapping[str, Any]) 
             if problem:
                 problems.append(f"{label} {problem}")
     return problems
+
+
+def float_hyperparameters(rule_name: str, rule_config: Mapping[str, Any]) -> dict[str, Any]:
+    """``rule_config`` with the JSON integers of ``float`` hyper-parameters (and lists of them) as Python floats.
+
+    JSON has one number type, so ``"exp_mult": 1`` means 1.0; left an ``int``, a value such as ``10**300``
+    (finite as a float) reached torch as an integer too large for int64 and the first step raised
+    ``OverflowError``. Call after :func:`check_hyperparameter_values` found no problem.
+    """
+    defaults = {field.name: field.default for field in dataclasses.fields(rule_class(rule_name))}
+    converted = dict(rule_config)
+    for key, value in rule_config.items():
+        default = defaults.get(key)
+        if isinstance(default, float) and _is_int(value):
+            converted[key] = float(value)
+        elif (isinstance(default, tuple) and all(isinstance(item, float) for item in default)
+              and isinstance(value, (list, tuple))):
+            converted[key] = [float(item) if _is_int(item) else item for item in value]
+    return converted
 
 
 def _scalar_problem(key: str, value: Any, default: Any) -> str | None:

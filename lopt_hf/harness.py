@@ -81,11 +81,11 @@ def resolve_harness(harness: Mapping[str, Any] | None, overrides: Mapping[str, A
         return None
     merged = {**(harness or {}), **(overrides or {})}
     kind = merged.get("type")
-    if kind not in HARNESS_DEFAULTS:
+    if not isinstance(kind, str) or kind not in HARNESS_DEFAULTS:
         raise HarnessError(f"{source}: unknown harness type {kind!r}; known types: {sorted(HARNESS_DEFAULTS)} "
                            "(or null for none)")
     defaults = HARNESS_DEFAULTS[kind]
-    unknown = sorted(set(merged) - set(defaults) - {"type"})
+    unknown = sorted(str(key) for key in set(merged) - set(defaults) - {"type"})
     if unknown:
         raise HarnessError(f"{source}: harness {kind!r} has no setting(s) {unknown}; known: {sorted(defaults)}")
     resolved = {"type": kind, **defaults, **{key: value for key, value in merged.items() if key != "type"}}

@@ -25,6 +25,7 @@ like any other; see :mod:`lopt_hf.convert.foreign`.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +33,8 @@ import re
 import shutil
 import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -41,16 +43,17 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 
-from .artifact_validation import (CONFIG_NAME, DEFAULT_OPTIMIZER_DEFAULTS, FORMAT_VERSION, MODEL_CARD_NAME,
-                                  MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, WEIGHTS_SHA256_KEY, ArtifactError,
-                                  build_rule_checked, check_theta_tensors, expected_theta, read_config_file,
-                                  read_theta_file, validate_config, validate_config_dict)
+from .artifact_validation import (CONFIG_NAME, DEFAULT_OPTIMIZER_DEFAULTS, FORMAT_VERSION, MAX_CONFIG_BYTES,
+                                  MODEL_CARD_NAME, MODEL_TYPE, TRANSFORMERS_KEYS, WEIGHTS_NAME, WEIGHTS_SHA256_KEY,
+                                  ArtifactError, build_rule_checked, check_theta_tensors, expected_theta,
+                                  read_config_file, read_theta_file, validate_config, validate_config_dict)
 from .loader_options import UnsafeLoadOptionError, network_error_types, split_load_options
 from .pretrained import pretrained_path
 from .rules import UpdateRule
 
-__all__ = ["ArtifactError", "FORMAT_VERSION", "LearnedOptimizerConfig", "LearnedOptimizerModel", "MissingArtifactFileError",
-           "UnsafeLoadOptionError", "create_artifact", "load_artifact", "lopt_hf_version"]
+__all__ = ["ArtifactError", "FORMAT_VERSION", "LearnedOptimizerConfig", "LearnedOptimizerModel",
+           "MissingArtifactFileError", "UnsafeLoadOptionError", "create_artifact", "load_artifact", "lopt_hf_version",
+           "staged_folder", "write_file_atomic"]
 
 # Keyword arguments of PreTrainedConfig's constructor that from_dict may pass; anything else is a typo.
 _CONFIG_INIT_KWARGS = TRANSFORMERS_KEYS | {"name_or_path", "attn_implementation", "experts_implementation",
@@ -92,8 +95,9 @@ class LearnedOptimizerConfig(PretrainedConfig):
         optimizer_defaults: settings ``load_lopt`` uses unless overridden, a free dict of JSON
             values (``lr`` in [0, 1e3], ``weight_decay`` in [0, 1], ``lr * weight_decay <= 1``); default
             ``{"lr": 1.0, "weight_decay": 0.0}``.
-        harness: ``None`` or a dict for rules that route some parameters elsewhere (e.g. AdamW
-            for 1-D parameters); stored as given.
+        harness: ``None`` (or ``{}``) or a harness dict routing some parameters elsewhere (e.g. AdamW
+            for 1-D parameters, :mod:`lopt_hf.harness`); it must have a known ``type`` and valid settings
+            (checked as ``load_lopt`` resolves it); stored as given.
         format_version: artifact format, at most :data:`FORMAT_VERSION`.
         provenance: free JSON dict: ``created_by``, ``created_at``, ``source``, ``meta_training``,
             ``evaluation``, ``license``, ... (see ``lopt_hf.model_card`` for the keys the card uses);
@@ -275,7 +279,8 @@ class LearnedOptimizerModel(PreTrainedModel):
         """Write ``config.json``, ``model.safetensors`` and ``README.md`` into ``save_directory``.
 
         Args:
-            save_directory: created if missing; other files in it are left alone.
+            save_directory: created if missing; other files in it are left alone. The three files are
+                written all or nothing (:func:`staged_folder`): a failure leaves the folder as it was.
             repo_id: Hub repo the card's usage snippets should name (``push_to_hub`` passes it).
             is_main_process: only the main process writes (distributed runs).
             push_to_hub: after saving, also push to ``repo_id`` (default: the folder's name) with
@@ -317,10 +322,13 @@ class LearnedOptimizerModel(PreTrainedModel):
         validate_config_dict(json.loads(config_text), f"{directory / CONFIG_NAME} (refusing to save)")
         card = self.model_card(repo_id=repo_id)
 
-        directory.mkdir(parents=True, exist_ok=True)
-        write_file_atomic(directory / CONFIG_NAME, config_text.encode("utf-8"))
-        write_file_atomic(directory / WEIGHTS_NAME, weights)
-        write_file_atomic(directory / MODEL_CARD_NAME, str(card).encode("utf-8"))
+        # All or nothing: a failure on any file leaves the folder as it was (or no folder). config.json goes
+        # in last, so even a process killed between the renames leaves a config whose recorded sha256 names
+        # the mismatch.
+        with staged_folder(directory) as staging:
+            for name, data in ((WEIGHTS_NAME, weights), (MODEL_CARD_NAME, str(card).encode("utf-8")),
+                               (CONFIG_NAME, config_text.encode("utf-8"))):
+                (staging / name).write_bytes(data)
 
     def model_card(self, repo_id: str | None = None) -> Any:
         """The ``huggingface_hub.ModelCard`` written as ``README.md``."""
@@ -492,6 +500,50 @@ def register_auto_classes() -> None:
     """Register the config / model with transformers' ``AutoConfig`` / ``AutoModel`` (idempotent)."""
     AutoConfig.register(MODEL_TYPE, LearnedOptimizerConfig, exist_ok=True)
     AutoModel.register(LearnedOptimizerConfig, LearnedOptimizerModel, exist_ok=True)
+    _install_strict_config_reader()
+
+
+def _install_strict_config_reader() -> None:
+    """Make transformers read a learned-optimizer ``config.json`` as :func:`load_artifact` does (idempotent).
+
+    ``AutoConfig`` / ``AutoModel`` parse ``config.json`` with transformers' own ``json.loads`` before the
+    model type, hence our class, is known: JSON nested 1,000 deep raised ``RecursionError``, a 4,301-digit
+    integer ``ValueError``, and duplicate keys were accepted. transformers' reader is wrapped: a file whose
+    parsed ``model_type`` is ``learned_optimizer`` is read again by
+    :func:`~lopt_hf.artifact_validation.read_config_file` (size limit, duplicate keys, nesting) and validated
+    (``auto_map``, which transformers inspects before our class is called, is refused), and a file
+    transformers could not parse at all that names ``learned_optimizer`` gets that function's
+    ``ArtifactError``. Every other model's config.json is read exactly as before.
+    """
+    original = PretrainedConfig.__dict__["_dict_from_json_file"]
+    if getattr(original, "lopt_hf_strict", False):
+        return
+
+    def read(cls: type, json_file: str | os.PathLike[str]) -> Any:
+        try:
+            config_dict = original.__func__(cls, json_file)
+        except (RecursionError, ValueError) as err:
+            if not isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)) and _names_our_model_type(json_file):
+                read_config_file(Path(json_file), os.fspath(json_file))  # raises the ArtifactError
+            raise
+        if isinstance(config_dict, dict) and config_dict.get("model_type") == MODEL_TYPE:
+            config_dict = read_config_file(Path(json_file), os.fspath(json_file))
+            # Validated here too, before transformers looks at it: it reads e.g. config_dict["auto_map"] itself.
+            validate_config_dict(config_dict, os.fspath(json_file))
+        return config_dict
+
+    strict = classmethod(read)
+    setattr(strict, "lopt_hf_strict", True)
+    PretrainedConfig._dict_from_json_file = strict  # type: ignore[method-assign, assignment]
+
+
+def _names_our_model_type(json_file: str | os.PathLike[str]) -> bool:
+    """Whether the (unparseable) file mentions our model type within its first :data:`MAX_CONFIG_BYTES`."""
+    try:
+        with open(json_file, "rb") as handle:
+            return MODEL_TYPE.encode() in handle.read(MAX_CONFIG_BYTES)
+    except OSError:
+        return False
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -510,6 +562,8 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     (its target is left untouched), and the temporary file is created with ``O_EXCL | O_NOFOLLOW``.
     """
     path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        raise IsADirectoryError(errno.EISDIR, "a folder is in the way; nothing was written", os.fspath(path))
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if os.path.lexists(tmp):
         tmp.unlink()
@@ -521,6 +575,72 @@ def write_file_atomic(path: str | os.PathLike[str], data: bytes) -> None:
     finally:
         if os.path.lexists(tmp):
             tmp.unlink()
+
+
+@contextmanager
+def staged_folder(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """Write a folder all or nothing: yields an empty staging folder; what is in it when the block ends replaces
+    the entries of the same names in ``directory``.
+
+    ``directory`` missing: the staging folder is made beside it and renamed to it, so a failure leaves no
+    folder. ``directory`` present: the staging folder is made inside it (same file system) and each of
+    its entries then replaces its namesake; should any replacement fail, those already made are undone,
+    so the folder is left as it was. Other files of ``directory`` are left alone. When the block raises,
+    nothing in ``directory`` changes. Entries are renamed, never written through: a link at a target
+    is replaced, its target untouched.
+
+    Raises:
+        NotADirectoryError: ``directory`` exists and is not a folder.
+        IsADirectoryError: a staged file would replace a folder (checked before anything is replaced).
+    """
+    directory = Path(directory)
+    if os.path.lexists(directory) and not directory.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", os.fspath(directory))
+    existed = directory.is_dir()
+    if not existed:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name or 'folder'}.tmp-",
+                                    dir=directory if existed else directory.parent))
+    try:
+        os.chmod(staging, 0o755)  # mkdtemp's 0o700 would otherwise become the new folder's mode
+        yield staging
+        if existed:
+            _replace_entries(staging, directory)
+        else:
+            os.rename(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_entries(staging: Path, directory: Path) -> None:
+    """Move every entry of ``staging`` into ``directory``, replacing namesakes; undo them all if one fails."""
+    names = sorted(entry.name for entry in staging.iterdir())
+    for name in names:
+        target = directory / name
+        if target.is_dir() and not target.is_symlink() and not (staging / name).is_dir():
+            raise IsADirectoryError(errno.EISDIR, f"a folder is in the way of {name}; nothing was written",
+                                    os.fspath(target))
+    backups = Path(tempfile.mkdtemp(prefix=".old-", dir=staging))
+    done: list[tuple[str, bool]] = []  # (name, whether its old entry is kept in backups)
+    try:
+        for name in names:
+            target, backup = directory / name, backups / name
+            had_old = os.path.lexists(target)
+            if had_old:
+                try:  # a second name for the old entry: the target itself never goes missing
+                    os.link(target, backup, follow_symlinks=False)
+                except OSError:  # a file system without hard links
+                    os.rename(target, backup)
+            done.append((name, had_old))
+            os.replace(staging / name, target)
+    except BaseException:
+        for name, had_old in reversed(done):
+            target = directory / name
+            if had_old:
+                os.replace(backups / name, target)
+            elif not os.path.lexists(staging / name):  # the new entry was moved in: take it out again
+                os.rename(target, staging / name)
+        raise
 
 
 def _copy_regular_file(source: str | os.PathLike[str], target: Path) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..hub import LearnedOptimizerModel, create_artifact
+from ..hub import LearnedOptimizerModel, create_artifact, staged_folder
 from ..metatrain.checkpoint import read_theta, read_trainer_state
 from ..metatrain.config import MetaTrainConfig, config_from_dict
 from ..plotting import plot_meta_loss
@@ -56,7 +56,8 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.
 
     Args:
         checkpoint_dir: a ``<run>/checkpoints/step-…`` folder.
-        out_dir: the artifact folder (created; existing files of the same names are replaced).
+        out_dir: the artifact folder (created; existing files of the same names are replaced, all or nothing:
+            a failure leaves it as it was, or no folder).
         evaluate: run the config's evaluation (:func:`evaluate_for_card`) for the card;
             ``None``: when the config asks for it (``evaluation.steps > 0``).
         push_to_hub: also publish the folder to this Hub repo id.
@@ -69,8 +70,21 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.
     config = config_from_dict(state["config"], source=f"{checkpoint_dir}/trainer_state.json", stored=True)
     theta = read_theta(checkpoint_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # All or nothing: everything is written into a staging folder first, which then replaces the files of the
+    # same names in out_dir (or becomes out_dir); a failure anywhere (the evaluation, a plot, a folder in the
+    # way) leaves out_dir as it was, or no out_dir.
+    with staged_folder(out) as staging:
+        artifact = _write_export(checkpoint_dir, staging, config, state, theta, evaluate=evaluate,
+                                 progress=progress, license=license, base_model=base_model)
+    if push_to_hub:
+        push_artifact_folder(out, push_to_hub)
+    return artifact
 
+
+def _write_export(checkpoint_dir: Path, out: Path, config: MetaTrainConfig, state: Mapping[str, Any],
+                  theta: dict[str, Any], *, evaluate: bool | None, progress: bool, license: str | None,
+                  base_model: str | None) -> LearnedOptimizerModel:
+    """Write the plots, the artifact and its card into the (staging) folder ``out``; returns the artifact."""
     history = state.get("history") or {}
     has_curve = bool(history.get("meta_loss"))
     if has_curve:
@@ -89,8 +103,6 @@ def export_checkpoint(checkpoint_dir: str | os.PathLike[str], out_dir: str | os.
         evaluation = evaluate_for_card(artifact, config, plot_path=out / EVALUATION_PLOT, progress=progress)
         artifact.config.provenance = {**artifact.config.provenance, "evaluation": evaluation}
     artifact.save_pretrained(out)
-    if push_to_hub:
-        push_artifact_folder(out, push_to_hub)
     return artifact
 
 

@@ -186,11 +186,11 @@ def test_theta_returns_detached_clones() -> None:
 
 def test_create_artifact_with_given_theta(tmp_path: Path) -> None:
     theta = {name: tensor.double() + 0.5 for name, tensor in valid_theta().items()}
-    artifact = create_artifact(RULE, theta=theta, harness={"adamw_for_1d": True})
+    artifact = create_artifact(RULE, theta=theta, harness={"type": "celo2", "mult_1d": 10.0})
     assert all(tensor.dtype == torch.float32 for tensor in artifact.theta().values())
     torch.testing.assert_close(artifact.theta()["w0"], theta["w0"].float())
     artifact.save_pretrained(tmp_path)
-    assert load_artifact(tmp_path).config.harness == {"adamw_for_1d": True}
+    assert load_artifact(tmp_path).config.harness == {"type": "celo2", "mult_1d": 10.0}
 
     bad = dict(theta, w0=torch.zeros(3, 7))
     with pytest.raises(ArtifactError, match=r"tensor 'w0': shape \(3, 7\), expected \(3, 64\)"):

@@ -368,3 +368,82 @@ def test_auto_classes_refuse_a_config_json_linking_outside(tmp_path: Path) -> No
         with pytest.raises(ArtifactError, match="outside the artifact folder"):
             load(str(directory))
     AutoModel.from_pretrained(str(outside))
+
+
+# ====================================== (4) the harness from config.json: types, unknown keys, untyped dicts
+
+
+@pytest.mark.parametrize("harness, needles", [
+    ({"mult_1d": 20.0}, ["unknown harness type None"]),
+    ({"type": ["celo2"]}, ["unknown harness type ['celo2']"]),
+    ({"type": {}}, ["unknown harness type {}"]),
+    ({"type": "celo2", "mult_1d": 20.0, "orthogonal": True}, ["no setting(s) ['orthogonal']"]),
+    ({"type": "celo2", "embedding_patterns": "wte"}, ["embedding_patterns must be a list"]),
+    ({"type": "celo2", "embedding_patterns": [1]}, ["embedding_patterns must be a list"]),
+    ({"type": "celo2", "embedding_patterns": ["x"] * 65}, ["embedding_patterns must be a list of at most 64"]),
+    ({"type": "celo2", "adamw_betas": ["0.9", 0.95]}, ["adamw_betas"]),
+    ({"type": "celo2", "adamw_betas": [True, 0.95]}, ["adamw_betas"]),
+    ({"type": "celo2", "adamw_betas": 0.9}, ["adamw_betas"]),
+    ({"type": "celo2", "adamw_betas": [0.9, 0.95, 0.99]}, ["adamw_betas"]),
+    ({"type": "celo2", "mult_1d": True}, ["mult_1d"]),
+    ({"type": "celo2", "mult_1d": -1.0}, ["mult_1d", "[0, 10000]"]),
+    ({"type": "celo2", "mult_1d": float("inf")}, ["mult_1d"]),
+    ({"type": "celo2", "adamw_eps": "1e-8"}, ["adamw_eps"]),
+    ({"type": "celo2", "adamw_eps": 2.0}, ["adamw_eps", "(0, 1]"]),
+], ids=["untyped", "type-list", "type-object", "unknown-key", "patterns-string", "patterns-number", "patterns-65",
+        "beta-string", "beta-bool", "betas-scalar", "betas-three", "mult-bool", "mult-negative", "mult-inf",
+        "eps-string", "eps-range"])
+def test_harness_is_type_and_range_checked_at_load(tmp_path: Path, harness: dict[str, Any],
+                                                   needles: list[str]) -> None:
+    directory = _mutated(tmp_path, RULE, lambda c: c.update(harness=harness))
+    expect_error(directory, "config.json", "'harness'", *needles)
+
+
+def test_harness_huge_integers_are_artifact_errors(tmp_path: Path) -> None:
+    directory = saved(tmp_path)
+    config = read_config(directory)
+    for key, text in (("mult_1d", "9" * 4000), ("adamw_betas", "[0.9, " + "9" * 4000 + "]")):
+        config["harness"] = {"type": "celo2", key: 0}
+        (directory / "config.json").write_text(json.dumps(config).replace(f'"{key}": 0', f'"{key}": {text}'))
+        expect_error(directory, "config.json", "'harness'", key)
+
+
+# ========================================= (4) AutoConfig's own JSON parsing gives load_artifact's errors
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('{"model_type": "learned_optimizer", "x": ' + '{"a": ' * 1000 + "1" + "}" * 1001, "nested deeper than 64"),
+    ('{"model_type": "learned_optimizer", "format_version": ' + "9" * 4400 + "}", "not valid JSON"),
+    ('{"model_type": "bert", "model_type": "learned_optimizer"}', "duplicate key 'model_type'"),
+    ("DUPLICATE_RULE", "duplicate key 'rule'"),
+    ("HUGE", "above 16777216 bytes"),
+], ids=["deep", "huge-int", "duplicate-model-type", "duplicate-rule", "too-large"])
+def test_auto_classes_parse_config_json_as_load_artifact_does(tmp_path: Path, text: str, needle: str) -> None:
+    from transformers import AutoConfig, AutoModel
+
+    from lopt_hf.artifact_validation import MAX_CONFIG_BYTES
+
+    directory = saved(tmp_path)
+    valid = (directory / "config.json").read_text()
+    if text == "DUPLICATE_RULE":
+        text = valid.rstrip().removesuffix("}") + ', "rule": "mlp_lopt"}'
+    elif text == "HUGE":
+        text = valid.rstrip().removesuffix("}") + ', "pad": "' + " " * MAX_CONFIG_BYTES + '"}'
+    (directory / "config.json").write_text(text)
+    messages = []
+    for load in (load_artifact, AutoConfig.from_pretrained, AutoModel.from_pretrained):
+        with pytest.raises(ArtifactError) as info:
+            load(str(directory))
+        messages.append(str(info.value))
+    assert all(needle in message and str(directory / "config.json") in message for message in messages), messages
+    assert messages[1] == messages[0] == messages[2]
+
+
+def test_auto_classes_still_read_other_models_configs_as_transformers_does(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "n_layer": 1, "n_layer": 2}')
+    assert AutoConfig.from_pretrained(str(tmp_path)).n_layer == 2  # transformers' reading: the last key wins
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2", "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(RecursionError):  # not ours: transformers' own error, unchanged
+        AutoConfig.from_pretrained(str(tmp_path))

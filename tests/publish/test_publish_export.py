@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -203,3 +205,59 @@ def test_push_to_the_local_hub(trained_run: Path, hub_env, tmp_path: Path) -> No
     pushed = load_artifact(repo_end)
     for name, value in pushed.theta().items():
         assert torch.equal(value, run.theta[name])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes | str]:
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else "<dir>"
+            for path in sorted(folder.rglob("*"))}
+
+
+def test_a_failed_export_leaves_the_folder_as_it_was(trained_run: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 19 item 2: export writes all or nothing (real failures: ENOSPC from the OS calls, a folder in the way)."""
+    import os
+
+    from lopt_hf.publish.export import export_checkpoint
+
+    older, newest = trained_run / "checkpoints" / "step-00000002", latest_checkpoint(trained_run / "checkpoints")
+    assert newest is not None and newest != older
+    out = tmp_path / "exported"
+
+    def fail_when(name: str, target: Callable[[Path], bool], call: int = 1) -> None:
+        original, calls = getattr(os, name), [0]
+
+        def failing(source: Any, destination: Any, *args: Any, **kwargs: Any) -> Any:
+            if target(Path(destination)):
+                calls[0] += 1
+                if calls[0] == call:
+                    raise OSError(28, "No space left on device (simulated)", os.fspath(destination))
+            return original(source, destination, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, failing)
+
+    # A new folder: the staging folder is renamed to it last; a failure there leaves no folder and no staging.
+    fail_when("rename", lambda destination: destination == out)
+    with pytest.raises(OSError, match="simulated"):
+        export_checkpoint(older, out, evaluate=False)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+    export_checkpoint(older, out, evaluate=False)
+    before = _snapshot(out)
+    # Over an existing export: ENOSPC on the 2nd of the four replacements; the first is undone.
+    fail_when("replace", lambda destination: destination.parent == out, call=2)
+    with pytest.raises(OSError, match="simulated"):
+        export_checkpoint(newest, out, evaluate=False)
+    monkeypatch.undo()
+    assert _snapshot(out) == before
+    # A folder in the way of model.safetensors: refused before anything is replaced (CLI: one line, exit 2).
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").mkdir()
+    before = _snapshot(out)
+    assert cli_main(["export", str(newest), str(out), "--no-evaluate"]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    assert _snapshot(out) == before
+    (out / "model.safetensors").rmdir()
+    assert cli_main(["export", str(newest), str(out), "--no-evaluate"]) == 0
+    assert "| **Outer iterations** | 4 |" in card_parts(out)[1]
