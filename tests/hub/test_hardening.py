@@ -447,3 +447,19 @@ def test_auto_classes_still_read_other_models_configs_as_transformers_does(tmp_p
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "x": ' + "[" * 100000 + "]" * 100000 + "}")
     with pytest.raises(RecursionError):  # not ours: transformers' own error, unchanged
         AutoConfig.from_pretrained(str(tmp_path))
+
+
+def test_integer_values_of_float_hyperparameters_are_floats(tmp_path: Path) -> None:
+    """Found by tests/hub/test_fuzz.py: exp_mult = 10**300 as a JSON integer loaded and the first step raised
+    OverflowError (torch got a Python int beyond int64); JSON has one number type, so it is read as 1e300."""
+    from lopt_hf import load_lopt
+
+    directory = _mutated(tmp_path, "celo2", lambda c: c["rule_config"].update(exp_mult=10**300, grad_clip=10))
+    artifact = load_artifact(directory)
+    assert artifact.config.rule_config["exp_mult"] == 1e300 and isinstance(artifact.config.rule_config["grad_clip"],
+                                                                           float)
+    net = torch.nn.Linear(4, 3)
+    optimizer = load_lopt(artifact, net)
+    net(torch.ones(2, 4)).sum().backward()
+    optimizer.step()
+    assert all(torch.isfinite(param).all() for param in net.parameters())
