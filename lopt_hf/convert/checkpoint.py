@@ -20,8 +20,6 @@ folder and renames it into place, so a failed conversion leaves nothing behind.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -126,10 +124,9 @@ def checked_theta(flat: dict[str, Any], expected: dict[str, tuple[int, ...]], so
 def write_artifact(artifact: Any, out_dir: str | os.PathLike[str], force: bool = False) -> Path:
     """Save ``artifact`` (a ``LearnedOptimizerModel``) as the folder ``out_dir``, all or nothing.
 
-    The files are written into a fresh temporary folder beside ``out_dir``, which is then renamed
-    to ``out_dir``: an interrupted or failed save leaves no half-written artifact. An existing
-    non-empty ``out_dir`` is refused unless ``force``, which replaces the artifact files in it
-    (each one with an atomic rename) and leaves other files alone.
+    ``save_pretrained`` stages the files and renames them into place: an interrupted or failed save
+    leaves no half-written artifact. An existing non-empty ``out_dir`` is refused unless ``force``,
+    which replaces the artifact files in it (undone if one fails) and leaves other files alone.
 
     Raises:
         ArtifactError: ``out_dir`` is a file, or a non-empty folder without ``force``.
@@ -141,18 +138,7 @@ def write_artifact(artifact: Any, out_dir: str | os.PathLike[str], force: bool =
     if existing and not force:
         raise ArtifactError(str(out), "exists and is not empty; choose a new output folder (or --force to "
                                       "replace the artifact files in it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise become the artifact folder's mode
-    try:
-        artifact.save_pretrained(tmp)
-        if existing:
-            for path in tmp.iterdir():
-                os.replace(path, out / path.name)
-        else:
-            if out.is_dir():
-                out.rmdir()  # empty: rename the finished folder over it
-            os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # save_pretrained writes all or nothing: a new folder appears complete, an existing one has every
+    # artifact file replaced (each by rename, undone if a later one fails) and its other files left alone.
+    artifact.save_pretrained(out)
     return out
