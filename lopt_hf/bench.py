@@ -174,3 +174,47 @@ def format_results(results: Sequence[StepResult], layers: Sequence[int], device:
         peak = f"{r.peak_extra_mb:.1f}" if r.peak_extra_mb is not None else "n/a"
         lines.append(f"{r.name:<16}{r.step_ms:>10.2f}{r.ratio_to_adamw:>10.1f}{state:>10}{peak:>15}")
     return "\n".join(lines)
+
+
+# Elements of the one large tensor of the memory benchmark (an nn.Linear(7072, 7072): 50.0M weights).
+MEMORY_TENSOR_NUMEL = 50_000_000
+
+
+@dataclasses.dataclass
+class MemoryResult:
+    """Peak memory over parameters and gradients of one optimizer stepping one large tensor."""
+
+    name: str
+    state_mb: float | None
+    peak_extra_mb: float | None
+    ratio_to_adamw: float | None = None
+
+
+def run_memory_benchmark(names: Sequence[str], numel: int = MEMORY_TENSOR_NUMEL,
+                         device: str = "cpu") -> list[MemoryResult]:
+    """Peak extra memory of AdamW and each named optimizer on one ``nn.Linear(n, n)`` with ``n² ≈ numel``
+    (two steps, each optimizer in a fresh subprocess; see :func:`measure_peak_extra_memory`), with the
+    ratio to AdamW's measured in the same run."""
+    side = max(1, round(numel ** 0.5))
+    layers = [side, side]
+    results = [MemoryResult(name, *_memory_in_subprocess(name, layers, device))
+               for name in [ADAMW, *[n for n in names if n != ADAMW]]]
+    adamw = results[0].peak_extra_mb
+    for result in results:
+        if adamw and result.peak_extra_mb is not None:
+            result.ratio_to_adamw = result.peak_extra_mb / adamw
+    return results
+
+
+def format_memory_results(results: Sequence[MemoryResult], numel: int, device: str) -> str:
+    """A plain-text table of :func:`run_memory_benchmark`'s results."""
+    side = max(1, round(numel ** 0.5))
+    lines = [f"peak memory over parameter + gradient, one nn.Linear({side}, {side}) ({side * side / 1e6:.1f}M "
+             f"weights), two steps, device={device}, torch {torch.__version__}",
+             f"{'optimizer':<16}{'state MB':>10}{'peak extra MB':>15}{'× AdamW':>10}"]
+    for r in results:
+        state = f"{r.state_mb:.1f}" if r.state_mb is not None else "n/a"
+        peak = f"{r.peak_extra_mb:.1f}" if r.peak_extra_mb is not None else "n/a"
+        ratio = f"{r.ratio_to_adamw:.2f}" if r.ratio_to_adamw is not None else "n/a"
+        lines.append(f"{r.name:<16}{state:>10}{peak:>15}{ratio:>10}")
+    return "\n".join(lines)

@@ -10,10 +10,13 @@ math (tests prove each fast path equals the reference rule).
 * :class:`RuleKernel` — any rule: ``rule.init_state`` and ``rule.update_stacked`` (the default of
   which is the per-tensor ``update`` over the stack);
 * :class:`~lopt_hf.kernels.celo2.Celo2Kernel` — Celo2 with a workspace (buffers, prepared
-  weights, blocked Newton–Schulz products) and column-major state for transposed matrices.
+  weights, blocked Newton–Schulz products) and column-major state for transposed matrices;
+* :class:`~lopt_hf.kernels.in_place.InPlaceKernel` — ``small_fc_lopt``, ``mlp_lopt`` and
+  ``per_param_mlp`` piece by piece, their full-size state advanced in place (memory ≤ 2× AdamW's).
 """
 
 from .base import RuleKernel, kernel_for, register_kernel
 from . import celo2  # noqa: F401  (registers the Celo2 kernel)
+from . import in_place  # noqa: F401  (registers the in-place kernels of the per-element rules)
 
 __all__ = ["RuleKernel", "kernel_for", "register_kernel"]

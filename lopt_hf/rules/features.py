@@ -274,6 +274,8 @@ def normalized_mlp(
     readout: Callable[[Tensor], Tensor],
     chunk_size: int | None = None,
     eps: float = 1e-5,
+    advance: Callable[[tuple], None] | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """learned_optimization's per-element ReLU MLP on per-tensor normalised features, streamed.
 
@@ -294,6 +296,10 @@ def normalized_mlp(
       layer a constant-1 unit (weights 0, bias 1, and ReLU(1) = 1) that carries the next
       layer's bias. A bias added by ``addmm`` costs a full pass over the activations; this
       way the chunk runs as three plain matmuls and two in-place ReLUs.
+
+    Deployment kernels (``lopt_hf.kernels``) pass ``advance(index)``, called once per piece
+    before its features are first built (they advance the piece's state in place there), and
+    ``out``, a flat buffer of ``numel`` floats the result is written into (no concatenated copy).
     """
     pieces = chunk_indices(shape, chunk_size)
     numel = 1
@@ -322,11 +328,15 @@ def normalized_mlp(
 
     whole = None
     if len(pieces) == 1:
+        if advance is not None:
+            advance(pieces[0])
         whole = feature_matrix(pieces[0])
         sum_square = sum_squares([whole[:-1]])
     else:
         sum_square = None
         for index in pieces:
+            if advance is not None:
+                advance(index)
             # Reduce each part where it lies: no concatenated copy on this pass.
             part = sum_squares(features(index))
             sum_square = part if sum_square is None else sum_square + part
@@ -337,19 +347,28 @@ def normalized_mlp(
     first_bias = theta["b0"] + constant_inputs.to(w0.dtype) @ w0[num_features:]
     layers = [(first_weight, first_bias)] + [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, num_layers)]
     weights = bias_folded_weights(layers, torch.relu)
-    out = streamed_mlp(pieces, (lambda index: whole) if whole is not None else feature_matrix, weights, "relu",
-                       readout, in_place=no_grad)
-    return out.reshape(shape)
+    result = streamed_mlp(pieces, (lambda index: whole) if whole is not None else feature_matrix, weights, "relu",
+                          readout, in_place=no_grad, out=out)
+    return result.reshape(shape)
 
 
 def streamed_mlp(pieces: list[tuple], feature_matrix: Callable[[tuple], Tensor], weights: list[Tensor],
-                 activation: str, readout: Callable[[Tensor], Tensor], in_place: bool = False) -> Tensor:
+                 activation: str, readout: Callable[[Tensor], Tensor], in_place: bool = False,
+                 out: Tensor | None = None) -> Tensor:
     """The per-element MLP engine: piece by piece (:func:`chunk_indices`), ``feature_matrix(index)``
     ``(F + 1, n)`` — one row per input, the last row all ones — through :func:`bias_folded_mlp` with
     ``weights`` (:func:`bias_folded_weights`), ``readout`` maps the ``(n, out)`` network output to
     ``(n,)``; the pieces' outputs concatenated, ``(N,)``. Only one piece's features and activations
-    exist at a time. ``in_place``: see :func:`bias_folded_mlp`.
+    exist at a time. ``in_place``: see :func:`bias_folded_mlp`. ``out``: a flat ``(N,)`` buffer the
+    pieces' outputs are written into (and returned) instead of concatenated.
     """
+    if out is not None:
+        start = 0
+        for index in pieces:
+            piece = readout(bias_folded_mlp(feature_matrix(index).t(), weights, activation, in_place=in_place))
+            out[start:start + piece.shape[0]].copy_(piece)
+            start += piece.shape[0]
+        return out
     outputs = [readout(bias_folded_mlp(feature_matrix(index).t(), weights, activation, in_place=in_place))
                for index in pieces]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)

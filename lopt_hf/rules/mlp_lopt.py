@@ -15,6 +15,7 @@ axis first; the JAX state has it last).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -76,19 +77,33 @@ class MLPLOpt(UpdateRule):
         return {"momentum": torch.zeros((len(self.momentum_decays), *param.shape), dtype=torch.float32,
                                         device=param.device)}
 
+    def decays(self, like: Tensor) -> Tensor:
+        """The momentum decays ``(k, 1, …, 1)`` against the momentum ``(k, *like.shape)``."""
+        decays = torch.tensor(self.momentum_decays, dtype=torch.float32, device=like.device)
+        return decays.reshape(-1, *([1] * like.dim()))
+
     def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                chunk_size: int | None = None) -> tuple[Tensor, State]:
-        dtype = state["momentum"].dtype
-        decays = torch.tensor(self.momentum_decays, dtype=dtype, device=param.device)
-        decays = decays.reshape(-1, *([1] * param.dim()))
-        momentum = decays * state["momentum"] + (1.0 - decays) * grad.unsqueeze(0)
+        momentum = advance_momentum(self.decays(param), state["momentum"], grad)
+        step_out = self.network_step(theta, param, grad, momentum, step, chunk_size)
+        return step_out, {"momentum": momentum}
+
+    def network_step(self, theta: Theta, param: Tensor, grad: Tensor, momentum: Tensor, step: Tensor | int,
+                     chunk_size: int | None = None, advance: Callable[[tuple], None] | None = None,
+                     out: Tensor | None = None) -> Tensor:
+        """The step from the new ``momentum`` (:func:`~lopt_hf.rules.features.normalized_mlp`; ``advance``
+        and ``out`` are its deployment hooks)."""
 
         def features(index: tuple) -> list[Tensor]:
             decay_index = (slice(None), *index)
             return [grad[index].unsqueeze(0), param[index].unsqueeze(0), momentum[decay_index]]
 
         time_features = tanh_time_features(as_step_tensor(step, param))
-        step_out = normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
-                                  step_from_direction_magnitude(self.exp_mult, self.step_mult),
-                                  chunk_size=chunk_size, eps=self.normalization_eps)
-        return step_out, {"momentum": momentum}
+        return normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
+                              step_from_direction_magnitude(self.exp_mult, self.step_mult),
+                              chunk_size=chunk_size, eps=self.normalization_eps, advance=advance, out=out)
+
+
+def advance_momentum(decays: Tensor, momentum: Tensor, grad: Tensor) -> Tensor:
+    """The new momenta ``d·m + (1 − d)·g`` (``momentum`` ``(k, *grad.shape)``, ``decays`` from ``MLPLOpt.decays``)."""
+    return decays * momentum + (1.0 - decays) * grad.unsqueeze(0)

@@ -51,22 +51,32 @@ class PerParamMLP(UpdateRule):
     def init_state(self, param: Tensor) -> State:
         return {"momentum": torch.zeros_like(param, dtype=torch.float32)}
 
+    def network(self, theta: Theta) -> list[Tensor]:
+        """The MLP as :func:`~lopt_hf.rules.features.bias_folded_weights` matrices (input rows ``[p, m, g, 1]``)."""
+        num_layers = len(self._layer_sizes) - 1
+        layers = [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(num_layers)]
+        return bias_folded_weights(layers, activation_fn(self.activation))
+
+    def readout(self, h: Tensor) -> Tensor:
+        """The step ``a * step_mult * exp(b * exp_mult)`` from the network's ``(n, 2)`` output."""
+        return h[:, 0] * self.step_mult * torch.exp(h[:, 1] * self.exp_mult)
+
     def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                chunk_size: int | None = None) -> tuple[Tensor, State]:
         momentum = ema(state["momentum"], grad, self.momentum_decay)
-        num_layers = len(self._layer_sizes) - 1
-        layers = [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(num_layers)]
-        weights = bias_folded_weights(layers, activation_fn(self.activation))
+        weights = self.network(theta)
         in_place = not torch.is_grad_enabled()  # deployment: rectify activations in place
         flat_p, flat_m, flat_g = param.reshape(-1), momentum.reshape(-1), grad.reshape(-1)
 
-        def feature_matrix(rows: tuple) -> Tensor:
-            # [p, m, g, 1] per element; the trailing 1 carries the biases (see bias_folded_weights).
-            return torch.stack([flat_p[rows], flat_m[rows], flat_g[rows], torch.ones_like(flat_p[rows])])
+        def features(rows: tuple) -> Tensor:
+            return feature_matrix(flat_p[rows], flat_m[rows], flat_g[rows])
 
-        def readout(h: Tensor) -> Tensor:
-            return h[:, 0] * self.step_mult * torch.exp(h[:, 1] * self.exp_mult)
-
-        step_out = streamed_mlp(chunk_indices(flat_p.shape, chunk_size), feature_matrix, weights, self.activation,
-                                readout, in_place=in_place)
+        step_out = streamed_mlp(chunk_indices(flat_p.shape, chunk_size), features, weights, self.activation,
+                                self.readout, in_place=in_place)
         return step_out.reshape(param.shape), {"momentum": momentum}
+
+
+def feature_matrix(param: Tensor, momentum: Tensor, grad: Tensor) -> Tensor:
+    """``[p, m, g, 1]`` per element, ``(4, n)`` for flat ``(n,)`` inputs; the trailing 1 carries the
+    biases (see :func:`~lopt_hf.rules.features.bias_folded_weights`)."""
+    return torch.stack([param, momentum, grad, torch.ones_like(param)])

@@ -30,14 +30,15 @@ Theta names are the haiku ones without the ``nn/~/`` prefix (:data:`HAIKU_NAMES`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (factored_accumulator_state, factored_dims, factored_features, factored_second_moments,
-                       init_mlp_theta,
-                       mlp_theta_shapes, normalized_mlp, step_from_direction_magnitude, tanh_time_features)
+from .features import (FactoredFeatures, factored_accumulator_state, factored_dims, factored_features,
+                       factored_second_moments, init_mlp_theta, mlp_theta_shapes, normalized_mlp,
+                       step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 DECAY_NAMES = ("momentum_decays", "rms_decays", "adafactor_decays")
@@ -124,34 +125,45 @@ class SmallFCLOpt(UpdateRule):
                  "rms": zeros(len(self.initial_rms_decays), shape)}
         return state | factored_accumulator_state(shape, facs, zeros)
 
-    def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
-               chunk_size: int | None = None) -> tuple[Tensor, State]:
+    def decays(self, theta: Theta, param: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The momentum, rms and factored decays, each ``(k, 1, …, 1)`` against its accumulator."""
         ndim = param.dim()
 
         def per_decay(decay: Tensor) -> Tensor:  # (k,) → (k, 1, …, 1) against (k, *shape)
             return decay.reshape(-1, *([1] * ndim))
 
-        # --- accumulators (the new state), decay axis first
         mom_decay = per_decay(learned_decay(self.initial_momentum_decays, theta["momentum_decays"]))
         rms_decay = per_decay(torch.clamp(learned_decay(self.initial_rms_decays, theta["rms_decays"]), 0.0, 1.0))
         fac_decay = torch.clamp(learned_decay(self.initial_adafactor_decays, theta["adafactor_decays"]), 0.0, 1.0)
-        g = grad.unsqueeze(0)
-        momentum = mom_decay * state["momentum"] + (1.0 - mom_decay) * g
-        rms = rms_decay * state["rms"] + (1.0 - rms_decay) * (g * g)
-        grad_sqr = grad * grad + 1e-30
-        new_state = {"momentum": momentum, "rms": rms}
-
-        dims = factored_dims(tuple(param.shape))
         # (k, 1, …, 1) against the accumulators (k, *shape) or (k, *shape less one axis); reshaped once
         # and shared by v_row and v_col, so its meta-gradient accumulates in one place.
-        fac_decay_b = fac_decay.reshape(-1, *([1] * (ndim if dims is None else ndim - 1)))
+        dims = factored_dims(tuple(param.shape))
+        return mom_decay, rms_decay, fac_decay.reshape(-1, *([1] * (ndim if dims is None else ndim - 1)))
+
+    def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
+               chunk_size: int | None = None) -> tuple[Tensor, State]:
+        mom_decay, rms_decay, fac_decay = self.decays(theta, param)
+        momentum, rms = advance_moments(mom_decay, rms_decay, state["momentum"], state["rms"], grad)
+        accumulators, fac = self.factored_moments(fac_decay, grad, state)
+        step_out = self.network_step(theta, param, grad, momentum, rms, fac, step, chunk_size)
+        return step_out, {"momentum": momentum, "rms": rms, **accumulators}
+
+    def factored_moments(self, fac_decay: Tensor, grad: Tensor, state: State
+                         ) -> tuple[dict[str, Tensor], FactoredFeatures]:
+        """The new factored accumulators (``v_row``/``v_col`` or ``v_diag``) and their features."""
 
         def fac_ema(old: Tensor, new: Tensor) -> Tensor:
-            return fac_decay_b * old + (1.0 - fac_decay_b) * new.unsqueeze(0)
+            return fac_decay * old + (1.0 - fac_decay) * new.unsqueeze(0)
 
-        accumulators, factors = factored_second_moments(grad_sqr, state, fac_ema)
-        new_state.update(accumulators)
-        fac = factored_features(accumulators, factors, tuple(param.shape), lambda v: (v + 1e-6) ** -0.5)
+        accumulators, factors = factored_second_moments(grad * grad + 1e-30, state, fac_ema)
+        fac = factored_features(accumulators, factors, tuple(grad.shape), lambda v: (v + 1e-6) ** -0.5)
+        return accumulators, fac
+
+    def network_step(self, theta: Theta, param: Tensor, grad: Tensor, momentum: Tensor, rms: Tensor,
+                     fac: FactoredFeatures, step: Tensor | int, chunk_size: int | None = None,
+                     advance: Callable[[tuple], None] | None = None, out: Tensor | None = None) -> Tensor:
+        """The step from the new accumulators (:func:`~lopt_hf.rules.features.normalized_mlp`; ``advance``
+        and ``out`` are its deployment hooks)."""
 
         def features(index: tuple) -> list[Tensor]:
             at = (slice(None), *index)
@@ -165,7 +177,13 @@ class SmallFCLOpt(UpdateRule):
             ]
 
         time_features = tanh_time_features(as_step_tensor(step, param))
-        step_out = normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
-                                  step_from_direction_magnitude(self.exp_mult, self.step_mult),
-                                  chunk_size=chunk_size, eps=self.normalization_eps)
-        return step_out, new_state
+        return normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
+                              step_from_direction_magnitude(self.exp_mult, self.step_mult),
+                              chunk_size=chunk_size, eps=self.normalization_eps, advance=advance, out=out)
+
+
+def advance_moments(mom_decay: Tensor, rms_decay: Tensor, momentum: Tensor, rms: Tensor,
+                    grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The new momentum and rms EMAs of ``grad`` and ``grad²`` (decays from ``SmallFCLOpt.decays``)."""
+    g = grad.unsqueeze(0)
+    return mom_decay * momentum + (1.0 - mom_decay) * g, rms_decay * rms + (1.0 - rms_decay) * (g * g)
