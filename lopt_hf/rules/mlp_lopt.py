@@ -105,5 +105,6 @@ class MLPLOpt(UpdateRule):
 
 
 def advance_momentum(decays: Tensor, momentum: Tensor, grad: Tensor) -> Tensor:
-    """The new momenta ``d·m + (1 − d)·g`` (``momentum`` ``(k, *grad.shape)``, ``decays`` from ``MLPLOpt.decays``)."""
+    """The new momenta ``d·m + (1 − d)·g`` (``momentum`` ``(k, *grad.shape)``; ``decays`` from
+    ``MLPLOpt.decays``)."""
     return decays * momentum + (1.0 - decays) * grad.unsqueeze(0)
