@@ -18,6 +18,7 @@ import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 EXIT_USER_ERROR = 2
@@ -296,7 +297,6 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from .metatrain.checkpoint import CheckpointError, latest_checkpoint
     from .publish.export import export_checkpoint
@@ -341,8 +341,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_card(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     directory = existing_folder(args.directory)
     from .hub import load_artifact, write_file_atomic
 
@@ -387,21 +385,30 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import (DatasetUnavailableError, OptimizerSpecError, UnknownTaskError, markdown_table,
-                             run_evaluation, write_report)
+    from .evaluation import (HELDOUT_TASKS, DatasetUnavailableError, OptimizerSpecError, UnknownTaskError,
+                             markdown_table, run_evaluation, write_report)
 
-    try:
-        check_learned_sources(args.optimizers or [])
-        results = run_evaluation(args.tasks, args.optimizers, steps=args.steps, seeds=args.seeds,
-                                 progress=not args.no_progress, threads=args.threads or None)
-    except (DatasetUnavailableError, OptimizerSpecError, UnknownTaskError, ValueError) as err:
-        print(f"lopt-hf eval: {err}", file=sys.stderr)
-        return 2
-    paths = write_report(results, args.out)
-    print(markdown_table(results))
-    for task, reason in results["settings"]["skipped_tasks"].items():
-        print(f"skipped {task}: {reason}")
-    print(f"{results['settings']['total_seconds']:.0f} s; wrote " + ", ".join(str(path) for path in paths.values()))
+    tasks, runs = args.tasks, [(args.steps, Path(args.out))]
+    if args.suite == "heldout":  # the held-out tasks at --steps and at 10× (issue 15's harder evaluation)
+        if args.tasks:
+            print("lopt-hf eval: --suite heldout chooses the tasks; drop --tasks", file=sys.stderr)
+            return 2
+        tasks = list(HELDOUT_TASKS)
+        runs = [(steps, Path(args.out) / f"steps{steps}") for steps in (args.steps, 10 * args.steps)]
+    for steps, out in runs:
+        try:
+            check_learned_sources(args.optimizers or [])
+            results = run_evaluation(tasks, args.optimizers, steps=steps, seeds=args.seeds,
+                                     progress=not args.no_progress, threads=args.threads or None)
+        except (DatasetUnavailableError, OptimizerSpecError, UnknownTaskError, ValueError) as err:
+            print(f"lopt-hf eval: {err}", file=sys.stderr)
+            return 2
+        paths = write_report(results, out)
+        print(markdown_table(results))
+        for task, reason in results["settings"]["skipped_tasks"].items():
+            print(f"skipped {task}: {reason}")
+        print(f"{results['settings']['total_seconds']:.0f} s; wrote "
+              + ", ".join(str(path) for path in paths.values()))
     return 0
 
 
@@ -502,8 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="adamw, adamw:LR, adamw-grid, adam[:LR], sgdm[:LR], or a learned-optimizer folder / "
                                "Hub repo id; LABEL=SPEC names one (default: adamw adamw-grid adam sgdm)")
     evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
-                          help="digits_mlp, digits_cnn, fashion_mnist_mlp, fashion_mnist_mlp16, mnist_mlp, tiny_lm "
-                               "(default: all whose data is available here)")
+                          help="digits_mlp, digits_cnn, fashion_mnist_mlp, fashion_mnist_mlp16, mnist_mlp, "
+                               "mnist_mlp_wide, fashion_mnist_cnn, tiny_lm (default: all whose data is available here)")
+    evaluate.add_argument("--suite", choices=["heldout"], default=None,
+                          help="heldout: mnist_mlp_wide, fashion_mnist_cnn and tiny_lm (unlike the 8×8-MLP "
+                               "meta-training family) at --steps and at 10× --steps, reports in OUT/steps<N>")
     evaluate.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
     evaluate.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per seed (default 0 1)")
     evaluate.add_argument("--out", default="eval_out", help="folder for results.json, curves.png, results.md "

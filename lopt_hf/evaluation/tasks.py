@@ -247,6 +247,11 @@ TASKS: dict[str, Task] = {
 DEFAULT_TASKS: tuple[str, ...] = tuple(TASKS)
 """Run when no tasks are named (those whose data is unavailable here are skipped)."""
 
+HELDOUT_TASKS: tuple[str, ...] = ("mnist_mlp_wide", "fashion_mnist_cnn", "tiny_lm")
+"""``lopt-hf eval --suite heldout``: tasks unlike the 8×8-MLP meta-training family of the shipped
+optimizers — full-resolution 28×28 inputs, a wide MLP, a CNN, a character-level GPT-2 through
+``transformers.Trainer`` — run at ``--steps`` and at 10× that."""
+
 
 def get_task(name: str) -> Task:
     """The registered task ``name``; :class:`UnknownTaskError` (with a suggestion) otherwise."""

@@ -273,3 +273,19 @@ def test_compact_results_drop_seed_curves_but_render_the_same_table(tmp_path):
     assert all("train_loss" in run for run in results["tasks"]["digits_mlp"]["optimizers"]["adamw"]["runs"])
     assert len(json.dumps(compact)) < len(json.dumps(results))
     write_report(compact, tmp_path)
+
+
+def test_heldout_suite_runs_each_task_at_steps_and_ten_times(tmp_path) -> None:
+    """`lopt-hf eval --suite heldout`: the three held-out tasks at --steps and 10× --steps, two reports."""
+    from lopt_hf.cli import main
+    from lopt_hf.evaluation import HELDOUT_TASKS
+
+    assert set(HELDOUT_TASKS) == {"mnist_mlp_wide", "fashion_mnist_cnn", "tiny_lm"}
+    code = main(["eval", "--suite", "heldout", "--optimizers", "adamw", "--steps", "1", "--seeds", "0",
+                 "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    for steps in (1, 10):
+        results = json.loads((tmp_path / f"steps{steps}" / "results.json").read_text())
+        assert results["settings"]["steps"] == steps
+        assert set(results["tasks"]) | set(results["settings"]["skipped_tasks"]) == set(HELDOUT_TASKS)
+    assert main(["eval", "--suite", "heldout", "--tasks", "digits_mlp", "--out", str(tmp_path)]) == 2
