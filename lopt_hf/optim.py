@@ -19,10 +19,10 @@ torch optimizer:
   advanced, and the skip is counted — NaN never reaches the parameters. On the ``"adamw"`` route a
   gradient element of magnitude ≥ ``ADAMW_GRAD_LIMIT`` (1e19; its square overflows float32) counts
   as non-finite too, so one absurd gradient cannot make a second moment infinite. One exception to
-  "not advanced": the in-place kernels of small_fc_lopt, mlp_lopt and per_param_mlp
-  (:mod:`lopt_hf.kernels.in_place`, which keep memory near AdamW's) advance a tensor's accumulators
-  while computing its step, so when only ``lr·step`` or the decayed parameter overflows afterwards
-  (absurd ``lr`` / ``weight_decay``), the parameter stays untouched but its accumulators have moved;
+  "not advanced": for tensors of ≥ 4M elements the in-place kernels of small_fc_lopt, mlp_lopt and
+  per_param_mlp (:mod:`lopt_hf.kernels.in_place`, which keep memory near AdamW's) advance the
+  accumulators while computing the step, so when only ``lr·step`` or the decayed parameter overflows
+  afterwards (absurd ``lr`` / ``weight_decay``), the parameter stays untouched but its accumulators moved;
 * ``step()`` checks what could stop it (sparse gradients) before it changes anything;
   ``load_state_dict`` checks every state tensor's shape against what the rule keeps for that
   parameter before it loads anything; a 0-element tensor is left as it is (no state, not counted);

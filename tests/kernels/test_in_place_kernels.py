@@ -7,13 +7,34 @@ import pytest
 import torch
 from torch import nn
 
-from lopt_hf.kernels import RuleKernel, kernel_for
+from lopt_hf.kernels import RuleKernel, in_place, kernel_for
 from lopt_hf.kernels.in_place import InPlaceKernel, MLPLOptKernel, PerParamMLPKernel, SmallFCLOptKernel
 from lopt_hf.optim import LearnedOptimizer
 from lopt_hf.rules import build_rule
 
 KERNELS = {"small_fc_lopt": SmallFCLOptKernel, "mlp_lopt": MLPLOptKernel, "per_param_mlp": PerParamMLPKernel}
 CONFIGS = {"small_fc_lopt": {}, "mlp_lopt": {}, "per_param_mlp": {"hidden_sizes": [8, 8], "activation": "gelu"}}
+
+
+@pytest.fixture(autouse=True)
+def in_place_for_every_size(monkeypatch):
+    """These tensors are small: make the kernels take their in-place path anyway (the one under test)."""
+    monkeypatch.setattr(in_place, "IN_PLACE_MIN_NUMEL", 0)
+
+
+def test_small_tensors_take_the_rules_own_update() -> None:
+    """Below IN_PLACE_MIN_NUMEL the kernel hands the tensor to the rule: the state is not advanced in place."""
+    in_place.IN_PLACE_MIN_NUMEL = 1 << 22  # the module default (the autouse fixture restores its own value)
+    rule, theta = rule_and_theta("small_fc_lopt")
+    kernel = kernel_for(rule, theta)
+    param, grad = torch.randn(30, 20), torch.randn(30, 20)
+    state = kernel.init_state(param)
+    before = {key: value.clone() for key, value in state.items()}
+    direction, (new_state,) = kernel.update_stack(param[None], grad[None], [state], 0, chunk_size=64)
+    expected, expected_state = rule.update(theta, param, grad, before, 0, chunk_size=64)
+    assert torch.equal(direction[0], expected)
+    assert all(torch.equal(state[key], before[key]) for key in state)  # the input state untouched
+    assert all(torch.equal(new_state[key], expected_state[key]) for key in expected_state)
 
 
 def rule_and_theta(name: str, seed: int = 0):
