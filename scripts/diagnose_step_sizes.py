@@ -27,13 +27,23 @@ from lopt_hf.evaluation.optimizers import parse_optimizer_specs
 from lopt_hf.evaluation.tasks import get_task
 
 
-def relative_steps(task_name: str, spec, steps: int, seed: int) -> tuple[dict[str, list[float]], list[float]]:
-    """Per tensor name, ``rms(Δp) / rms(p)`` after every step; and the training losses."""
+def relative_steps(task_name: str, spec, steps: int, seed: int, planned_steps: int | None = None
+                   ) -> tuple[dict[str, list[float]], dict[str, list[float]], list[float]]:
+    """Per tensor name, ``rms(Δp) / rms(p)`` and ``rms(p)`` after every step; and the training losses.
+
+    ``planned_steps``: the length of training the optimizer is told (``set_total_steps``; default ``steps``)
+    — more than ``steps`` shows the first part of a longer planned run.
+    """
     (_, make_optimizer), = spec.candidates()
     history: dict[str, list[float]] = {}
+    scales: dict[str, list[float]] = {}
 
     def instrumented(model: torch.nn.Module) -> torch.optim.Optimizer:
         optimizer = make_optimizer(model)
+        if planned_steps is not None and hasattr(optimizer, "set_total_steps"):
+            # the task tells it `steps` first; wrap so the plan stays `planned_steps`
+            set_total_steps = optimizer.set_total_steps
+            optimizer.set_total_steps = lambda _: set_total_steps(planned_steps)  # type: ignore[method-assign]
         named = list(model.named_parameters())
         before: dict[str, torch.Tensor] = {}
 
@@ -42,28 +52,30 @@ def relative_steps(task_name: str, spec, steps: int, seed: int) -> tuple[dict[st
 
         def post_hook(*_: object) -> None:
             for name, param in named:
-                old = before[name]
+                old, new = before[name], param.detach().float()
                 scale = old.square().mean().sqrt().clamp_min(1e-12)
-                history.setdefault(name, []).append(float((param.detach().float() - old).square().mean().sqrt() / scale))
+                history.setdefault(name, []).append(float((new - old).square().mean().sqrt() / scale))
+                scales.setdefault(name, []).append(float(new.square().mean().sqrt()))
 
         optimizer.register_step_pre_hook(pre_hook)
         optimizer.register_step_post_hook(post_hook)
         return optimizer
 
     record = get_task(task_name).run(instrumented, steps=steps, seed=seed)
-    return history, record.train_losses
+    return history, scales, record.train_losses
 
 
 def summary_rows(results: dict[str, dict]) -> list[str]:
     """The markdown table: median relative step per tensor over the first and the last fifth of training."""
-    lines = ["| optimizer | tensor | relative step, first 20 % | relative step, last 20 % | final train loss |",
-             "|---|---|---:|---:|---:|"]
+    lines = ["| optimizer | tensor | relative step, first 20 % | relative step, last 20 % | rms(p) at the end | "
+             "final train loss |", "|---|---|---:|---:|---:|---:|"]
     for label, result in results.items():
         losses = result["train_losses"]
         for name, values in result["relative_steps"].items():
             fifth = max(1, len(values) // 5)
             lines.append(f"| {label} | `{name}` | {statistics.median(values[:fifth]):.2e} | "
-                         f"{statistics.median(values[-fifth:]):.2e} | {losses[-1]:.3f} |")
+                         f"{statistics.median(values[-fifth:]):.2e} | {result['param_rms'][name][-1]:.3g} | "
+                         f"{losses[-1]:.3g} |")
     return lines
 
 
@@ -98,6 +110,9 @@ def main() -> None:
     parser.add_argument("--optimizers", nargs="+", required=True, help="lopt-hf eval optimizer specs (LABEL=SPEC)")
     parser.add_argument("--task", default="mnist_mlp_wide", help="a lopt-hf eval task (default mnist_mlp_wide)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    parser.add_argument("--planned-steps", type=int, default=None,
+                        help="length of training the optimizers are told (default --steps; e.g. 20000 with --steps "
+                             "3000 shows the start of a 10× longer run)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=Path("diagnosis_out"))
@@ -108,14 +123,17 @@ def main() -> None:
         parser.error("adamw-grid runs several lrs: give one, e.g. adamw:3e-3")
     results = {}
     for spec in specs:
-        history, losses = relative_steps(args.task, spec, args.steps, args.seed)
-        results[spec.label] = {"spec": spec.spec, "relative_steps": history, "train_losses": losses}
+        history, scales, losses = relative_steps(args.task, spec, args.steps, args.seed, args.planned_steps)
+        results[spec.label] = {"spec": spec.spec, "relative_steps": history, "param_rms": scales,
+                               "train_losses": losses}
         print(f"{spec.label}: final train loss {losses[-1]:.4f}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "step_sizes.json").write_text(json.dumps({"task": args.task, "steps": args.steps, "seed": args.seed,
+                                                          "planned_steps": args.planned_steps or args.steps,
                                                           "results": results}))
     (args.out / "step_sizes.md").write_text("\n".join(
-        [f"# Relative step per tensor: {args.task}, {args.steps} steps, seed {args.seed}", "", *summary_rows(results),
+        [f"# Relative step per tensor: {args.task}, {args.steps} steps (planned {args.planned_steps or args.steps}), "
+         f"seed {args.seed}", "", *summary_rows(results),
          "", "![relative steps](step_sizes.png)", ""]))
     plot(results, args.out / "step_sizes.png", args.task)
     print(f"wrote {args.out / 'step_sizes.md'}, step_sizes.png, step_sizes.json")

@@ -63,10 +63,11 @@ def test_device_check_runs_every_rule_and_times_the_optimizers(tmp_path: Path) -
 
 def test_diagnose_step_sizes_records_every_tensor(tmp_path: Path) -> None:
     run_script("diagnose_step_sizes.py", "--optimizers", "lolo=lopt-hf/small-fc-lolo", "adamw:1e-3", "--task",
-               "digits_mlp", "--steps", "4", "--out", str(tmp_path))
+               "digits_mlp", "--steps", "4", "--planned-steps", "40", "--out", str(tmp_path))
     report = json.loads((tmp_path / "step_sizes.json").read_text())
+    assert report["planned_steps"] == 40
     for result in report["results"].values():
-        assert set(result["relative_steps"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+        assert set(result["relative_steps"]) == set(result["param_rms"]) == {"0.weight", "0.bias", "2.weight", "2.bias"}
         assert all(len(values) == 4 and all(value > 0 for value in values)
                    for values in result["relative_steps"].values())
     assert (tmp_path / "step_sizes.png").stat().st_size > 0 and "0.weight" in (tmp_path / "step_sizes.md").read_text()
