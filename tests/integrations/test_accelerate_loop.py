@@ -10,7 +10,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.optimizer import AcceleratedOptimizer
 from accelerate.utils import DataLoaderConfiguration, set_seed
-from support import clipped_momentum_artifact, lm_data, tiny_gpt2
+from support import lm_data, tiny_gpt2
 from torch.utils.data import DataLoader
 
 from lopt_hf import LearnedOptimizer, load_lopt
@@ -20,10 +20,6 @@ pytestmark = pytest.mark.usefixtures("single_torch_thread")
 TOTAL_STEPS = 10
 SAVE_AT = 5  # mid-epoch: 55 blocks / batch 8 = 7 batches per epoch
 
-
-@pytest.fixture(scope="module")
-def descending(tmp_path_factory) -> str:
-    return str(clipped_momentum_artifact(tmp_path_factory.mktemp("clipped_momentum")))
 
 
 def setup(artifact: str, model_seed: int = 0):

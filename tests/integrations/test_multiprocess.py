@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support import SUBPROCESS_ENV, clipped_momentum_artifact, lm_data, load_refvectors, subtree, tiny_gpt2
+from support import SUBPROCESS_ENV, lm_data, load_refvectors, subtree, tiny_gpt2
 
 from lopt_hf import create_artifact
 
@@ -56,10 +56,6 @@ def check_ranks(out: Path, world_size: int = 2) -> list[dict]:
     assert all(not torch.equal(params[0][name], initial[name].detach()) for name in trained)
     return infos
 
-
-@pytest.fixture(scope="module")
-def descending(tmp_path_factory) -> str:
-    return str(clipped_momentum_artifact(tmp_path_factory.mktemp("clipped_momentum")))
 
 
 @pytest.mark.slow

@@ -7,15 +7,7 @@ import warnings
 
 import pytest
 import torch
-from support import (
-    DigitTokens,
-    clipped_momentum_artifact,
-    lm_data,
-    tiny_bert_classifier,
-    tiny_gpt2,
-    train_losses,
-    training_args,
-)
+from support import DigitTokens, tiny_bert_classifier, tiny_gpt2, train_losses, training_args
 from transformers import Trainer
 
 import lopt_hf
@@ -26,15 +18,6 @@ from lopt_hf.trainer import LearnedOptimizerFactory, LearnedOptimizerSettingsWar
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def descending(tmp_path_factory) -> str:
-    """A real artifact folder whose (hand-built) theta reliably lowers a loss."""
-    return str(clipped_momentum_artifact(tmp_path_factory.mktemp("clipped_momentum")))
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return lm_data()
 
 
 def decreased(losses: list[float]) -> bool:

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from support import lm_data, load_refvectors, subtree, tiny_gpt2, train_losses, training_args
+from support import load_refvectors, subtree, tiny_gpt2, train_losses, training_args
 from transformers import Trainer
 
 from lopt_hf import LearnedOptimizerCallback, create_artifact, load_lopt, trainer_optimizer
@@ -26,10 +26,6 @@ def published_celo(tmp_path_factory) -> str:
     create_artifact("celo", theta=theta, optimizer_defaults={"lr": 1.0, "weight_decay": 0.0}).save_pretrained(folder)
     return str(folder)
 
-
-@pytest.fixture(scope="module")
-def lm():
-    return lm_data()
 
 
 def replayed_buffer(losses: list[float], num_steps: int) -> dict[str, torch.Tensor]:

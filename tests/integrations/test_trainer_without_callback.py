@@ -11,7 +11,7 @@ import warnings
 
 import pytest
 import torch
-from support import clipped_momentum_artifact, lm_data, tiny_gpt2, training_args
+from support import tiny_gpt2, training_args
 from transformers import Trainer, TrainingArguments
 
 from lopt_hf import LearnedOptimizerCallback, load_lopt, trainer_optimizer
@@ -21,14 +21,6 @@ from lopt_hf.trainer import unwrap_optimizer
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def descending(tmp_path_factory) -> str:
-    return str(clipped_momentum_artifact(tmp_path_factory.mktemp("clipped_momentum")))
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return lm_data()
 
 
 def default_args(output_dir) -> TrainingArguments:
