@@ -47,6 +47,24 @@ class StepResult:
     ratio_to_adamw: float | None = None
     state_mb: float | None = None
     peak_extra_mb: float | None = None
+    floor_ms: float | None = None  # the per-element network's FLOPs at the sgemm rate of the same run
+    ratio_to_floor: float | None = None
+    sgemm_gflops: float | None = None  # the matmul rate measured in the same run
+
+
+def sgemm_gflops(device: str = "cpu", size: int = 2048, repeats: int = 5) -> float:
+    """The float32 matmul rate (GFLOP/s) of ``size × size`` products on ``device``, measured now: the
+    anchor of the arithmetic floors (a figure from another day or machine does not transfer)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    milliseconds = time_steps(lambda: torch.mm(a, b), device, warmup=2, repeats=repeats)
+    return 2.0 * size ** 3 / (milliseconds * 1e-3) / 1e9
+
+
+def learned_numel(optimizer: torch.optim.Optimizer) -> int:
+    """Elements the learned rule steps (harness groups routed to AdamW excluded)."""
+    return sum(param.numel() for group in optimizer.param_groups if group.get("route", "learned") == "learned"
+               for param in group["params"])
 
 
 def make_mlp(layers: Sequence[int], device: str = "cpu") -> nn.Module:
@@ -139,11 +157,17 @@ def run_benchmark(names: Sequence[str] | None = None, layers: Sequence[int] = DE
                   warmup: int = 3, repeats: int = 10, measure_memory: bool = True) -> list[StepResult]:
     """Time AdamW and every named rule on the same model; return one result per optimizer."""
     names = [ADAMW, *[n for n in (names or benchmark_names()) if n != ADAMW]]
+    gflops = sgemm_gflops(device)
     results = []
     for name in names:
         model = make_mlp(layers, device)
         optimizer = make_optimizer(name, model)
-        results.append(StepResult(name, time_steps(optimizer.step, device, warmup, repeats)))
+        result = StepResult(name, time_steps(optimizer.step, device, warmup, repeats), sgemm_gflops=gflops)
+        flops = optimizer.rule.per_element_flops() if isinstance(optimizer, LearnedOptimizer) else None
+        if flops:
+            result.floor_ms = learned_numel(optimizer) * flops / (gflops * 1e9) * 1e3
+            result.ratio_to_floor = result.step_ms / result.floor_ms
+        results.append(result)
     adamw_ms = results[0].step_ms
     for result in results:
         result.ratio_to_adamw = result.step_ms / adamw_ms
@@ -163,16 +187,25 @@ def _memory_in_subprocess(name: str, layers: Sequence[int], device: str) -> tupl
         return None, None  # e.g. no /proc on this platform: report timing only
 
 
-def format_results(results: Sequence[StepResult], layers: Sequence[int], device: str) -> str:
-    """A plain-text table of the results."""
+def format_results(results: Sequence[StepResult], layers: Sequence[int], device: str,
+                   gflops: float | None = None) -> str:
+    """A plain-text table of the results (``gflops``: the sgemm rate the floors were computed with)."""
     num_params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(layers[:-1], layers[1:]))
+    gflops = gflops or (results[0].sgemm_gflops if results else None)
+    rate = f", sgemm {gflops:.0f} GFLOP/s" if gflops else ""
     lines = [f"optimizer step on MLP {'→'.join(map(str, layers))} ({num_params / 1e6:.2f}M parameters), "
-             f"device={device}, torch {torch.__version__}, threads={torch.get_num_threads()}",
-             f"{'optimizer':<16}{'step ms':>10}{'× AdamW':>10}{'state MB':>10}{'peak extra MB':>15}"]
+             f"device={device}, torch {torch.__version__}, threads={torch.get_num_threads()}{rate}",
+             f"{'optimizer':<16}{'step ms':>10}{'× AdamW':>10}{'floor ms':>10}{'× floor':>9}{'state MB':>10}"
+             f"{'peak extra MB':>15}"]
     for r in results:
         state = f"{r.state_mb:.1f}" if r.state_mb is not None else "n/a"
         peak = f"{r.peak_extra_mb:.1f}" if r.peak_extra_mb is not None else "n/a"
-        lines.append(f"{r.name:<16}{r.step_ms:>10.2f}{r.ratio_to_adamw:>10.1f}{state:>10}{peak:>15}")
+        floor = f"{r.floor_ms:.1f}" if r.floor_ms is not None else "-"
+        to_floor = f"{r.ratio_to_floor:.1f}" if r.ratio_to_floor is not None else "-"
+        lines.append(f"{r.name:<16}{r.step_ms:>10.2f}{r.ratio_to_adamw:>10.1f}{floor:>10}{to_floor:>9}{state:>10}"
+                     f"{peak:>15}")
+    lines.append("floor: the per-element network's FLOPs over the learned tensors at the sgemm rate measured in this "
+                 "run ('-': no per-element network)")
     return "\n".join(lines)
 
 

@@ -97,6 +97,11 @@ class UpdateRule(ABC):
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
         """A fresh random ``theta`` (deterministic given the generator's seed)."""
 
+    def per_element_flops(self) -> int | None:
+        """FLOPs (2 per multiply-add) of the rule's per-element network for one parameter element: the
+        arithmetic floor ``lopt-hf bench`` compares a step with. ``None`` for rules without one."""
+        return None
+
     # ------------------------------------------------------------------------ per tensor
     @abstractmethod
     def init_state(self, param: Tensor) -> State:

@@ -49,8 +49,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, as_step_tensor, register_rule
-from .features import (factored_accumulator_state, factored_features, factored_second_moments, normalized_mlp,
-                       step_from_direction_magnitude, truncated_normal_init)
+from .features import (factored_accumulator_state, factored_features, factored_second_moments, mlp_flops,
+                       normalized_mlp, step_from_direction_magnitude, truncated_normal_init)
 from .scheduler import ScheduledRule
 
 FF = "ff_mod_stack/~/"
@@ -136,6 +136,10 @@ class Celo(ScheduledRule):
         return theta
 
     # ----------------------------------------------------------------------------- state
+    def per_element_flops(self) -> int:
+        # the mixed network (averaged once per tensor); the scheduler runs once per tensor, not per element
+        return mlp_flops(shape for key, shape in self.theta_shapes().items() if key.startswith(f"{FF}w"))
+
     def init_state(self, param: Tensor) -> State:
         shape = tuple(param.shape) if param.dim() > 0 else (1,)
         zeros = _zeros_like_decays(param)

@@ -74,7 +74,7 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import (chunk_indices, factored_accumulator_state, factored_dims, factored_second_moments,
+from .features import (chunk_indices, factored_accumulator_state, factored_dims, factored_second_moments, mlp_flops,
                        truncated_normal_init)
 
 # Feature groups in the original's order, and how many numbers each contributes (with 3 momentum,
@@ -220,6 +220,9 @@ class Celo2(UpdateRule):
         return theta
 
     # ------------------------------------------------------------------------ state
+    def per_element_flops(self) -> int:
+        return mlp_flops(shape for shape in self.theta_shapes().values() if len(shape) == 2)  # all its weights
+
     def init_state(self, param: Tensor) -> State:
         shape = tuple(param.shape) if param.dim() > 0 else (1,)
 

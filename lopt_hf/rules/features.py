@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -71,6 +71,12 @@ def mlp_theta_shapes(layer_sizes: list[int], prefix: str = "") -> dict[str, tupl
         shapes[f"{prefix}w{layer}"] = (int(fan_in), int(fan_out))
         shapes[f"{prefix}b{layer}"] = (int(fan_out),)
     return shapes
+
+
+def mlp_flops(weight_shapes: Iterable[tuple[int, ...]]) -> int:
+    """FLOPs per element of a network made of these weight matrices (the last two dims are (in, out);
+    a leading axis of mixed networks is ignored: they are averaged once per tensor)."""
+    return sum(2 * int(shape[-2]) * int(shape[-1]) for shape in weight_shapes)
 
 
 def init_mlp_theta(shapes: dict[str, tuple[int, ...]], generator: torch.Generator | None,
@@ -195,7 +201,7 @@ class FactoredFeatures:
         return factor_at(self.grad_factor, at)
 
     def momentum_factor_at(self, at: tuple, grad_factor: Tensor) -> Tensor:
-        """The momentum's preconditioner at ``at``; ``grad_factor`` (from :meth:`grad_factor_at`) is reused when equal."""
+        """The momentum's preconditioner at ``at``; ``grad_factor`` (:meth:`grad_factor_at`) is reused when equal."""
         return grad_factor if self.momentum_factor is self.grad_factor else factor_at(self.momentum_factor, at)
 
 

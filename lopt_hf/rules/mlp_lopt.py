@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (init_mlp_theta, mlp_theta_shapes, normalized_mlp, step_from_direction_magnitude,
+from .features import (init_mlp_theta, mlp_flops, mlp_theta_shapes, normalized_mlp, step_from_direction_magnitude,
                        tanh_time_features)
 
 NUM_TIME_FEATURES = 11
@@ -72,6 +72,9 @@ class MLPLOpt(UpdateRule):
 
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
         return init_mlp_theta(self.theta_shapes(), generator, "haiku")
+
+    def per_element_flops(self) -> int:
+        return mlp_flops(shape for key, shape in self.theta_shapes().items() if key[0] == "w" and key[1:].isdigit())
 
     def init_state(self, param: Tensor) -> State:
         return {"momentum": torch.zeros((len(self.momentum_decays), *param.shape), dtype=torch.float32,

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import (activation_fn, bias_folded_weights, chunk_indices, ema, init_mlp_theta, mlp_theta_shapes,
-                       streamed_mlp)
+from .features import (activation_fn, bias_folded_weights, chunk_indices, ema, init_mlp_theta, mlp_flops,
+                       mlp_theta_shapes, streamed_mlp)
 
 NUM_INPUTS = 3  # param, momentum, grad
 
@@ -47,6 +47,9 @@ class PerParamMLP(UpdateRule):
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
         # The tutorial draws weights from a unit normal (no fan-in scaling) and zero biases.
         return init_mlp_theta(self.theta_shapes(), generator, "normal")
+
+    def per_element_flops(self) -> int:
+        return mlp_flops(shape for key, shape in self.theta_shapes().items() if key[0] == "w" and key[1:].isdigit())
 
     def init_state(self, param: Tensor) -> State:
         return {"momentum": torch.zeros_like(param, dtype=torch.float32)}

@@ -141,7 +141,8 @@ class ScheduledRule(UpdateRule):
     # ----------------------------------------------------------------------------- theta
     def schedule_theta_shapes(self) -> dict[str, tuple[int, ...]]:
         hidden, inputs = int(self.lstm_hidden_size), NUM_GLOBAL_FEATURES + self.summary_size()
-        shapes: dict[str, tuple[int, ...]] = {"lstm_init_state/hidden": (1, hidden), "lstm_init_state/cell": (1, hidden)}
+        shapes: dict[str, tuple[int, ...]] = {"lstm_init_state/hidden": (1, hidden),
+                                              "lstm_init_state/cell": (1, hidden)}
         for layer in ("linear", "linear_1", "linear_2"):
             shapes[f"{RNN}{layer}/w"], shapes[f"{RNN}{layer}/b"] = (inputs, hidden), (hidden,)
         shapes[f"{RNN}rnn/linear/w"], shapes[f"{RNN}rnn/linear/b"] = (2 * hidden, 4 * hidden), (4 * hidden,)

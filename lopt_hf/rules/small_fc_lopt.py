@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
 from .features import (FactoredFeatures, factored_accumulator_state, factored_dims, factored_features,
-                       factored_second_moments, init_mlp_theta, mlp_theta_shapes, normalized_mlp,
+                       factored_second_moments, init_mlp_theta, mlp_flops, mlp_theta_shapes, normalized_mlp,
                        step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
@@ -113,6 +113,9 @@ class SmallFCLOpt(UpdateRule):
 
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
         return init_mlp_theta(self.theta_shapes(), generator, "haiku")  # decay offsets start at 0
+
+    def per_element_flops(self) -> int:
+        return mlp_flops(shape for key, shape in self.theta_shapes().items() if key[0] == "w" and key[1:].isdigit())
 
     def init_state(self, param: Tensor) -> State:
         shape = tuple(param.shape)
