@@ -298,7 +298,7 @@ def _cmd_push(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
 
-    from .metatrain.checkpoint import CheckpointError, latest_checkpoint
+    from .metatrain.checkpoint import CheckpointError, list_checkpoints, newest_intact_checkpoint
     from .publish.export import export_checkpoint
 
     checkpoint = Path(existing_folder(args.checkpoint,
@@ -309,11 +309,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.base_model:
         checked_repo_id(args.base_model)
     if not (checkpoint / "trainer_state.json").is_file():
-        # A run folder (or its checkpoints/ folder): take the newest complete checkpoint.
-        found = latest_checkpoint(checkpoint / "checkpoints") or latest_checkpoint(checkpoint)
-        if found is None:
+        # A run folder (or its checkpoints/ folder): the newest checkpoint that verifies; damaged newer ones are
+        # named and skipped (left where they are: exporting never changes the run folder).
+        root = checkpoint / "checkpoints" if list_checkpoints(checkpoint / "checkpoints") else checkpoint
+        if not list_checkpoints(root):
             print(f"lopt-hf export: {checkpoint} is neither a checkpoint (no trainer_state.json) nor a run folder "
                   f"with checkpoints/step-*", file=sys.stderr)
+            return 2
+        found, damaged = newest_intact_checkpoint(root)
+        for _, reason in damaged:
+            print(f"lopt-hf export: skipping a damaged checkpoint: {reason}", file=sys.stderr)
+        if found is None:
+            print(f"lopt-hf export: every checkpoint under {root} is damaged (see above); nothing to export",
+                  file=sys.stderr)
             return 2
         checkpoint = found
     try:

@@ -52,8 +52,8 @@ import torch
 from torch import Tensor
 
 __all__ = ["CheckpointData", "CheckpointError", "CHECKPOINT_FORMAT", "checkpoint_dir_name", "list_checkpoints",
-           "latest_checkpoint", "save_checkpoint", "load_checkpoint", "read_trainer_state", "read_theta",
-           "capture_rng_state", "restore_rng_state", "verify_checkpoint"]
+           "latest_checkpoint", "newest_intact_checkpoint", "save_checkpoint", "load_checkpoint",
+           "read_trainer_state", "read_theta", "capture_rng_state", "restore_rng_state", "verify_checkpoint"]
 
 CHECKPOINT_FORMAT = 1
 TRAINER_STATE = "trainer_state.json"
@@ -106,6 +106,20 @@ def latest_checkpoint(root: str | os.PathLike[str]) -> Path | None:
     """The newest complete checkpoint under ``root`` (``None`` if there is none)."""
     checkpoints = list_checkpoints(root)
     return checkpoints[-1][1] if checkpoints else None
+
+
+def newest_intact_checkpoint(root: str | os.PathLike[str]) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint under ``root`` that passes :func:`verify_checkpoint` (``None``: none does), and
+    the newer damaged ones with the one-line reason of each — nothing is moved or deleted here."""
+    damaged: list[tuple[Path, str]] = []
+    for _, path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            damaged.append((path, str(err)))
+            continue
+        return path, damaged
+    return None, damaged
 
 
 # ================================================================================ saving

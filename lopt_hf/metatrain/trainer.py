@@ -40,7 +40,8 @@ from torch import Tensor
 from ..plotting import plot_meta_loss
 from ..rules import build_rule
 from .checkpoint import (CheckpointData, CheckpointError, capture_rng_state, checkpoint_dir_name, list_checkpoints,
-                         load_checkpoint, restore_rng_state, save_checkpoint, verify_checkpoint)
+                         load_checkpoint, newest_intact_checkpoint, restore_rng_state, save_checkpoint,
+                         verify_checkpoint)
 from .config import ConfigError, MetaTrainConfig, config_from_dict
 from .interrupt import MetaTrainingInterrupted, StopSignals, resume_command
 
@@ -202,22 +203,14 @@ class MetaTrainer:
         process, out of the listing (so pruning cannot delete the intact one in their favour) but
         kept for inspection. Every process reaches the same verdict: the checks are deterministic.
         """
-        checkpoints = list_checkpoints(root)
-        damaged: list[Path] = []
-        found = None
-        for _, path in reversed(checkpoints):
-            try:
-                verify_checkpoint(path)
-            except CheckpointError as err:
-                if self.is_main:
-                    print(f"damaged checkpoint: {err}", file=sys.stderr)
-                damaged.append(path)
-                continue
-            found = path
-            break
+        found, reported = newest_intact_checkpoint(root)
+        damaged = [path for path, _ in reported]
+        if self.is_main:
+            for _, reason in reported:
+                print(f"damaged checkpoint: {reason}", file=sys.stderr)
         if damaged:
             if found is None:
-                raise CheckpointError(f"{root}: all {len(checkpoints)} checkpoint(s) are damaged (see above); "
+                raise CheckpointError(f"{root}: all {len(damaged)} checkpoint(s) are damaged (see above); "
                                       f"nothing to resume from")
             self.accelerator.wait_for_everyone()  # every process has checked them before they move
             if self.is_main:

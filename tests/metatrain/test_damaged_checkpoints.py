@@ -307,3 +307,23 @@ def test_ctrl_c_under_accelerate_launch_checkpoints_on_every_process(tmp_path: P
     assert state["num_processes"] == 2
     assert f"SIGINT: stopped after outer step {state['step']}/100000; checkpoint {newest}" in err
     assert "resume with: accelerate launch " in err and "Traceback" not in err
+
+
+def test_export_of_a_run_skips_a_damaged_newest_checkpoint(tmp_path: Path,
+                                                          reference: tuple[Path, dict[str, torch.Tensor]],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """`lopt-hf export RUN OUT` exports the newest checkpoint that verifies, names the damaged one, and leaves
+    the run folder as it was; with every checkpoint damaged it stops in one line (exit 2)."""
+    from lopt_hf.cli import main
+
+    run_dir = copy_run(reference[0], tmp_path / "run")
+    truncate(run_dir / "checkpoints" / "step-00000004" / "theta.safetensors")
+    capsys.readouterr()
+    assert main(["export", str(run_dir), str(tmp_path / "out"), "--no-evaluate"]) == 0
+    said = capsys.readouterr()
+    assert "skipping a damaged checkpoint" in said.err and "step-00000004" in said.err
+    assert "exported" in said.out and "step-00000002" in said.out
+    assert [step for step, _ in list_checkpoints(run_dir / "checkpoints")] == [2, 4]  # nothing moved
+    truncate(run_dir / "checkpoints" / "step-00000002" / "theta.safetensors")
+    assert main(["export", str(run_dir), str(tmp_path / "out2"), "--no-evaluate"]) == 2
+    assert "every checkpoint" in capsys.readouterr().err and not (tmp_path / "out2").exists()
