@@ -350,28 +350,34 @@ class LearnedOptimizer(torch.optim.Optimizer):
             if not self.state[param]:
                 self.state[param].update(self._init_param_state(param))
         grads = [param.grad.detach().to(torch.float32) for param in params]
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).tolist()
-        params = [param for param, grad, ok in zip(params, grads, finite) if ok or bool(torch.isfinite(grad).all())]
-        if not params:
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).tolist()  # one reduction, see _finite_rows
+        kept = [(param, grad) for param, grad, ok in zip(params, grads, finite)
+                if ok or bool(torch.isfinite(grad).all())]
+        if not kept:
             return
+        params, grads = [param for param, _ in kept], [grad for _, grad in kept]
         device = params[0].device
         schedule_state = self.state.get(SCHEDULE_KEY) or self.rule.init_schedule_state(total_steps, device)
-        summaries, rows = [], {key: [] for key in self.rule.schedule_tensor_keys}
-        for param in params:
-            state, layout = self.state[param], self.layout_of(param)
-            rule_state = {key: value for key, value in state.items() if key not in _RESERVED_KEYS}
-            summaries.append(self.rule.tensor_summary(
-                to_rule_layout(param.detach().to(torch.float32), layout),
-                to_rule_layout(param.grad.detach().to(torch.float32), layout), rule_state).to(device))
-            for key in rows:
-                rows[key].append(state[key].to(device))
+        rows = {key: torch.stack([self.state[param][key].to(device) for param in params])
+                for key in self.rule.schedule_tensor_keys}
+        if self.rule.summary_size():  # per-tensor statistics (VeLO), from the state before this step
+            summaries = torch.stack([self._tensor_summary(param, grad).to(device)
+                                     for param, grad in zip(params, grads)])
+        else:  # Celo's scheduler reads no per-tensor statistics: nothing to compute
+            summaries = torch.zeros(len(params), 0, device=device)
         steps = torch.tensor([self.state[param][STEP_KEY] for param in params], device=device)
         controls, self.state[SCHEDULE_KEY], new_rows = self.rule.schedule(
-            self.theta_on(device), schedule_state, {key: torch.stack(value) for key, value in rows.items()},
-            torch.stack(summaries), steps, loss.to(device))
+            self.theta_on(device), schedule_state, rows, summaries, steps, loss.to(device))
         for index, param in enumerate(params):
             self._controls[param] = (controls[index].to(param.device),
                                      {key: value[index].to(param.device) for key, value in new_rows.items()})
+
+    def _tensor_summary(self, param: Tensor, grad32: Tensor) -> Tensor:
+        """A scheduled rule's per-tensor scheduler inputs, computed in the rule's layout."""
+        layout = self.layout_of(param)
+        rule_state = {key: value for key, value in self.state[param].items() if key not in _RESERVED_KEYS}
+        return self.rule.tensor_summary(to_rule_layout(param.detach().to(torch.float32), layout),
+                                        to_rule_layout(grad32, layout), rule_state)
 
     def _step_learned_group(self, params: list[Tensor], lr: float, weight_decay: float, loss: Tensor | None,
                             skip: bool) -> None:
@@ -414,7 +420,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 self._step_stack(kept, layout, lr, weight_decay, loss)
             return
         grads = stack_tensors([param.grad.detach() for param in params]).to(torch.float32)
-        finite = _finite_rows(grads)
+        # a scheduled rule's tensors all have controls here: _run_schedule checked their gradients already
+        finite = [True] * len(params) if self.rule.scheduled else _finite_rows(grads)
         if not all(finite):  # leave those tensors (and their state) untouched, count them
             for param, ok in zip(params, finite):
                 if not ok:

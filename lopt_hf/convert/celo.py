@@ -26,8 +26,8 @@ from torch import Tensor
 
 from ..artifact_validation import ArtifactError
 from ..rules.celo import Celo, CeloAdam
-from .checkpoint import FF, FORMAT_NAMES, LSTM_INIT, checked_theta, dim, mismatch_hint, read_flat_checkpoint, \
-    write_artifact
+from .checkpoint import (FF, FORMAT_NAMES, LSTM_INIT, checked_theta, converted_artifact, dim, mismatch_hint,
+                         read_flat_checkpoint)
 
 __all__ = ["CELO_VARIANTS", "SCHEDULED_USAGE", "convert_celo", "read_celo_theta", "scheduler_architecture"]
 
@@ -125,8 +125,6 @@ def convert_celo(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[
     Returns:
         the ``LearnedOptimizerModel``.
     """
-    from ..hub import create_artifact
-
     theta, config = read_celo_theta(checkpoint, variant)
     spec = CELO_VARIANTS[variant]
     info = {
@@ -144,8 +142,4 @@ def convert_celo(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[
         "original_weights": spec["weights"],
         **(provenance or {}),
     }
-    artifact = create_artifact(spec["rule"].name, theta=theta, rule_config=config,
-                               optimizer_defaults=dict(OPTIMIZER_DEFAULTS), harness=None, provenance=info)
-    if out_dir is not None:
-        write_artifact(artifact, out_dir, force=force)
-    return artifact
+    return converted_artifact(spec["rule"].name, theta, config, OPTIMIZER_DEFAULTS, None, info, out_dir, force)

@@ -30,7 +30,7 @@ from torch import Tensor
 from ..artifact_validation import ArtifactError
 from ..harness import RULE_PRESETS
 from ..rules.celo2 import HAIKU_PREFIX, Celo2
-from .checkpoint import checked_theta, mismatch_hint, write_artifact
+from .checkpoint import checked_theta, converted_artifact, mismatch_hint
 from .flax_msgpack import FlaxMsgpackError, flatten_tree, read_flax_msgpack
 
 __all__ = ["VARIANTS", "convert_celo2", "read_celo2_theta"]
@@ -150,8 +150,6 @@ def convert_celo2(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown Celo2 variant {variant!r}; choose one of {sorted(VARIANTS)}")
-    from ..hub import create_artifact
-
     spec = VARIANTS[variant]
     theta, architecture = read_celo2_theta(checkpoint)
     meta_training = dict(META_TRAINING)
@@ -172,9 +170,5 @@ def convert_celo2(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike
         "original_weights": spec["weights"],
         **(provenance or {}),
     }
-    artifact = create_artifact("celo2", theta=theta, rule_config={**architecture, **spec["rule_config"]},
-                               optimizer_defaults=dict(OPTIMIZER_DEFAULTS), harness=spec["harness"],
-                               provenance=info)
-    if out_dir is not None:
-        write_artifact(artifact, out_dir, force=force)
-    return artifact
+    return converted_artifact("celo2", theta, {**architecture, **spec["rule_config"]}, OPTIMIZER_DEFAULTS,
+                              spec["harness"], info, out_dir, force)

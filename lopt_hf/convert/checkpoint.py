@@ -121,6 +121,20 @@ def checked_theta(flat: dict[str, Any], expected: dict[str, tuple[int, ...]], so
     return {name: to_torch(flat[name]).to(torch.float32) for name in expected}
 
 
+def converted_artifact(rule: str, theta: dict[str, Tensor], rule_config: dict[str, Any],
+                       optimizer_defaults: dict[str, Any], harness: dict[str, Any] | None, provenance: dict[str, Any],
+                       out_dir: str | os.PathLike[str] | None = None, force: bool = False) -> Any:
+    """The artifact of a converted checkpoint (``create_artifact``: validated like any other), written to
+    ``out_dir`` by :func:`write_artifact` when given — the last step of every converter."""
+    from ..hub import create_artifact
+
+    artifact = create_artifact(rule, theta=theta, rule_config=rule_config, optimizer_defaults=dict(optimizer_defaults),
+                               harness=harness, provenance=provenance)
+    if out_dir is not None:
+        write_artifact(artifact, out_dir, force=force)
+    return artifact
+
+
 def write_artifact(artifact: Any, out_dir: str | os.PathLike[str], force: bool = False) -> Path:
     """Save ``artifact`` (a ``LearnedOptimizerModel``) as the folder ``out_dir``, all or nothing.
 

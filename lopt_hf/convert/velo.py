@@ -25,7 +25,7 @@ from torch import Tensor
 from ..artifact_validation import ArtifactError
 from ..rules.velo import Velo
 from .celo import SCHEDULED_USAGE, scheduler_architecture
-from .checkpoint import checked_theta, mismatch_hint, read_flat_checkpoint, write_artifact
+from .checkpoint import checked_theta, converted_artifact, mismatch_hint, read_flat_checkpoint
 
 __all__ = ["VELO_4000_SIZE", "convert_velo", "default_ff_mult", "read_velo_theta"]
 
@@ -99,8 +99,6 @@ def convert_velo(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[
     Returns:
         the ``LearnedOptimizerModel``.
     """
-    from ..hub import create_artifact
-
     theta, config = read_velo_theta(checkpoint, ff_mult)
     size = ("velo_4000" if (config["lstm_hidden_size"], config["param_inits"]) == VELO_4000_SIZE
             else f"LSTM {config['lstm_hidden_size']}, {config['param_inits']} networks")
@@ -120,8 +118,4 @@ def convert_velo(checkpoint: str | os.PathLike[str], out_dir: str | os.PathLike[
         **({"original_weights": "amoudgl/velo-4000"} if size == "velo_4000" else {}),
         **(provenance or {}),
     }
-    artifact = create_artifact(Velo.name, theta=theta, rule_config=config,
-                               optimizer_defaults=dict(OPTIMIZER_DEFAULTS), harness=None, provenance=info)
-    if out_dir is not None:
-        write_artifact(artifact, out_dir, force=force)
-    return artifact
+    return converted_artifact(Velo.name, theta, config, OPTIMIZER_DEFAULTS, None, info, out_dir, force)

@@ -12,17 +12,10 @@ import pytest
 import torch
 
 from lopt_hf.rules import build_rule
-from support import PARAM_NAMES, scheduled_refvector_steps
+from support import PARAM_NAMES, assert_scheduled_state_matches, scheduled_refvector_steps
 
 CASES = [("celo_published", "celo"), ("celo_random_perturbed", "celo"),
          ("celo_adam_published", "celo_adam"), ("celo_adam_random_perturbed", "celo_adam")]
-# Our name → the original's state name (decay axis last there, first here).
-STATE_NAMES = {"momentum": "mom_rolling/m", "rms": "rms_rolling/rms", "v_row": "fac_rolling/v_row",
-               "v_col": "fac_rolling/v_col", "v_diag": "fac_rolling/v_diag"}
-
-
-def decay_last(value: torch.Tensor) -> torch.Tensor:
-    return value.movedim(0, -1)
 
 
 @pytest.mark.parametrize("stem, rule_name", CASES)
@@ -33,21 +26,7 @@ def test_reproduces_reference_vectors(stem: str, rule_name: str) -> None:
             implied = arrays[f"step{k}/params/{name}"] - arrays[f"step{k}/params_out/{name}"]
             # the implied step is ~1e-3·direction: jit-vs-eager noise of the original is 1.5e-8 absolute
             torch.testing.assert_close(steps[name], implied, rtol=1e-4, atol=1e-7, msg=f"step {k} {name}")
-            for ours, theirs in STATE_NAMES.items():
-                key = f"step{k}/state/{theirs}/{name}"
-                if ours in states[name]:
-                    expected = arrays[key]
-                    torch.testing.assert_close(decay_last(states[name][ours]).reshape(expected.shape), expected,
-                                               rtol=1e-5, atol=1e-9, msg=f"step {k} {name} {ours}")
-                elif rule_name == "celo":  # celo keeps every accumulator the original has
-                    assert arrays[key].numel() == 0, (k, name, ours)
-            for ours, theirs in (("lstm_hidden", "hidden"), ("lstm_cell", "cell")):
-                torch.testing.assert_close(states[name][ours], arrays[f"step{k}/state/lstm_hidden_state/{theirs}"][index],
-                                           rtol=1e-5, atol=5e-6, msg=f"step {k} {name} {ours}")
-        for ours, theirs in (("loss_means", "means"), ("loss_running_min", "running_min"), ("loss_decays", "decays")):
-            torch.testing.assert_close(schedule_state[ours], arrays[f"step{k}/state/loss_buffer/{theirs}"],
-                                       rtol=1e-5, atol=1e-6)
-        assert float(schedule_state["iteration"]) == float(arrays[f"step{k}/state/iteration"]) == k + 1
+        assert_scheduled_state_matches(arrays, k, states, schedule_state, keeps_every_accumulator=rule_name == "celo")
 
 
 def test_loss_clip_is_exercised() -> None:
