@@ -58,6 +58,18 @@ CARD_KEYS = ("name", "description", "license", "tags", "citation", "meta_trainin
              "original_license", "original_weights", "untrained")
 ARXIV_URL = re.compile(r"arxiv\.org/(?:abs|pdf)/(\d{4}\.\d{4,5})")
 BIBTEX_TITLE = re.compile(r"title\s*=\s*[{\"](.+?)[}\"]\s*,", re.IGNORECASE | re.DOTALL)
+# config.json is written with its keys sorted (transformers' to_json_string), so a card rendered from a saved
+# artifact (lopt-hf push, lopt-hf card) sees every mapping alphabetically. The meta-training table and the
+# config's sections are shown in the order lopt_hf.publish.export builds them (MetaTrainConfig's fields); keys
+# not listed follow, and the keys inside a config section are sorted, so a card renders the same from memory
+# (export) and from disk (push).
+SUMMARY_ORDER = ("Update rule", "Optimizer architecture", "Meta-training tasks", "Task architecture", "Meta-trainer",
+                 "Task slots per outer step", "Outer iterations", "Truncation length", "Min unroll length",
+                 "Max unroll length", "Perturbation std", "Meta-optimizer", "Processes", "Wall time",
+                 "Meta-loss (first → last)", "Seed")
+CONFIG_ORDER = ("name", "seed", "outer_steps", "rule", "task", "estimator", "meta_optimizer", "checkpoint_every",
+                "keep_checkpoints", "log_every", "log_with", "num_threads", "output_dir", "push_to_hub", "card",
+                "evaluation", "lolo")
 UNTRAINED_NOTE = ("**Untrained: a random initialisation, not a usable optimizer.** Its meta-parameters are random "
                   "(written by `lopt-hf create`), so its updates are arbitrary; it is a starting point for "
                   "meta-training (`lopt-hf metatrain` with `rule.init_from` set to this folder) and a fixture for "
@@ -117,7 +129,8 @@ def render_model_card(*, rule: str, rule_config: Mapping[str, Any], theta_shapes
         meta_training_section=(meta_training_section(meta_training)
                                if isinstance(meta_training, Mapping) and meta_training else ""),
         evaluation_section=evaluation_section(evaluation) if evaluation else "",
-        provenance_table=key_value_table(_flatten(other), ("Key", "Value")) if other else "(none recorded)",
+        provenance_table=(key_value_table(dict(sorted(_flatten(other).items())), ("Key", "Value")) if other
+                          else "(none recorded)"),  # sorted, as config.json stores them
         format_version=format_version,
         extra_files=extra_files_table_rows(meta_training, evaluation),
         citation=str(citation).strip() if citation else "",
@@ -171,7 +184,7 @@ def meta_training_section(meta_training: Mapping[str, Any]) -> str:
     summary = meta_training.get("summary")
     if not isinstance(summary, Mapping):
         return key_value_table(_flatten(meta_training), ("Key", "Value"))
-    rows = [(f"**{_cell(label)}**", _cell(value)) for label, value in summary.items()]
+    rows = [(f"**{_cell(label)}**", _cell(value)) for label, value in _in_order(summary, SUMMARY_ORDER).items()]
     rest = {key: value for key, value in meta_training.items() if key not in ("summary", "plot", "config")}
     rows += [(_cell(key), _cell(value)) for key, value in _flatten(rest).items()] if rest else []
     parts = [markdown_table(("Key", "Value"), rows)]
@@ -180,13 +193,25 @@ def meta_training_section(meta_training: Mapping[str, Any]) -> str:
         parts.append(f"![meta-loss during meta-training]({plot})")
     config = meta_training.get("config")
     if isinstance(config, Mapping) and config:
-        import yaml
-
-        text = _yaml_block(config)
+        text = _yaml_block(_in_order(_sorted_within(config), CONFIG_ORDER))
         parts.append("<details>\n<summary>Full meta-training config (YAML; save it as config.yaml and reproduce "
                      "with <code>lopt-hf metatrain --config config.yaml</code>)</summary>\n\n"
                      f"```yaml\n{text}\n```\n\n</details>")
     return "\n\n".join(parts)
+
+
+def _in_order(values: Mapping[str, Any], order: tuple[str, ...]) -> dict[str, Any]:
+    """``values`` with the keys in ``order`` first, in that order, then the others as they come."""
+    return {**{key: values[key] for key in order if key in values},
+            **{key: value for key, value in values.items() if key not in order}}
+
+
+def _sorted_within(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Top-level keys as they come; the keys of nested mappings sorted (as config.json stores them)."""
+    def sort(value: Any) -> Any:
+        return {key: sort(value[key]) for key in sorted(value)} if isinstance(value, Mapping) else value
+
+    return {key: sort(value) for key, value in values.items()}
 
 
 def _yaml_block(values: Mapping[str, Any]) -> str:

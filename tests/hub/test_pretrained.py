@@ -93,7 +93,8 @@ def test_model_card_is_complete(name: str) -> None:
     horizon = meta["config"]["estimator"]["max_unroll"]
     sections = provenance["evaluation"]["sections"]
     assert [section["title"].split(":")[0] for section in sections] == ["1× the meta-training horizon",
-                                                                         "10× the meta-training horizon"]
+                                                                         "10× the meta-training horizon",
+                                                                         "Outside the meta-training family"]
     for section, steps in zip(sections, (horizon, 10 * horizon)):
         assert f"{steps} steps" in section["title"]
         assert "| task | optimizer |" in section["table"] and "AdamW" in section["table"]
@@ -105,6 +106,12 @@ def test_model_card_is_complete(name: str) -> None:
     config_file = Path(__file__).resolve().parents[2] / provenance["reproduce"].split("--config ")[1].split()[0]
     assert config_file.is_file()
     assert f'load_lopt("{name}", model)' in card
+    # a research baseline, said first, with the held-out comparison it rests on
+    body = card.split("---\n", 2)[2]
+    assert body.split("\n\n")[1].startswith("**A research baseline.** Meta-training showed it only MLPs")
+    assert "Outside that family it loses to AdamW" in card and "| mnist_mlp_wide | 200 |" in card
+    # the card is what the current builder renders from config.json (re-render: package_pretrained.py --cards-only)
+    assert card == str(load_artifact(name).model_card())
 
 
 def _train_digits(make_optimizer, steps: int = 200, seed: int = 0) -> float:

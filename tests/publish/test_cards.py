@@ -120,3 +120,104 @@ def test_a_scheduled_rule_card_shows_the_planned_steps_and_the_loss(tmp_path) ->
     assert "optimizer.set_total_steps(num_steps)" in scheduled and "optimizer.step(loss=loss)" in scheduled
     assert "LearnedOptimizerCallback.attach(trainer)" in scheduled
     assert "set_total_steps" not in plain and "optimizer.step()" in plain
+
+
+# ------------------------------------------------ shipped cards re-rendered (package_pretrained --cards-only)
+
+ROOT = Path(__file__).resolve().parents[2]
+PUBLISHED_200 = ROOT / "docs" / "eval_published" / "steps200" / "results.json"
+
+
+def package_pretrained_script():
+    """``scripts/package_pretrained.py`` as a module (its ``main`` takes argv), run in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("package_pretrained", ROOT / "scripts" / "package_pretrained.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shipped_copy(root: Path, name: str) -> Path:
+    """The shipped artifact and its evaluation reports, copied under ``root`` as the script lays them out."""
+    import shutil
+
+    shutil.copytree(ROOT / "lopt_hf" / "pretrained" / name, root / "lopt_hf" / "pretrained" / name)
+    shutil.copytree(ROOT / "docs" / "pretrained" / name, root / "docs" / "pretrained" / name)
+    return root / "lopt_hf" / "pretrained" / name
+
+
+def test_cards_only_rebuilds_the_shipped_card_from_the_run_without_touching_theta(tmp_path: Path) -> None:
+    """Re-rendering reproduces the shipped card exactly (so it is current), from config.json's recorded facts."""
+    import json
+
+    script = package_pretrained_script()
+    folder = shipped_copy(tmp_path, "small-fc-lolo")
+    shipped_card = (folder / "README.md").read_text(encoding="utf-8")
+    weights = (folder / "model.safetensors").read_bytes()
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    config["provenance"]["description"] = "meta-trained in about a minute"  # a stale claim to be replaced
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    (folder / "README.md").write_text("stale", encoding="utf-8")
+
+    assert script.main(["small-fc-lolo", "--cards-only", "--root", str(tmp_path), "--results", str(PUBLISHED_200)]) == 0
+    assert (folder / "model.safetensors").read_bytes() == weights
+    card = (folder / "README.md").read_text(encoding="utf-8")
+    assert card == shipped_card, ("shipped card is stale: run scripts/package_pretrained.py NAME --cards-only "
+                                  "--results docs/eval_published/steps200/results.json")
+    description = load_artifact(folder).config.provenance["description"]  # loads: the sha256 of theta holds
+    assert "about a minute" not in description
+    assert description.startswith("**A research baseline.**") and "17 min 43 s of meta-training on 1 process" in card
+    # the held-out comparison takes the other report's tasks, with its figures
+    assert "| mnist_mlp_wide | 200 | 1.731 | **0.270** (tuned lr 0.003) |" in card
+
+
+def test_cards_only_refuses_what_does_not_describe_the_shipped_weights(tmp_path: Path) -> None:
+    import json
+
+    script = package_pretrained_script()
+    folder = shipped_copy(tmp_path, "celo2-base-mini")
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    other = json.loads(PUBLISHED_200.read_text(encoding="utf-8"))
+    other["settings"]["optimizers"]["celo2-base-mini"] = "celo2-base-mini=/somewhere/else"
+    (tmp_path / "other.json").write_text(json.dumps(other), encoding="utf-8")
+    report = tmp_path / "docs" / "pretrained" / "celo2-base-mini" / "eval_200" / "results.json"
+    own = json.loads(report.read_text(encoding="utf-8"))
+    assert script.main(["celo2-base-mini", "--cards-only", "--root", str(tmp_path),
+                        "--results", str(tmp_path / "other.json")]) == 2
+    own["settings"]["checkpoint"] = "step-00000100"
+    report.write_text(json.dumps(own), encoding="utf-8")
+    assert script.main(["celo2-base-mini", "--cards-only", "--root", str(tmp_path)]) == 2
+    assert script.main(["celo2-base-mini", str(tmp_path), "--cards-only", "--root", str(tmp_path)]) == 2
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+def test_the_recorded_wall_time_is_read_back_exactly() -> None:
+    script = package_pretrained_script()
+    state = script.recorded_run_state({"Wall time": "17 min 43 s", "Processes": 2}, "step-00003000")
+    assert state == {"step": 3000, "num_processes": 2, "elapsed_s": 1063.0}
+    assert script.recorded_run_state({"Wall time": "2 h 3 min", "Processes": 1}, "step-00000010")["elapsed_s"] == 7380
+    with pytest.raises(ValueError, match="wall time"):
+        script.recorded_run_state({"Wall time": "a while", "Processes": 1}, "step-00000010")
+
+
+def test_a_card_renders_the_same_from_a_saved_artifact_as_at_export(tmp_path: Path) -> None:
+    """config.json stores keys sorted; the card builder shows the meta-training table and config in export's order."""
+    import dataclasses
+
+    from lopt_hf import create_artifact
+    from lopt_hf.metatrain.config import MetaTrainConfig
+    from lopt_hf.model_card import CONFIG_ORDER, SUMMARY_ORDER
+
+    assert CONFIG_ORDER == tuple(field.name for field in dataclasses.fields(MetaTrainConfig))
+    config = load_config(shipped_configs()["pretrained/small_fc_lolo"])
+    provenance = meta_training_provenance(config, {"step": 3000, "elapsed_s": 5.0,
+                                                   "history": {"meta_loss": [0.7, 0.2]}})
+    assert tuple(provenance["meta_training"]["summary"]) == SUMMARY_ORDER  # every row export writes, in order
+    artifact = create_artifact("small_fc_lopt", seed=0, provenance=provenance)
+    artifact.save_pretrained(tmp_path / "a")
+    card = (tmp_path / "a" / "README.md").read_text(encoding="utf-8")
+    assert card == str(load_artifact(tmp_path / "a").model_card())
+    table = card.split("## Meta-training config", 1)[1]
+    assert table.index("| **Update rule** |") < table.index("| **Wall time** |") < table.index("| **Seed** |")
+    assert re.search(r"```yaml\nname: small_fc_lolo\nseed: 0\nouter_steps: 3000\nrule:\n", card)
