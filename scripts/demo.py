@@ -6,7 +6,8 @@ Default (``make demo``):
    (``lopt_hf/pretrained/small-fc-lolo``: artifact + model card), loaded offline by its short name.
 2. Train a fresh digits MLP with it and with AdamW (default lr 1e-3 and a tuned 1e-2) on the same
    batches; print the curves and test accuracy.
-3. Save ``demo_out/demo_loss.png``.
+3. Save ``demo_out/demo_loss.png`` (loss per step and per second of wall-clock time, each optimizer's
+   measured cost per step in the legend) and ``demo_out/demo_metrics.json`` (the same numbers).
 
 ``--metatrain`` instead meta-trains one first with the quickstart config (``configs/quickstart.yaml``:
 small_fc_lopt, PES on digits MLPs, about a minute on a CPU core), exports it as a Hub artifact
@@ -18,20 +19,21 @@ shipped name, e.g. ``lopt-hf/celo2-base-mini``).
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import time
 import warnings
 from pathlib import Path
+from typing import Any
 
-import matplotlib
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch import nn
+from tqdm import tqdm
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
-from sklearn.model_selection import train_test_split  # noqa: E402
-from torch import nn  # noqa: E402
-from tqdm import tqdm  # noqa: E402
-
-from lopt_hf import load_lopt  # noqa: E402
+from lopt_hf import load_lopt
+from lopt_hf.plotting import plot_loss_and_step_cost
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,28 +59,44 @@ def make_model(seed: int) -> nn.Module:
 
 
 def train(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, data, steps: int, batch_size: int,
-          seed: int) -> tuple[list[float], float]:
-    """Train on the same batches for every optimizer; return the loss curve and test accuracy."""
+          seed: int, eval_every: int) -> dict[str, Any]:
+    """Train on the same batches for every optimizer; return the curves, the held-out loss every ``eval_every``
+    steps, the test accuracy and the measured cost of a step (wall clock, held-out evaluations excluded)."""
     x_train, y_train, x_test, y_test = data
     generator = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in tqdm(range(steps), desc=f"{name:>32}", unit="step", leave=False):
+    losses, elapsed, step_ms, optimizer_ms = [], [], [], []
+    eval_steps, eval_losses = [], []
+    clock = 0.0
+    for step in tqdm(range(1, steps + 1), desc=f"{name:>32}", unit="step", leave=False):
         batch = torch.randint(0, len(x_train), (batch_size,), generator=generator)
+        start = time.perf_counter()
         loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
         optimizer.zero_grad()
         loss.backward()
+        before_step = time.perf_counter()
         optimizer.step()
+        end = time.perf_counter()
+        clock += end - start
         losses.append(loss.item())
+        elapsed.append(clock)
+        step_ms.append(1e3 * (end - start))
+        optimizer_ms.append(1e3 * (end - before_step))
+        if step % eval_every == 0 or step == steps:
+            with torch.no_grad():
+                eval_steps.append(step)
+                eval_losses.append(nn.functional.cross_entropy(model(x_test), y_test).item())
     with torch.no_grad():
         accuracy = (model(x_test).argmax(-1) == y_test).float().mean().item()
-    return losses, accuracy
+    return {"train_loss": losses, "elapsed_s": elapsed, "eval_steps": eval_steps, "eval_loss": eval_losses,
+            "test_loss": eval_losses[-1], "test_accuracy": accuracy,
+            "ms_per_step": statistics.median(step_ms), "ms_per_optimizer_step": statistics.median(optimizer_ms)}
 
 
 def digits_split(seed: int):
     features, labels = load_digits(return_X_y=True)
     x_train, x_test, y_train, y_test = train_test_split(features / 16.0, labels, test_size=0.2, random_state=seed)
-    return (torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train), torch.tensor(x_test, dtype=torch.float32),
-            torch.tensor(y_test))
+    return (torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train),
+            torch.tensor(x_test, dtype=torch.float32), torch.tensor(y_test))
 
 
 def main() -> None:
@@ -112,7 +130,7 @@ def main() -> None:
     total = 4 if args.metatrain else 3
     print(f"[{total - 1}/{total}] training a fresh digits MLP 64→32→10 for {args.steps} steps (seed {args.seed})")
     data = digits_split(args.seed)
-    curves, accuracies = {}, {}
+    runs: dict[str, dict[str, Any]] = {}
     candidates = {
         f"learned: {Path(artifact).name if args.metatrain else artifact}": lambda model: load_lopt(artifact, model),
         "AdamW lr=1e-3": lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3),
@@ -120,30 +138,29 @@ def main() -> None:
     }
     for name, make_optimizer in candidates.items():
         model = make_model(args.seed)
-        curves[name], accuracies[name] = train(name, model, make_optimizer(model), data, args.steps,
-                                               args.batch_size, args.seed)
+        runs[name] = train(name, model, make_optimizer(model), data, args.steps, args.batch_size, args.seed,
+                           eval_every=max(1, args.steps // 15))
 
     every = max(1, args.steps // 10)
     print(f"\nmean training loss over each {every} steps")
-    print(f"{'step':>6}" + "".join(f"{name:>32}" for name in curves))
+    print(f"{'step':>9}" + "".join(f"{name:>32}" for name in runs))
     for start in range(0, args.steps, every):
-        window = [sum(c[start:start + every]) / len(c[start:start + every]) for c in curves.values()]
-        print(f"{start + every:>6}" + "".join(f"{value:>32.4f}" for value in window))
-    print(f"{'test acc':>6}" + "".join(f"{accuracies[name]:>32.3f}" for name in curves))
+        window = [sum(run["train_loss"][start:start + every]) / len(run["train_loss"][start:start + every])
+                  for run in runs.values()]
+        print(f"{start + every:>9}" + "".join(f"{value:>32.4f}" for value in window))
+    for label, key, form in (("test loss", "test_loss", ".4f"), ("test acc", "test_accuracy", ".3f"),
+                             ("ms/step", "ms_per_step", ".2f"), ("opt. ms", "ms_per_optimizer_step", ".2f")):
+        print(f"{label:>9}" + "".join(f"{run[key]:>32{form}}" for run in runs.values()))
+    print("(ms/step: median wall-clock time of one training step, forward + backward + optimizer step; "
+          "opt. ms: the optimizer's step alone)")
 
-    figure, axes = plt.subplots(1, 2 if meta_losses else 1, figsize=(11 if meta_losses else 6, 4), squeeze=False)
-    if meta_losses:
-        axes[0, 0].plot(meta_losses, linewidth=0.8)
-        axes[0, 0].set(xlabel="outer step", ylabel="meta-loss (normalised inner loss)", title="meta-training (PES)")
-    axis = axes[0, -1]
-    for name, losses in curves.items():
-        axis.plot(losses, label=f"{name} (test acc {accuracies[name]:.3f})", linewidth=1)
-    axis.set(xlabel="step", ylabel="training loss", yscale="log", title="fresh digits MLP 64→32→10")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "demo_loss.png", dpi=120)
-    print(f"\n[{total}/{total}] plot saved to {out / 'demo_loss.png'}")
-
+    task = (f"Digits MLP 64→32→10, learned optimizer vs AdamW: {args.steps} steps, batch {args.batch_size}, "
+            f"seed {args.seed}, {len(data[2])} held-out images")
+    metrics = {"task": task, "steps": args.steps, "batch_size": args.batch_size, "seed": args.seed,
+               "torch_threads": torch.get_num_threads(), "optimizers": runs}
+    (out / "demo_metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    plot_loss_and_step_cost(runs, out / "demo_loss.png", title=task, meta_losses=meta_losses or None, dpi=90)
+    print(f"\n[{total}/{total}] plot saved to {out / 'demo_loss.png'}, numbers to {out / 'demo_metrics.json'}")
 
 if __name__ == "__main__":
     main()
