@@ -41,6 +41,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 import warnings
 from typing import Any
 
@@ -50,8 +51,7 @@ from transformers import TrainerCallback
 
 from .hub import LearnedOptimizerModel
 from .load import load_lopt, resolve_artifact
-from .optim import (ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY, LearnedOptimizer, LearnedOptimizerSettingsWarning,
-                    lr_schedule_factors)
+from .optim import ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY, LearnedOptimizer, LearnedOptimizerSettingsWarning
 
 __all__ = ["LearnedOptimizerCallback", "LearnedOptimizerFactory", "LearnedOptimizerSettingsWarning",
            "trainer_optimizer", "unwrap_optimizer"]
@@ -63,6 +63,10 @@ logger = logging.getLogger(__name__)
 TINY_LR_RATIO = 0.01
 # Prefix of the keys LearnedOptimizerCallback adds to Trainer's logs.
 LOG_PREFIX = "lopt/"
+# A schedule's multiplier is read at every step of training, or at this many evenly spaced steps for longer runs.
+SCHEDULE_PROBES = 10_001
+# The settings warning points at the first calling frame outside these packages: the user's `trainer.train()`.
+LIBRARY_PACKAGES = ("lopt_hf", "transformers", "accelerate", "torch")
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -229,9 +233,11 @@ class LearnedOptimizerCallback(TrainerCallback):
             if problems:
                 warnings.warn("Trainer settings change what the learned optimizer does:\n"
                               + "\n".join(f"  - {problem}" for problem in problems)
-                              + "\n(recommended: lr_scheduler_type='constant', max_grad_norm=0; the optimizer's lr "
-                                "is the artifact's unless you pass lr= to load_lopt / trainer_optimizer)",
-                              LearnedOptimizerSettingsWarning, stacklevel=2)
+                              + "\n(lr_scheduler_type='constant', max_grad_norm=0 run the optimizer as meta-trained; "
+                                "a linear decay trained the shipped optimizers best on a small GPT-2 (README, 'What "
+                                "Trainer's settings mean'). The optimizer's lr is the artifact's unless you pass lr= "
+                                "to load_lopt / trainer_optimizer; LearnedOptimizerCallback(warn=False) silences this)",
+                              LearnedOptimizerSettingsWarning, stacklevel=stacklevel_outside_libraries())
             self._warned = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, optimizer: Any = None,
@@ -261,24 +267,21 @@ def settings_problems(args: Any, optimizer: LearnedOptimizer, lr_scheduler: Any,
     groups = learned_groups or optimizer.param_groups
     base_lr = float(groups[0].get("initial_lr", groups[0]["lr"]))
 
-    factors = lr_schedule_factors(lr_scheduler, max_steps)
-    if factors is not None:
-        low, high = min(factors), max(factors)
-        if not (math.isclose(low, 1.0, rel_tol=1e-6) and math.isclose(high, 1.0, rel_tol=1e-6)):
+    profile = describe_schedule(lr_scheduler, max_steps)
+    if profile is not None:
+        if profile:
             problems.append(
-                f"the LR scheduler (lr_scheduler_type={_scheduler_name(args)}, "
-                f"warmup={getattr(args, 'warmup_steps', 0) or getattr(args, 'warmup_ratio', 0) or 0}) scales the "
-                f"learned step by factors from {low:.3g} to {high:.3g} over {max_steps} steps; a learned optimizer "
-                "has its own schedule and was meta-trained with a constant multiplier: "
-                "use lr_scheduler_type='constant'")
+                f"the LR scheduler (lr_scheduler_type={_scheduler_name(args)}, {_warmup_text(args, max_steps)}) "
+                f"multiplies the learned step by {profile}, on top of the step the optimizer learned (it was "
+                "meta-trained with a constant multiplier)")
     elif lr_scheduler is not None and _scheduler_name(args) != "constant":
         problems.append(f"lr_scheduler_type={_scheduler_name(args)} scales the learned step during training "
-                        "(unless you passed your own scheduler); use lr_scheduler_type='constant'")
+                        "(unless you passed your own scheduler), on top of the step the optimizer learned")
 
     max_grad_norm = getattr(args, "max_grad_norm", 0) or 0
     if max_grad_norm > 0:
         problems.append(f"max_grad_norm={max_grad_norm} clips the global gradient norm before the learned rule sees "
-                        "the gradients (it was meta-trained on raw gradients): use max_grad_norm=0")
+                        "the gradients (it was meta-trained on raw gradients)")
 
     reference_lr = float(optimizer.artifact_defaults.get("lr", 1.0))
     if reference_lr > 0 and base_lr < TINY_LR_RATIO * reference_lr:
@@ -296,6 +299,54 @@ def settings_problems(args: Any, optimizer: LearnedOptimizer, lr_scheduler: Any,
                         f"weight_decay is {', '.join(f'{wd:g}' for wd in group_wds)} (pass weight_decay= to "
                         "load_lopt / trainer_optimizer to change it)")
     return problems
+
+
+def describe_schedule(lr_scheduler: Any, max_steps: int) -> str | None:
+    """How a ``LambdaLR``-style scheduler (Trainer's) scales the step over ``max_steps``, in words.
+
+    ``""`` when the multiplier is 1 throughout, ``None`` when it cannot be read without stepping the
+    scheduler. The multiplier is read at every step (:data:`SCHEDULE_PROBES` evenly spaced ones in
+    longer runs), so the peak after a warmup and the value at the last step are the real ones, e.g.
+    ``"×0 at step 0, rising to ×1 at step 20, then falling to ×6.2e-05 at step 199 (the last)"``.
+    """
+    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
+    if not lambdas or max_steps <= 0:
+        return None
+    if max_steps <= SCHEDULE_PROBES:
+        steps = list(range(max_steps))
+    else:
+        steps = sorted({round(i * (max_steps - 1) / (SCHEDULE_PROBES - 1)) for i in range(SCHEDULE_PROBES)})
+    try:
+        factors = [float(lambdas[0](step)) for step in steps]
+    except Exception:  # noqa: BLE001 -- a stateful or unusual lambda: do not guess
+        return None
+    if all(math.isclose(factor, 1.0, rel_tol=1e-6) for factor in factors):
+        return ""
+    peak = max(range(len(factors)), key=factors.__getitem__)
+    words = [f"×{factors[0]:.2g} at step 0"]
+    if peak > 0 and factors[peak] > factors[0]:
+        words.append(f"rising to ×{factors[peak]:.2g} at step {steps[peak]}")
+    if factors[-1] < factors[peak] and steps[-1] > steps[peak]:
+        words.append(f"{'then ' if peak > 0 else ''}falling to ×{factors[-1]:.2g} at step {steps[-1]} (the last)")
+    return ", ".join(words)
+
+
+def stacklevel_outside_libraries() -> int:
+    """``stacklevel`` for a ``warnings.warn`` made by the caller of this function that attributes the warning
+    to the first calling frame outside :data:`LIBRARY_PACKAGES` — the user's ``trainer.train()`` line, not
+    transformers' callback dispatch (2, the caller's caller, if every frame is library code)."""
+    prefixes = tuple(os.path.dirname(module.__file__) + os.sep for name in LIBRARY_PACKAGES
+                     if (module := sys.modules.get(name)) is not None and getattr(module, "__file__", None))
+    frame, level = sys._getframe(2), 2
+    while frame is not None and frame.f_code.co_filename.startswith(prefixes):
+        frame, level = frame.f_back, level + 1
+    return level if frame is not None else 2
+
+
+def _warmup_text(args: Any, max_steps: int) -> str:
+    get_warmup_steps = getattr(args, "get_warmup_steps", None)
+    steps = get_warmup_steps(max_steps) if callable(get_warmup_steps) else getattr(args, "warmup_steps", 0)
+    return f"{steps:g} warmup steps" if steps else "no warmup"
 
 
 def _scheduler_name(args: Any) -> str:

@@ -118,12 +118,31 @@ def test_callback_warns_once_about_settings_that_change_the_optimizer(descending
         trainer.train()
     assert len(record) == 1
     message = str(record[0].message)
-    for expected in ("lr_scheduler_type=linear", "factors from 0.25 to 1", "max_grad_norm=1.0",
-                     "learning_rate=5e-05 is not used", "weight_decay=0.01 is not used"):
+    for expected in ("lr_scheduler_type=linear, no warmup", "by ×1 at step 0, falling to ×0.25 at step 3 (the last)",
+                     "max_grad_norm=1.0", "learning_rate=5e-05 is not used", "weight_decay=0.01 is not used"):
         assert expected in message, message
+    assert record[0].filename == __file__  # the trainer.train() line above, not transformers' callback dispatch
     with warnings.catch_warnings():
         warnings.simplefilter("error", LearnedOptimizerSettingsWarning)
         trainer.train()  # warned once per callback
+
+
+def test_schedule_is_described_from_every_step() -> None:
+    """The peak after a warmup and the last step's multiplier are the real ones, not those of a few samples."""
+    from transformers import get_scheduler
+
+    from lopt_hf.trainer import describe_schedule
+
+    def schedule(kind: str, warmup: int, steps: int = 200):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=steps)
+
+    assert describe_schedule(schedule("cosine", 20), 200) == ("×0 at step 0, rising to ×1 at step 20, then falling "
+                                                              "to ×7.6e-05 at step 199 (the last)")
+    assert describe_schedule(schedule("constant_with_warmup", 20), 200) == "×0 at step 0, rising to ×1 at step 20"
+    assert describe_schedule(schedule("constant", 0), 200) == ""
+    assert describe_schedule(schedule("linear", 1000, 100_000), 100_000).endswith("×1e-05 at step 99999 (the last)")
+    assert describe_schedule(None, 200) is None
 
 
 def test_callback_flags_an_adamw_sized_learning_rate(descending: str, lm, tmp_path) -> None:

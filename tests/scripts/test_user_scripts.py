@@ -1,5 +1,5 @@
-"""The user-facing scripts (demo, demo_opt2vec, finetune, bench_trainer, device_check, diagnose_step_sizes) run end
-to end with their smallest settings, each in a subprocess like a user would start it."""
+"""The user-facing scripts (demo, demo_opt2vec, finetune, trainer_settings, bench_trainer, device_check,
+diagnose_step_sizes) run end to end with their smallest settings, each in a subprocess like a user would start it."""
 
 from __future__ import annotations
 
@@ -46,6 +46,28 @@ def test_finetune_compares_the_learned_optimizer_with_adamw(tmp_path: Path) -> N
     run_script("finetune.py", "--steps", "3", "--out", str(tmp_path))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics and (tmp_path / "loss_curves.png").is_file()
+
+
+def test_trainer_settings_runs_the_grid_and_reports_it(tmp_path: Path) -> None:
+    run_script("trainer_settings.py", "--steps", "2", "--seeds", "0", "--optimizers", "lopt-hf/small-fc-lolo",
+               "adamw:1e-3", "--schedules", "constant", "cosine", "--warmups", "0", "0.5", "--clips", "0", "1",
+               "--out", str(tmp_path))
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert len(report["runs"]) == 2 * 2 * 2 * 2
+    assert {run["setting"].split(",")[0] for run in report["runs"]} == {"constant", "constant_with_warmup", "cosine"}
+    summary = report["summary"]
+    assert sorted(summary) == ["adamw:1e-3", "lopt-hf/small-fc-lolo"]
+    assert all(len(rows) == 8 for rows in summary.values())
+    table = (tmp_path / "results.md").read_text()
+    assert "| cosine, 50% warmup, clip 1 |" in table and table.count("**") == 2 * 2  # the best cell per optimizer
+    # another seed of one setting, then both reports together: only what both measured
+    run_script("trainer_settings.py", "--steps", "2", "--seeds", "1", "--optimizers", "adamw:1e-3", "--schedules",
+               "constant", "--warmups", "0", "--clips", "0", "--out", str(tmp_path / "seed1"))
+    run_script("trainer_settings.py", "--combine", str(tmp_path), str(tmp_path / "seed1"), "--out",
+               str(tmp_path / "both"))
+    both = json.loads((tmp_path / "both" / "results.json").read_text())
+    assert both["seeds"] == [0, 1] and list(both["summary"]) == ["adamw:1e-3"]
+    assert both["summary"]["adamw:1e-3"]["constant, no warmup, no clipping"]["seeds"] == 2
 
 
 def test_bench_trainer_times_every_optimizer(tmp_path: Path) -> None:
