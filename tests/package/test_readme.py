@@ -2,7 +2,7 @@
 
 Each fenced block is one test case, named after the README line of its opening fence:
 
-* ``python`` blocks run as a script (``python block.py``) in a fresh temporary folder;
+* ``python`` blocks run as a script (``python block.py``) in a fresh temporary folder (two blocks at a time);
 * ``bash`` blocks run with ``bash -e`` in a fresh temporary folder that links the checkout's ``scripts/``,
   ``configs/`` and ``.venv/`` (so ``.venv/bin/python scripts/x.py`` works as from the repository root, but
   nothing is written into the checkout); ``lopt-hf``, ``hf``, ``accelerate``, ``torchrun`` are on ``PATH``;
@@ -36,6 +36,7 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,7 @@ BIN = Path(sys.executable).parent
 CHECKOUT_LINKS = ("scripts", "configs", ".venv")
 MAX_SKIPS = 3
 TIMEOUT_S = 240
+WORKERS = 2
 
 # repo id -> {path in repo: file} uploaded to the local Hub before the blocks run.
 SHIPPED = ROOT / "lopt_hf" / "pretrained" / "small-fc-lolo"
@@ -177,20 +179,44 @@ def readme_hub(hub_server) -> dict[str, str]:
             "MPLBACKEND": "Agg", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
+@pytest.fixture(scope="module")
+def block_failures(request: pytest.FixtureRequest, readme_hub: dict[str, str],
+                   tmp_path_factory: pytest.TempPathFactory) -> dict[int, str]:
+    """Run every selected python/bash case, :data:`WORKERS` at a time, each in its own folder.
+
+    README line of the case -> its failure message ("" when it ran). Each block is a single-threaded process
+    (``OMP_NUM_THREADS=1``) that mostly imports and starts up, so two at a time halve the file's time on 2 cores.
+    """
+    selected = [item.callspec.params["block"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_readme_block_runs" and item.module is request.module]
+    runnable = [block for block in selected if not block.skip and block.lang != "yaml"]
+
+    def run_case(block: Block) -> str:
+        folder = tmp_path_factory.mktemp(f"readme-line-{block.line}")
+        for name in CHECKOUT_LINKS:
+            (folder / name).symlink_to(ROOT / name)
+        try:
+            for step in block.chain():
+                run_block(step, step.prepared(), folder, readme_hub)
+        except (AssertionError, subprocess.TimeoutExpired) as err:
+            return str(err)
+        return ""
+
+    with ThreadPoolExecutor(WORKERS) as pool:
+        return dict(zip([block.line for block in runnable], pool.map(run_case, runnable)))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("block", CASES, ids=["+".join(f"README.md:{step.line}-{step.lang}" for step in block.chain())
                                                for block in CASES])
-def test_readme_block_runs(block: Block, readme_hub: dict[str, str], tmp_path: Path) -> None:
+def test_readme_block_runs(block: Block, block_failures: dict[int, str]) -> None:
     if block.skip:
         pytest.skip(f"README.md line {block.line}: {block.skip}")
-    code = block.prepared()
     if block.lang == "yaml":
-        check_config_fragment(block, code)
+        check_config_fragment(block, block.prepared())
         return
-    for name in CHECKOUT_LINKS:
-        (tmp_path / name).symlink_to(ROOT / name)
-    for step in block.chain():
-        run_block(step, step.prepared() if step is not block else code, tmp_path, readme_hub)
+    if block_failures[block.line]:
+        pytest.fail(block_failures[block.line], pytrace=False)
 
 
 def run_block(block: Block, code: str, folder: Path, env: dict[str, str]) -> None:
