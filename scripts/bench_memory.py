@@ -1,6 +1,6 @@
 """Peak memory of the per-element learned optimizers on one large tensor, against AdamW's, in one run.
 
-    python scripts/bench_memory.py                          # 50M elements, small_fc_lopt mlp_lopt per_param_mlp
+    python scripts/bench_memory.py                          # 50M elements, every per-element learned optimizer
     python scripts/bench_memory.py --numel 16000000 --rules mlp_lopt
 
 Each optimizer steps an ``nn.Linear(n, n)`` (``n² ≈ --numel``) twice in a fresh subprocess; printed
@@ -16,7 +16,8 @@ import json
 
 from lopt_hf.bench import MEMORY_TENSOR_NUMEL, format_memory_results, run_memory_benchmark
 
-DEFAULT_RULES = ("small_fc_lopt", "mlp_lopt", "per_param_mlp")
+# Every rule with a per-element network or per-element accumulators (Celo2 with its harness, Celo2-base without).
+DEFAULT_RULES = ("small_fc_lopt", "mlp_lopt", "per_param_mlp", "celo2-base", "celo2", "celo", "celo_adam", "velo")
 
 
 def main(argv: list[str] | None = None) -> None:

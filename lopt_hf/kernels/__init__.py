@@ -12,11 +12,13 @@ math (tests prove each fast path equals the reference rule).
 * :class:`~lopt_hf.kernels.celo2.Celo2Kernel` — Celo2 with a workspace (buffers, prepared
   weights, blocked Newton–Schulz products) and column-major state for transposed matrices;
 * :class:`~lopt_hf.kernels.in_place.InPlaceKernel` — ``small_fc_lopt``, ``mlp_lopt`` and
-  ``per_param_mlp`` piece by piece, their full-size state advanced in place (memory ≤ 2× AdamW's).
+  ``per_param_mlp`` piece by piece, their full-size state advanced in place (memory ≤ 2× AdamW's);
+  :mod:`~lopt_hf.kernels.celo` does the same for the scheduled ``celo``, ``velo`` and ``celo_adam``.
 """
 
 from .base import RuleKernel, kernel_for, register_kernel
 from . import celo2  # noqa: F401  (registers the Celo2 kernel)
 from . import in_place  # noqa: F401  (registers the in-place kernels of the per-element rules)
+from . import celo  # noqa: F401  (registers the in-place kernels of Celo, VeLO and Celo-Adam)
 
 __all__ = ["RuleKernel", "kernel_for", "register_kernel"]

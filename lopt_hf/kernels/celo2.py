@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..rules.base import State, Theta
 from ..rules.celo2 import Celo2
+from . import in_place
 from .base import RuleKernel, register_kernel
 
 # Floats per reused buffer (16 MB); larger temporaries are allocated as usual.
@@ -72,6 +73,11 @@ class Celo2Workspace:
     def fits(self, numel: int) -> bool:
         return numel <= self.buffer_limit
 
+    def in_place(self, numel: int) -> bool:
+        """Stacks of :data:`~lopt_hf.kernels.in_place.IN_PLACE_MIN_NUMEL` elements or more advance their state
+        in place (memory near AdamW's; below, the functional path is faster)."""
+        return numel >= in_place.IN_PLACE_MIN_NUMEL
+
     def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         key = (name, like.device, like.dtype)
         numel = math.prod(shape)
@@ -104,12 +110,15 @@ class Celo2Kernel(RuleKernel):
         self.workspace = Celo2Workspace(rule, theta)
 
     def init_state(self, param: Tensor) -> State:
-        """The rule's zero state; for a matrix that is a transposed view, full-size entries column-major too."""
-        state = self.rule.init_state(param)
+        """The rule's zero state; for a matrix that is a transposed view, full-size entries column-major too
+        (allocated so directly: no row-major copy first, which would double the state's peak memory)."""
         if not is_column_major(param):
-            return state
-        return {key: value.mT.contiguous().mT if value.shape[1:] == param.shape else value
-                for key, value in state.items()}
+            return self.rule.init_state(param)
+        layout = self.rule.init_state(param.to("meta"))  # Celo2's state starts at zero: shapes are all it takes
+        return {key: torch.zeros((*value.shape[:-2], value.shape[-1], value.shape[-2]), dtype=value.dtype,
+                                 device=param.device).mT if value.shape[1:] == param.shape
+                else torch.zeros(value.shape, dtype=value.dtype, device=param.device)
+                for key, value in layout.items()}
 
     def update_stack(self, params: Tensor, grads: Tensor, states: list[State], step: Tensor | int,
                      chunk_size: int | None = None, **kwargs: object) -> tuple[Tensor, list[State]]:

@@ -51,21 +51,29 @@ class InPlaceKernel(RuleKernel):
     """
 
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
-                    chunk_size: int | None) -> State:
-        """Write the step of one tensor into ``out`` (``param``'s shape, contiguous) and return its new state."""
+                    chunk_size: int | None, **kwargs: Any) -> State:
+        """Write the step of one tensor into ``out`` (``param``'s shape, contiguous) and return its new state.
+
+        ``kwargs``: the rule's keywords for this tensor (a scheduled rule's ``control`` row)."""
         raise NotImplementedError
 
     def update_stack(self, params: Tensor, grads: Tensor, states: list[State], step: Tensor | int,
                      chunk_size: int | None = None, **kwargs: Any) -> tuple[Tensor, list[State]]:
-        if kwargs:
-            raise TypeError(f"rule {self.rule.name!r} takes no keywords {sorted(kwargs)}")
+        if set(kwargs) - self.per_tensor_keywords:
+            raise TypeError(f"rule {self.rule.name!r} takes no keywords {sorted(set(kwargs) - self.per_tensor_keywords)}")
         if params[0].numel() < IN_PLACE_MIN_NUMEL:
-            return super().update_stack(params, grads, states, step, chunk_size)
+            return super().update_stack(params, grads, states, step, chunk_size, **kwargs)
         direction = torch.empty(params.shape, dtype=torch.float32, device=params.device)
         with torch.no_grad():
-            new_states = [self.update_into(direction[index], params[index], grads[index], state, step, chunk_size)
+            new_states = [self.update_into(direction[index], params[index], grads[index], state, step, chunk_size,
+                                           **{key: value[index] for key, value in kwargs.items()})
                           for index, state in enumerate(states)]
         return direction, new_states
+
+    @property
+    def per_tensor_keywords(self) -> frozenset[str]:
+        """The rule's keywords, stacked ``(B, …)`` by the optimizer; :meth:`update_into` gets row ``i``."""
+        return frozenset({"control"}) if self.rule.scheduled else frozenset()
 
     def apply_step(self, params: Tensor, direction: Tensor, lr: float) -> None:
         """``params -= lr·direction`` piece by piece, rounded as :meth:`RuleKernel.apply_step` rounds it."""

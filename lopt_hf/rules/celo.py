@@ -49,8 +49,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, as_step_tensor, register_rule
-from .features import (factored_accumulator_state, factored_features, factored_second_moments, mlp_flops,
-                       normalized_mlp, step_from_direction_magnitude, truncated_normal_init)
+from .features import (FactoredFeatures, factored_accumulator_state, factored_features, factored_second_moments,
+                       mlp_flops, normalized_mlp, step_from_direction_magnitude, truncated_normal_init)
 from .scheduler import ScheduledRule
 
 FF = "ff_mod_stack/~/"
@@ -64,15 +64,30 @@ def _zeros_like_decays(param: Tensor) -> Callable[[int, tuple[int, ...]], Tensor
     return zeros
 
 
+def param_rms(param: Tensor) -> Tensor:
+    """``rms(p) = √(mean(p²) + 1e-9)``: the step's factor with ``param_scale_mult``."""
+    return torch.sqrt(torch.mean(torch.square(param)) + 1e-9)
+
+
 def _ema(decays: tuple[float, ...], old: Tensor, new: Tensor) -> Tensor:
     """``d·old + (1 − d)·new`` per decay (decay axis first; ``new`` broadcast over it)."""
     d = torch.tensor(decays, dtype=torch.float32, device=old.device).reshape(-1, *([1] * (old.dim() - 1)))
     return d * old + (1.0 - d) * new.unsqueeze(0)
 
 
+class ClippedGradient:
+    """Celo and Celo-Adam clip the gradient to ±``grad_clip`` before anything else."""
+
+    grad_clip: float
+
+    def clipped(self, grad: Tensor) -> Tensor:
+        """The gradient clipped to ±``grad_clip``: what every statistic reads (element-wise)."""
+        return torch.clamp(grad, -self.grad_clip, self.grad_clip)
+
+
 @register_rule
 @dataclasses.dataclass(frozen=True)
-class Celo(ScheduledRule):
+class Celo(ClippedGradient, ScheduledRule):
     """Celo: a learned LSTM scheduler steering a learned per-element MLP (published weights: ``amoudgl/celo``)."""
 
     name: ClassVar[str] = "celo"
@@ -165,13 +180,29 @@ class Celo(ScheduledRule):
                chunk_size: int | None = None, *, control: Tensor) -> tuple[Tensor, State]:
         shape = param.shape
         p = param.reshape(1) if param.dim() == 0 else param
-        g = torch.clamp(grad.reshape(p.shape), -self.grad_clip, self.grad_clip)
-        momentum = _ema(self.momentum_decays, state["momentum"], g)
-        rms = _ema(self.rms_decays, state["rms"], g * g)
+        g = self.clipped(grad.reshape(p.shape))
+        momentum, rms = self.advance_moments(state["momentum"], state["rms"], g)
+        accumulators, fac = self.factored_moments(g, state)
+        new_state = {"momentum": momentum, "rms": rms, **accumulators}
+        direction = self.network_step(theta, p, g, momentum, rms, fac, control, chunk_size)
+        return (direction * self.step_scale(p, control)).reshape(shape), new_state
+
+    def advance_moments(self, momentum: Tensor, rms: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """The new momentum and rms EMAs (decay axis first) of the clipped gradient ``g`` and ``g²``."""
+        return _ema(self.momentum_decays, momentum, g), _ema(self.rms_decays, rms, g * g)
+
+    def factored_moments(self, g: Tensor, state: State) -> tuple[dict[str, Tensor], FactoredFeatures]:
+        """The new factored accumulators of ``g² + 1e-30`` and their per-element features."""
         accumulators, factors = factored_second_moments(g * g + 1e-30, state,
                                                         lambda old, new: _ema(self.adafactor_decays, old, new))
-        new_state = {"momentum": momentum, "rms": rms, **accumulators}
-        fac = factored_features(accumulators, factors, tuple(p.shape), lambda v: v ** -0.5)
+        return accumulators, factored_features(accumulators, factors, tuple(g.shape), lambda v: v ** -0.5)
+
+    def network_step(self, theta: Theta, p: Tensor, g: Tensor, momentum: Tensor, rms: Tensor, fac: FactoredFeatures,
+                     control: Tensor, chunk_size: int | None = None, advance: Callable[[tuple], None] | None = None,
+                     out: Tensor | None = None) -> Tensor:
+        """The mixed per-element network's direction of ``p`` (at least 1-D) from the new accumulators, before
+        :meth:`step_scale` (:func:`~lopt_hf.rules.features.normalized_mlp`; ``advance`` and ``out`` are its
+        deployment hooks)."""
 
         def features(index: tuple) -> list[Tensor]:
             at = (slice(None), *index)
@@ -184,18 +215,22 @@ class Celo(ScheduledRule):
 
         weights = self.network_weights(theta, control[1:])
         no_inputs = torch.zeros(0, dtype=torch.float32, device=p.device)
-        direction = normalized_mlp(weights, features, p.shape, no_inputs, int(self.ff_hidden_layers) + 1,
-                                   step_from_direction_magnitude(self.exp_mult, self.step_mult),
-                                   chunk_size=chunk_size, eps=self.normalization_eps)
+        return normalized_mlp(weights, features, p.shape, no_inputs, int(self.ff_hidden_layers) + 1,
+                              step_from_direction_magnitude(self.exp_mult, self.step_mult),
+                              chunk_size=chunk_size, eps=self.normalization_eps, advance=advance, out=out)
+
+    def step_scale(self, p: Tensor, control: Tensor) -> Tensor:
+        """The factor of the network's direction: the scheduler's ``lr_mult`` (× ``rms(p)`` with
+        ``param_scale_mult``)."""
         scale = control[0]
         if self.param_scale_mult:
-            scale = scale * torch.sqrt(torch.mean(torch.square(p)) + 1e-9)
-        return (direction * scale).reshape(shape), new_state
+            scale = scale * param_rms(p)
+        return scale
 
 
 @register_rule
 @dataclasses.dataclass(frozen=True)
-class CeloAdam(ScheduledRule):
+class CeloAdam(ClippedGradient, ScheduledRule):
     """Celo-Adam: Celo's learned scheduler setting Adam's per-tensor learning rate (``amoudgl/celo-adam``)."""
 
     name: ClassVar[str] = "celo_adam"
@@ -227,14 +262,22 @@ class CeloAdam(ScheduledRule):
 
     def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                chunk_size: int | None = None, *, control: Tensor) -> tuple[Tensor, State]:
-        g = torch.clamp(grad, -self.grad_clip, self.grad_clip)
-        momentum = _ema((self.beta1,), state["momentum"], g)
-        rms = _ema((self.beta2,), state["rms"], g * g)
-        count = as_step_tensor(step, param) + 1.0
-        m_hat = momentum[0] / (1.0 - self.beta1 ** count)
-        v_hat = rms[0] / (1.0 - self.beta2 ** count)
-        lr = control[0] * self.step_mult
-        direction = m_hat * (lr / (self.eps + torch.sqrt(v_hat + 1e-10)))
+        g = self.clipped(grad)
+        momentum, rms = self.advance_moments(state["momentum"], state["rms"], g)
+        direction = self.adam_direction(momentum[0], rms[0], as_step_tensor(step, param) + 1.0, control)
         if self.param_scale_mult:
-            direction = direction * torch.sqrt(torch.mean(torch.square(param)) + 1e-9)
+            direction = direction * param_rms(param)
         return direction, {"momentum": momentum, "rms": rms}
+
+    def advance_moments(self, momentum: Tensor, rms: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        """Adam's new first and second moments ``(1, …)`` of the clipped gradient ``g`` (element-wise)."""
+        return _ema((self.beta1,), momentum, g), _ema((self.beta2,), rms, g * g)
+
+    def adam_direction(self, momentum: Tensor, rms: Tensor, count: Tensor, control: Tensor) -> Tensor:
+        """``lr·m̂ / (eps + √(v̂ + 1e-10))`` at ``lr = step_mult·lr_mult``, bias-corrected for ``count`` steps
+        (element-wise: the same on a piece of the tensor as on the whole)."""
+        m_hat = momentum / (1.0 - self.beta1 ** count)
+        v_hat = rms / (1.0 - self.beta2 ** count)
+        lr = control[0] * self.step_mult
+        return m_hat * (lr / (self.eps + torch.sqrt(v_hat + 1e-10)))
+

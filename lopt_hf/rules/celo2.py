@@ -104,9 +104,15 @@ class Workspace(Protocol):
     def network_weights(self, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
         """:meth:`Celo2.network_weights` of this execution's theta (computed once per ``order``)."""
 
+    def in_place(self, numel: int) -> bool:
+        """Whether a stack of ``numel`` elements is computed in place: its momentum and rms advanced in the
+        state handed in, the clipped gradient, its square and ``rsqrt(rms)`` built piece by piece instead of
+        whole (large tensors: memory near AdamW's; the same float operations)."""
+
 
 def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int, eps: float,
-                  scale: Tensor | None = None, symmetric_product: SymmetricProduct | None = None) -> Tensor:
+                  scale: Tensor | None = None, symmetric_product: SymmetricProduct | None = None,
+                  overwrite: bool = False) -> Tensor:
     """Orthogonalise the matrices over the last two axes of ``x`` (optax/Muon quintic iteration).
 
     ``x / (‖x‖_F + eps)``, then ``iterations`` × ``x ← a·x + (b·A + c·A²)·x`` with ``A = x·xᵀ``,
@@ -118,7 +124,9 @@ def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int
     ``symmetric_product(y, base, beta, alpha)`` (``beta·base + alpha·y·yᵀ``; ``base`` may be None),
     given by a deployment kernel (:func:`lopt_hf.kernels.celo2.symmetric_product`), computes the
     symmetric products ``x·xᵀ`` and ``A·A = A·Aᵀ`` of matrices whose Gram side is ≥ 512 instead of
-    a plain matmul — the same sums per entry.
+    a plain matmul — the same sums per entry. ``overwrite`` (deployment, no autograd): ``x`` is not needed
+    afterwards; it is normalised and iterated in place (its memory holds the result) — two full-size
+    matrices fewer alive at a time, the same bits.
 
     (Taking the iterations in pairs through the Gram side — ``x₂ = Q₁·Q·x`` with ``A₁ = Q·A·Q`` —
     saves a fifth to a third of the flops of wide matrices, but was measured 1.5–3× further from
@@ -129,7 +137,12 @@ def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int
     if transposed:
         x = x.mT
     norm = torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True)
-    x = x / (norm + eps) if scale is None else x * (scale / (scale * norm + eps))
+    if scale is None:
+        divisor = norm + eps
+        x = x.div_(divisor) if overwrite else x / divisor
+    else:
+        factor = scale / (scale * norm + eps)
+        x = x.mul_(factor) if overwrite else x * factor
     lead = x.shape[:-2]
     batch = math.prod(lead)
     # one matrix: addmm; several: one batch axis for baddbmm
@@ -143,7 +156,12 @@ def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int
         else:
             gram = torch.matmul(x, x.mT)
             update = fused(gram, gram, gram, beta=b, alpha=c)
-        x = fused(x, update, x, beta=a)
+        del gram  # (one Gram-sized matrix fewer alive while the next x is computed)
+        if overwrite:  # x stays in its buffer (one full-size matrix fewer alive, for a copy per iteration)
+            x.copy_(fused(x, update, x, beta=a))
+        else:
+            x = fused(x, update, x, beta=a)
+        del update
     x = x.reshape(*lead, *x.shape[-2:])
     return x.mT if transposed else x
 
@@ -311,20 +329,33 @@ class Celo2(UpdateRule):
                 return workspace.buffer(name, (*size[:-2], size[-1], size[-2]), like).mT
             return workspace.buffer(name, size, like)
 
-        g = torch.clamp(grads, -self.grad_clip, self.grad_clip, out=temporary("g", grads))
-        g = in_order(g)
         param = in_order(params)
-        g2 = torch.mul(g, g, out=temporary("g2", g))
-        # rank: dims after the decay axis (the stack axis and the tensor's own)
-        momentum = ema(self.momentum_decays, 1 + ndim, states["momentum"], g)
-        rms = ema(self.rms_decays, 1 + ndim, states["rms"], g2)
+        if deploy and workspace.in_place(params.numel()):
+            # momentum and rms advanced in the state, piece by piece; g, g² and rsqrt(rms) built per piece
+            # later (_Inputs); only g² + 1e-30 exists whole, for the factored moments, and briefly
+            lazy: tuple[Tensor, float] | None = (in_order(grads), self.grad_clip)
+            momentum, rms = self._advance_in_place(lazy[0], in_order(states["momentum"]), in_order(states["rms"]),
+                                                   column_major, chunk_size)
+            grad_sqr = torch.clamp(lazy[0], -self.grad_clip, self.grad_clip)
+            grad_sqr = grad_sqr.mul_(grad_sqr).add_(1e-30)
+            g = g2 = rsqrt_rms = None
+        else:
+            lazy = None
+            g = torch.clamp(grads, -self.grad_clip, self.grad_clip, out=temporary("g", grads))
+            g = in_order(g)
+            g2 = torch.mul(g, g, out=temporary("g2", g))
+            # rank: dims after the decay axis (the stack axis and the tensor's own)
+            momentum = ema(self.momentum_decays, 1 + ndim, states["momentum"], g)
+            rms = ema(self.rms_decays, 1 + ndim, states["rms"], g2)
+            rsqrt_rms = torch.add(rms, 1e-8, out=temporary("rsqrt_rms", rms)).rsqrt_() if deploy \
+                else torch.rsqrt(rms + 1e-8)
+            grad_sqr = torch.add(g2, 1e-30, out=temporary("grad_sqr", g2))
         new_state = {"momentum": momentum, "rms": rms}
-        rsqrt_rms = torch.add(rms, 1e-8, out=temporary("rsqrt_rms", rms)).rsqrt_() if deploy else torch.rsqrt(rms + 1e-8)
-        grad_sqr = torch.add(g2, 1e-30, out=temporary("grad_sqr", g2))
 
         accumulators, factors = factored_second_moments(
             grad_sqr, states, lambda old, new: ema(self.adafactor_decays, old.dim() - 1, old, new), lead_axes=1)
         new_state.update(accumulators)
+        del grad_sqr
         dims = factored_dims(shape)  # the tensor's own axes d: axis 1 + d of the stack
         if dims is not None:
             # v_row is constant along d0, v_col along d1; fac_g / fac_mom_mult use row_factor · col_factor
@@ -334,11 +365,29 @@ class Celo2(UpdateRule):
         if column_major:  # the EMAs keep their inputs' memory order, but make sure
             momentum, rms = in_order(momentum), in_order(rms)
             new_state.update(momentum=momentum, rms=rms)
-        inputs = _Inputs(shape, stack, g, g2, param, momentum, rms, rsqrt_rms, factors, column_major, workspace)
+        inputs = _Inputs(shape, stack, g, g2, param, momentum, rms, rsqrt_rms, factors, column_major, workspace, lazy)
         direction = self._network(theta, inputs, chunk_size, workspace)
         if self.rmsmult != 1.0:
             direction = direction * self.rmsmult
         return direction.reshape(original_shape), new_state
+
+    def _advance_in_place(self, grads: Tensor, momentum: Tensor, rms: Tensor, column_major: bool,
+                          chunk_size: int | None) -> tuple[Tensor, Tensor]:
+        """The EMAs of the clipped gradient and its square written into ``momentum`` / ``rms`` ``(k, B, …)``
+        (contiguous in this update's memory order, see ``in_order``), piece by piece of the memory: the
+        deployment arithmetic of :meth:`update_decay_first` (``decay·old + keep·new``)."""
+
+        def flat(x: Tensor) -> Tensor:  # (lead, N) view in memory order
+            return (x.mT if column_major else x).reshape(x.shape[0], -1)
+
+        flat_g, flat_m, flat_rms = flat(grads.unsqueeze(0)), flat(momentum), flat(rms)
+        decay, keep = _decay_tensors(self.momentum_decays, 1, grads.device)
+        rms_decay, rms_keep = _decay_tensors(self.rms_decays, 1, grads.device)
+        for (piece,) in [index or (slice(None),) for index in chunk_indices(flat_g.shape[1:], chunk_size or 1 << 20)]:
+            g = torch.clamp(flat_g[:, piece], -self.grad_clip, self.grad_clip)
+            flat_m[:, piece].mul_(decay).addcmul_(keep, g)
+            flat_rms[:, piece].mul_(rms_decay).addcmul_(rms_keep, torch.mul(g, g))
+        return momentum, rms
 
     # ----------------------------------------------------------------------- network
     def _network(self, theta: Theta, inputs: _Inputs, chunk_size: int | None, workspace: Workspace | None) -> Tensor:
@@ -407,7 +456,7 @@ class Celo2(UpdateRule):
         # and tensor cost page faults), and the direction straight into the output.
         largest = max(inputs.piece_numel(piece) for piece in pieces)
         scratch = cached is None and workspace is not None and workspace.fits(largest * count)
-        out = inputs.g.new_empty((num_slabs, slab_size)) if deploy else None
+        out = inputs.p.new_empty((num_slabs, slab_size)) if deploy else None
         outputs, all_written = [], out is not None
         for piece in pieces:
             slab_start, slab_stop, row_start, row_stop = piece
@@ -416,15 +465,15 @@ class Celo2(UpdateRule):
             if cached is not None:
                 x = cached
             else:
-                x = inputs.features(piece, workspace.buffer("features", (count, numel), inputs.g) if scratch else None)
+                x = inputs.features(piece, workspace.buffer("features", (count, numel), inputs.p) if scratch else None)
             by_piece_rows = None if along_rows is None else along_rows[slab_start:slab_stop, :, row_start:row_stop, None]
             by_cols = (along_cols if along_cols.shape[0] == 1 else along_cols[slab_start:slab_stop]).unsqueeze(-2)
             slab_features = x.view(count, piece_slabs, -1).transpose(0, 1)
             if deploy:
                 # the broadcast contributions first, the product added by the gemm: one pass over h
                 # instead of two (the same sums, added in another order)
-                h = (workspace.buffer("hidden0", (first.shape[1], numel), inputs.g) if scratch
-                     else inputs.g.new_empty((first.shape[1], numel))).view(piece_slabs, -1, piece_rows, cols)
+                h = (workspace.buffer("hidden0", (first.shape[1], numel), inputs.p) if scratch
+                     else inputs.p.new_empty((first.shape[1], numel))).view(piece_slabs, -1, piece_rows, cols)
                 if by_piece_rows is None:
                     h.copy_(by_cols.expand_as(h))
                 else:
@@ -470,9 +519,11 @@ class Celo2(UpdateRule):
         if self.orthogonalize and len(shape) >= 2:
             direction = newton_schulz(inputs.unflatten(out), tuple(self.ns_coeffs), int(self.ns_iters), self.ns_eps,
                                       scale=out_scale.view(inputs.stack, *shape[:-2], 1, 1),
-                                      symmetric_product=None if workspace is None else workspace.symmetric_product)
+                                      symmetric_product=None if workspace is None else workspace.symmetric_product,
+                                      overwrite=deploy)
             per_tensor = tuple(range(1, direction.dim()))
-            return direction * torch.rsqrt(torch.mean(torch.square(direction), dim=per_tensor, keepdim=True) + eps)
+            factor = torch.rsqrt(torch.mean(torch.square(direction), dim=per_tensor, keepdim=True) + eps)
+            return direction.mul_(factor) if deploy else direction * factor
         return inputs.unflatten(out.mul_(out_scale) if deploy else out * out_scale)
 
     def network_weights(self, theta: Theta, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
@@ -545,9 +596,9 @@ class _Inputs:
     Otherwise (tensors with < 2 dims, other conv kernels) every group is element-wise.
     """
 
-    def __init__(self, shape: tuple[int, ...], stack: int, g: Tensor, g2: Tensor, p: Tensor, m: Tensor, rms: Tensor,
-                 rsqrt_rms: Tensor, factors: tuple, column_major: bool = False,
-                 workspace: Workspace | None = None) -> None:
+    def __init__(self, shape: tuple[int, ...], stack: int, g: Tensor | None, g2: Tensor | None, p: Tensor, m: Tensor,
+                 rms: Tensor, rsqrt_rms: Tensor | None, factors: tuple, column_major: bool = False,
+                 workspace: Workspace | None = None, lazy: tuple[Tensor, float] | None = None) -> None:
         ndim = len(shape)
         self.shape = shape  # of one tensor of the stack
         self.stack = stack
@@ -564,8 +615,11 @@ class _Inputs:
         def flat(x: Tensor, lead: int) -> Tensor:  # (lead, N) in memory order
             return (x.mT if column_major else x).reshape(lead, numel)
 
-        self.g, self.g2, self.p = flat(g, 1), flat(g2, 1), flat(p, 1)
-        self.m, self.rms, self.rsqrt_rms = flat(m, m.shape[0]), flat(rms, rms.shape[0]), flat(rsqrt_rms, rms.shape[0])
+        self.p, self.m, self.rms = flat(p, 1), flat(m, m.shape[0]), flat(rms, rms.shape[0])
+        # lazy = (gradient, grad_clip): g, g² and rsqrt(rms) are built per piece (see Celo2.in_place)
+        self.grad, self.grad_clip = (None, 0.0) if lazy is None else (flat(lazy[0], 1), lazy[1])
+        self.g, self.g2 = (None, None) if lazy is not None else (flat(g, 1), flat(g2, 1))
+        self.rsqrt_rms = None if lazy is not None else flat(rsqrt_rms, rms.shape[0])
         self.standard = len(factors) == 6 and {factors[2], factors[5]} == {ndim - 2, ndim - 1}
         self.vectors: tuple[Tensor, Tensor] | None = None
         self.materialized: list[Tensor] = []
@@ -600,6 +654,19 @@ class _Inputs:
         if len(factors) == 6:
             self.num_elementwise += sum(x.shape[0] for x in self.materialized) + max(moms, facs)
 
+    def g_at(self, at: tuple) -> Tensor:
+        """The clipped gradient of a piece (``at`` indexes the flat ``(lead, N)`` tensors)."""
+        return self.g[at] if self.g is not None else torch.clamp(self.grad[at], -self.grad_clip, self.grad_clip)
+
+    def g2_at(self, at: tuple) -> Tensor:
+        if self.g2 is not None:
+            return self.g2[at]
+        g = self.g_at(at)
+        return torch.mul(g, g)
+
+    def rsqrt_rms_at(self, at: tuple) -> Tensor:
+        return self.rsqrt_rms[at] if self.rsqrt_rms is not None else torch.add(self.rms[at], 1e-8).rsqrt_()
+
     def unflatten(self, out: Tensor) -> Tensor:
         """``(L, R·C)`` in memory order → ``(B, *shape)`` (a transposed view if column-major)."""
         if self.column_major:
@@ -631,7 +698,7 @@ class _Inputs:
         slab_start, slab_stop, row_start, row_stop = piece
         first = slab_start * self.rows * self.cols + row_start * self.cols
         at = (slice(None), slice(first, first + self.piece_numel(piece)))
-        g, m, rsqrt_rms = self.g[at], self.m[at], self.rsqrt_rms[at]
+        g, m, rsqrt_rms = self.g_at(at), self.m[at], self.rsqrt_rms_at(at)
         if self.standard:
             fac = self.fac_rows[:, slab_start:slab_stop, row_start:row_stop, None] * \
                 self.fac_cols[:, slab_start:slab_stop, None, :]
@@ -675,10 +742,10 @@ class _Inputs:
             size = (rows, slabs, self.piece_numel(piece) // slabs)
             if self.workspace is None or not self.workspace.fits(math.prod(size)):
                 return None
-            return self.workspace.buffer(f"sums_{name}", size, self.g)
+            return self.workspace.buffer(f"sums_{name}", size, self.p)
 
-        g2 = per_slab(self.g2[at])
-        rsqrt2 = torch.square(per_slab(self.rsqrt_rms[at]), out=temp("rsqrt2", 1))
+        g2 = per_slab(self.g2_at(at))
+        rsqrt2 = torch.square(per_slab(self.rsqrt_rms_at(at)), out=temp("rsqrt2", 1))
         m2 = torch.square(per_slab(self.m[at]), out=temp("m2", self.m.shape[0]))
         rows2 = torch.square(self.fac_rows[:, slab_start:slab_stop, row_start:row_stop])  # (k, slabs, rows)
         cols2 = torch.square(self.fac_cols[:, slab_start:slab_stop])  # (k, slabs, C)

@@ -127,3 +127,48 @@ def test_prepared_weights_follow_in_place_changes_of_theta() -> None:
     expected, _ = rule.update(theta, param, grad, rule.init_state(param), 0)
     torch.testing.assert_close(after[0], expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(after, before, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("orthogonalize", [False, True])
+@pytest.mark.parametrize("shape, column_major", [((37,), False), ((), False), ((130, 70), False), ((130, 70), True),
+                                                 ((70, 130), True), ((2, 3, 40, 9), False), ((3, 3, 4, 8), False),
+                                                 ((600, 530), False)])
+def test_in_place_path_is_the_deployment_path(shape: tuple[int, ...], column_major: bool, orthogonalize: bool,
+                                              monkeypatch) -> None:
+    """Large stacks (here: every stack) advance momentum and rms in the state handed in and build g, g², rsqrt(rms)
+    per piece: the same arithmetic as the buffered path. (Bits may differ only where a matrix product reads a
+    piece at another memory offset — sgemm blocks by alignment — as on the 600×530 matrix.)"""
+    from lopt_hf.kernels import in_place
+
+    rule = Celo2(orthogonalize=orthogonalize)
+    theta = perturbed_theta(rule, 12)
+    runs = []
+    for threshold in (0, 1 << 40):
+        monkeypatch.setattr(in_place, "IN_PLACE_MIN_NUMEL", threshold)
+        kernel = kernel_for(rule, theta)
+        gen = torch.Generator().manual_seed(13)
+        param = torch.randn(shape, generator=gen)
+        param = param.t().contiguous().t() if column_major else param
+        state = kernel.init_state(param)
+        if column_major:
+            assert all(value.mT.is_contiguous() for key, value in state.items() if key in ("momentum", "rms"))
+        directions = []
+        for step in range(3):
+            grad = torch.randn(shape, generator=gen) * (2e3 if step == 1 else 1e-2)  # step 1: beyond grad_clip
+            grad = grad.t().contiguous().t() if column_major else grad
+            kept = dict(state)
+            with torch.no_grad():
+                direction, (state,) = kernel.update_stack(param[None], grad[None], [state], step, chunk_size=1000)
+            if threshold == 0:
+                assert all(state[key].data_ptr() == kept[key].data_ptr() for key in ("momentum", "rms"))
+            directions.append(direction[0].clone())
+            param = param - 0.01 * direction[0]
+        runs.append((directions, {key: value.clone() for key, value in state.items()}))
+    (in_place_directions, in_place_state), (buffered_directions, buffered_state) = runs
+    tolerance = {"rtol": 1e-4, "atol": 1e-5} if orthogonalize else {"rtol": 1e-5, "atol": 1e-6}
+    for got, expected in zip(in_place_directions, buffered_directions):
+        torch.testing.assert_close(got, expected, **tolerance)
+    if shape != (600, 530):
+        assert all(torch.equal(got, expected) for got, expected in zip(in_place_directions, buffered_directions))
+    for key, value in buffered_state.items():
+        torch.testing.assert_close(in_place_state[key], value, rtol=1e-6, atol=0)
