@@ -82,8 +82,9 @@ class TaskSection:
     """The inner problems: MLP classifiers on small grayscale images (``tasks.MLPImageTaskFamily``).
 
     ``dataset`` is one name or a list (each task draws one uniformly; all need the same number
-    of classes): ``digits`` (scikit-learn, offline), ``fashion_mnist``, ``mnist`` or a Hugging
-    Face ``datasets`` id (see ``lopt_hf.data``). Images are resized to
+    of classes): ``digits`` (scikit-learn, offline), ``fashion_mnist``, ``mnist``, a local path (an ``.npz``,
+    a ``save_to_disk`` folder, a folder of data files) or a Hugging Face ``datasets`` id (see
+    ``lopt_hf.data``). Images are resized to
     ``image_size × image_size``. ``reparam_scale_range: [low, high]`` rescales every parameter
     tensor of a task by a log-uniform factor (null: no rescaling).
     """

@@ -23,8 +23,10 @@ __all__ = ["NAMESPACE", "SHIPPED", "available_pretrained", "pretrained_path"]
 NAMESPACE = "lopt-hf"
 # Short name (without the namespace) → one-line summary; the folder of the same name holds the artifact.
 SHIPPED: dict[str, str] = {
-    "small-fc-lolo": "small_fc_lopt meta-trained with LoLO on 8×8 image MLPs (digits, Fashion-MNIST, MNIST)",
-    "celo2-base-mini": "Celo2-base architecture meta-trained with LoLO on 8×8 image MLPs (digits, Fashion-MNIST, MNIST)",
+    "small-fc-lolo": "research baseline: small_fc_lopt meta-trained with LoLO on 8×8 image MLPs (digits, "
+                     "Fashion-MNIST, MNIST); loses to AdamW outside them (see its card)",
+    "celo2-base-mini": "research baseline: Celo2-base architecture meta-trained with LoLO on 8×8 image MLPs "
+                       "(digits, Fashion-MNIST, MNIST); loses to AdamW outside them (see its card)",
 }
 
 
