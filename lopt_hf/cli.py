@@ -6,7 +6,8 @@ Commands: ``bench``, ``card``, ``convert``, ``create``, ``eval``, ``export``, ``
 Expected failures (a missing folder, a bad repo id or JSON, no network, HF_HUB_OFFLINE without a cached
 copy, a refused token, an invalid artifact, ...) end in one line on stderr, ``lopt-hf COMMAND: what
 went wrong and what to do``, and exit code 2; ``--debug`` shows the traceback instead. Anything else
-is a bug and keeps its traceback.
+is a bug and keeps its traceback. Output cut short by its reader (``lopt-hf rules | head -3``) ends
+quietly with exit code 141, like a Unix tool stopped by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 EXIT_USER_ERROR = 2
+# 128 + SIGPIPE: what the shell reports for a tool whose output pipe was closed (`| head`).
+EXIT_STDOUT_CLOSED = 141
 LOGIN_HINT = "log in with `hf auth login` or set HF_TOKEN to a token with access to the repo"
 OFFLINE_HINT = ("check the network (and HF_ENDPOINT / the proxy settings); with HF_HUB_OFFLINE=1 only copies already "
                 "in the local Hub cache are used")
@@ -568,11 +571,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(command: str, func: Any, debug: bool) -> int:
-    """Run a command; an expected failure becomes one line on stderr and exit code 2 (unless ``debug``)."""
+def stdout_is_closed() -> bool:
+    """Whether nothing reads this process's stdout any more (the reader of its pipe is gone, as after
+    ``| head``) — so a ``BrokenPipeError`` is that, not a network connection that broke."""
     try:
-        return func()
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a file (a test's capture)
+        return False
+    import select
+
+    if not hasattr(select, "poll"):  # Windows: no poll(); assume it was stdout, as Python's own recipe does
+        return True
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+
+
+def quit_on_closed_stdout() -> int:
+    """End quietly after the reader of stdout went away: what is still buffered goes to ``os.devnull``
+    (so the flush at exit cannot fail again); exit code :data:`EXIT_STDOUT_CLOSED`."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_STDOUT_CLOSED
+
+
+def run_command(command: str, func: Any, debug: bool) -> int:
+    """Run a command; an expected failure becomes one line on stderr and exit code 2 (unless ``debug``);
+    a closed stdout (``| head``) ends it quietly (:func:`quit_on_closed_stdout`)."""
+    try:
+        code = func()
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, not at exit: a closed pipe is then handled below
+        return code
     except Exception as err:
+        if isinstance(err, BrokenPipeError) and stdout_is_closed():
+            return quit_on_closed_stdout()
         message = None if debug else describe_error(err)
         if message is None:
             raise

@@ -37,8 +37,8 @@ torch optimizer:
   (``"total_steps"``; saved with ``state_dict``) for rules and tools that need it —
   ``lopt_hf.LearnedOptimizerCallback`` sets it from ``transformers.Trainer``'s ``max_steps``;
 * stepped by ``transformers.Trainer`` without that callback (found on the call stack at the first
-  ``step()``), it warns once (:class:`LearnedOptimizerSettingsWarning`) if Trainer's LR scheduler
-  scales the learned step or ``max_grad_norm`` clips the gradients — Trainer's defaults do both;
+  ``step()``), it warns once (:class:`LearnedOptimizerSettingsWarning`) that the callback is missing,
+  saying what Trainer's LR schedule and gradient clipping do to the learned step;
 * the rule runs through its deployment kernel (:func:`lopt_hf.kernels.kernel_for`), one learned-step
   path for every rule: tensors go to the kernel in stacks — for a rule with ``stackable = True``
   (Celo2) the tensors of one shape, layout, dtype and step count together (in stacks of at most
@@ -77,8 +77,10 @@ from .adamw import adamw_directions, apply_decoupled_step
 from .kernels import RuleKernel, kernel_for
 from .kernels.base import stack_tensors
 from .layout import AS_IS, check_layouts, default_layout, from_rule_layout, to_rule_layout
+from .lr_schedules import describe_clipping, describe_trainer_schedule
 from .rules.base import Theta, UpdateRule
 from .rules.features import DEFAULT_CHUNK_SIZE
+from .warning_location import stacklevel_outside_libraries
 
 STEP_KEY = "step"
 TOTAL_STEPS_KEY = "total_steps"
@@ -611,72 +613,57 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return f"LearnedOptimizer(rule={self.rule.name!r}, {groups})"
 
 
-def lr_schedule_factors(lr_scheduler: Any, max_steps: int) -> list[float] | None:
-    """The multipliers a ``LambdaLR``-style scheduler (``transformers``' schedules) applies at a few steps
-    over ``max_steps``, or ``None`` if they cannot be read without stepping it."""
-    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-    if not lambdas or max_steps <= 0:
-        return None
-    probe_steps = sorted({0, 1, max_steps // 4, max_steps // 2, (3 * max_steps) // 4, max(max_steps - 1, 0)})
-    try:
-        return [float(lambdas[0](step)) for step in probe_steps]
-    except Exception:  # noqa: BLE001 -- a stateful or unusual lambda: do not guess
-        return None
-
-
 # How many calling frames the first step() looks through for a transformers.Trainer (its training loop calls
 # step() through Accelerate's wrapper, the LR scheduler's and torch's hooks: about eight frames).
 _TRAINER_SEARCH_DEPTH = 24
 
 
-def _calling_trainer() -> tuple[Any, int]:
+def _calling_trainer() -> Any:
     """The ``transformers.Trainer`` whose training loop is calling ``step()`` (found on the call stack by
-    class, without importing transformers) and how many frames above the caller it is; ``(None, 0)`` if none."""
+    class, without importing transformers), or ``None``."""
     frame = sys._getframe(1)
-    for depth in range(_TRAINER_SEARCH_DEPTH):
+    for _ in range(_TRAINER_SEARCH_DEPTH):
         if frame is None:
             break
         candidate = frame.f_locals.get("self")
         if candidate is not None and any(cls.__name__ == "Trainer" and cls.__module__.startswith("transformers.")
                                          for cls in type(candidate).__mro__):
-            return candidate, depth
+            return candidate
         frame = frame.f_back
-    return None, 0
+    return None
 
 
 def _warn_if_trainer_changes_the_step(optimizer: LearnedOptimizer) -> None:
-    """Warn once (:class:`LearnedOptimizerSettingsWarning`) if ``transformers.Trainer`` steps ``optimizer``
-    without ``LearnedOptimizerCallback`` (which checks every setting at the start of training) while
-    its LR scheduler scales the learned step or ``max_grad_norm`` clips the gradients — Trainer's
-    defaults do both (``lr_scheduler_type="linear"``: the step decays to 0; ``max_grad_norm=1.0``)."""
-    trainer, depth = _calling_trainer()
+    """Warn once (:class:`LearnedOptimizerSettingsWarning`, main process only) if ``transformers.Trainer`` steps
+    ``optimizer`` without ``LearnedOptimizerCallback``, which sets the planned number of steps (rules with a
+    learned schedule need it), logs the optimizer's statistics and checks the settings at the start of training;
+    the warning says what Trainer's LR schedule and gradient clipping do to the learned step, and points at the
+    user's ``trainer.train()`` line."""
+    trainer = _calling_trainer()
     args = getattr(trainer, "args", None)
     if args is None:
         return
     is_main = getattr(trainer, "is_local_process_zero", None)
     if callable(is_main) and not is_main():
         return
-    problems = []
-    kind = getattr(args, "lr_scheduler_type", "constant")
-    kind = str(getattr(kind, "value", kind))
     max_steps = int(getattr(getattr(trainer, "state", None), "max_steps", 0) or 0)
-    factors = lr_schedule_factors(getattr(trainer, "lr_scheduler", None), max_steps)
-    if factors is not None and not all(math.isclose(factor, 1.0, rel_tol=1e-6) for factor in factors):
-        problems.append(f"the LR scheduler (lr_scheduler_type={kind}) scales the learned step by factors from "
-                        f"{min(factors):.3g} to {max(factors):.3g} over {max_steps} steps")
-    elif factors is None and kind != "constant":
-        problems.append(f"lr_scheduler_type={kind} scales the learned step during training")
-    max_grad_norm = getattr(args, "max_grad_norm", 0) or 0
-    if max_grad_norm > 0:
-        problems.append(f"max_grad_norm={max_grad_norm} clips the gradients before the learned rule sees them")
-    if problems:
-        warnings.warn("LearnedOptimizer is stepped by transformers.Trainer without lopt_hf.LearnedOptimizerCallback, "
-                      "and Trainer settings change what it does:\n" + "\n".join(f"  - {p}" for p in problems)
-                      + "\n(a learned optimizer was meta-trained with a constant multiplier on raw gradients: use "
-                        "TrainingArguments(lr_scheduler_type='constant', max_grad_norm=0), and add "
-                        "callbacks=[lopt_hf.LearnedOptimizerCallback()], which sets the planned number of steps, "
-                        "logs the optimizer's statistics and checks every setting at the start of training)",
-                      LearnedOptimizerSettingsWarning, stacklevel=depth + 1)  # at Trainer's optimizer.step()
+    effects = []
+    schedule = describe_trainer_schedule(args, getattr(trainer, "lr_scheduler", None), max_steps)
+    if schedule:
+        if optimizer.rule.scheduled:
+            schedule += (f", on top of the schedule rule {optimizer.rule.name!r} learned (it was meta-trained with a "
+                         "constant multiplier: use lr_scheduler_type='constant' for it)")
+        effects.append(schedule)
+    clipping = describe_clipping(args)
+    if clipping:
+        effects.append(clipping)
+    warnings.warn("LearnedOptimizer is stepped by transformers.Trainer without lopt_hf.LearnedOptimizerCallback: add "
+                  "it (callbacks=[lopt_hf.LearnedOptimizerCallback()], or LearnedOptimizerCallback.attach(trainer)) — "
+                  "it sets the planned number of steps (rules with a learned schedule need it), logs the optimizer's "
+                  "statistics and checks the Trainer settings at the start of training"
+                  + ("; what Trainer does to the learned step:\n" + "\n".join(f"  - {e}" for e in effects)
+                     if effects else ""),
+                  LearnedOptimizerSettingsWarning, stacklevel=stacklevel_outside_libraries())
 
 
 def _check_state(what: str, state: Mapping[str, Any], expected: dict[str, tuple[int, ...]], counters: set[str]) -> None:

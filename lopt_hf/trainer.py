@@ -17,23 +17,30 @@ What ``Trainer`` does and does not apply to a learned optimizer (both ways):
   ``trainer_optimizer(..., lr=...)``.
 * ``TrainingArguments.weight_decay`` is **not** used either (nor Trainer's "no decay for biases and
   norms" grouping): the artifact's ``weight_decay`` applies unless overridden the same way.
-* The LR scheduler **is** applied: it scales the optimizer's ``lr``. Trainer's default
-  ``lr_scheduler_type="linear"`` decays the learned step to zero over training, which a learned
-  optimizer (with its own notion of time) was not meta-trained with: use ``"constant"``.
-* ``max_grad_norm`` (default 1.0) clips gradients *before* the rule sees them: use ``0``.
-  (``None`` is not accepted by this version of Trainer.)
+* The LR scheduler **is** applied: it multiplies the optimizer's ``lr`` — the learned step. On a
+  character-level GPT-2 (README, "What Trainer's settings mean for a learned optimizer") Trainer's
+  default ``lr_scheduler_type="linear"`` with no warmup trained both shipped optimizers better than
+  ``"constant"`` (which runs the step exactly as meta-trained), so linear is the recommendation.
+  Rules with a learned schedule (``rule.scheduled``: Celo, Celo-Adam, VeLO) anneal their own step
+  over the planned number of steps and were meta-trained with a constant multiplier (not measured
+  with a Trainer schedule): use ``"constant"`` for them — a decaying one multiplies the learned one.
+* ``max_grad_norm`` (default 1.0) clips gradients *before* the rule sees them; ``0`` (no clipping)
+  is the recommendation (clipping gave no consistent gain). (``None`` is not accepted by this
+  version of Trainer.)
 * Gradient accumulation, bf16/fp16, checkpoints (``optimizer.pt``, loaded with
   ``weights_only=True``) and multi-process (DDP) training need nothing special.
 * Trainer measures the gradient norm every step with ``clip_grad_norm_(params, inf)`` even when
-  ``max_grad_norm=0``; if one gradient holds a NaN/inf, torch multiplies *every* gradient by
-  ``inf / nan``, so the learned optimizer then skips every tensor of that step (counted in
-  ``lopt/skipped_nonfinite``) — the parameters stay finite.
+  ``max_grad_norm=0``; if one gradient holds a NaN/inf, with accelerate ≤ 1.15 that multiplies
+  *every* gradient by ``inf / nan``, so the learned optimizer then skips every tensor of that step
+  (from 1.16 only the bad tensor; each skip is counted in ``lopt/skipped_nonfinite``) — the
+  parameters stay finite.
 
-``LearnedOptimizerCallback`` tells the optimizer the planned number of steps, logs its statistics
-and warns once about the settings above. Without the callback, the optimizer's first ``step()``
-finds the Trainer driving it and warns once (:class:`LearnedOptimizerSettingsWarning`) if its LR
-scheduler scales the learned step or ``max_grad_norm`` clips the gradients — Trainer's defaults
-(``lr_scheduler_type="linear"``, ``max_grad_norm=1.0``) do both.
+``LearnedOptimizerCallback`` tells the optimizer the planned number of steps, logs its statistics,
+warns once (:class:`LearnedOptimizerSettingsWarning`) about settings that are mistakes — an ``lr``
+far below the artifact's, an unused ``learning_rate`` / ``weight_decay``, a non-constant schedule
+for a scheduled rule — and logs (``logging.INFO``) what the schedule and clipping do otherwise.
+Without the callback, the optimizer's first ``step()`` finds the Trainer driving it and warns once
+that the callback is missing, with what Trainer's schedule and clipping do.
 """
 
 from __future__ import annotations
@@ -41,7 +48,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import sys
 import warnings
 from typing import Any
 
@@ -51,7 +57,9 @@ from transformers import TrainerCallback
 
 from .hub import LearnedOptimizerModel
 from .load import load_lopt, resolve_artifact
+from .lr_schedules import describe_clipping, describe_trainer_schedule
 from .optim import ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY, LearnedOptimizer, LearnedOptimizerSettingsWarning
+from .warning_location import stacklevel_outside_libraries
 
 __all__ = ["LearnedOptimizerCallback", "LearnedOptimizerFactory", "LearnedOptimizerSettingsWarning",
            "trainer_optimizer", "unwrap_optimizer"]
@@ -63,10 +71,6 @@ logger = logging.getLogger(__name__)
 TINY_LR_RATIO = 0.01
 # Prefix of the keys LearnedOptimizerCallback adds to Trainer's logs.
 LOG_PREFIX = "lopt/"
-# A schedule's multiplier is read at every step of training, or at this many evenly spaced steps for longer runs.
-SCHEDULE_PROBES = 10_001
-# The settings warning points at the first calling frame outside these packages: the user's `trainer.train()`.
-LIBRARY_PACKAGES = ("lopt_hf", "transformers", "accelerate", "torch")
 
 
 def unwrap_optimizer(optimizer: Any) -> Any:
@@ -141,11 +145,12 @@ class LearnedOptimizerCallback(TrainerCallback):
     """``transformers.TrainerCallback`` for learned optimizers.
 
     * At the start of training: ``optimizer.set_total_steps(state.max_steps)`` (rules that need
-      the planned length of training read it from there), and one
-      :class:`LearnedOptimizerSettingsWarning` (main process only) listing every setting that
-      silently changes what the learned optimizer does — an LR schedule that is not constant,
-      gradient clipping, a learning rate far below the artifact's, an unused
-      ``args.learning_rate`` / ``args.weight_decay``.
+      the planned length of training read it from there), and (main process only) one
+      :class:`LearnedOptimizerSettingsWarning` listing the settings that are mistakes for this
+      optimizer (:func:`settings_problems`: a learning rate far below the artifact's, an unused
+      ``args.learning_rate`` / ``args.weight_decay``, a non-constant LR schedule for a rule with a
+      learned schedule) and one ``logging.INFO`` note of what the LR schedule and gradient clipping
+      do to the learned step otherwise (:func:`settings_notes`).
     * At each log: adds ``lopt/update_rms`` (RMS of the last step's parameter change through the
       learned rule), ``lopt/update_rms_adamw`` (AdamW-routed tensors, if any) and
       ``lopt/skipped_nonfinite`` (tensor-steps skipped so far for a non-finite gradient or step)
@@ -164,14 +169,14 @@ class LearnedOptimizerCallback(TrainerCallback):
     Does nothing (and says so once) if the optimizer is not a ``LearnedOptimizer``.
 
     Args:
-        warn: emit the settings warning (default ``True``).
+        warn: emit the settings warning (default ``True``; the INFO note is logged either way).
         log_stats: add the statistics to the logs (default ``True``).
     """
 
     def __init__(self, warn: bool = True, log_stats: bool = True) -> None:
         self.warn = warn
         self.log_stats = log_stats
-        self._warned = False
+        self._checked = False
         self._not_learned_noted = False
         self._trainer: Any = None
         self._window_loss: torch.Tensor | None = None
@@ -228,17 +233,20 @@ class LearnedOptimizerCallback(TrainerCallback):
                                "(instead of callbacks=[...]) so it can read each batch's loss")
         if state.max_steps and state.max_steps > 0:
             learned.set_total_steps(int(state.max_steps))
-        if self.warn and not self._warned and state.is_local_process_zero:
-            problems = settings_problems(args, learned, lr_scheduler, int(state.max_steps or 0))
+        if not self._checked and state.is_local_process_zero:
+            self._checked = True
+            max_steps = int(state.max_steps or 0)
+            notes = settings_notes(args, learned, lr_scheduler, max_steps)
+            if notes:
+                logger.info("Trainer settings for the learned optimizer %s: %s", learned.rule.name, "; ".join(notes))
+            problems = settings_problems(args, learned, lr_scheduler, max_steps) if self.warn else []
             if problems:
                 warnings.warn("Trainer settings change what the learned optimizer does:\n"
                               + "\n".join(f"  - {problem}" for problem in problems)
-                              + "\n(lr_scheduler_type='constant', max_grad_norm=0 run the optimizer as meta-trained; "
-                                "a linear decay trained the shipped optimizers best on a small GPT-2 (README, 'What "
-                                "Trainer's settings mean'). The optimizer's lr is the artifact's unless you pass lr= "
-                                "to load_lopt / trainer_optimizer; LearnedOptimizerCallback(warn=False) silences this)",
+                              + "\n(the optimizer's lr is the artifact's unless you pass lr= to load_lopt / "
+                                "trainer_optimizer; README, 'What Trainer's settings mean for a learned optimizer'; "
+                                "LearnedOptimizerCallback(warn=False) silences this)",
                               LearnedOptimizerSettingsWarning, stacklevel=stacklevel_outside_libraries())
-            self._warned = True
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, optimizer: Any = None,
                **kwargs: Any) -> None:
@@ -261,27 +269,24 @@ class LearnedOptimizerCallback(TrainerCallback):
 
 
 def settings_problems(args: Any, optimizer: LearnedOptimizer, lr_scheduler: Any, max_steps: int) -> list[str]:
-    """Human-readable list of Trainer settings that silently change a learned optimizer's behaviour."""
+    """Trainer settings that are mistakes for this learned optimizer, in words (empty: none).
+
+    An ``lr`` far below the artifact's (an AdamW learning rate used as the multiplier of a learned
+    step), ``TrainingArguments.learning_rate`` / ``weight_decay`` set to values the optimizer does not
+    use, and — for rules with a learned schedule (``rule.scheduled``) only — an LR schedule that is not
+    constant, which multiplies the schedule the rule learned. For other rules the schedule and
+    gradient clipping are choices (see :func:`settings_notes`).
+    """
     problems = []
     learned_groups = [g for g in optimizer.param_groups if g.get(ROUTE_KEY, LEARNED_ROUTE) != ADAMW_ROUTE]
     groups = learned_groups or optimizer.param_groups
     base_lr = float(groups[0].get("initial_lr", groups[0]["lr"]))
 
-    profile = describe_schedule(lr_scheduler, max_steps)
-    if profile is not None:
-        if profile:
-            problems.append(
-                f"the LR scheduler (lr_scheduler_type={_scheduler_name(args)}, {_warmup_text(args, max_steps)}) "
-                f"multiplies the learned step by {profile}, on top of the step the optimizer learned (it was "
-                "meta-trained with a constant multiplier)")
-    elif lr_scheduler is not None and _scheduler_name(args) != "constant":
-        problems.append(f"lr_scheduler_type={_scheduler_name(args)} scales the learned step during training "
-                        "(unless you passed your own scheduler), on top of the step the optimizer learned")
-
-    max_grad_norm = getattr(args, "max_grad_norm", 0) or 0
-    if max_grad_norm > 0:
-        problems.append(f"max_grad_norm={max_grad_norm} clips the global gradient norm before the learned rule sees "
-                        "the gradients (it was meta-trained on raw gradients)")
+    schedule = describe_trainer_schedule(args, lr_scheduler, max_steps)
+    if schedule and optimizer.rule.scheduled:
+        problems.append(f"{schedule}, on top of the schedule rule {optimizer.rule.name!r} learned: it anneals its own "
+                        "step over the planned number of steps and was meta-trained with a constant multiplier, so "
+                        "this runs it unlike it was meta-trained (use lr_scheduler_type='constant' for it)")
 
     reference_lr = float(optimizer.artifact_defaults.get("lr", 1.0))
     if reference_lr > 0 and base_lr < TINY_LR_RATIO * reference_lr:
@@ -301,54 +306,11 @@ def settings_problems(args: Any, optimizer: LearnedOptimizer, lr_scheduler: Any,
     return problems
 
 
-def describe_schedule(lr_scheduler: Any, max_steps: int) -> str | None:
-    """How a ``LambdaLR``-style scheduler (Trainer's) scales the step over ``max_steps``, in words.
-
-    ``""`` when the multiplier is 1 throughout, ``None`` when it cannot be read without stepping the
-    scheduler. The multiplier is read at every step (:data:`SCHEDULE_PROBES` evenly spaced ones in
-    longer runs), so the peak after a warmup and the value at the last step are the real ones, e.g.
-    ``"×0 at step 0, rising to ×1 at step 20, then falling to ×6.2e-05 at step 199 (the last)"``.
-    """
-    lambdas = getattr(lr_scheduler, "lr_lambdas", None)
-    if not lambdas or max_steps <= 0:
-        return None
-    if max_steps <= SCHEDULE_PROBES:
-        steps = list(range(max_steps))
-    else:
-        steps = sorted({round(i * (max_steps - 1) / (SCHEDULE_PROBES - 1)) for i in range(SCHEDULE_PROBES)})
-    try:
-        factors = [float(lambdas[0](step)) for step in steps]
-    except Exception:  # noqa: BLE001 -- a stateful or unusual lambda: do not guess
-        return None
-    if all(math.isclose(factor, 1.0, rel_tol=1e-6) for factor in factors):
-        return ""
-    peak = max(range(len(factors)), key=factors.__getitem__)
-    words = [f"×{factors[0]:.2g} at step 0"]
-    if peak > 0 and factors[peak] > factors[0]:
-        words.append(f"rising to ×{factors[peak]:.2g} at step {steps[peak]}")
-    if factors[-1] < factors[peak] and steps[-1] > steps[peak]:
-        words.append(f"{'then ' if peak > 0 else ''}falling to ×{factors[-1]:.2g} at step {steps[-1]} (the last)")
-    return ", ".join(words)
-
-
-def stacklevel_outside_libraries() -> int:
-    """``stacklevel`` for a ``warnings.warn`` made by the caller of this function that attributes the warning
-    to the first calling frame outside :data:`LIBRARY_PACKAGES` — the user's ``trainer.train()`` line, not
-    transformers' callback dispatch (2, the caller's caller, if every frame is library code)."""
-    prefixes = tuple(os.path.dirname(module.__file__) + os.sep for name in LIBRARY_PACKAGES
-                     if (module := sys.modules.get(name)) is not None and getattr(module, "__file__", None))
-    frame, level = sys._getframe(2), 2
-    while frame is not None and frame.f_code.co_filename.startswith(prefixes):
-        frame, level = frame.f_back, level + 1
-    return level if frame is not None else 2
-
-
-def _warmup_text(args: Any, max_steps: int) -> str:
-    get_warmup_steps = getattr(args, "get_warmup_steps", None)
-    steps = get_warmup_steps(max_steps) if callable(get_warmup_steps) else getattr(args, "warmup_steps", 0)
-    return f"{steps:g} warmup steps" if steps else "no warmup"
-
-
-def _scheduler_name(args: Any) -> str:
-    kind = getattr(args, "lr_scheduler_type", "constant")
-    return str(getattr(kind, "value", kind))
+def settings_notes(args: Any, optimizer: LearnedOptimizer, lr_scheduler: Any, max_steps: int) -> list[str]:
+    """What Trainer's LR schedule and gradient clipping do to the learned step, in words — not mistakes:
+    for rules without a learned schedule a linear decay trained best in the README's measurement.
+    The schedule of a scheduled rule is in :func:`settings_problems` instead."""
+    schedule = describe_trainer_schedule(args, lr_scheduler, max_steps)
+    notes = [schedule] if schedule and not optimizer.rule.scheduled else []
+    clipping = describe_clipping(args)
+    return notes + ([clipping] if clipping else [])

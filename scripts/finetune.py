@@ -4,8 +4,9 @@ A character-level GPT-2 (built from a GPT2Config, nothing downloaded) learns pub
 (``lopt_hf.evaluation.lm.DEFAULT_TEXT``, or --text FILE). It is trained twice from the same initialisation:
 
 1. with a learned optimizer — ``Trainer(..., optimizer_cls_and_kwargs=lopt_hf.trainer_optimizer(LOPT))``
-   plus ``LearnedOptimizerCallback``, with the settings recommended for learned optimizers
-   (constant LR schedule, no gradient clipping, the artifact's own lr);
+   plus ``LearnedOptimizerCallback``, with the Trainer settings the README recommends for learned
+   optimizers (linear LR decay, no warmup, no gradient clipping, the artifact's own lr; a rule with a
+   learned schedule — Celo, Celo-Adam, VeLO — gets a constant schedule instead);
 2. with AdamW — Trainer's own optimizer, with its usual recipe (linear decay, clipping at 1.0).
 
 LOPT is ``--lopt``: a shipped name (default ``lopt-hf/small-fc-lolo``, meta-trained on small image
@@ -130,14 +131,18 @@ def main() -> None:
 
     overrides = {} if args.lopt_lr is None else {"lr": args.lopt_lr}
     lopt_lr = args.lopt_lr if args.lopt_lr is not None else float(artifact.config.optimizer_defaults.get("lr", 1.0))
-    # Settings recommended for learned optimizers: the optimizer's own lr, constant schedule, no clipping.
+    # Settings recommended for learned optimizers (README, "What Trainer's settings mean"): the optimizer's own lr,
+    # linear decay, no warmup, no clipping — constant for a rule that anneals its step by its learned schedule.
+    lopt_settings = {"lr_scheduler_type": "constant" if artifact.rule.scheduled else "linear", "warmup_steps": 0,
+                     "max_grad_norm": 0.0}
     lopt_trainer = Trainer(model=model, args=common_args(args.out / "trainer_lopt", args, learning_rate=lopt_lr,
-                                                         lr_scheduler_type="constant", max_grad_norm=0.0),
+                                                         **lopt_settings),
                            train_dataset=train_data,
                            optimizer_cls_and_kwargs=trainer_optimizer(artifact, **overrides))
     LearnedOptimizerCallback.attach(lopt_trainer)
     label = f"{artifact.rule.name}" + (" (random init)" if meta_trained is False else "")
-    curves = {label: run(f"learned optimizer {label}", lopt_trainer, eval_data)}
+    settings = ", ".join(f"{key}={value}" for key, value in lopt_settings.items())
+    curves = {label: run(f"learned optimizer {label} ({settings})", lopt_trainer, eval_data)}
 
     model = make_model(vocab_size, args.block_size, args)  # same initialisation
     adamw_trainer = Trainer(model=model, args=common_args(args.out / "trainer_adamw", args,
@@ -151,7 +156,7 @@ def main() -> None:
              + ("\nlearned optimizer: random init (not meta-trained)" if meta_trained is False else ""))
     plot(curves, plot_path, title)
     summary = {"lopt": lopt_source, "rule": artifact.rule.name, "meta_trained": meta_trained,
-               "lopt_version": lopt_hf.__version__, "steps": args.steps,
+               "lopt_version": lopt_hf.__version__, "steps": args.steps, "lopt_trainer_settings": lopt_settings,
                **{name: {"final_train_loss_mean10": sum(r["losses"][-10:]) / len(r["losses"][-10:]),
                          "eval_loss": r["eval_loss"], "seconds": r["seconds"]} for name, r in curves.items()}}
     (args.out / "metrics.json").write_text(json.dumps(summary, indent=2))

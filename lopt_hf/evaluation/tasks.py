@@ -161,11 +161,13 @@ class ImageClassificationTask:
 class CharLanguageModelTask:
     """A character-level GPT-2 trained with ``transformers.Trainer`` on :data:`lm.DEFAULT_TEXT`.
 
-    Every optimizer — learned or not — gets the settings recommended for learned optimizers:
-    ``Trainer(optimizers=(optimizer, None))``, constant LR schedule, no gradient clipping
-    (``max_grad_norm=0``) and ``LearnedOptimizerCallback.attach`` for learned ones, so the comparison
-    is fair. The loss is logged at every step; test = loss and next-character accuracy on the
-    held-out end of the text.
+    Every optimizer — learned or not — runs with the same Trainer settings, so the comparison is
+    fair: ``Trainer(optimizers=(optimizer, None))``, a constant LR schedule, no gradient clipping
+    (``max_grad_norm=0``), and ``LearnedOptimizerCallback.attach`` for learned ones. The constant
+    schedule runs each optimizer's step as it is, and keeps results comparable with earlier
+    evaluations; it is not what the README recommends for training with a learned optimizer
+    (linear decay, no warmup, no clipping). The loss is logged at every step; test = loss and
+    next-character accuracy on the held-out end of the text.
     """
 
     name: str = "tiny_lm"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
@@ -105,7 +106,10 @@ def test_factory_called_the_old_way_with_param_groups(descending: str) -> None:
         trainer_optimizer(descending, betas=(0.9, 0.99))
 
 
-def test_callback_warns_once_about_settings_that_change_the_optimizer(descending: str, lm, tmp_path) -> None:
+def test_callback_warns_once_about_mistakes_and_notes_schedule_and_clipping(descending: str, lm, tmp_path,
+                                                                           caplog) -> None:
+    """Unused learning_rate / weight_decay are warned about; for a rule without a learned schedule, the LR
+    schedule and the clipping are choices: an INFO note says what they do, the warning does not list them."""
     tokenizer, dataset = lm
     model = tiny_gpt2(tokenizer.vocab_size)
     # Trainer's defaults: linear decay to 0, max_grad_norm=1.0, learning_rate=5e-5; plus weight decay.
@@ -114,24 +118,48 @@ def test_callback_warns_once_about_settings_that_change_the_optimizer(descending
     callback = LearnedOptimizerCallback()
     trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[callback],
                       optimizer_cls_and_kwargs=trainer_optimizer(descending))
-    with pytest.warns(LearnedOptimizerSettingsWarning) as record:
+    with caplog.at_level(logging.INFO, logger="lopt_hf.trainer"), \
+            pytest.warns(LearnedOptimizerSettingsWarning) as record:
         trainer.train()
     assert len(record) == 1
     message = str(record[0].message)
-    for expected in ("lr_scheduler_type=linear, no warmup", "by ×1 at step 0, falling to ×0.25 at step 3 (the last)",
-                     "max_grad_norm=1.0", "learning_rate=5e-05 is not used", "weight_decay=0.01 is not used"):
+    for expected in ("learning_rate=5e-05 is not used", "weight_decay=0.01 is not used"):
         assert expected in message, message
+    assert "lr_scheduler_type" not in message and "max_grad_norm" not in message, message
     assert record[0].filename == __file__  # the trainer.train() line above, not transformers' callback dispatch
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Trainer settings for the learned")]
+    assert len(notes) == 1, notes
+    for expected in ("the LR scheduler (lr_scheduler_type=linear, no warmup) multiplies the learned step by ×1 at "
+                     "step 0, falling to ×0.25 at step 3 (the last)",
+                     "max_grad_norm=1.0 clips the global gradient norm"):
+        assert expected in notes[0], notes[0]
     with warnings.catch_warnings():
         warnings.simplefilter("error", LearnedOptimizerSettingsWarning)
         trainer.train()  # warned once per callback
+
+
+def test_recommended_settings_raise_no_warning(descending: str, lm, tmp_path, caplog) -> None:
+    """Linear decay, no warmup, no clipping (the README's recommendation for rules without a learned schedule)."""
+    tokenizer, dataset = lm
+    model = tiny_gpt2(tokenizer.vocab_size)
+    args = training_args(tmp_path, max_steps=4, lr_scheduler_type="linear", warmup_steps=0, max_grad_norm=0.0)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[LearnedOptimizerCallback()],
+                      optimizers=(load_lopt(descending, model), None))
+    assert not trainer.optimizer.rule.scheduled
+    with caplog.at_level(logging.INFO, logger="lopt_hf.trainer"), warnings.catch_warnings():
+        warnings.simplefilter("error", LearnedOptimizerSettingsWarning)
+        trainer.train()
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Trainer settings for the learned")]
+    assert len(notes) == 1 and "falling to ×0.25 at step 3 (the last)" in notes[0], notes
+    assert "max_grad_norm" not in notes[0]
+    assert unwrap_optimizer(trainer.optimizer).param_groups[0]["lr"] == 0.0  # the decay did run
 
 
 def test_schedule_is_described_from_every_step() -> None:
     """The peak after a warmup and the last step's multiplier are the real ones, not those of a few samples."""
     from transformers import get_scheduler
 
-    from lopt_hf.trainer import describe_schedule
+    from lopt_hf.lr_schedules import describe_schedule
 
     def schedule(kind: str, warmup: int, steps: int = 200):
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)

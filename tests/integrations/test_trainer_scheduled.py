@@ -1,9 +1,11 @@
 """transformers.Trainer with a scheduled rule (published Celo): loss and planned steps reach the
-scheduler on every step (accumulation included), exact resume, a clear error without the callback."""
+scheduler on every step (accumulation included), exact resume, a clear error without the callback, and a
+warning when Trainer's LR schedule multiplies the schedule the rule learned."""
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from support import load_refvectors, subtree, tiny_gpt2, train_losses, training_
 from transformers import Trainer
 
 from lopt_hf import LearnedOptimizerCallback, create_artifact, load_lopt, trainer_optimizer
-from lopt_hf.optim import SCHEDULE_KEY
+from lopt_hf.optim import SCHEDULE_KEY, LearnedOptimizerSettingsWarning
 from lopt_hf.rules.scheduler import LossBuffer
 from lopt_hf.trainer import unwrap_optimizer
 
@@ -79,3 +81,31 @@ def test_without_attach_the_error_says_how(published_celo: str, lm, tmp_path) ->
                       optimizers=(load_lopt(published_celo, model), None), callbacks=[LearnedOptimizerCallback()])
     with pytest.raises(RuntimeError, match="attach"):
         trainer.train()
+
+
+def test_a_decaying_trainer_schedule_is_a_warning_for_a_scheduled_rule(published_celo: str, lm, tmp_path) -> None:
+    """Linear decay (recommended for rules without a learned schedule) multiplies Celo's own annealing: warned;
+    the constant schedule is not."""
+    tokenizer, dataset = lm
+
+    def trainer(lr_scheduler_type: str, output: str) -> Trainer:
+        model = tiny_gpt2(tokenizer.vocab_size)
+        args = training_args(tmp_path / output, max_steps=2, lr_scheduler_type=lr_scheduler_type, max_grad_norm=0.0)
+        built = Trainer(model=model, args=args, train_dataset=dataset,
+                        optimizers=(load_lopt(published_celo, model), None))
+        LearnedOptimizerCallback.attach(built)
+        return built
+
+    linear = trainer("linear", "linear")
+    assert linear.optimizer.rule.scheduled
+    with pytest.warns(LearnedOptimizerSettingsWarning) as record:
+        linear.train()
+    assert len(record) == 1 and record[0].filename == __file__
+    message = str(record[0].message)
+    for expected in ("lr_scheduler_type=linear, no warmup) multiplies the learned step by ×1 at step 0, falling to "
+                     "×0.5 at step 1 (the last)", "on top of the schedule rule 'celo' learned",
+                     "use lr_scheduler_type='constant' for it"):
+        assert expected in message, message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", LearnedOptimizerSettingsWarning)
+        trainer("constant", "constant").train()

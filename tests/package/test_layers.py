@@ -27,6 +27,7 @@ TESTS = PACKAGE.parent / "tests"
 
 LAYERS: dict[str, int] = {
     "lopt_hf.data": 0, "lopt_hf.loader_options": 0, "lopt_hf.layout": 0, "lopt_hf.plotting": 0,
+    "lopt_hf.lr_schedules": 0, "lopt_hf.warning_location": 0,
     "lopt_hf.rules": 1,
     "lopt_hf.kernels": 2,
     "lopt_hf.optim": 3, "lopt_hf.harness": 3, "lopt_hf.lookahead": 3, "lopt_hf.adamw": 3,

@@ -4,6 +4,7 @@ diagnose_step_sizes) run end to end with their smallest settings, each in a subp
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,7 +46,11 @@ def test_demo_opt2vec_creates_saves_and_trains(tmp_path: Path) -> None:
 def test_finetune_compares_the_learned_optimizer_with_adamw(tmp_path: Path) -> None:
     run_script("finetune.py", "--steps", "3", "--out", str(tmp_path))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics and (tmp_path / "loss_curves.png").is_file()
+    assert (tmp_path / "loss_curves.png").is_file()
+    runs = [value for value in metrics.values() if isinstance(value, dict) and "eval_loss" in value]
+    assert len(runs) == 2 and all(math.isfinite(run["eval_loss"]) for run in runs)  # learned optimizer and AdamW
+    # the README's recommended Trainer settings for a learned optimizer without a learned schedule
+    assert metrics["lopt_trainer_settings"] == {"lr_scheduler_type": "linear", "warmup_steps": 0, "max_grad_norm": 0.0}
 
 
 def test_trainer_settings_runs_the_grid_and_reports_it(tmp_path: Path) -> None:
