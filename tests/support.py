@@ -152,7 +152,7 @@ def clipped_momentum_artifact(directory: Path, step_size: float = 2e-3) -> Path:
     return directory
 
 
-# Trainer settings recommended for learned optimizers (see lopt_hf.trainer), plus quiet, fast test settings.
+# Trainer settings that run the learned step as meta-trained (constant, no clipping), plus quiet, fast test settings.
 RECOMMENDED = {"lr_scheduler_type": "constant", "max_grad_norm": 0.0, "learning_rate": 1.0}
 
 

@@ -16,7 +16,8 @@ from .tasks import RunRecord, resolve_tasks
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_OPTIMIZERS: tuple[str, ...] = ("adamw", "adamw-grid", "adam", "sgdm")
+# By default the learned optimizers that ship with lopt_hf against AdamW at 1e-3 and at its per-task best lr.
+DEFAULT_OPTIMIZERS: tuple[str, ...] = ("lopt-hf/small-fc-lolo", "lopt-hf/celo2-base-mini", "adamw", "adamw-grid")
 DEFAULT_STEPS = 200
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1)
 

@@ -83,3 +83,12 @@ def test_create_then_card_to_stdout(tmp_path, capsys: pytest.CaptureFixture[str]
     assert main(["card", str(tmp_path / "a"), "--stdout", "--repo-id", "user/name"]) == 0
     card = capsys.readouterr().out
     assert "library_name: lopt_hf" in card and 'load_lopt("user/name"' in card
+
+
+def test_eval_help_names_the_default_optimizers(capsys: pytest.CaptureFixture[str]) -> None:
+    """`lopt-hf eval` without --optimizers evaluates the shipped learned optimizers against AdamW; its help says so."""
+    from lopt_hf.evaluation import DEFAULT_OPTIMIZERS
+
+    assert set(available_pretrained()) <= set(DEFAULT_OPTIMIZERS) and "adamw" in DEFAULT_OPTIMIZERS
+    text = "".join(help_text(["eval", "--help"], capsys).split())  # (argparse wraps lines at hyphens too)
+    assert f"(default:{''.join(DEFAULT_OPTIMIZERS)})" in text

@@ -285,7 +285,7 @@ def test_inside_transformers_trainer(tmp_path) -> None:
     # Trainer's defaults (linear decay, clipping) without LearnedOptimizerCallback: the wrapped optimizer says so
     with pytest.warns(LearnedOptimizerSettingsWarning, match="lr_scheduler_type=linear") as record:
         trainer.train()
-    assert len(record) == 1 and record[0].filename.endswith("transformers/trainer.py")
+    assert len(record) == 1 and record[0].filename == __file__  # the trainer.train() line above
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))

@@ -3,7 +3,8 @@
 Layers, lowest first (a module may import its own layer and lower ones, never a higher one, not
 even lazily inside a function):
 
-0. leaves: datasets (``lopt_hf.data``), plots, load-option policy, tensor layouts
+0. leaves: datasets (``lopt_hf.data``), plots, load-option policy, tensor layouts, LR-schedule wording
+   (``lr_schedules``), warning location (``warning_location``)
 1. ``lopt_hf.rules`` — update rules, math only
 2. ``lopt_hf.kernels`` — deployment executions of the rules (stacked, chunked, fused)
 3. the optimizer: ``optim``, ``harness``, ``lookahead``, ``adamw``
