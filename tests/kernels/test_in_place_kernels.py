@@ -1,5 +1,6 @@
-"""The in-place kernels of small_fc_lopt, mlp_lopt and per_param_mlp equal the rules' own ``update`` bit
-for bit — shapes 0-d to 4-d, chunk sizes, several steps, stacks — while advancing the state in place."""
+"""The in-place kernels of small_fc_lopt, mlp_lopt, per_param_mlp and of the scheduled celo, velo, celo_adam equal
+the rules' own ``update`` bit for bit — shapes 0-d to 4-d, chunk sizes, several steps, stacks, a control row per
+tensor — while advancing the state in place; through LearnedOptimizer the in-place path gives the same results."""
 
 from __future__ import annotations
 
@@ -8,12 +9,19 @@ import torch
 from torch import nn
 
 from lopt_hf.kernels import RuleKernel, in_place, kernel_for
+from lopt_hf.kernels.celo import CeloAdamKernel, CeloKernel
 from lopt_hf.kernels.in_place import InPlaceKernel, MLPLOptKernel, PerParamMLPKernel, SmallFCLOptKernel
 from lopt_hf.optim import LearnedOptimizer
 from lopt_hf.rules import build_rule
+from support import SMALL_RULE_CONFIGS
 
 KERNELS = {"small_fc_lopt": SmallFCLOptKernel, "mlp_lopt": MLPLOptKernel, "per_param_mlp": PerParamMLPKernel}
-CONFIGS = {"small_fc_lopt": {}, "mlp_lopt": {}, "per_param_mlp": {"hidden_sizes": [8, 8], "activation": "gelu"}}
+# scheduled rules: their update takes the scheduler's control row (name suffixes mark other configs of a rule)
+SCHEDULED = {"celo": CeloKernel, "velo": CeloKernel, "celo_adam": CeloAdamKernel,
+             "celo_adam_param_scale": CeloAdamKernel}
+CONFIGS = {"small_fc_lopt": {}, "mlp_lopt": {}, "per_param_mlp": {"hidden_sizes": [8, 8], "activation": "gelu"},
+           "celo": {}, "velo": SMALL_RULE_CONFIGS["velo"], "celo_adam": {},
+           "celo_adam_param_scale": {"param_scale_mult": True}}
 
 
 @pytest.fixture(autouse=True)
@@ -38,39 +46,49 @@ def test_small_tensors_take_the_rules_own_update() -> None:
 
 
 def rule_and_theta(name: str, seed: int = 0):
-    rule = build_rule(name, **CONFIGS[name])
+    rule = build_rule(name.removesuffix("_param_scale"), **CONFIGS[name])
     gen = torch.Generator().manual_seed(seed)
     # perturbed decay offsets and biases: every theta entry matters
     return rule, {key: value + 0.05 * torch.randn(value.shape, generator=gen)
                   for key, value in rule.init_theta(gen).items()}
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
+def control_kwargs(rule, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """A scheduled rule's keyword for one tensor, as the scheduler emits it (``lr_mult``, then the mixing weights)."""
+    return {"control": torch.rand(1 + rule.num_mixed_networks, generator=gen) + 0.5} if rule.scheduled else {}
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS | SCHEDULED))
 def test_each_rule_gets_its_in_place_kernel(name: str) -> None:
     rule, theta = rule_and_theta(name)
     kernel = kernel_for(rule, theta)
-    assert type(kernel) is KERNELS[name] and isinstance(kernel, InPlaceKernel) and not kernel.stacks
+    assert type(kernel) is (KERNELS | SCHEDULED)[name] and isinstance(kernel, InPlaceKernel) and not kernel.stacks
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
+@pytest.mark.parametrize("name", sorted(KERNELS | SCHEDULED))
 @pytest.mark.parametrize("shape", [(), (37,), (130, 70), (2, 3, 40, 9)])
 @pytest.mark.parametrize("chunk_size", [None, 16, 1000])
 def test_kernel_is_the_rule_bit_for_bit(name: str, shape: tuple[int, ...], chunk_size: int | None) -> None:
     rule, theta = rule_and_theta(name)
+    if rule.scheduled and chunk_size == 16 and len(shape) > 1:
+        chunk_size = 128  # (the same paths as 16, at a fraction of the Python overhead of Celo's features)
     kernel = kernel_for(rule, theta)
     gen = torch.Generator().manual_seed(1)
     param = torch.randn(shape, generator=gen)
     state = kernel.init_state(param)
     reference = {key: value.clone() for key, value in state.items()}
     for step in range(3):
-        grad = torch.randn(shape, generator=gen) * 1e-2
+        grad = torch.randn(shape, generator=gen) * (2e3 if step == 1 else 1e-2)  # step 1: beyond Celo's grad_clip
+        kwargs = control_kwargs(rule, gen)
         with torch.no_grad():
-            expected, reference = rule.update(theta, param, grad, reference, step, chunk_size)
+            expected, new_reference = rule.update(theta, param, grad, reference, step, chunk_size, **kwargs)
+        reference = {**reference, **new_reference}  # (a scheduled rule's LSTM rows are the optimizer's to advance)
         kept = {key: value for key, value in state.items()}
-        got, (new_state,) = kernel.update_stack(param[None], grad[None], [state], step, chunk_size)
+        got, (new_state,) = kernel.update_stack(param[None], grad[None], [state], step, chunk_size,
+                                                **{key: value[None] for key, value in kwargs.items()})
         assert torch.equal(got[0], expected)
-        assert new_state.keys() == reference.keys()
-        for key, value in reference.items():
+        assert new_state.keys() == new_reference.keys()
+        for key, value in new_reference.items():
             assert torch.equal(new_state[key], value), key
             if key in ("momentum", "rms"):
                 assert new_state[key] is kept[key]  # the full-size accumulators are advanced in place
@@ -150,3 +168,42 @@ def test_learned_optimizer_steps_as_the_rule(name: str) -> None:
             with torch.no_grad():
                 update, references[index] = rule.update(theta, old, p.grad, references[index], step, chunk_size=64)
             assert torch.equal(p.detach(), old - 0.5 * update)
+
+
+@pytest.mark.parametrize("name", ["celo", "celo_adam"])
+def test_small_tensors_take_the_scheduled_rules_own_update(name: str) -> None:
+    in_place.IN_PLACE_MIN_NUMEL = 1 << 22  # the module default (the autouse fixture restores its own value)
+    rule, theta = rule_and_theta(name)
+    kernel = kernel_for(rule, theta)
+    param, grad = torch.randn(30, 20), torch.randn(30, 20)
+    state = kernel.init_state(param)
+    before = {key: value.clone() for key, value in state.items()}
+    kwargs = control_kwargs(rule, torch.Generator().manual_seed(2))
+    kernel.update_stack(param[None], grad[None], [state], 0, chunk_size=64, control=kwargs["control"][None])
+    assert all(torch.equal(state[key], before[key]) for key in state)  # the input state untouched
+
+
+@pytest.mark.parametrize("name", ["celo", "celo_adam"])
+def test_learned_optimizer_in_place_equals_the_functional_path(name: str, monkeypatch) -> None:
+    """Weights, a bias and a conv kernel, three steps with the scheduler running: the in-place path
+    (every tensor) and the rule's own update (no tensor) leave the same parameters and state."""
+    rule, theta = rule_and_theta(name)
+    results = []
+    for threshold in (0, 1 << 40):
+        monkeypatch.setattr(in_place, "IN_PLACE_MIN_NUMEL", threshold)
+        torch.manual_seed(7)
+        model = nn.ModuleDict({"linear": nn.Linear(40, 30), "conv": nn.Conv2d(3, 4, 3)})
+        optimizer = LearnedOptimizer(model.parameters(), rule, theta, lr=0.5, chunk_size=64)
+        optimizer.set_total_steps(10)
+        gen = torch.Generator().manual_seed(8)
+        for step in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+            optimizer.step(loss=torch.tensor(2.0 - 0.1 * step))
+        results.append(([p.detach().clone() for p in model.parameters()], optimizer.state_dict()["state"]))
+    (params_in_place, state_in_place), (params_rule, state_rule) = results
+    assert all(torch.equal(a, b) for a, b in zip(params_in_place, params_rule))
+    for index, state in state_rule.items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(state_in_place[index][key], value), (index, key)
