@@ -7,7 +7,7 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     seed: 0
     outer_steps: 300
     rule:            {name: per_param_mlp, config: {hidden_sizes: [32]}, init_from: null}
-    task:            {dataset: digits, hidden_sizes: [32], batch_size: 128, image_size: 8, ...}
+    task:            {family: mlp_image, dataset: digits, hidden_sizes: [32], batch_size: 128, image_size: 8, ...}
     estimator:       {name: pes, num_tasks: 8, truncation_length: 10, min_unroll: 50, max_unroll: 100, std: 0.01}
     meta_optimizer:  {lr: 0.003, weight_decay: 0.0, grad_clip: 1.0}
     checkpoint_every: 50
@@ -50,9 +50,12 @@ from .estimators import EstimatorOptions
 
 __all__ = ["ConfigError", "MetaTrainConfig", "RuleSection", "TaskSection", "EstimatorSection",
            "MetaOptimizerSection", "CardSection", "EvaluationSection", "load_config", "config_from_dict",
-           "config_to_dict", "apply_overrides", "parse_override", "ESTIMATOR_NAMES", "REMOVED_KEYS"]
+           "config_to_dict", "apply_overrides", "parse_override", "ESTIMATOR_NAMES", "REMOVED_KEYS",
+           "TASK_FAMILY_CHOICES"]
 
 ESTIMATOR_NAMES = ("full_bptt", "truncated_bptt", "es", "truncated_es", "pes")
+# task.family values (tasks.TASK_FAMILY_NAMES less the test-only linear_regression, which has no options here)
+TASK_FAMILY_CHOICES = ("mlp_image", "cnn_image", "char_lm")
 
 
 class ConfigError(ValueError):
@@ -79,30 +82,55 @@ class RuleSection:
 
 @dataclass
 class TaskSection:
-    """The inner problems: MLP classifiers on small grayscale images (``tasks.MLPImageTaskFamily``).
+    """The inner problems: a task family (``lopt_hf.metatrain.tasks``) and its options.
 
-    ``dataset`` is one name or a list (each task draws one uniformly; all need the same number
-    of classes): ``digits`` (scikit-learn, offline), ``fashion_mnist``, ``mnist``, a local path (an ``.npz``,
-    a ``save_to_disk`` folder, a folder of data files) or a Hugging Face ``datasets`` id (see
-    ``lopt_hf.data``). Images are resized to
-    ``image_size × image_size``. ``reparam_scale_range: [low, high]`` rescales every parameter
-    tensor of a task by a log-uniform factor (null: no rescaling).
+    ``family`` is ``mlp_image`` (MLP classifiers, ``tasks.MLPImageTaskFamily``), ``cnn_image``
+    (small conv nets, ``tasks.CNNImageTaskFamily``: one strided ``3×3`` convolution per entry of
+    ``channels``, global average pool, linear head) or ``char_lm`` (a tiny character-level
+    transformer, ``lm_tasks.CharLMTaskFamily``). Each family reads only its own keys below.
+
+    Image families: ``dataset`` is one name or a list (each task draws one uniformly; all need
+    the same number of classes): ``digits`` (scikit-learn, offline), ``fashion_mnist``, ``mnist``,
+    a local path (an ``.npz``, a ``save_to_disk`` folder, a folder of data files) or a Hugging Face
+    ``datasets`` id (see ``lopt_hf.data``). Images are resized to ``image_size × image_size``.
+
+    ``char_lm``: ``text_file`` (UTF-8 text, required) is read as characters; windows of
+    ``context_length`` characters train a ``num_layers``-layer transformer of width ``model_dim``
+    with ``num_heads`` heads.
+
+    All families: ``reparam_scale_range: [low, high]`` rescales every parameter tensor of a task by
+    a log-uniform factor (null: no rescaling).
     """
 
+    family: str = "mlp_image"
     dataset: Union[str, list[str]] = "digits"
-    hidden_sizes: list[int] = field(default_factory=lambda: [32])
+    hidden_sizes: list[int] = field(default_factory=lambda: [32])  # mlp_image
+    channels: list[int] = field(default_factory=lambda: [8, 16])  # cnn_image
     batch_size: int = 128
     image_size: int = 8
-    activation: str = "relu"
+    activation: str = "relu"  # mlp_image, cnn_image
     reparam_scale_range: Union[list[float], None] = None
     data_dir: Union[str, None] = None  # dataset cache folder (default $LOPT_HF_CACHE or ~/.cache/lopt_hf)
+    text_file: Union[str, None] = None  # char_lm
+    context_length: int = 32  # char_lm
+    model_dim: int = 32  # char_lm
+    num_heads: int = 2  # char_lm
+    num_layers: int = 1  # char_lm
 
     def family_options(self) -> dict[str, Any]:
-        """Keyword arguments of ``tasks.build_task_family("mlp_image", ...)``."""
+        """Keyword arguments of ``tasks.build_task_family(self.family, ...)``: the chosen family's options."""
+        scales = list(self.reparam_scale_range or [1.0, 1.0])
+        if self.family == "char_lm":
+            return {"text_file": self.text_file, "context_length": self.context_length, "model_dim": self.model_dim,
+                    "num_heads": self.num_heads, "num_layers": self.num_layers, "batch_size": self.batch_size,
+                    "param_scale_range": scales}
         datasets = [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
-        return {"datasets": datasets, "hidden_sizes": list(self.hidden_sizes), "image_size": self.image_size,
-                "batch_size": self.batch_size, "activation": self.activation,
-                "param_scale_range": list(self.reparam_scale_range or [1.0, 1.0]), "cache_dir": self.data_dir}
+        options: dict[str, Any] = {"datasets": datasets, "image_size": self.image_size, "batch_size": self.batch_size,
+                                   "activation": self.activation, "param_scale_range": scales,
+                                   "cache_dir": self.data_dir}
+        if self.family == "cnn_image":
+            return {**options, "channels": list(self.channels)}
+        return {**options, "hidden_sizes": list(self.hidden_sizes)}
 
 
 @dataclass(frozen=True)
@@ -252,6 +280,16 @@ def _check_values(config: MetaTrainConfig) -> None:
     need(meta.grad_clip is None or meta.grad_clip > 0, "meta_optimizer.grad_clip",
          f"must be > 0 or null, got {meta.grad_clip}")
     task = config.task
+    need(task.family in TASK_FAMILY_CHOICES, "task.family",
+         f"unknown task family {task.family!r}; choose one of {list(TASK_FAMILY_CHOICES)}")
+    need(all(size >= 1 for size in task.channels) and bool(task.channels), "task.channels",
+         f"must be one or more positive numbers, got {task.channels}")
+    if task.family == "char_lm":
+        need(bool(task.text_file), "task.text_file", "char_lm needs a UTF-8 text file to model")
+    need(task.context_length >= 1, "task.context_length", f"must be >= 1, got {task.context_length}")
+    need(task.num_layers >= 1, "task.num_layers", f"must be >= 1, got {task.num_layers}")
+    need(task.num_heads >= 1 and task.model_dim >= 1 and task.model_dim % task.num_heads == 0, "task.model_dim",
+         f"must be a positive multiple of task.num_heads, got {task.model_dim} and {task.num_heads} heads")
     need(task.activation in ("relu", "tanh"), "task.activation", f"must be relu or tanh, got {task.activation!r}")
     need(task.image_size >= 1, "task.image_size", f"must be >= 1, got {task.image_size}")
     need(bool(task.dataset), "task.dataset", "name at least one dataset")

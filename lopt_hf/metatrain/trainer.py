@@ -141,7 +141,7 @@ class MetaTrainer:
         from .tasks import build_task_family
 
         self.rule = build_rule(config.rule.name, **config.rule.config)
-        self.task_family = build_task_family("mlp_image", **config.task.family_options())
+        self.task_family = build_task_family(config.task.family, **config.task.family_options())
         estimator = config.estimator
         if config.lolo is not None:  # LoLO: PES + replay buffer / behaviour cloning; α_t needs the outer-step total
             from .lolo import LoLOPES

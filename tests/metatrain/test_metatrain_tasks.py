@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from lopt_hf.data import load_image_dataset
-from lopt_hf.metatrain.tasks import SCALE_PREFIX, LinearRegressionTaskFamily, MLPImageTaskFamily, build_task_family
+from lopt_hf.metatrain.tasks import (SCALE_PREFIX, CNNImageTaskFamily, LinearRegressionTaskFamily, MLPImageTaskFamily,
+                                    build_task_family, scaled)
 from lopt_hf.metatrain.unroll import stack_dicts
 
 
@@ -131,3 +132,71 @@ def test_linear_regression_deterministic_mode() -> None:
     torch.testing.assert_close(batch["targets"], batch["inputs"] @ task["target"])
     exact = {"w": task["target"] / task[SCALE_PREFIX + "w"]}
     assert float(family.loss(exact, task, {key: value[0] for key, value in batch.items()})) < 1e-24
+
+
+# ----------------------------------------------------------------------------- families beyond the MLP
+def cnn_family() -> CNNImageTaskFamily:
+    return CNNImageTaskFamily(channels=(4, 8), batch_size=16, param_scale_range=(0.5, 2.0), dtype=torch.float64)
+
+
+FAMILIES = {"cnn_image": cnn_family}
+
+
+def draw(family, seed: int, num_steps: int = 1):
+    generator = torch.Generator().manual_seed(seed)
+    task = family.sample_task(generator)
+    return task, family.init_params(task, generator), family.sample_batches(task, generator, num_steps)
+
+
+def test_cnn_kernels_are_hwio_and_compute_like_torch_modules() -> None:
+    family = cnn_family()
+    assert family.param_shapes == {"conv0_w": (3, 3, 1, 4), "conv0_b": (4,), "conv1_w": (3, 3, 4, 8),
+                                   "conv1_b": (8,), "head_w": (8, 10), "head_b": (10,)}
+    task, params, batch = draw(family, 0)
+    assert {key: tuple(value.shape) for key, value in params.items()} == family.param_shapes
+    assert batch["inputs"].shape == (1, 16, 64) and family.loss_scale == pytest.approx(math.log(10))
+    # He-like init over the kernel's fan-in (3·3·in), as an nn.Conv2d weight in HWIO would get from haiku
+    weight = params["conv1_w"] * task[SCALE_PREFIX + "conv1_w"]
+    assert 0.5 / math.sqrt(36) < float(weight.std()) < 1.0 / math.sqrt(36) and float(weight.abs().max()) <= 2 / 6
+    # The same network from nn modules, each weight taken to PyTorch's layout (OIHW, (out, in)).
+    real = scaled(params, task)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.Conv2d(4, 8, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).double()
+    with torch.no_grad():
+        for index, layer in ((0, 0), (2, 1)):
+            model[index].weight.copy_(real[f"conv{layer}_w"].permute(3, 2, 0, 1))
+            model[index].bias.copy_(real[f"conv{layer}_b"])
+        model[6].weight.copy_(real["head_w"].T)
+        model[6].bias.copy_(real["head_b"])
+    images, labels = batch["inputs"][0].reshape(16, 1, 8, 8), batch["labels"][0]
+    expected = torch.nn.functional.cross_entropy(model(images), labels)
+    torch.testing.assert_close(family.loss(params, task, {"inputs": batch["inputs"][0], "labels": labels}), expected)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_a_few_sgd_steps_lower_the_loss(name: str) -> None:
+    family = FAMILIES[name]()
+    task, params, batches = draw(family, 1, num_steps=1)
+    batch = {key: value[0] for key, value in batches.items()}
+    scales = {key: task[SCALE_PREFIX + key] for key in params}
+    start = float(family.loss(params, task, batch))
+    for _ in range(10):  # on one batch, with the step divided by s² (plain SGD on the unscaled parameters)
+        grads = torch.func.grad(family.loss)(params, task, batch)
+        params = {key: value - 0.5 * grads[key] / scales[key] ** 2 for key, value in params.items()}
+    assert float(family.loss(params, task, batch)) < 0.8 * start
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_vmap_over_two_tasks_equals_each_tasks_loss(name: str) -> None:
+    family = FAMILIES[name]()
+    draws = [draw(family, seed) for seed in (2, 3)]
+    tasks, params, batches = ([item[index] for item in draws] for index in range(3))
+    batches = [{key: value[0] for key, value in batch.items()} for batch in batches]
+    loss, grads = family.loss_and_grad(stack_dicts(params), stack_dicts(tasks), stack_dicts(batches))
+    assert loss.shape == (2,) and not torch.equal(loss[0], loss[1])
+    for member in range(2):
+        torch.testing.assert_close(loss[member], family.loss(params[member], tasks[member], batches[member]))
+        own = torch.func.grad(family.loss)(params[member], tasks[member], batches[member])
+        for key, value in own.items():
+            torch.testing.assert_close(grads[key][member], value)
