@@ -56,7 +56,7 @@ def clip_log_abs(value: Tensor, scale: float = 10.0) -> Tensor:
 def _mean_square_about(x: Tensor, center: Tensor) -> Tensor:
     """``mean((x − center)²)`` over all of ``x``, with one full-size temporary where nothing is differentiated."""
     deviation = x - center
-    return torch.mean(torch.square(deviation) if torch.is_grad_enabled() else deviation.square_())
+    return torch.mean(torch.square(deviation) if torch.is_grad_enabled() else deviation.mul_(deviation))
 
 
 @register_rule
