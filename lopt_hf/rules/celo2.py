@@ -520,7 +520,7 @@ class Celo2(UpdateRule):
             direction = newton_schulz(inputs.unflatten(out), tuple(self.ns_coeffs), int(self.ns_iters), self.ns_eps,
                                       scale=out_scale.view(inputs.stack, *shape[:-2], 1, 1),
                                       symmetric_product=None if workspace is None else workspace.symmetric_product,
-                                      overwrite=deploy)
+                                      overwrite=inputs.in_place)
             per_tensor = tuple(range(1, direction.dim()))
             factor = torch.rsqrt(torch.mean(torch.square(direction), dim=per_tensor, keepdim=True) + eps)
             return direction.mul_(factor) if deploy else direction * factor
@@ -616,7 +616,8 @@ class _Inputs:
             return (x.mT if column_major else x).reshape(lead, numel)
 
         self.p, self.m, self.rms = flat(p, 1), flat(m, m.shape[0]), flat(rms, rms.shape[0])
-        # lazy = (gradient, grad_clip): g, g² and rsqrt(rms) are built per piece (see Celo2.in_place)
+        # lazy = (gradient, grad_clip): g, g² and rsqrt(rms) are built per piece (see Workspace.in_place)
+        self.in_place = lazy is not None
         self.grad, self.grad_clip = (None, 0.0) if lazy is None else (flat(lazy[0], 1), lazy[1])
         self.g, self.g2 = (None, None) if lazy is not None else (flat(g, 1), flat(g2, 1))
         self.rsqrt_rms = None if lazy is not None else flat(rsqrt_rms, rms.shape[0])

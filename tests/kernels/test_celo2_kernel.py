@@ -136,8 +136,9 @@ def test_prepared_weights_follow_in_place_changes_of_theta() -> None:
 def test_in_place_path_is_the_deployment_path(shape: tuple[int, ...], column_major: bool, orthogonalize: bool,
                                               monkeypatch) -> None:
     """Large stacks (here: every stack) advance momentum and rms in the state handed in and build g, g², rsqrt(rms)
-    per piece: the same arithmetic as the buffered path. (Bits may differ only where a matrix product reads a
-    piece at another memory offset — sgemm blocks by alignment — as on the 600×530 matrix.)"""
+    per piece: the same arithmetic as the buffered path. (Bits may differ where a matrix product reads a piece at
+    another memory offset — sgemm blocks by alignment — as on the 600×530 matrix, and in Newton–Schulz, which
+    the in-place path iterates in the step's own memory order.)"""
     from lopt_hf.kernels import in_place
 
     rule = Celo2(orthogonalize=orthogonalize)
@@ -168,7 +169,7 @@ def test_in_place_path_is_the_deployment_path(shape: tuple[int, ...], column_maj
     tolerance = {"rtol": 1e-4, "atol": 1e-5} if orthogonalize else {"rtol": 1e-5, "atol": 1e-6}
     for got, expected in zip(in_place_directions, buffered_directions):
         torch.testing.assert_close(got, expected, **tolerance)
-    if shape != (600, 530):
+    if shape != (600, 530) and not orthogonalize:
         assert all(torch.equal(got, expected) for got, expected in zip(in_place_directions, buffered_directions))
     for key, value in buffered_state.items():
         torch.testing.assert_close(in_place_state[key], value, rtol=1e-6, atol=0)
