@@ -96,7 +96,8 @@ class TaskSection:
 
     ``char_lm``: ``text_file`` (UTF-8 text, required) is read as characters; windows of
     ``context_length`` characters train a ``num_layers``-layer transformer of width ``model_dim``
-    with ``num_heads`` heads.
+    with ``num_heads`` heads; each task trains on ``segment_length`` characters from its own random
+    offset (null: the whole text).
 
     All families: ``reparam_scale_range: [low, high]`` rescales every parameter tensor of a task by
     a log-uniform factor (null: no rescaling).
@@ -116,6 +117,7 @@ class TaskSection:
     model_dim: int = 32  # char_lm
     num_heads: int = 2  # char_lm
     num_layers: int = 1  # char_lm
+    segment_length: Union[int, None] = None  # char_lm: characters per task from a random offset (null: whole text)
 
     def family_options(self) -> dict[str, Any]:
         """Keyword arguments of ``tasks.build_task_family(self.family, ...)``: the chosen family's options."""
@@ -123,7 +125,7 @@ class TaskSection:
         if self.family == "char_lm":
             return {"text_file": self.text_file, "context_length": self.context_length, "model_dim": self.model_dim,
                     "num_heads": self.num_heads, "num_layers": self.num_layers, "batch_size": self.batch_size,
-                    "param_scale_range": scales}
+                    "segment_length": self.segment_length, "param_scale_range": scales}
         datasets = [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
         options: dict[str, Any] = {"datasets": datasets, "image_size": self.image_size, "batch_size": self.batch_size,
                                    "activation": self.activation, "param_scale_range": scales,
@@ -287,6 +289,8 @@ def _check_values(config: MetaTrainConfig) -> None:
     if task.family == "char_lm":
         need(bool(task.text_file), "task.text_file", "char_lm needs a UTF-8 text file to model")
     need(task.context_length >= 1, "task.context_length", f"must be >= 1, got {task.context_length}")
+    need(task.segment_length is None or task.segment_length > task.context_length, "task.segment_length",
+         f"must be null or > task.context_length ({task.context_length}), got {task.segment_length}")
     need(task.num_layers >= 1, "task.num_layers", f"must be >= 1, got {task.num_layers}")
     need(task.num_heads >= 1 and task.model_dim >= 1 and task.model_dim % task.num_heads == 0, "task.model_dim",
          f"must be a positive multiple of task.num_heads, got {task.model_dim} and {task.num_heads} heads")

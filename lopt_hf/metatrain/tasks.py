@@ -123,7 +123,7 @@ def check_scale_range(param_scale_range: Sequence[float]) -> tuple[float, float]
 
 def truncated_normal(shape: tuple[int, ...], divisor: float, generator: torch.Generator,
                      dtype: torch.dtype) -> Tensor:
-    """A unit normal truncated at 2 std (haiku's default initialiser) divided by ``divisor``: drawn in float32, then cast."""
+    """A unit normal truncated at 2 std (haiku's default initialiser) divided by ``divisor``, drawn in float32."""
     value = torch.empty(shape, dtype=torch.float32)
     torch.nn.init.trunc_normal_(value, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=generator)
     return (value / divisor).to(dtype)

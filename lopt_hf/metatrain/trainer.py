@@ -141,7 +141,10 @@ class MetaTrainer:
         from .tasks import build_task_family
 
         self.rule = build_rule(config.rule.name, **config.rule.config)
-        self.task_family = build_task_family(config.task.family, **config.task.family_options())
+        try:
+            self.task_family = build_task_family(config.task.family, **config.task.family_options())
+        except ValueError as err:  # e.g. an unreadable task.text_file: one line from the command, no traceback
+            raise ConfigError(f"task: {err}") from None
         estimator = config.estimator
         if config.lolo is not None:  # LoLO: PES + replay buffer / behaviour cloning; α_t needs the outer-step total
             from .lolo import LoLOPES

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from lopt_hf.data import load_image_dataset
+from lopt_hf.evaluation.lm import DEFAULT_TEXT, make_char_data
+from lopt_hf.metatrain.lm_tasks import CharLMTaskFamily, causal_attention
 from lopt_hf.metatrain.tasks import (SCALE_PREFIX, CNNImageTaskFamily, LinearRegressionTaskFamily, MLPImageTaskFamily,
                                     build_task_family, scaled)
 from lopt_hf.metatrain.unroll import stack_dicts
@@ -139,7 +141,12 @@ def cnn_family() -> CNNImageTaskFamily:
     return CNNImageTaskFamily(channels=(4, 8), batch_size=16, param_scale_range=(0.5, 2.0), dtype=torch.float64)
 
 
-FAMILIES = {"cnn_image": cnn_family}
+def lm_family() -> CharLMTaskFamily:
+    return CharLMTaskFamily(text=DEFAULT_TEXT, context_length=16, model_dim=16, num_heads=2, num_layers=2,
+                            batch_size=8, segment_length=600, param_scale_range=(0.5, 2.0), dtype=torch.float64)
+
+
+FAMILIES = {"cnn_image": cnn_family, "char_lm": lm_family}
 
 
 def draw(family, seed: int, num_steps: int = 1):
@@ -200,3 +207,52 @@ def test_vmap_over_two_tasks_equals_each_tasks_loss(name: str) -> None:
         own = torch.func.grad(family.loss)(params[member], tasks[member], batches[member])
         for key, value in own.items():
             torch.testing.assert_close(grads[key][member], value)
+
+
+def test_char_lm_windows_vocabulary_and_model() -> None:
+    family = lm_family()
+    vocab_size, blocks, _ = make_char_data(DEFAULT_TEXT, 16)
+    assert family.vocab_size == vocab_size  # lopt_hf.evaluation.lm's character vocabulary
+    assert family.loss_scale == pytest.approx(math.log(vocab_size))
+    assert family.param_shapes["embed"] == (vocab_size, 16) and family.param_shapes["l1_qkv_w"] == (16, 48)
+    assert family.param_shapes["head_w"] == (16, vocab_size) and family.param_shapes["pos"] == (16, 16)
+    task, params, batch = draw(family, 0, num_steps=3)
+    assert {key: tuple(value.shape) for key, value in params.items()} == family.param_shapes
+    tokens = batch["tokens"]
+    assert tokens.shape == (3, 8, 17)
+    # every window lies inside the task's segment of the text, and is the text's characters
+    offset = int(task["offset"])
+    text = "".join(family.vocab[index] for index in family.ids[offset:offset + 600].tolist())
+    for window in tokens.reshape(-1, 17):
+        assert "".join(family.vocab[index] for index in window.tolist()) in text
+    offsets = {int(family.sample_task(torch.Generator().manual_seed(seed))["offset"]) for seed in range(4)}
+    assert len(offsets) == 4  # tasks differ in data
+    # a uniform first guess: the normalised loss starts near 1
+    first = family.loss(params, task, {"tokens": tokens[0]})
+    assert 0.95 < float(family.normalized_loss(first)) < 1.05
+    # the causal attention is SDPA's, and a character never sees the ones after it
+    q, k, v = (torch.randn(2, 3, 5, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+               for seed in range(3))
+    torch.testing.assert_close(causal_attention(q, k, v),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+    real = {key: value * task[SCALE_PREFIX + key] for key, value in params.items()}
+    changed = tokens[0].clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % vocab_size
+    before, after = family.logits(real, tokens[0, :, :16]), family.logits(real, changed[:, :16])
+    torch.testing.assert_close(before[:, :10], after[:, :10])
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+def test_char_lm_needs_one_text(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="exactly one of text= and text_file="):
+        CharLMTaskFamily()
+    with pytest.raises(ValueError, match="cannot read it as UTF-8"):
+        CharLMTaskFamily(text_file=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="multiple of num_heads"):
+        CharLMTaskFamily(text=DEFAULT_TEXT, model_dim=30, num_heads=4)
+    with pytest.raises(ValueError, match="segment_length"):
+        CharLMTaskFamily(text=DEFAULT_TEXT, context_length=32, segment_length=32)
+    path = tmp_path / "text.txt"
+    path.write_text("abcab" * 20, encoding="utf-8")
+    family = build_task_family("char_lm", text_file=str(path), context_length=8)
+    assert family.vocab == ["a", "b", "c"] and family.config()["text_file"] == str(path)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from lopt_hf.cli import main as cli_main
+from lopt_hf.evaluation.lm import DEFAULT_TEXT
 from lopt_hf.metatrain.config import ConfigError, load_config
 
 TINY = ["estimator.name=pes", "estimator.num_tasks=2", "estimator.truncation_length=2", "estimator.min_unroll=3",
@@ -31,6 +32,28 @@ def test_cnn_image_family_meta_trains(tmp_path: Path) -> None:
     assert state["extra"]["task_family"]["channels"] == [4, 8]
     losses = state["history"]["meta_loss"]
     assert len(losses) == 3 and all(0 < loss < 1.5 for loss in losses)
+
+
+def test_char_lm_family_meta_trains(tmp_path: Path) -> None:
+    text = tmp_path / "text.txt"
+    text.write_text(DEFAULT_TEXT, encoding="utf-8")
+    state = metatrain(tmp_path / "run", "task.family=char_lm", f"task.text_file={text}", "task.context_length=16",
+                      "task.model_dim=16", "task.segment_length=500")
+    family = state["extra"]["task_family"]
+    assert family["name"] == "char_lm" and family["vocab_size"] == len(set(DEFAULT_TEXT))
+    assert (family["context_length"], family["model_dim"], family["num_layers"]) == (16, 16, 1)
+    losses = state["history"]["meta_loss"]
+    assert len(losses) == 3 and all(0.5 < loss < 1.5 for loss in losses)  # normalised by ln(vocab): ~1 at first
+
+
+def test_a_missing_text_file_is_one_line_from_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match=r"task\.text_file: char_lm needs a UTF-8 text file"):
+        load_config(None, ["task.family=char_lm"])
+    argv = ["metatrain", "--no-progress", "--set", f"output_dir={tmp_path / 'run'}", "--set", "task.family=char_lm",
+            "--set", f"task.text_file={tmp_path / 'missing.txt'}", "--set", "log_with=[]"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "task: text_file" in err and "missing.txt: cannot read it as UTF-8 text" in err and "Traceback" not in err
 
 
 def test_an_unknown_family_is_a_config_error_naming_the_key() -> None:
