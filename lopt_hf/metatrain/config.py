@@ -119,6 +119,14 @@ class TaskSection:
     num_layers: int = 1  # char_lm
     segment_length: Union[int, None] = None  # char_lm: characters per task from a random offset (null: whole text)
 
+    def own_keys(self) -> list[str]:
+        """The keys that matter for the chosen family (a saved config and a card show only these)."""
+        image = ["dataset", "image_size", "activation", "data_dir"]
+        own = {"mlp_image": ["hidden_sizes", *image], "cnn_image": ["channels", *image],
+               "char_lm": ["text_file", "context_length", "model_dim", "num_heads", "num_layers", "segment_length"]}
+        keys = {"family", "batch_size", "reparam_scale_range", *own.get(self.family, [])}
+        return [field.name for field in dataclasses.fields(self) if field.name in keys]
+
     def family_options(self) -> dict[str, Any]:
         """Keyword arguments of ``tasks.build_task_family(self.family, ...)``: the chosen family's options."""
         scales = list(self.reparam_scale_range or [1.0, 1.0])
@@ -402,8 +410,13 @@ def _drop_removed_keys(values: Any) -> Any:
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    """The config as plain JSON/YAML-serialisable data (round-trips through :func:`config_from_dict`)."""
-    return _plain(dataclasses.asdict(config))
+    """The config as plain JSON/YAML-serialisable data (round-trips through :func:`config_from_dict`); the
+    ``task`` section keeps only its family's keys (the others are unused defaults)."""
+    values = _plain(dataclasses.asdict(config))
+    task = getattr(config, "task", None)
+    if isinstance(task, TaskSection) and isinstance(values.get("task"), dict):
+        values["task"] = {key: values["task"][key] for key in task.own_keys()}
+    return values
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> MetaTrainConfig:
