@@ -119,8 +119,7 @@ def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], 
     summary: dict[str, Any] = {
         "Update rule": f"`{config.rule.name}`",
         "Optimizer architecture": describe_rule_architecture(rule),
-        "Meta-training tasks": (f"{len(datasets)} image classification task{'s' if len(datasets) > 1 else ''} "
-                                f"({', '.join(datasets)})"),
+        "Meta-training tasks": _describe_tasks(config, datasets),
         "Task architecture": _describe_task_model(config, (state.get("extra") or {}).get("task_family")),
         "Meta-trainer": ESTIMATOR_TITLES.get(estimator.name, estimator.name) + _describe_lolo(config.lolo),
         "Task slots per outer step": (f"{estimator.num_tasks}"
@@ -190,7 +189,7 @@ def run_description(config: MetaTrainConfig, state: Mapping[str, Any], datasets:
     text = (f"Meta-trained by `lopt_hf` {start}: {_count(step)} outer iteration{'s' if step != 1 else ''}"
             f"{of_configured} of {ESTIMATOR_TITLES.get(estimator.name, estimator.name)}"
             f"{_describe_lolo(config.lolo)}, {estimator.num_tasks} task slot{'s' if estimator.num_tasks != 1 else ''} "
-            f"per iteration, on {unrolls} training runs of MLP classifiers of {', '.join(datasets)}{truncated}; "
+            f"per iteration, on {unrolls} training runs of {_describe_task_runs(config, datasets)}{truncated}; "
             f"{format_duration(float(state.get('elapsed_s', 0.0)))} of meta-training on {processes} "
             f"process{'es' if processes != 1 else ''}.")
     if step < SHORT_RUN_STEPS:
@@ -252,13 +251,43 @@ def describe_rule_architecture(rule: Any) -> str:
     return f"per-element MLP {widths} ({layers}, {num:,} meta-parameters)"
 
 
+def _text_name(config: MetaTrainConfig) -> str:
+    return os.path.basename(config.task.text_file or "") or "a text file"
+
+
+def _describe_tasks(config: MetaTrainConfig, datasets: list[str]) -> str:
+    """The card's "Meta-training tasks" row: what kind of problems, on which data."""
+    if config.task.family == "char_lm":
+        return f"character-level language modelling ({_text_name(config)})"
+    return f"{len(datasets)} image classification task{'s' if len(datasets) > 1 else ''} ({', '.join(datasets)})"
+
+
+def _describe_task_runs(config: MetaTrainConfig, datasets: list[str]) -> str:
+    """What the inner training runs trained, for the card's first paragraph."""
+    if config.task.family == "char_lm":
+        return f"character-level transformer language models on {_text_name(config)}"
+    kind = "CNN" if config.task.family == "cnn_image" else "MLP"
+    return f"{kind} classifiers of {', '.join(datasets)}"
+
+
 def _describe_task_model(config: MetaTrainConfig, family: Mapping[str, Any] | None) -> str:
     task = config.task
-    classes = family.get("num_classes") if isinstance(family, Mapping) else None
-    widths = "-".join(str(width) for width in [task.image_size ** 2, *task.hidden_sizes]
-                      + ([classes] if classes else []))
-    text = (f"MLP ({widths}), {task.activation}, batch {task.batch_size}, "
-            f"{task.image_size}×{task.image_size} grayscale images")
+    family = family if isinstance(family, Mapping) else {}
+    classes = family.get("num_classes")
+    if task.family == "char_lm":
+        vocab = family.get("vocab_size")
+        text = (f"transformer LM ({task.num_layers} layer{'s' if task.num_layers != 1 else ''}, width "
+                f"{task.model_dim}, {task.num_heads} heads, context {task.context_length}"
+                + (f", {vocab} characters" if vocab else "") + f"), batch {task.batch_size}")
+    elif task.family == "cnn_image":
+        text = (f"CNN (3×3 stride-2 convolutions of {'-'.join(str(c) for c in task.channels)} channels, global "
+                f"average pool, linear head{f' to {classes} classes' if classes else ''}), {task.activation}, batch "
+                f"{task.batch_size}, {task.image_size}×{task.image_size} grayscale images")
+    else:
+        widths = "-".join(str(width) for width in [task.image_size ** 2, *task.hidden_sizes]
+                          + ([classes] if classes else []))
+        text = (f"MLP ({widths}), {task.activation}, batch {task.batch_size}, "
+                f"{task.image_size}×{task.image_size} grayscale images")
     if task.reparam_scale_range:
         low, high = task.reparam_scale_range
         text += f", parameter reparameterisation scale ∈ [{low:g}, {high:g}]"

@@ -32,6 +32,9 @@ def test_cnn_image_family_meta_trains(tmp_path: Path) -> None:
     assert state["extra"]["task_family"]["channels"] == [4, 8]
     losses = state["history"]["meta_loss"]
     assert len(losses) == 3 and all(0 < loss < 1.5 for loss in losses)
+    card = (tmp_path / "run" / "final" / "README.md").read_text(encoding="utf-8")
+    assert "training runs of CNN classifiers of digits" in card and "CNN (3×3 stride-2 convolutions of 4-8" in card
+    assert "MLP classifiers" not in card and "MLP (" not in card  # (the rule itself is a per-element MLP)
 
 
 def test_char_lm_family_meta_trains(tmp_path: Path) -> None:
@@ -44,6 +47,11 @@ def test_char_lm_family_meta_trains(tmp_path: Path) -> None:
     assert (family["context_length"], family["model_dim"], family["num_layers"]) == (16, 16, 1)
     losses = state["history"]["meta_loss"]
     assert len(losses) == 3 and all(0.5 < loss < 1.5 for loss in losses)  # normalised by ln(vocab): ~1 at first
+    card = (tmp_path / "run" / "final" / "README.md").read_text(encoding="utf-8")
+    assert "character-level transformer language models on text.txt" in card
+    assert "character-level language modelling (text.txt)" in card and "transformer LM (1 layer, width 16" in card
+    assert "MLP classifiers" not in card and "MLP (" not in card
+    assert "image classification" not in card and "grayscale" not in card
 
 
 def test_a_missing_text_file_is_one_line_from_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
