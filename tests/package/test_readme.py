@@ -4,7 +4,7 @@ Each fenced block is one test case, named after the README line of its opening f
 
 * ``python`` blocks run as a script (``python block.py``) in a fresh temporary folder (two blocks at a time);
 * ``bash`` blocks run with ``bash -e`` in a fresh temporary folder that links the checkout's ``scripts/``,
-  ``configs/`` and ``.venv/`` (so ``.venv/bin/python scripts/x.py`` works as from the repository root, but
+  ``configs/`` and, as ``.venv/``, the environment running the tests (so ``.venv/bin/python scripts/x.py`` works as from the repository root, but
   nothing is written into the checkout); ``lopt-hf``, ``hf``, ``accelerate``, ``torchrun`` are on ``PATH``;
 * ``yaml`` blocks are meta-training config fragments: merged into the shipped ``quickstart`` config, the
   result must build (``lopt_hf.metatrain.config.config_from_dict``).
@@ -47,7 +47,9 @@ from support import FIXTURES, SUBPROCESS_ENV
 ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 BIN = Path(sys.executable).parent
-CHECKOUT_LINKS = ("scripts", "configs", ".venv")
+# What a bash block's folder links: the checkout's scripts and configs, and as ".venv" the environment running
+# these tests (the checkout's .venv under make test; .venv-latest under make test-latest).
+CHECKOUT_LINKS = {"scripts": ROOT / "scripts", "configs": ROOT / "configs", ".venv": Path(sys.prefix)}
 MAX_SKIPS = 3
 TIMEOUT_S = 240
 WORKERS = 2
@@ -193,8 +195,8 @@ def block_failures(request: pytest.FixtureRequest, readme_hub: dict[str, str],
 
     def run_case(block: Block) -> str:
         folder = tmp_path_factory.mktemp(f"readme-line-{block.line}")
-        for name in CHECKOUT_LINKS:
-            (folder / name).symlink_to(ROOT / name)
+        for name, target in CHECKOUT_LINKS.items():
+            (folder / name).symlink_to(target)
         try:
             for step in block.chain():
                 run_block(step, step.prepared(), folder, readme_hub)
