@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["SCHEDULE_PROBES", "describe_clipping", "describe_schedule", "describe_trainer_schedule"]
+__all__ = ["SCHEDULE_PROBES", "describe_clipping", "describe_schedule", "describe_trainer_schedule",
+           "on_learned_schedule"]
 
 # A schedule's multiplier is read at every step of training, or at this many evenly spaced steps for longer runs.
 SCHEDULE_PROBES = 10_001
@@ -62,6 +63,13 @@ def describe_trainer_schedule(args: Any, lr_scheduler: Any, max_steps: int) -> s
         return (f"lr_scheduler_type={name} scales the learned step during training (unless you passed your own "
                 "scheduler)")
     return None
+
+
+def on_learned_schedule(schedule: str, rule_name: str) -> str:
+    """``schedule`` (:func:`describe_trainer_schedule`) as it applies to a rule with a learned schedule: a mistake."""
+    return (f"{schedule}, on top of the schedule rule {rule_name!r} learned: it anneals its own step over the "
+            "planned number of steps and was meta-trained with a constant multiplier, so this runs it unlike it was "
+            "meta-trained (use lr_scheduler_type='constant' for it)")
 
 
 def describe_clipping(args: Any) -> str | None:

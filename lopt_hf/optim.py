@@ -77,7 +77,7 @@ from .adamw import adamw_directions, apply_decoupled_step
 from .kernels import RuleKernel, kernel_for
 from .kernels.base import stack_tensors
 from .layout import AS_IS, check_layouts, default_layout, from_rule_layout, to_rule_layout
-from .lr_schedules import describe_clipping, describe_trainer_schedule
+from .lr_schedules import describe_clipping, describe_trainer_schedule, on_learned_schedule
 from .rules.base import Theta, UpdateRule
 from .rules.features import DEFAULT_CHUNK_SIZE
 from .warning_location import stacklevel_outside_libraries
@@ -650,10 +650,7 @@ def _warn_if_trainer_changes_the_step(optimizer: LearnedOptimizer) -> None:
     effects = []
     schedule = describe_trainer_schedule(args, getattr(trainer, "lr_scheduler", None), max_steps)
     if schedule:
-        if optimizer.rule.scheduled:
-            schedule += (f", on top of the schedule rule {optimizer.rule.name!r} learned (it was meta-trained with a "
-                         "constant multiplier: use lr_scheduler_type='constant' for it)")
-        effects.append(schedule)
+        effects.append(on_learned_schedule(schedule, optimizer.rule.name) if optimizer.rule.scheduled else schedule)
     clipping = describe_clipping(args)
     if clipping:
         effects.append(clipping)

@@ -57,7 +57,7 @@ from transformers import TrainerCallback
 
 from .hub import LearnedOptimizerModel
 from .load import load_lopt, resolve_artifact
-from .lr_schedules import describe_clipping, describe_trainer_schedule
+from .lr_schedules import describe_clipping, describe_trainer_schedule, on_learned_schedule
 from .optim import ADAMW_ROUTE, LEARNED_ROUTE, ROUTE_KEY, LearnedOptimizer, LearnedOptimizerSettingsWarning
 from .warning_location import stacklevel_outside_libraries
 
@@ -284,9 +284,7 @@ def settings_problems(args: Any, optimizer: LearnedOptimizer, lr_scheduler: Any,
 
     schedule = describe_trainer_schedule(args, lr_scheduler, max_steps)
     if schedule and optimizer.rule.scheduled:
-        problems.append(f"{schedule}, on top of the schedule rule {optimizer.rule.name!r} learned: it anneals its own "
-                        "step over the planned number of steps and was meta-trained with a constant multiplier, so "
-                        "this runs it unlike it was meta-trained (use lr_scheduler_type='constant' for it)")
+        problems.append(on_learned_schedule(schedule, optimizer.rule.name))
 
     reference_lr = float(optimizer.artifact_defaults.get("lr", 1.0))
     if reference_lr > 0 and base_lr < TINY_LR_RATIO * reference_lr:

@@ -617,7 +617,6 @@ class _Inputs:
 
         self.p, self.m, self.rms = flat(p, 1), flat(m, m.shape[0]), flat(rms, rms.shape[0])
         # lazy = (gradient, grad_clip): g, g² and rsqrt(rms) are built per piece (see Workspace.in_place)
-        self.in_place = lazy is not None
         self.grad, self.grad_clip = (None, 0.0) if lazy is None else (flat(lazy[0], 1), lazy[1])
         self.g, self.g2 = (None, None) if lazy is not None else (flat(g, 1), flat(g2, 1))
         self.rsqrt_rms = None if lazy is not None else flat(rsqrt_rms, rms.shape[0])
@@ -654,6 +653,11 @@ class _Inputs:
         self.num_elementwise = 6 + 2 * moms + facs
         if len(factors) == 6:
             self.num_elementwise += sum(x.shape[0] for x in self.materialized) + max(moms, facs)
+
+    @property
+    def in_place(self) -> bool:
+        """Whether this update runs in place (g, g², rsqrt(rms) per piece; see ``Workspace.in_place``)."""
+        return self.grad is not None
 
     def g_at(self, at: tuple) -> Tensor:
         """The clipped gradient of a piece (``at`` indexes the flat ``(lead, N)`` tensors)."""
