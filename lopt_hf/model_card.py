@@ -67,8 +67,8 @@ SUMMARY_ORDER = ("Update rule", "Optimizer architecture", "Meta-training tasks",
                  "Task slots per outer step", "Outer iterations", "Truncation length", "Min unroll length",
                  "Max unroll length", "Perturbation std", "Meta-optimizer", "Processes", "Wall time",
                  "Meta-loss (first → last)", "Seed")
-CONFIG_ORDER = ("name", "seed", "outer_steps", "rule", "task", "estimator", "meta_optimizer", "checkpoint_every",
-                "keep_checkpoints", "log_every", "log_with", "num_threads", "output_dir", "push_to_hub", "card",
+CONFIG_ORDER = ("name", "seed", "outer_steps", "rule", "task", "extra_tasks", "estimator", "meta_optimizer",
+                "checkpoint_every", "keep_checkpoints", "log_every", "log_with", "num_threads", "output_dir", "push_to_hub", "card",
                 "evaluation", "lolo")
 UNTRAINED_NOTE = ("**Untrained: a random initialisation, not a usable optimizer.** Its meta-parameters are random "
                   "(written by `lopt-hf create`), so its updates are arbitrary; it is a starting point for "

@@ -8,6 +8,7 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     outer_steps: 300
     rule:            {name: per_param_mlp, config: {hidden_sizes: [32]}, init_from: null}
     task:            {family: mlp_image, dataset: digits, hidden_sizes: [32], batch_size: 128, image_size: 8, ...}
+    extra_tasks:     []            # more families in the same run, e.g. [{family: char_lm, corpus: python_docs}]
     estimator:       {name: pes, num_tasks: 8, truncation_length: 10, min_unroll: 50, max_unroll: 100, std: 0.01}
     meta_optimizer:  {lr: 0.003, weight_decay: 0.0, grad_clip: 1.0}
     checkpoint_every: 50
@@ -94,7 +95,8 @@ class TaskSection:
     a local path (an ``.npz``, a ``save_to_disk`` folder, a folder of data files) or a Hugging Face
     ``datasets`` id (see ``lopt_hf.data``). Images are resized to ``image_size × image_size``.
 
-    ``char_lm``: ``text_file`` (UTF-8 text, required) is read as characters; windows of
+    ``char_lm``: ``text_file`` (UTF-8 text) or ``corpus`` (a text that ships with Python, e.g.
+    ``python_docs``; exactly one of the two) is read as characters; windows of
     ``context_length`` characters train a ``num_layers``-layer transformer of width ``model_dim``
     with ``num_heads`` heads; each task trains on ``segment_length`` characters from its own random
     offset (null: the whole text).
@@ -112,7 +114,8 @@ class TaskSection:
     activation: str = "relu"  # mlp_image, cnn_image
     reparam_scale_range: Union[list[float], None] = None
     data_dir: Union[str, None] = None  # dataset cache folder (default $LOPT_HF_CACHE or ~/.cache/lopt_hf)
-    text_file: Union[str, None] = None  # char_lm
+    text_file: Union[str, None] = None  # char_lm: a UTF-8 text file, or
+    corpus: Union[str, None] = None  # char_lm: a text shipped with Python (lm_tasks.BUILTIN_CORPORA)
     context_length: int = 32  # char_lm
     model_dim: int = 32  # char_lm
     num_heads: int = 2  # char_lm
@@ -123,7 +126,8 @@ class TaskSection:
         """The keys that matter for the chosen family (a saved config and a card show only these)."""
         image = ["dataset", "image_size", "activation", "data_dir"]
         own = {"mlp_image": ["hidden_sizes", *image], "cnn_image": ["channels", *image],
-               "char_lm": ["text_file", "context_length", "model_dim", "num_heads", "num_layers", "segment_length"]}
+               "char_lm": ["text_file", "corpus", "context_length", "model_dim", "num_heads", "num_layers",
+                           "segment_length"]}
         keys = {"family", "batch_size", "reparam_scale_range", *own.get(self.family, [])}
         return [field.name for field in dataclasses.fields(self) if field.name in keys]
 
@@ -131,7 +135,8 @@ class TaskSection:
         """Keyword arguments of ``tasks.build_task_family(self.family, ...)``: the chosen family's options."""
         scales = list(self.reparam_scale_range or [1.0, 1.0])
         if self.family == "char_lm":
-            return {"text_file": self.text_file, "context_length": self.context_length, "model_dim": self.model_dim,
+            return {"text_file": self.text_file, "corpus": self.corpus, "context_length": self.context_length,
+                    "model_dim": self.model_dim,
                     "num_heads": self.num_heads, "num_layers": self.num_layers, "batch_size": self.batch_size,
                     "segment_length": self.segment_length, "param_scale_range": scales}
         datasets = [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
@@ -234,6 +239,9 @@ class MetaTrainConfig:
     outer_steps: int = 100
     rule: RuleSection = field(default_factory=RuleSection)
     task: TaskSection = field(default_factory=TaskSection)
+    # Further task families meta-trained in the same run (lopt_hf.metatrain.mixture): the estimator's task
+    # slots are dealt to task, extra_tasks[0], extra_tasks[1], ... in turn. []: task alone.
+    extra_tasks: list[TaskSection] = field(default_factory=list)
     estimator: EstimatorSection = field(default_factory=EstimatorSection)
     meta_optimizer: MetaOptimizerSection = field(default_factory=MetaOptimizerSection)
     checkpoint_every: int = 50  # outer steps between checkpoints (0: only the final one)
@@ -289,29 +297,12 @@ def _check_values(config: MetaTrainConfig) -> None:
          f"must be two numbers in [0, 1), got {meta.betas}")
     need(meta.grad_clip is None or meta.grad_clip > 0, "meta_optimizer.grad_clip",
          f"must be > 0 or null, got {meta.grad_clip}")
-    task = config.task
-    need(task.family in TASK_FAMILY_CHOICES, "task.family",
-         f"unknown task family {task.family!r}; choose one of {list(TASK_FAMILY_CHOICES)}")
-    need(all(size >= 1 for size in task.channels) and bool(task.channels), "task.channels",
-         f"must be one or more positive numbers, got {task.channels}")
-    if task.family == "char_lm":
-        need(bool(task.text_file), "task.text_file", "char_lm needs a UTF-8 text file to model")
-    need(task.context_length >= 1, "task.context_length", f"must be >= 1, got {task.context_length}")
-    need(task.segment_length is None or task.segment_length > task.context_length, "task.segment_length",
-         f"must be null or > task.context_length ({task.context_length}), got {task.segment_length}")
-    need(task.num_layers >= 1, "task.num_layers", f"must be >= 1, got {task.num_layers}")
-    need(task.num_heads >= 1 and task.model_dim >= 1 and task.model_dim % task.num_heads == 0, "task.model_dim",
-         f"must be a positive multiple of task.num_heads, got {task.model_dim} and {task.num_heads} heads")
-    need(task.activation in ("relu", "tanh"), "task.activation", f"must be relu or tanh, got {task.activation!r}")
-    need(task.image_size >= 1, "task.image_size", f"must be >= 1, got {task.image_size}")
-    need(bool(task.dataset), "task.dataset", "name at least one dataset")
-    need(task.batch_size >= 1, "task.batch_size", f"must be >= 1, got {task.batch_size}")
-    need(all(size >= 1 for size in task.hidden_sizes), "task.hidden_sizes",
-         f"must be positive, got {task.hidden_sizes}")
-    if task.reparam_scale_range is not None:
-        low_high = task.reparam_scale_range
-        need(len(low_high) == 2 and 0 < low_high[0] <= low_high[1], "task.reparam_scale_range",
-             f"must be [low, high] with 0 < low <= high, got {low_high}")
+    _check_task(config.task, "task", need)
+    for index, extra in enumerate(config.extra_tasks):
+        _check_task(extra, f"extra_tasks[{index}]", need)
+    need(config.estimator.num_tasks >= 1 + len(config.extra_tasks), "estimator.num_tasks",
+         f"must give every task family a slot: >= {1 + len(config.extra_tasks)} with "
+         f"{len(config.extra_tasks)} extra_tasks, got {config.estimator.num_tasks}")
     need(config.rule.init_from is None or bool(config.rule.init_from.strip()), "rule.init_from",
          "must be an artifact folder or Hub repo id, or null")
     try:
@@ -328,6 +319,7 @@ def _check_values(config: MetaTrainConfig) -> None:
         unknown = sorted(set(config.lolo) - set(LOLO_KEYS))
         need(not unknown, f"lolo.{unknown[0] if unknown else ''}",
              f"unknown key; known: {list(LOLO_KEYS)}")
+        need(not config.extra_tasks, "extra_tasks", "LoLO meta-trains on one task family; drop extra_tasks or lolo")
         need(config.estimator.name == "pes", "lolo", f"LoLO needs estimator.name: pes, got {config.estimator.name!r}")
         try:
             LoLOOptions(**config.lolo)
@@ -336,6 +328,37 @@ def _check_values(config: MetaTrainConfig) -> None:
     unknown_trackers = sorted(set(config.log_with) - {"tensorboard", "wandb", "mlflow", "comet_ml", "aim",
                                                       "clearml", "dvclive", "swanlab", "trackio"})
     need(not unknown_trackers, "log_with", f"unknown tracker(s) {unknown_trackers}")
+
+
+def _check_task(task: TaskSection, key: str, need: Any) -> None:
+    need(task.family in TASK_FAMILY_CHOICES, f"{key}.family",
+         f"unknown task family {task.family!r}; choose one of {list(TASK_FAMILY_CHOICES)}")
+    need(all(size >= 1 for size in task.channels) and bool(task.channels), f"{key}.channels",
+         f"must be one or more positive numbers, got {task.channels}")
+    if task.family == "char_lm":
+        from .lm_tasks import BUILTIN_CORPORA
+
+        need(bool(task.text_file) != bool(task.corpus), f"{key}.text_file",
+             "char_lm needs exactly one text to model: text_file (a UTF-8 file) or corpus "
+             f"({' or '.join(BUILTIN_CORPORA)})")
+        need(task.corpus is None or task.corpus in BUILTIN_CORPORA, f"{key}.corpus",
+             f"unknown corpus {task.corpus!r}; choose one of {list(BUILTIN_CORPORA)}")
+    need(task.context_length >= 1, f"{key}.context_length", f"must be >= 1, got {task.context_length}")
+    need(task.segment_length is None or task.segment_length > task.context_length, f"{key}.segment_length",
+         f"must be null or > {key}.context_length ({task.context_length}), got {task.segment_length}")
+    need(task.num_layers >= 1, f"{key}.num_layers", f"must be >= 1, got {task.num_layers}")
+    need(task.num_heads >= 1 and task.model_dim >= 1 and task.model_dim % task.num_heads == 0, f"{key}.model_dim",
+         f"must be a positive multiple of {key}.num_heads, got {task.model_dim} and {task.num_heads} heads")
+    need(task.activation in ("relu", "tanh"), f"{key}.activation", f"must be relu or tanh, got {task.activation!r}")
+    need(task.image_size >= 1, f"{key}.image_size", f"must be >= 1, got {task.image_size}")
+    need(bool(task.dataset), f"{key}.dataset", "name at least one dataset")
+    need(task.batch_size >= 1, f"{key}.batch_size", f"must be >= 1, got {task.batch_size}")
+    need(all(size >= 1 for size in task.hidden_sizes), f"{key}.hidden_sizes",
+         f"must be positive, got {task.hidden_sizes}")
+    if task.reparam_scale_range is not None:
+        low_high = task.reparam_scale_range
+        need(len(low_high) == 2 and 0 < low_high[0] <= low_high[1], f"{key}.reparam_scale_range",
+             f"must be [low, high] with 0 < low <= high, got {low_high}")
 
 
 def _check_evaluation(evaluation: EvaluationSection, need: Any) -> None:
@@ -411,11 +434,18 @@ def _drop_removed_keys(values: Any) -> Any:
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """The config as plain JSON/YAML-serialisable data (round-trips through :func:`config_from_dict`); the
-    ``task`` section keeps only its family's keys (the others are unused defaults)."""
+    ``task`` section (and each of ``extra_tasks``) keeps only its family's keys (the others are unused defaults);
+    an empty ``extra_tasks`` is left out."""
     values = _plain(dataclasses.asdict(config))
     task = getattr(config, "task", None)
     if isinstance(task, TaskSection) and isinstance(values.get("task"), dict):
         values["task"] = {key: values["task"][key] for key in task.own_keys()}
+    extras = getattr(config, "extra_tasks", None)
+    if isinstance(extras, list) and isinstance(values.get("extra_tasks"), list):
+        values["extra_tasks"] = [{key: plain[key] for key in extra.own_keys()}
+                                 for extra, plain in zip(extras, values["extra_tasks"])]
+        if not extras:  # one family: the config reads (and single-family cards stay) as before extra_tasks existed
+            del values["extra_tasks"]
     return values
 
 
@@ -526,6 +556,11 @@ def _check_keys(cls: type, values: dict[str, Any], *, prefix: str, source: str) 
         section = hints[key]
         if dataclasses.is_dataclass(section) and isinstance(value, dict):
             _check_keys(section, value, prefix=f"{prefix}{key}.", source=source)
+        item_types = typing.get_args(section) if typing.get_origin(section) is list else ()
+        if item_types and dataclasses.is_dataclass(item_types[0]) and isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, dict):
+                    _check_keys(item_types[0], item, prefix=f"{prefix}{key}[{index}].", source=source)
 
 
 def _to_int(value: Any) -> Any:

@@ -28,9 +28,29 @@ from torch.nn import functional as F
 from .tasks import (SCALE_PREFIX, Batch, Params, TaskDescriptor, TaskFamily, check_scale_range, sample_scales, scaled,
                     truncated_normal)
 
-__all__ = ["CharLMTaskFamily", "causal_attention"]
+__all__ = ["BUILTIN_CORPORA", "CharLMTaskFamily", "builtin_corpus", "causal_attention"]
 
 EMBEDDING_STD = 0.02  # GPT-2's initial std of the token and position embeddings (and here of the read-out)
+
+
+def _python_docs() -> str:
+    from pydoc_data.topics import topics  # the standard library's help() texts (PSF licence)
+
+    return "\n".join(topics[name] for name in sorted(topics))
+
+
+BUILTIN_CORPORA = {"python_docs": _python_docs}
+"""Texts every Python installation has, by ``corpus`` name: meta-training on characters needs no download,
+and none of them is the text of the ``tiny_lm`` evaluation task (training on it would leak).
+``python_docs``: the ≈ 465,000 characters of ``help()`` topics in ``pydoc_data`` (English prose and code)."""
+
+
+def builtin_corpus(name: str) -> str:
+    """The text of the built-in corpus ``name`` (:data:`BUILTIN_CORPORA`)."""
+    try:
+        return BUILTIN_CORPORA[name]()
+    except KeyError:
+        raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(BUILTIN_CORPORA)}") from None
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -50,7 +70,8 @@ class CharLMTaskFamily(TaskFamily):
     """Next-character prediction with a tiny transformer on windows of one text.
 
     Args:
-        text: the text to model, or ``text_file``: a UTF-8 file holding it (exactly one of the two).
+        text: the text to model, ``text_file``: a UTF-8 file holding it, or ``corpus``: the name of a
+            built-in text (:data:`BUILTIN_CORPORA`) — exactly one of the three.
         context_length: characters per training window (the model's context).
         model_dim, num_heads, num_layers: the transformer's width, heads per attention and blocks.
         batch_size: windows per inner step.
@@ -62,19 +83,22 @@ class CharLMTaskFamily(TaskFamily):
 
     name = "char_lm"
 
-    def __init__(self, text: str | None = None, text_file: str | None = None, context_length: int = 32,
+    def __init__(self, text: str | None = None, text_file: str | None = None, corpus: str | None = None,
+                 context_length: int = 32,
                  model_dim: int = 32, num_heads: int = 2, num_layers: int = 1, batch_size: int = 32,
                  segment_length: int | None = None, param_scale_range: Sequence[float] = (1.0, 1.0),
                  dtype: torch.dtype | str = torch.float32) -> None:
-        if (text is None) == (text_file is None):
-            raise ValueError("give the text to model as exactly one of text= and text_file=")
+        if sum(source is not None for source in (text, text_file, corpus)) != 1:
+            raise ValueError("give the text to model as exactly one of text=, text_file= and corpus=")
+        if corpus is not None:
+            text = builtin_corpus(corpus)
         if text_file is not None:
             try:
                 text = Path(text_file).read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as err:
                 raise ValueError(f"text_file {text_file}: cannot read it as UTF-8 text ({err})") from None
         assert text is not None
-        self.text_file = text_file
+        self.text_file, self.corpus = text_file, corpus
         self.context_length, self.model_dim = int(context_length), int(model_dim)
         self.num_heads, self.num_layers, self.batch_size = int(num_heads), int(num_layers), int(batch_size)
         if min(self.context_length, self.model_dim, self.num_heads, self.num_layers, self.batch_size) < 1:
@@ -113,7 +137,7 @@ class CharLMTaskFamily(TaskFamily):
         return shapes
 
     def config(self) -> dict[str, Any]:
-        return {"name": self.name, "text_file": self.text_file, "text_characters": len(self.ids),
+        return {"name": self.name, "text_file": self.text_file, "corpus": self.corpus, "text_characters": len(self.ids),
                 "vocab_size": self.vocab_size, "context_length": self.context_length, "model_dim": self.model_dim,
                 "num_heads": self.num_heads, "num_layers": self.num_layers, "batch_size": self.batch_size,
                 "segment_length": self.segment_length, "param_scale_range": list(self.param_scale_range)}

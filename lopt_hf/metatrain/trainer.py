@@ -138,13 +138,20 @@ class MetaTrainer:
         self.task_ids = task_block(config.estimator.num_tasks, self.rank, self.world_size)
 
         from .estimators import build_estimator
+        from .mixture import TaskMixture
         from .tasks import build_task_family
 
         self.rule = build_rule(config.rule.name, **config.rule.config)
-        try:
-            self.task_family = build_task_family(config.task.family, **config.task.family_options())
-        except ValueError as err:  # e.g. an unreadable task.text_file: one line from the command, no traceback
-            raise ConfigError(f"task: {err}") from None
+        sections = [("task", config.task)] + [(f"extra_tasks[{index}]", extra)
+                                              for index, extra in enumerate(config.extra_tasks)]
+        families = []
+        for key, section in sections:
+            try:
+                families.append(build_task_family(section.family, **section.family_options()))
+            except ValueError as err:  # e.g. an unreadable task.text_file: one line from the command, no traceback
+                raise ConfigError(f"{key}: {err}") from None
+        self.task_families = families
+        self.task_family = families[0]
         estimator = config.estimator
         if config.lolo is not None:  # LoLO: PES + replay buffer / behaviour cloning; α_t needs the outer-step total
             from .lolo import LoLOPES
@@ -152,8 +159,9 @@ class MetaTrainer:
             self.estimator = LoLOPES(self.task_family, self.rule, lolo=dict(config.lolo),
                                      total_outer_steps=config.outer_steps, **estimator.options(config.seed))
         else:
-            self.estimator = build_estimator(estimator.name, self.task_family, self.rule,
-                                             **estimator.options(config.seed))
+            estimators = [build_estimator(estimator.name, family, self.rule, **estimator.options(config.seed))
+                          for family in families]
+            self.estimator = estimators[0] if len(estimators) == 1 else TaskMixture(estimators)
 
         self.names = list(self.rule.theta_shapes())
         checkpoint = self._checkpoint_to_resume(resume)
@@ -356,7 +364,8 @@ class MetaTrainer:
                               history=self.history, num_processes=self.world_size, elapsed_s=self.elapsed_s,
                               rng=capture_rng_state(),
                               extra={"skipped_updates": self.skipped_updates,
-                                     "task_family": self.task_family.config()},
+                                     "task_family": self.task_family.config(),
+                                     "extra_task_families": [family.config() for family in self.task_families[1:]]},
                               task_ids=self.task_ids)
         path = save_checkpoint(self.checkpoint_root, data, rank=self.rank, barrier=self.accelerator.wait_for_everyone,
                                keep=self.config.keep_checkpoints)

@@ -26,7 +26,7 @@ from typing import Any
 
 from ..hub import LearnedOptimizerModel, create_artifact, staged_folder
 from ..metatrain.checkpoint import read_theta, read_trainer_state
-from ..metatrain.config import MetaTrainConfig, config_from_dict
+from ..metatrain.config import MetaTrainConfig, TaskSection, config_from_dict
 from ..plotting import plot_meta_loss
 from ..rules import build_rule
 from .card_evaluation import evaluate_for_card
@@ -113,14 +113,14 @@ def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], 
     estimator = config.estimator
     history = state.get("history") or {}
     losses = [value for value in history.get("meta_loss", []) if isinstance(value, (int, float))]
-    datasets = [config.task.dataset] if isinstance(config.task.dataset, str) else list(config.task.dataset)
+    datasets = _image_datasets(config)
     step = int(state.get("step", 0))
     truncated = estimator.name in ("pes", "truncated_es", "truncated_bptt")
     summary: dict[str, Any] = {
         "Update rule": f"`{config.rule.name}`",
         "Optimizer architecture": describe_rule_architecture(rule),
-        "Meta-training tasks": _describe_tasks(config, datasets),
-        "Task architecture": _describe_task_model(config, (state.get("extra") or {}).get("task_family")),
+        "Meta-training tasks": _describe_tasks(config),
+        "Task architecture": _describe_task_models(config, state.get("extra") or {}),
         "Meta-trainer": ESTIMATOR_TITLES.get(estimator.name, estimator.name) + _describe_lolo(config.lolo),
         "Task slots per outer step": (f"{estimator.num_tasks}"
                                       + (f" × {estimator.num_antithetic} antithetic pair"
@@ -153,7 +153,7 @@ def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], 
     meta_training["config"] = config.to_dict()
     card = config.card
     # What the run did comes from the run; the config's words only say what the optimizer is for.
-    description = run_description(config, state, datasets)
+    description = run_description(config, state)
     if card.description:
         description += "\n\n" + card.description.strip()
     tags = [*card.tags]
@@ -173,7 +173,7 @@ def meta_training_provenance(config: MetaTrainConfig, state: Mapping[str, Any], 
 SHORT_RUN_STEPS = 100  # fewer outer iterations than this: the card says to check the evaluation first
 
 
-def run_description(config: MetaTrainConfig, state: Mapping[str, Any], datasets: list[str]) -> str:
+def run_description(config: MetaTrainConfig, state: Mapping[str, Any]) -> str:
     """The card's first paragraph, from what the run did: iterations, estimator, tasks, unrolls, time, processes."""
     estimator = config.estimator
     step = int(state.get("step", 0))
@@ -189,7 +189,7 @@ def run_description(config: MetaTrainConfig, state: Mapping[str, Any], datasets:
     text = (f"Meta-trained by `lopt_hf` {start}: {_count(step)} outer iteration{'s' if step != 1 else ''}"
             f"{of_configured} of {ESTIMATOR_TITLES.get(estimator.name, estimator.name)}"
             f"{_describe_lolo(config.lolo)}, {estimator.num_tasks} task slot{'s' if estimator.num_tasks != 1 else ''} "
-            f"per iteration, on {unrolls} training runs of {_describe_task_runs(config, datasets)}{truncated}; "
+            f"per iteration, on {unrolls} training runs of {_describe_task_runs(config)}{truncated}; "
             f"{format_duration(float(state.get('elapsed_s', 0.0)))} of meta-training on {processes} "
             f"process{'es' if processes != 1 else ''}.")
     if step < SHORT_RUN_STEPS:
@@ -251,27 +251,65 @@ def describe_rule_architecture(rule: Any) -> str:
     return f"per-element MLP {widths} ({layers}, {num:,} meta-parameters)"
 
 
-def _text_name(config: MetaTrainConfig) -> str:
-    return os.path.basename(config.task.text_file or "") or "a text file"
+def _sections(config: MetaTrainConfig) -> list[TaskSection]:
+    """The run's task families: ``task`` and then each of ``extra_tasks`` (a mixture, when there are any)."""
+    return [config.task, *config.extra_tasks]
 
 
-def _describe_tasks(config: MetaTrainConfig, datasets: list[str]) -> str:
-    """The card's "Meta-training tasks" row: what kind of problems, on which data."""
-    if config.task.family == "char_lm":
-        return f"character-level language modelling ({_text_name(config)})"
-    return f"{len(datasets)} image classification task{'s' if len(datasets) > 1 else ''} ({', '.join(datasets)})"
+def _datasets(task: TaskSection) -> list[str]:
+    if task.family == "char_lm":
+        return []
+    return [task.dataset] if isinstance(task.dataset, str) else list(task.dataset)
 
 
-def _describe_task_runs(config: MetaTrainConfig, datasets: list[str]) -> str:
+def _image_datasets(config: MetaTrainConfig) -> list[str]:
+    """Every image dataset of the run, in order, once (tags and the card's words)."""
+    return list(dict.fromkeys(name for task in _sections(config) for name in _datasets(task)))
+
+
+def _text_name(task: TaskSection) -> str:
+    if task.corpus:
+        return f"Python's built-in {task.corpus} text"
+    return os.path.basename(task.text_file or "") or "a text file"
+
+
+def _describe_tasks(config: MetaTrainConfig) -> str:
+    """The card's "Meta-training tasks" row: what kind of problems, on which data (each family of a mixture)."""
+    sections = _sections(config)
+    rows = []
+    for task in sections:
+        datasets = _datasets(task)
+        if task.family == "char_lm":
+            rows.append(f"character-level language modelling ({_text_name(task)})")
+        elif len(sections) == 1:
+            rows.append(f"{len(datasets)} image classification task{'s' if len(datasets) > 1 else ''} "
+                        f"({', '.join(datasets)})")
+        else:
+            kind = "CNN" if task.family == "cnn_image" else "MLP"
+            rows.append(f"{kind} classification of {', '.join(datasets)} at {task.image_size}×{task.image_size}")
+    return rows[0] if len(rows) == 1 else "a mixture, task slots dealt in turn: " + "; ".join(rows)
+
+
+def _describe_task_runs(config: MetaTrainConfig) -> str:
     """What the inner training runs trained, for the card's first paragraph."""
-    if config.task.family == "char_lm":
-        return f"character-level transformer language models on {_text_name(config)}"
-    kind = "CNN" if config.task.family == "cnn_image" else "MLP"
-    return f"{kind} classifiers of {', '.join(datasets)}"
+    runs = []
+    for task in _sections(config):
+        if task.family == "char_lm":
+            runs.append(f"character-level transformer language models on {_text_name(task)}")
+        else:
+            kind = "CNN" if task.family == "cnn_image" else "MLP"
+            runs.append(f"{kind} classifiers of {', '.join(_datasets(task))}")
+    return " and ".join(runs) if len(runs) <= 2 else "; ".join(runs[:-1]) + "; and " + runs[-1]
 
 
-def _describe_task_model(config: MetaTrainConfig, family: Mapping[str, Any] | None) -> str:
-    task = config.task
+def _describe_task_models(config: MetaTrainConfig, extra: Mapping[str, Any]) -> str:
+    """The card's "Task architecture" row; ``extra``: a checkpoint's record of the task families it built."""
+    families = [extra.get("task_family"), *(extra.get("extra_task_families") or [])]
+    families += [None] * (len(_sections(config)) - len(families))
+    return "; ".join(_describe_task_model(task, family) for task, family in zip(_sections(config), families))
+
+
+def _describe_task_model(task: TaskSection, family: Mapping[str, Any] | None) -> str:
     family = family if isinstance(family, Mapping) else {}
     classes = family.get("num_classes")
     if task.family == "char_lm":

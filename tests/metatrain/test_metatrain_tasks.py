@@ -244,7 +244,7 @@ def test_char_lm_windows_vocabulary_and_model() -> None:
 
 
 def test_char_lm_needs_one_text(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="exactly one of text= and text_file="):
+    with pytest.raises(ValueError, match="exactly one of text=, text_file= and corpus="):
         CharLMTaskFamily()
     with pytest.raises(ValueError, match="cannot read it as UTF-8"):
         CharLMTaskFamily(text_file=str(tmp_path / "missing.txt"))

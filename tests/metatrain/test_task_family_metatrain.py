@@ -55,7 +55,7 @@ def test_char_lm_family_meta_trains(tmp_path: Path) -> None:
 
 
 def test_a_missing_text_file_is_one_line_from_the_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(ConfigError, match=r"task\.text_file: char_lm needs a UTF-8 text file"):
+    with pytest.raises(ConfigError, match=r"task\.text_file: char_lm needs exactly one text to model"):
         load_config(None, ["task.family=char_lm"])
     argv = ["metatrain", "--no-progress", "--set", f"output_dir={tmp_path / 'run'}", "--set", "task.family=char_lm",
             "--set", f"task.text_file={tmp_path / 'missing.txt'}", "--set", "log_with=[]"]
