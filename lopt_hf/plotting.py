@@ -33,8 +33,12 @@ def smooth(curve: list[float], window: int) -> list[float]:
 
 
 def plot_meta_loss(history: Mapping[str, Sequence[float]], path: str | os.PathLike[str], *,
-                   title: str = "meta-loss", dpi: int = 110) -> Path:
-    """Save the meta-loss curve (raw and a moving average) as a PNG; returns the path."""
+                   title: str = "meta-loss", dpi: int = 110, series_labels: Mapping[str, str] | None = None) -> Path:
+    """Save the meta-loss curve (raw and a moving average) as a PNG; returns the path.
+
+    ``series_labels`` names further series of ``history`` (a task mixture's per-family meta-losses) drawn
+    as moving averages beside the total, so one can see which family improves.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -48,6 +52,12 @@ def plot_meta_loss(history: Mapping[str, Sequence[float]], path: str | os.PathLi
     window = max(1, len(losses) // 20)
     if window > 1:
         axis.plot(steps, smooth(losses, window), linewidth=1.6, label=f"moving average ({window})")
+    for key, label in (series_labels or {}).items():
+        values = [float(value) for value in history.get(key, [])][:len(steps)]
+        known = [(step, value) for step, value in zip(steps, values) if math.isfinite(value)]
+        if known:
+            axis.plot([step for step, _ in known], smooth([value for _, value in known], window), linewidth=1.0,
+                      linestyle="--", label=label)
     axis.set(xlabel="outer step", ylabel="meta-loss", title=title)
     finite = [value for value in losses if math.isfinite(value)]
     if finite and min(finite) > 0 and max(finite) / min(finite) > 20:

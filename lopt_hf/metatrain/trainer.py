@@ -175,6 +175,9 @@ class MetaTrainer:
                                                 betas=tuple(meta.betas), eps=meta.eps, weight_decay=meta.weight_decay)
         self.step = 0
         self.history: dict[str, list[float]] = {"step": [], "meta_loss": [], "grad_norm": []}
+        # a mixture also records each family's mean meta-loss (metrics.csv, meta_loss.png)
+        self.family_series = [f"meta_loss/{index}" for index in range(len(families))] if len(families) > 1 else []
+        self.history.update({key: [] for key in self.family_series})
         self.elapsed_s = 0.0
         self.skipped_updates = 0
         self.last_meta_gradient: dict[str, Tensor] | None = None
@@ -258,6 +261,8 @@ class MetaTrainer:
         self.estimator_state = data.estimator_state
         self.step = data.step
         self.history = {key: list(values) for key, values in data.history.items()}
+        for key in self.family_series:  # a checkpoint written before families were recorded: unknown so far
+            self.history.setdefault(key, [math.nan] * len(self.history["step"]))
         self.elapsed_s = data.elapsed_s
         self.skipped_updates = int(data.extra.get("skipped_updates", 0))
         restore_rng_state(data.rng)
@@ -353,6 +358,8 @@ class MetaTrainer:
         self.history["step"].append(self.step)
         self.history["meta_loss"].append(meta_loss)
         self.history["grad_norm"].append(grad_norm)
+        for key in self.family_series:
+            self.history[key].append(stats[key])
         return {"meta_loss": meta_loss, "grad_norm": grad_norm, "skipped_updates": float(self.skipped_updates),
                 **{f"estimator/{key}": value for key, value in stats.items()}}
 
@@ -375,13 +382,25 @@ class MetaTrainer:
 
     def _write_curves(self) -> None:
         if self.history["meta_loss"]:
-            plot_meta_loss(self.history, self.run_dir / "meta_loss.png", title=f"{self.config.name}: meta-loss")
-        lines = ["step,meta_loss,grad_norm"]
-        lines += [f"{s},{loss!r},{norm!r}" for s, loss, norm in zip(self.history["step"], self.history["meta_loss"],
-                                                                     self.history["grad_norm"])]
+            plot_meta_loss(self.history, self.run_dir / "meta_loss.png", title=f"{self.config.name}: meta-loss",
+                           series_labels=self._family_labels())
+        columns = ["step", "meta_loss", "grad_norm", *self.family_series]
+        lines = [",".join(columns)]
+        lines += [",".join(repr(value) for value in row) for row in zip(*(self.history[key] for key in columns))]
         tmp = self.run_dir / f".metrics.csv.tmp-{os.getpid()}"
         tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
         os.replace(tmp, self.run_dir / "metrics.csv")
+
+    def _family_labels(self) -> dict[str, str]:
+        """Legend labels of the per-family series: ``0: mlp_image (fashion_mnist 28×28)`` …"""
+        sections = [self.config.task, *self.config.extra_tasks]
+        labels = {}
+        for key, section in zip(self.family_series, sections):
+            detail = section.corpus or os.path.basename(section.text_file or "") if section.family == "char_lm" else (
+                f"{section.dataset if isinstance(section.dataset, str) else '+'.join(section.dataset)} "
+                f"{section.image_size}×{section.image_size}")
+            labels[key] = f"{key.split('/')[1]}: {section.family} ({detail})"
+        return labels
 
     # ------------------------------------------------------------------------------ train
     def train(self, *, stop_after: int | None = None) -> TrainResult:

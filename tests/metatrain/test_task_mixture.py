@@ -111,6 +111,14 @@ def test_a_mixture_run_trains_checkpoints_resumes_exactly_and_describes_every_fa
               for name in ("straight", "resumed")]
     assert states[0]["history"]["meta_loss"] == states[1]["history"]["meta_loss"]
     assert [family["name"] for family in states[0]["extra"]["extra_task_families"]] == ["cnn_image", "char_lm"]
+    history = states[0]["history"]
+    assert all(len(history[f"meta_loss/{family}"]) == 4 for family in range(3))
+    for step in range(4):  # one slot per family: the mean of the three is the step's meta-loss
+        families = [history[f"meta_loss/{family}"][step] for family in range(3)]
+        assert sum(families) / 3 == pytest.approx(history["meta_loss"][step], rel=1e-5)
+    metrics = (tmp_path / "resumed" / "metrics.csv").read_text().splitlines()
+    assert metrics[0] == "step,meta_loss,grad_norm,meta_loss/0,meta_loss/1,meta_loss/2" and len(metrics) == 5
+    assert (tmp_path / "resumed" / "meta_loss.png").stat().st_size > 10_000
     from safetensors.torch import load_file
 
     thetas = [load_file(tmp_path / name / "final" / "model.safetensors") for name in ("straight", "resumed")]
