@@ -131,6 +131,12 @@ class TaskSection:
         keys = {"family", "batch_size", "reparam_scale_range", *own.get(self.family, [])}
         return [field.name for field in dataclasses.fields(self) if field.name in keys]
 
+    def datasets(self) -> list[str]:
+        """The image datasets of this family as a list (``dataset`` may be one name); none for ``char_lm``."""
+        if self.family == "char_lm":
+            return []
+        return [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
+
     def family_options(self) -> dict[str, Any]:
         """Keyword arguments of ``tasks.build_task_family(self.family, ...)``: the chosen family's options."""
         scales = list(self.reparam_scale_range or [1.0, 1.0])
@@ -139,8 +145,7 @@ class TaskSection:
                     "model_dim": self.model_dim,
                     "num_heads": self.num_heads, "num_layers": self.num_layers, "batch_size": self.batch_size,
                     "segment_length": self.segment_length, "param_scale_range": scales}
-        datasets = [self.dataset] if isinstance(self.dataset, str) else list(self.dataset)
-        options: dict[str, Any] = {"datasets": datasets, "image_size": self.image_size, "batch_size": self.batch_size,
+        options: dict[str, Any] = {"datasets": self.datasets(), "image_size": self.image_size, "batch_size": self.batch_size,
                                    "activation": self.activation, "param_scale_range": scales,
                                    "cache_dir": self.data_dir}
         if self.family == "cnn_image":
@@ -260,6 +265,10 @@ class MetaTrainConfig:
 
     def __post_init__(self) -> None:
         _check_values(self)
+
+    def task_sections(self) -> list[TaskSection]:
+        """``task`` and then each of ``extra_tasks``: the run's task families, in slot order."""
+        return [self.task, *self.extra_tasks]
 
     @property
     def run_dir(self) -> Path:

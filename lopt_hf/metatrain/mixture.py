@@ -64,8 +64,7 @@ class TaskMixture:
     def estimate(self, theta: Theta, state: EstimatorState, task_ids: Sequence[int],
                  outer_step: int) -> EstimateResult:
         grad_sum: dict[str, Tensor] = {name: torch.zeros_like(value) for name, value in theta.items()}
-        meta_loss_sum = torch.zeros(())
-        num_tasks, new_state = 0, {}
+        meta_loss_sum, num_tasks, new_state = 0.0, 0, {}
         weighted: dict[str, float] = {}
         per_family: dict[str, float] = {}
         for family, (estimator, ids) in enumerate(zip(self.estimators, self._slots(task_ids))):
@@ -75,13 +74,14 @@ class TaskMixture:
             result = estimator.estimate(theta, self._own(state, family), ids, outer_step)
             for name, value in result.grad_sum.items():
                 grad_sum[name] = grad_sum[name] + value.to(grad_sum[name].device)
-            meta_loss_sum = meta_loss_sum + result.meta_loss_sum.detach().double().cpu().float()
+            family_loss = float(result.meta_loss_sum)
+            meta_loss_sum += family_loss
             num_tasks += result.num_tasks
             new_state.update({f"family{family}/{key}": value for key, value in result.new_state.items()})
             for key, value in result.stats.items():
                 share = 1.0 if key in _COUNTS else result.num_tasks
                 weighted[key] = weighted.get(key, 0.0) + share * float(value)
-            per_family[f"meta_loss/{family}"] = float(result.meta_loss_sum) / result.num_tasks
+            per_family[f"meta_loss/{family}"] = family_loss / result.num_tasks
         stats = {key: value if key in _COUNTS else value / max(num_tasks, 1) for key, value in weighted.items()}
-        return EstimateResult(grad_sum=grad_sum, meta_loss_sum=meta_loss_sum, num_tasks=num_tasks,
+        return EstimateResult(grad_sum=grad_sum, meta_loss_sum=torch.tensor(meta_loss_sum), num_tasks=num_tasks,
                               new_state=new_state, stats={**stats, **per_family})

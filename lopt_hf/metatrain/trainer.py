@@ -142,14 +142,12 @@ class MetaTrainer:
         from .tasks import build_task_family
 
         self.rule = build_rule(config.rule.name, **config.rule.config)
-        sections = [("task", config.task)] + [(f"extra_tasks[{index}]", extra)
-                                              for index, extra in enumerate(config.extra_tasks)]
         families = []
-        for key, section in sections:
+        for index, section in enumerate(config.task_sections()):
             try:
                 families.append(build_task_family(section.family, **section.family_options()))
             except ValueError as err:  # e.g. an unreadable task.text_file: one line from the command, no traceback
-                raise ConfigError(f"{key}: {err}") from None
+                raise ConfigError(f"{'task' if index == 0 else f'extra_tasks[{index - 1}]'}: {err}") from None
         self.task_families = families
         self.task_family = families[0]
         estimator = config.estimator
@@ -392,14 +390,11 @@ class MetaTrainer:
         os.replace(tmp, self.run_dir / "metrics.csv")
 
     def _family_labels(self) -> dict[str, str]:
-        """Legend labels of the per-family series: ``0: mlp_image (fashion_mnist 28×28)`` …"""
-        sections = [self.config.task, *self.config.extra_tasks]
+        """Legend labels of the per-family series: ``0: mlp_image (fashion_mnist)``, ``2: char_lm (python_docs)`` …"""
         labels = {}
-        for key, section in zip(self.family_series, sections):
-            detail = section.corpus or os.path.basename(section.text_file or "") if section.family == "char_lm" else (
-                f"{section.dataset if isinstance(section.dataset, str) else '+'.join(section.dataset)} "
-                f"{section.image_size}×{section.image_size}")
-            labels[key] = f"{key.split('/')[1]}: {section.family} ({detail})"
+        for key, section in zip(self.family_series, self.config.task_sections()):
+            data = section.datasets() or [section.corpus or os.path.basename(section.text_file or "")]
+            labels[key] = f"{key.split('/')[1]}: {section.family} ({'+'.join(data)})"
         return labels
 
     # ------------------------------------------------------------------------------ train

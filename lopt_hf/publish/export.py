@@ -251,20 +251,9 @@ def describe_rule_architecture(rule: Any) -> str:
     return f"per-element MLP {widths} ({layers}, {num:,} meta-parameters)"
 
 
-def _sections(config: MetaTrainConfig) -> list[TaskSection]:
-    """The run's task families: ``task`` and then each of ``extra_tasks`` (a mixture, when there are any)."""
-    return [config.task, *config.extra_tasks]
-
-
-def _datasets(task: TaskSection) -> list[str]:
-    if task.family == "char_lm":
-        return []
-    return [task.dataset] if isinstance(task.dataset, str) else list(task.dataset)
-
-
 def _image_datasets(config: MetaTrainConfig) -> list[str]:
     """Every image dataset of the run, in order, once (tags and the card's words)."""
-    return list(dict.fromkeys(name for task in _sections(config) for name in _datasets(task)))
+    return list(dict.fromkeys(name for task in config.task_sections() for name in task.datasets()))
 
 
 def _text_name(task: TaskSection) -> str:
@@ -275,10 +264,10 @@ def _text_name(task: TaskSection) -> str:
 
 def _describe_tasks(config: MetaTrainConfig) -> str:
     """The card's "Meta-training tasks" row: what kind of problems, on which data (each family of a mixture)."""
-    sections = _sections(config)
+    sections = config.task_sections()
     rows = []
     for task in sections:
-        datasets = _datasets(task)
+        datasets = task.datasets()
         if task.family == "char_lm":
             rows.append(f"character-level language modelling ({_text_name(task)})")
         elif len(sections) == 1:
@@ -293,20 +282,20 @@ def _describe_tasks(config: MetaTrainConfig) -> str:
 def _describe_task_runs(config: MetaTrainConfig) -> str:
     """What the inner training runs trained, for the card's first paragraph."""
     runs = []
-    for task in _sections(config):
+    for task in config.task_sections():
         if task.family == "char_lm":
             runs.append(f"character-level transformer language models on {_text_name(task)}")
         else:
             kind = "CNN" if task.family == "cnn_image" else "MLP"
-            runs.append(f"{kind} classifiers of {', '.join(_datasets(task))}")
+            runs.append(f"{kind} classifiers of {', '.join(task.datasets())}")
     return " and ".join(runs) if len(runs) <= 2 else "; ".join(runs[:-1]) + "; and " + runs[-1]
 
 
 def _describe_task_models(config: MetaTrainConfig, extra: Mapping[str, Any]) -> str:
     """The card's "Task architecture" row; ``extra``: a checkpoint's record of the task families it built."""
     families = [extra.get("task_family"), *(extra.get("extra_task_families") or [])]
-    families += [None] * (len(_sections(config)) - len(families))
-    return "; ".join(_describe_task_model(task, family) for task, family in zip(_sections(config), families))
+    families += [None] * (len(config.task_sections()) - len(families))
+    return "; ".join(_describe_task_model(task, family) for task, family in zip(config.task_sections(), families))
 
 
 def _describe_task_model(task: TaskSection, family: Mapping[str, Any] | None) -> str:
