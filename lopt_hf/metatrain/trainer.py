@@ -65,7 +65,8 @@ def task_block(num_tasks: int, rank: int, world_size: int) -> list[int]:
 def initial_theta(config: MetaTrainConfig) -> dict[str, Tensor]:
     """The meta-parameters meta-training starts from: ``rule.init_theta`` seeded with ``config.seed``,
     or the theta of the artifact ``rule.init_from`` (fine-tuning), whose rule and hyper-parameters
-    must be the configured ones."""
+    must be the configured ones — except that a ``celo_adam`` without ``tensor_features`` may start one
+    with them (its scheduler widened by zero weights, :meth:`ScheduledRule.with_summary_inputs`)."""
     rule = build_rule(config.rule.name, **config.rule.config)
     source = config.rule.init_from
     if source is None:
@@ -78,11 +79,14 @@ def initial_theta(config: MetaTrainConfig) -> dict[str, Tensor]:
                           f"{rule.name!r}")
     theirs, ours = artifact.rule.hyperparameters(), rule.hyperparameters()
     differ = sorted(key for key in set(theirs) | set(ours) if theirs.get(key) != ours.get(key))
+    theta = {name: value.to(torch.float32) for name, value in artifact.theta().items()}
+    if differ == ["tensor_features"] and ours["tensor_features"]:
+        return rule.with_summary_inputs(theta)  # the artifact's scheduler, plus zero weights on the new inputs
     if differ:
         details = ", ".join(f"{key}: artifact {theirs.get(key)!r}, config {ours.get(key)!r}" for key in differ)
         raise ConfigError(f"rule.init_from: {source} has other {rule.name} hyper-parameters than rule.config "
                           f"({details}); set rule.config to the artifact's")
-    return {name: value.to(torch.float32) for name, value in artifact.theta().items()}
+    return theta
 
 
 @dataclass

@@ -7,8 +7,9 @@ with the authors' published meta-trained weights.
 
 Both rules are *scheduled* (:mod:`lopt_hf.rules.scheduler`): once per step an LSTM over every
 tensor of the model reads the fraction of training done and the loss statistics and emits a
-per-tensor ``lr_mult``. The scheduler sees no per-tensor statistics here, so every tensor gets the
-same ``lr_mult`` (each keeps its own LSTM row, as in the original). Gradients are clipped to
+per-tensor ``lr_mult``. The scheduler sees no per-tensor statistics here (unless ``celo_adam``'s
+``tensor_features``), so every tensor gets the same ``lr_mult`` (each keeps its own LSTM row, as in
+the original). Gradients are clipped to
 ±``grad_clip`` before anything else.
 
 ``celo`` — per element, plain EMAs without bias correction (momentum 0.9/0.99/0.999, rms 0.999,
@@ -27,6 +28,11 @@ softmax controls (the published Celo has one).
 ``celo_adam`` — Adam (momentum 0.9, rms 0.999, bias-corrected with the tensor's step count,
 eps 1e-8) at learning rate ``0.001 · lr_mult``: ``m̂ / (eps + √(v̂ + 1e-10))``. The original also
 keeps factored accumulators that its step never reads; they are not kept here.
+``tensor_features=True`` (lopt_hf's extension, not in the original) gives its scheduler VeLO's
+per-tensor inputs (:func:`~lopt_hf.rules.scheduler.accumulator_summary` of Adam's moments: 8
+numbers per tensor), so ``lr_mult`` can differ between tensors; a theta meta-trained without them
+starts such a rule with zero weights on them (:meth:`ScheduledRule.with_summary_inputs`), i.e. as
+the published optimizer.
 
 Theta keeps the original haiku names (``ff_mod_stack/~/w0__0`` …, ``rnn_params/…``,
 ``lstm_init_state/…``) with the leading ``param_inits`` axis of the per-element networks, so a
@@ -51,7 +57,7 @@ from torch import Tensor
 from .base import State, Theta, as_step_tensor, register_rule
 from .features import (FactoredFeatures, factored_accumulator_state, factored_features, factored_second_moments,
                        mlp_flops, normalized_mlp, step_from_direction_magnitude, truncated_normal_init)
-from .scheduler import ScheduledRule
+from .scheduler import RANK_SLOTS, ScheduledRule, accumulator_summary
 
 FF = "ff_mod_stack/~/"
 NUM_GROUPS = 14
@@ -242,6 +248,7 @@ class CeloAdam(ClippedGradient, ScheduledRule):
     grad_clip: float = 1000.0
     step_mult: float = 0.001
     param_scale_mult: bool = False
+    tensor_features: bool = False
 
     def __post_init__(self) -> None:
         if int(self.lstm_hidden_size) < 1:
@@ -251,6 +258,14 @@ class CeloAdam(ClippedGradient, ScheduledRule):
 
     def theta_shapes(self) -> dict[str, tuple[int, ...]]:
         return self.schedule_theta_shapes()
+
+    def summary_size(self) -> int:
+        return 1 + RANK_SLOTS + 2 if self.tensor_features else 0
+
+    def tensor_summary(self, param: Tensor, grad: Tensor, state: State) -> Tensor:
+        if not self.tensor_features:
+            return super().tensor_summary(param, grad, state)
+        return accumulator_summary(param, state["momentum"], state["rms"][0])
 
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
         return self.init_schedule_theta(generator)

@@ -47,6 +47,8 @@ NUM_LOSS_FEATURES = NUM_LOSS_EMAS - 1
 NUM_GLOBAL_FEATURES = len(FRACTION_TIMESCALES) + NUM_LOSS_FEATURES
 LSTM_KEYS = ("lstm_hidden", "lstm_cell")
 RNN = "rnn_params/"
+# Slots of the one-hot tensor rank in :func:`accumulator_summary` (ranks ≥ 5 get none).
+RANK_SLOTS = 5
 # The running minimum's starting value in the original (any loss is below it).
 _RUNNING_MIN_START = 999999999999.0
 
@@ -56,6 +58,46 @@ def fraction_features(iteration: Tensor, num_steps: Tensor) -> Tensor:
     scales = torch.tensor(FRACTION_TIMESCALES, dtype=torch.float32, device=iteration.device)
     fraction = iteration.to(torch.float32) / num_steps.to(torch.float32)
     return torch.tanh((fraction - scales) * 10.0)
+
+
+def clip_log_abs(value: Tensor, scale: float = 10.0) -> Tensor:
+    """``clip(log(1e-8 + |scale·value|), −5, 5) / 2``: a statistic squashed to ``[−2.5, 2.5]``."""
+    return torch.clamp(torch.log(1e-8 + torch.abs(value * scale)), -5.0, 5.0) * 0.5
+
+
+def _mean_square_about(x: Tensor, center: Tensor) -> Tensor:
+    """``mean((x − center)²)`` over all of ``x``, with one full-size temporary where nothing is differentiated."""
+    deviation = x - center
+    return torch.mean(torch.square(deviation) if torch.is_grad_enabled() else deviation.mul_(deviation))
+
+
+def accumulator_summary(param: Tensor, momenta: Tensor, rms: Tensor) -> Tensor:
+    """VeLO's per-tensor scheduler inputs, ``1 + RANK_SLOTS + 2·k`` numbers for ``k`` momentum decays.
+
+    From the parameter, its momenta ``(k, …)`` and its second-moment accumulator ``rms`` (all *before*
+    this step), every statistic divided by ``rms(p) = √max(mean(p²), 1e-9)``: ``mean_rms``, the one-hot
+    ``rank`` (how many dims are > 1), ``var_m`` per momentum decay and ``var_rms`` — the spread of ``rms``
+    around each momentum's mean, as the original computes it —, each squashed by :func:`clip_log_abs`.
+    It tells the scheduler which kind of tensor it steers (a bias, a matrix, a convolution kernel) and
+    how noisy its gradient is relative to its scale, so the step can differ from tensor to tensor.
+    """
+    p = param.reshape(1) if param.dim() == 0 else param
+    norm = torch.rsqrt(torch.clamp(torch.mean(torch.square(p)), min=1e-9))
+    rms = rms * norm
+    var_m, var_rms = [], []
+    # one momentum decay at a time: a few full-size temporaries, not several (k, *shape) ones
+    for momentum in momenta:
+        momentum = momentum * norm
+        mean_m = torch.mean(momentum)
+        var_m.append(_mean_square_about(momentum, mean_m))
+        var_rms.append(_mean_square_about(rms, mean_m))
+    mean_rms = torch.mean(rms).reshape(1)
+    rank = sum(1 for size in param.shape if size > 1)
+    one_hot = torch.zeros(RANK_SLOTS, dtype=p.dtype, device=p.device)
+    if rank < RANK_SLOTS:
+        one_hot[rank] = 1.0
+    return torch.cat([clip_log_abs(mean_rms), one_hot, clip_log_abs(torch.stack(var_m)),
+                      clip_log_abs(torch.stack(var_rms))])
 
 
 class LossBuffer:
@@ -163,6 +205,28 @@ class ScheduledRule(UpdateRule):
             else:  # biases, the LSTM's start, and rnn_to_controls (haiku Constant(0) in the original)
                 theta[key] = torch.zeros(shape, dtype=torch.float32)
         return theta
+
+    def with_summary_inputs(self, theta: Theta) -> Theta:
+        """``theta`` of this rule *without* per-tensor summary inputs, given zero weights for them.
+
+        The mix layers' input matrices (``rnn_params/linear*/w``) gain :meth:`summary_size` zero rows, so
+        the scheduler computes exactly what it computed without the summaries; meta-training can then
+        learn to use them (a warm start from, e.g., the published Celo-Adam). Every other entry must
+        already have this rule's shape.
+        """
+        extra, widened = self.summary_size(), dict(theta)
+        for key, shape in self.schedule_theta_shapes().items():
+            value = theta.get(key)
+            if value is None:
+                raise ValueError(f"theta has no {key!r}")
+            if tuple(value.shape) == shape:
+                continue
+            narrower = (shape[0] - extra, *shape[1:])
+            if not (key.startswith(f"{RNN}linear") and key.endswith("/w") and tuple(value.shape) == narrower):
+                raise ValueError(f"theta[{key!r}] has shape {tuple(value.shape)}; expected {shape}, or {narrower} "
+                                 f"without the {extra} per-tensor summary inputs")
+            widened[key] = torch.cat([value, value.new_zeros((extra, *shape[1:]))])
+        return widened
 
     # ----------------------------------------------------------------------------- state
     def init_schedule_state(self, total_steps: int, device: torch.device | None = None) -> State:

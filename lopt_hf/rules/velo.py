@@ -43,20 +43,7 @@ from torch import Tensor
 from .base import State, Theta, register_rule
 from .celo import Celo
 from .features import truncated_normal_init
-from .scheduler import RNN
-
-RANK_SLOTS = 5
-
-
-def clip_log_abs(value: Tensor, scale: float = 10.0) -> Tensor:
-    """``clip(log(1e-8 + |scale·value|), −5, 5) / 2``: a statistic squashed to ``[−2.5, 2.5]``."""
-    return torch.clamp(torch.log(1e-8 + torch.abs(value * scale)), -5.0, 5.0) * 0.5
-
-
-def _mean_square_about(x: Tensor, center: Tensor) -> Tensor:
-    """``mean((x − center)²)`` over all of ``x``, with one full-size temporary where nothing is differentiated."""
-    deviation = x - center
-    return torch.mean(torch.square(deviation) if torch.is_grad_enabled() else deviation.mul_(deviation))
+from .scheduler import RANK_SLOTS, RNN, accumulator_summary
 
 
 @register_rule
@@ -75,23 +62,7 @@ class Velo(Celo):
         return 1 + RANK_SLOTS + 2 * len(self.momentum_decays)
 
     def tensor_summary(self, param: Tensor, grad: Tensor, state: State) -> Tensor:
-        p = param.reshape(1) if param.dim() == 0 else param
-        norm = torch.rsqrt(torch.clamp(torch.mean(torch.square(p)), min=1e-9))
-        rms = state["rms"][0] * norm  # (celo has one rms decay)
-        var_m, var_rms = [], []
-        # one momentum decay at a time: a few full-size temporaries, not several (k, *shape) ones
-        for momentum in state["momentum"]:
-            momentum = momentum * norm
-            mean_m = torch.mean(momentum)
-            var_m.append(_mean_square_about(momentum, mean_m))
-            var_rms.append(_mean_square_about(rms, mean_m))  # around the momentum's mean, as the original
-        mean_rms = torch.mean(rms).reshape(1)
-        rank = sum(1 for size in param.shape if size > 1)
-        one_hot = torch.zeros(RANK_SLOTS, dtype=p.dtype, device=p.device)
-        if rank < RANK_SLOTS:
-            one_hot[rank] = 1.0
-        return torch.cat([clip_log_abs(mean_rms), one_hot, clip_log_abs(torch.stack(var_m)),
-                          clip_log_abs(torch.stack(var_rms))])
+        return accumulator_summary(param, state["momentum"], state["rms"][0])
 
     def lr_mult_readout(self, linear: Tensor) -> Tensor:
         return linear

@@ -27,6 +27,7 @@ STEPS = 3
 TOTAL_STEPS = [5, 7, 9, 40]  # per member: the fraction features differ between members
 # Small sizes: a meta-training smoke test, not the published architectures.
 RULES = {"celo": {}, "celo_adam": {"lstm_hidden_size": 8},
+         "celo_adam+tensor_features": {"lstm_hidden_size": 8, "tensor_features": True},
          "velo": {"lstm_hidden_size": 8, "param_inits": 4, "ff_mult": 1.0}}
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 
@@ -82,7 +83,7 @@ def rule_by_hand(rule, theta, family, task, params, batches, total_steps: int):
 @pytest.mark.parametrize("rule_name", sorted(RULES))
 @pytest.mark.parametrize("theta_batched", [True, False])
 def test_vectorized_step_is_the_rule_composed_per_member(family, rule_name: str, theta_batched: bool) -> None:
-    rule = build_rule(rule_name, **RULES[rule_name])
+    rule = build_rule(rule_name.split("+")[0], **RULES[rule_name])
     trainer = VectorizedInnerTrainer(family, rule, compile=False)
     problems, batch = make_problems(family, trainer)
     theta = perturbed_theta(rule, MEMBERS if theta_batched else None)
@@ -241,6 +242,33 @@ def test_init_from_starts_from_an_artifacts_theta(tmp_path: Path) -> None:
         initial_theta(wrong)
     with pytest.raises(ConfigError, match="init_from"):
         load_config(None, ['rule.init_from=""'])
+
+
+def test_init_from_gives_published_celo_adam_per_tensor_inputs(tmp_path: Path) -> None:
+    """``rule.config.tensor_features: true`` from a Celo-Adam artifact without them: the start is the artifact's
+    theta with zero weights on the new scheduler inputs, and the meta-gradient reaches those weights."""
+    artifact_dir = tmp_path / "celo_adam_start"
+    theta = perturbed_theta(build_rule("celo_adam"), None, seed=3)
+    create_artifact("celo_adam", theta=theta).save_pretrained(artifact_dir)
+    overrides = tiny("", tmp_path / "run") + ["rule.name=celo_adam", f"rule.init_from={artifact_dir}",
+                                              "rule.config.tensor_features=true", "outer_steps=2"]
+    config = load_config(None, overrides)
+    start = initial_theta(config)
+    assert set(start) == set(theta)
+    for key, value in theta.items():
+        if key.startswith("rnn_params/linear") and key.endswith("/w"):
+            assert torch.equal(start[key][:-8], value) and not start[key][-8:].any(), key
+        else:
+            assert torch.equal(start[key], value), key
+    trainer = MetaTrainer(config, progress=False)
+    trainer.train()
+    assert trainer.theta["rnn_params/linear_2/w"][-8:].abs().sum() > 0
+    # the other way round (dropping the inputs a theta was trained with) is refused
+    widened_dir = tmp_path / "widened"
+    create_artifact("celo_adam", theta=trainer.theta, rule_config={"tensor_features": True}).save_pretrained(widened_dir)
+    with pytest.raises(ConfigError, match="tensor_features: artifact True, config False"):
+        initial_theta(load_config(None, tiny("", tmp_path / "back") + ["rule.name=celo_adam",
+                                                                       f"rule.init_from={widened_dir}"]))
 
 
 @pytest.mark.slow

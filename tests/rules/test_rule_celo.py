@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from lopt_hf.rules import build_rule
-from support import PARAM_NAMES, assert_scheduled_state_matches, scheduled_refvector_steps
+from support import PARAM_NAMES, assert_scheduled_state_matches, load_refvectors, scheduled_refvector_steps, subtree
 
 CASES = [("celo_published", "celo"), ("celo_random_perturbed", "celo"),
          ("celo_adam_published", "celo_adam"), ("celo_adam_random_perturbed", "celo_adam")]
@@ -52,3 +52,53 @@ def test_published_celo_theta_names_are_the_originals() -> None:
     names = set(rule.theta_shapes())
     assert "ff_mod_stack/~/w0__13" in names and "rnn_params/rnn/linear/w" in names
     assert rule.theta_shapes()["rnn_params/rnn/linear/w"] == (128, 256)
+
+
+# ------------------------------------------------------------------ celo_adam with per-tensor scheduler inputs
+def test_tensor_features_warm_started_from_published_reproduces_it() -> None:
+    """``tensor_features=True`` with the published theta widened by zero weights is published Celo-Adam."""
+    rule = build_rule("celo_adam", tensor_features=True)
+    assert rule.summary_size() == 8
+    published = subtree(load_refvectors("celo_adam_published"), "theta")
+    widened = rule.with_summary_inputs(published)
+    for key, value in widened.items():
+        if value.shape != published[key].shape:  # the mix layers' new input rows, and only those
+            assert key.startswith("rnn_params/linear") and value.shape[0] == published[key].shape[0] + 8
+            assert torch.equal(value[:-8], published[key]) and not value[-8:].any()
+    for k, arrays, steps, _, _ in scheduled_refvector_steps(rule, "celo_adam_published", theta=widened):
+        for name in PARAM_NAMES:
+            implied = arrays[f"step{k}/params/{name}"] - arrays[f"step{k}/params_out/{name}"]
+            torch.testing.assert_close(steps[name], implied, rtol=1e-4, atol=1e-7, msg=f"step {k} {name}")
+
+
+def test_tensor_features_let_the_step_size_differ_between_tensors() -> None:
+    """The same Adam moments, one published theta: without summaries every tensor gets one ``lr_mult``;
+    with weights on the summaries, tensors of different kinds (a bias, a matrix, a kernel) get their own."""
+    rule = build_rule("celo_adam", tensor_features=True)
+    widened = rule.with_summary_inputs(subtree(load_refvectors("celo_adam_published"), "theta"))
+    theta = {key: value.clone() for key, value in widened.items()}
+    generator = torch.Generator().manual_seed(0)
+    for key in ("rnn_params/linear_1/w", "rnn_params/linear_2/w"):
+        theta[key][-8:] = torch.randn(8, theta[key].shape[1], generator=generator)
+    for k, _, _, states, schedule_state in scheduled_refvector_steps(rule, "celo_adam_published", theta=widened):
+        pass
+    params = subtree(load_refvectors("celo_adam_published"), "init_params")
+    summaries = torch.stack([rule.tensor_summary(params[n], params[n], states[n]) for n in PARAM_NAMES])
+    assert summaries.shape == (len(PARAM_NAMES), 8) and torch.isfinite(summaries).all()
+    rows = {key: torch.stack([states[n][key] for n in PARAM_NAMES]) for key in rule.schedule_tensor_keys}
+    steps = torch.full((len(PARAM_NAMES),), 6)
+    lr_mults = {name: rule.schedule(weights, schedule_state, rows, summaries, steps, torch.tensor(2.0))[0][:, 0]
+                for name, weights in (("zero", widened), ("learned", theta))}
+    zero, learned = lr_mults["zero"], lr_mults["learned"]
+    torch.testing.assert_close(zero, zero[:1].expand_as(zero), rtol=1e-6, atol=0.0)  # one value (to rounding)
+    assert (learned.max() - learned.min()) / learned.mean() > 0.01
+
+
+def test_widening_refuses_a_theta_of_another_shape() -> None:
+    rule = build_rule("celo_adam", tensor_features=True)
+    theta = build_rule("celo_adam").init_theta(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="linear_2/w.*without the 8 per-tensor summary inputs"):
+        rule.with_summary_inputs({**theta, "rnn_params/linear_2/w": theta["rnn_params/linear_2/w"][:-1]})
+    del theta["rnn_params/step_size/b"]
+    with pytest.raises(ValueError, match="step_size/b"):
+        rule.with_summary_inputs(theta)
