@@ -396,16 +396,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluation import (HELDOUT_TASKS, DatasetUnavailableError, OptimizerSpecError, UnknownTaskError,
-                             markdown_table, run_evaluation, write_report)
+    from .evaluation import (HELDOUT_TASKS, VALIDATION_TASKS, DatasetUnavailableError, OptimizerSpecError,
+                             UnknownTaskError, markdown_table, run_evaluation, write_report)
 
     tasks, runs = args.tasks, [(args.steps, Path(args.out))]
+    if args.suite and args.tasks:
+        print(f"lopt-hf eval: --suite {args.suite} chooses the tasks; drop --tasks", file=sys.stderr)
+        return 2
     if args.suite == "heldout":  # the held-out tasks at --steps and at 10× (issue 15's harder evaluation)
-        if args.tasks:
-            print("lopt-hf eval: --suite heldout chooses the tasks; drop --tasks", file=sys.stderr)
-            return 2
         tasks = list(HELDOUT_TASKS)
         runs = [(steps, Path(args.out) / f"steps{steps}") for steps in (args.steps, 10 * args.steps)]
+    elif args.suite == "validation":  # the meta-training families, for choosing checkpoints
+        tasks = list(VALIDATION_TASKS)
     for steps, out in runs:
         try:
             check_learned_sources(args.optimizers or [])
@@ -522,10 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "lopt-hf/celo2-base-mini adamw adamw-grid)")
     evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                           help="digits_mlp, digits_cnn, fashion_mnist_mlp, fashion_mnist_mlp16, mnist_mlp, "
-                               "mnist_mlp_wide, fashion_mnist_cnn, tiny_lm (default: all whose data is available here)")
-    evaluate.add_argument("--suite", choices=["heldout"], default=None,
+                               "mnist_mlp_wide, fashion_mnist_cnn, tiny_lm (default: those whose data is available "
+                               "here), fashion_mnist_mlp_wide, docs_lm (--suite validation)")
+    evaluate.add_argument("--suite", choices=["heldout", "validation"], default=None,
                           help="heldout: mnist_mlp_wide, fashion_mnist_cnn and tiny_lm (unlike the 8×8-MLP "
-                               "meta-training family) at --steps and at 10× --steps, reports in OUT/steps<N>")
+                               "meta-training family) at --steps and at 10× --steps, reports in OUT/steps<N>; "
+                               "validation: fashion_mnist_mlp_wide and docs_lm (the task mixtures' meta-training "
+                               "families, new seeds) at --steps, to choose checkpoints without the heldout tasks")
     evaluate.add_argument("--steps", type=int, default=200, help="optimizer steps per run (default 200)")
     evaluate.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="one run per seed (default 0 1)")
     evaluate.add_argument("--out", default="eval_out", help="folder for results.json, curves.png, results.md "

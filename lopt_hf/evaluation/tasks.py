@@ -171,6 +171,7 @@ class CharLanguageModelTask:
     """
 
     name: str = "tiny_lm"
+    corpus: str | None = None  # a built-in text (lopt_hf.data.corpora); None: the public-domain DEFAULT_TEXT
     n_layer: int = 2
     n_embd: int = 64
     n_head: int = 4
@@ -180,21 +181,30 @@ class CharLanguageModelTask:
 
     @property
     def description(self) -> str:
-        from .lm import DEFAULT_TEXT
-
+        what = f"Python's help() texts (corpus {self.corpus})" if self.corpus else "public-domain text"
         return (f"character-level GPT-2 ({self.n_layer} layers × {self.n_embd}, from a config) on "
-                f"{len(DEFAULT_TEXT):,} characters of public-domain text, transformers.Trainer (constant schedule, "
+                f"{len(self.text()):,} characters of {what}, transformers.Trainer (constant schedule, "
                 f"no clipping), batch {self.batch_size} × {self.block_size} characters; test = the held-out last "
                 f"10% of the text (loss in nats/char, next-character accuracy)")
 
     def check_available(self) -> None:
         self._tensors()
 
+    def text(self) -> str:
+        """The whole text: its last 10% is the held-out test data."""
+        if self.corpus is None:
+            from .lm import DEFAULT_TEXT
+
+            return DEFAULT_TEXT
+        from ..data.corpora import builtin_corpus
+
+        return builtin_corpus(self.corpus)
+
     def _tensors(self) -> tuple:
         if self._data is None:
-            from .lm import DEFAULT_TEXT, make_char_data
+            from .lm import make_char_data
 
-            self._data = make_char_data(DEFAULT_TEXT, self.block_size)
+            self._data = make_char_data(self.text(), self.block_size)
         return self._data
 
     def run(self, make_optimizer: OptimizerFactory, *, steps: int, seed: int) -> RunRecord:
@@ -242,12 +252,23 @@ TASKS: dict[str, Task] = {
         ImageClassificationTask("fashion_mnist_cnn", "fashion_mnist", image_size=28, architecture="cnn",
                                 source="Fashion-MNIST"),
         CharLanguageModelTask(),
+        # validation: the meta-training families of configs/celo_adam_mix*.yaml, new seeds (VALIDATION_TASKS)
+        ImageClassificationTask("fashion_mnist_mlp_wide", "fashion_mnist", image_size=28, hidden_sizes=(128, 128),
+                                source="Fashion-MNIST"),
+        CharLanguageModelTask(name="docs_lm", corpus="python_docs"),
     )
 }
 """Every task ``lopt-hf eval --tasks`` accepts, by name."""
 
-DEFAULT_TASKS: tuple[str, ...] = tuple(TASKS)
-"""Run when no tasks are named (those whose data is unavailable here are skipped)."""
+VALIDATION_TASKS: tuple[str, ...] = ("fashion_mnist_mlp_wide", "docs_lm")
+"""``lopt-hf eval --suite validation``: tasks drawn from the meta-training families of the task mixtures
+(``configs/celo_adam_mix*.yaml``: a 784-128-128-10 MLP on 28×28 Fashion-MNIST; a character-level model of
+Python's ``help()`` texts, here the evaluation's GPT-2 through ``transformers.Trainer``), with new seeds and
+initialisations — for choosing among checkpoints of a run without looking at :data:`HELDOUT_TASKS`. Run at
+``--steps`` only."""
+
+DEFAULT_TASKS: tuple[str, ...] = tuple(name for name in TASKS if name not in VALIDATION_TASKS)
+"""Run when no tasks are named (those whose data is unavailable here are skipped); not the validation tasks."""
 
 HELDOUT_TASKS: tuple[str, ...] = ("mnist_mlp_wide", "fashion_mnist_cnn", "tiny_lm")
 """``lopt-hf eval --suite heldout``: tasks unlike the 8×8-MLP meta-training family of the shipped

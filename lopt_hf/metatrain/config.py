@@ -115,7 +115,7 @@ class TaskSection:
     reparam_scale_range: Union[list[float], None] = None
     data_dir: Union[str, None] = None  # dataset cache folder (default $LOPT_HF_CACHE or ~/.cache/lopt_hf)
     text_file: Union[str, None] = None  # char_lm: a UTF-8 text file, or
-    corpus: Union[str, None] = None  # char_lm: a text shipped with Python (lm_tasks.BUILTIN_CORPORA)
+    corpus: Union[str, None] = None  # char_lm: a text shipped with Python (data.corpora.BUILTIN_CORPORA)
     context_length: int = 32  # char_lm
     model_dim: int = 32  # char_lm
     num_heads: int = 2  # char_lm
@@ -345,7 +345,7 @@ def _check_task(task: TaskSection, key: str, need: Any) -> None:
     need(all(size >= 1 for size in task.channels) and bool(task.channels), f"{key}.channels",
          f"must be one or more positive numbers, got {task.channels}")
     if task.family == "char_lm":
-        from .lm_tasks import BUILTIN_CORPORA
+        from ..data.corpora import BUILTIN_CORPORA
 
         need(bool(task.text_file) != bool(task.corpus), f"{key}.text_file",
              "char_lm needs exactly one text to model: text_file (a UTF-8 file) or corpus "

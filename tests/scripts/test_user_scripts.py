@@ -1,5 +1,5 @@
 """The user-facing scripts (demo, demo_opt2vec, finetune, trainer_settings, bench_trainer, device_check,
-diagnose_step_sizes) run end to end with their smallest settings, each in a subprocess like a user would start it."""
+diagnose_step_sizes, select_checkpoint) run end to end with their smallest settings, each in a subprocess like a user would start it."""
 
 from __future__ import annotations
 
@@ -105,3 +105,31 @@ def test_diagnose_step_sizes_records_every_tensor(tmp_path: Path) -> None:
         assert all(len(values) == 4 and all(value > 0 for value in values)
                    for values in result["relative_steps"].values())
     assert (tmp_path / "step_sizes.png").stat().st_size > 0 and "0.weight" in (tmp_path / "step_sizes.md").read_text()
+
+
+def test_select_checkpoint_ranks_a_runs_checkpoints_on_the_validation_tasks(tmp_path: Path) -> None:
+    from lopt_hf.data import FASHION_MNIST_DIR
+    from lopt_hf.metatrain.config import load_config
+    from lopt_hf.metatrain.trainer import MetaTrainer
+
+    if not (Path(FASHION_MNIST_DIR) / "t10k-images-idx3-ubyte.gz").exists():
+        pytest.skip("Debian package dataset-fashion-mnist not installed (a validation task needs it)")
+    run = tmp_path / "run"
+    config = load_config(None, [f"output_dir={run}", "task.dataset=digits", "task.hidden_sizes=[8]",
+                                "task.batch_size=16", "estimator.num_tasks=2", "estimator.truncation_length=3",
+                                "estimator.min_unroll=4", "estimator.max_unroll=6", "estimator.compile=false",
+                                "log_with=[]", "num_threads=1", "outer_steps=3", "checkpoint_every=1",
+                                "keep_checkpoints=3", "evaluation.steps=0"])
+    MetaTrainer(config, progress=False).train()
+    out = tmp_path / "select"
+    result = run_script("select_checkpoint.py", str(run), "--every", "2", "--steps", "2", "--seeds", "0",
+                        "--out", str(out), "--no-progress")
+    assert result.stdout.strip().splitlines()[-1] == str(out / "step-2")  # the only multiple of 2 kept
+    assert (out / "step-2" / "config.json").is_file() and not (out / "step-1").exists()
+    report = json.loads((out / "validation" / "results.json").read_text())
+    assert set(report["tasks"]) == {"fashion_mnist_mlp_wide", "docs_lm"}
+    assert set(report["tasks"]["docs_lm"]["optimizers"]) == {"adamw:1e-3", "step-2"}
+    assert "| step-2 |" in (out / "selection.md").read_text()
+    missing = subprocess.run([sys.executable, str(ROOT / "scripts" / "select_checkpoint.py"), str(run), "--every",
+                              "7", "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "no checkpoint" in missing.stderr
