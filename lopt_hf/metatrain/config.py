@@ -9,7 +9,8 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     rule:            {name: per_param_mlp, config: {hidden_sizes: [32]}, init_from: null}
     task:            {family: mlp_image, dataset: digits, hidden_sizes: [32], batch_size: 128, image_size: 8, ...}
     extra_tasks:     []            # more families in the same run, e.g. [{family: char_lm, corpus: python_docs}]
-    estimator:       {name: pes, num_tasks: 8, truncation_length: 10, min_unroll: 50, max_unroll: 100, std: 0.01}
+    estimator:       {name: pes, num_tasks: 8, truncation_length: 10, min_unroll: 50, max_unroll: 100, std: 0.01,
+                      final_fraction: 1.0}   # PES: meta-loss over the last final_fraction of each trajectory
     meta_optimizer:  {lr: 0.003, weight_decay: 0.0, grad_clip: 1.0}
     checkpoint_every: 50
     keep_checkpoints: 2
@@ -322,6 +323,8 @@ def _check_values(config: MetaTrainConfig) -> None:
     except (ValueError, TypeError) as err:  # RuleConfigError is a ValueError
         raise ConfigError(f"rule: {err}") from None
     _check_evaluation(config.evaluation, need)
+    need(config.estimator.final_fraction == 1.0 or config.estimator.name == "pes", "estimator.final_fraction",
+         f"only pes (and LoLO) weight the meta-loss by trajectory position; {config.estimator.name} needs 1.0")
     if config.lolo is not None:
         from .lolo import LOLO_KEYS, LoLOOptions
 

@@ -124,6 +124,10 @@ class EstimatorOptions:
     num_antithetic: int = 1  # antithetic pairs per task (ES, PES)
     stagger: bool = True  # first trajectory of each slot gets a length uniform in [1, L]
     compile: bool = True  # Inductor-compiled inner step (see unroll.py); False runs eagerly
+    # PES (and LoLO): the meta-loss counts only the inner losses of the last final_fraction of each trajectory
+    # (1.0: every step, the trajectory's mean loss; 0.25: its last quarter — "how low does it end", not "how
+    # fast does it fall", the question the evaluation asks). PES stays unbiased for this weighted sum.
+    final_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.truncation_length < 1:
@@ -135,6 +139,8 @@ class EstimatorOptions:
             raise ValueError(f"std: must be > 0, got {self.std}")
         if self.num_antithetic < 1:
             raise ValueError(f"num_antithetic: must be >= 1, got {self.num_antithetic}")
+        if not 0.0 < self.final_fraction <= 1.0:
+            raise ValueError(f"final_fraction: must be in (0, 1], got {self.final_fraction}")
 
 
 class _Estimator:
@@ -363,6 +369,7 @@ class TruncationPlan:
     same_trajectory: Tensor  # (T, K) bool: step t still belongs to the trajectory the truncation began in
     reset_any: Tensor  # (K,) bool: some trajectory ended inside the truncation
     final_length: Tensor  # (K,) int64: length of the trajectory each slot is in at the end
+    progress: Tensor  # (T, K) float: steps done ÷ length of the trajectory step t belongs to, before step t
 
 
 @dataclasses.dataclass
@@ -458,6 +465,7 @@ class _TruncatedEstimator(_Estimator):
         tasks = {key[len("task/"):]: value for key, value in state.items() if key.startswith("task/")}
         resets: dict[int, list[TrajectoryStart]] = {}
         same = torch.ones(horizon, len(task_ids), dtype=torch.bool)
+        progress = torch.zeros(horizon, len(task_ids), dtype=torch.float32)
         final_length, per_slot_data = [], []
         for slot, task_id in enumerate(task_ids):
             step, length = int(state["step"][slot]), int(state["length"][slot])
@@ -472,13 +480,14 @@ class _TruncatedEstimator(_Estimator):
                     task, step, start = begun.task, begun.step, t
                     if len(segments) == 1:
                         same[t:, slot] = False
+                progress[t, slot] = step / length
                 step += 1
             segments.append((start, horizon, task))
             per_slot_data.append(self._segment_batches(task_id, outer_step, segments))
             final_length.append(length)
         data = {key: torch.stack([item[key] for item in per_slot_data], dim=1) for key in per_slot_data[0]}
         return TruncationPlan(data=data, resets=resets, same_trajectory=same, reset_any=~same[-1],
-                               final_length=torch.tensor(final_length, dtype=torch.int64))
+                              final_length=torch.tensor(final_length, dtype=torch.int64), progress=progress)
 
     def _start_trajectory(self, state: EstimatorState, slot: int, task_id: int, outer_step: int,
                           t: int) -> tuple[TrajectoryStart, int]:
@@ -628,6 +637,9 @@ class PES(_TruncatedEstimator):
         raw, problems = run.raw, run.problems
         normalized = self.family.normalized_loss(raw).reshape(horizon, num_tasks, members)
         difference = self._meta_signal(normalized[..., 0::2] - normalized[..., 1::2], run, outer_step)  # (T, K, A)
+        if self.options.final_fraction < 1.0:  # only the trajectories' last stretch counts
+            counted = plan.progress >= 1.0 - self.options.final_fraction  # (T, K)
+            difference = difference * counted.to(difference.dtype).unsqueeze(-1)
         same = plan.same_trajectory.to(difference.dtype).unsqueeze(-1)  # (T, K, 1)
         # Loss differences of the trajectory this truncation continued see every perturbation
         # of that trajectory (the accumulator); those of trajectories started inside it only z.

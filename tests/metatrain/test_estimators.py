@@ -278,3 +278,30 @@ def test_estimates_are_deterministic(image_family, small_rule) -> None:
     assert isinstance(first, EstimateResult)
     assert torch.equal(flat(first.grad_sum), flat(second.grad_sum))
     assert not torch.equal(flat(first.grad_sum), flat(other_step.grad_sum))
+
+
+def test_pes_final_fraction_counts_only_the_end_of_each_trajectory(image_family) -> None:
+    """``final_fraction``: the plan knows each step's place in its trajectory; PES's meta-gradient then uses only
+    the loss differences of steps in the last fraction — none in a truncation that lies before it."""
+    options = dict(truncation_length=4, min_unroll=20, max_unroll=20, num_antithetic=1, compile=False, stagger=False)
+    small_rule = build_rule("per_param_mlp", hidden_sizes=(4,), step_mult=0.01)  # trains 20 steps without blowing up
+    theta = theta_for(small_rule)
+    task_ids = [0, 1]
+    whole = build_estimator("pes", image_family, small_rule, **options)
+    end = build_estimator("pes", image_family, small_rule, final_fraction=0.25, **options)
+    state = whole.init_state(theta, task_ids, 0)
+    for outer_step in range(5):  # trajectories of 20 steps: truncations at steps 0-3, 4-7, ..., 16-19
+        plan = whole._plan(state, task_ids, outer_step)
+        torch.testing.assert_close(plan.progress, (4 * outer_step + torch.arange(4.0)).unsqueeze(1).expand(4, 2) / 20)
+        full, last = whole.estimate(theta, state, task_ids, outer_step), end.estimate(theta, state, task_ids, outer_step)
+        assert torch.equal(full.meta_loss_sum, last.meta_loss_sum)  # the reported meta-loss is the plain mean
+        for key in theta:
+            assert torch.equal(full.new_state[f"pes_accumulator/{key}"], last.new_state[f"pes_accumulator/{key}"])
+        if outer_step < 3:  # steps 0-11: before the last quarter (15-19), so no signal at all
+            assert all(not value.any() for value in last.grad_sum.values()) and flat(full.grad_sum).abs().sum() > 0
+        elif outer_step == 4:  # steps 16-19 are all in the last quarter: the same as counting every step
+            for key in theta:
+                assert torch.equal(last.grad_sum[key], full.grad_sum[key])
+        state = full.new_state
+    with pytest.raises(ValueError, match="final_fraction: must be in"):
+        build_estimator("pes", image_family, small_rule, final_fraction=0.0)
