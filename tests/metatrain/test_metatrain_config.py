@@ -161,3 +161,11 @@ def test_script_help_explains_the_options(capsys: pytest.CaptureFixture[str]) ->
     help_text = capsys.readouterr().out
     for needle in ("--config", "--resume", "--push-to-hub", "--set", "accelerate launch", "checkpoints/"):
         assert needle in help_text
+
+
+def test_final_fraction_is_checked_and_only_pes_takes_it() -> None:
+    assert load_config(None, ["estimator.final_fraction=0.25"]).estimator.final_fraction == 0.25
+    with pytest.raises(ConfigError, match=r"estimator.final_fraction: must be in \(0, 1\], got 0.0"):
+        load_config(None, ["estimator.final_fraction=0"])
+    with pytest.raises(ConfigError, match="estimator.final_fraction.*truncated_es needs 1.0"):
+        load_config(None, ["estimator.name=truncated_es", "estimator.final_fraction=0.5"])
