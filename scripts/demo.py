@@ -2,8 +2,10 @@
 
 Default (``make demo``):
 
-1. ``load_lopt("lopt-hf/small-fc-lolo", model)`` — small_fc_lopt meta-trained with LoLO by lopt_hf
-   (``lopt_hf/pretrained/small-fc-lolo``: artifact + model card), loaded offline by its short name.
+1. ``load_lopt("lopt-hf/celo-adam-mix", model)`` — the published Celo-Adam with per-tensor scheduler inputs,
+   fine-tuned by lopt_hf (``lopt_hf/pretrained/celo-adam-mix``: artifact + model card), loaded offline by its
+   short name. It plans its learning rate over the run, so the loop tells it the number of steps
+   (``optimizer.set_total_steps``) and each step's loss (``optimizer.step(loss=...)``).
 2. Train a fresh digits MLP with it and with AdamW (default lr 1e-3 and a tuned 1e-2) on the same
    batches; print the curves and test accuracy.
 3. Save ``demo_out/demo_loss.png`` (loss per step and per second of wall-clock time, each optimizer's
@@ -13,7 +15,7 @@ Default (``make demo``):
 small_fc_lopt, PES on digits MLPs, about a minute on a CPU core), exports it as a Hub artifact
 (``demo_out/run/final``: config.json + model.safetensors + model card, ready for ``lopt-hf push``)
 and trains with that. ``--artifact NAME_OR_DIR`` uses any other artifact (folder, Hub repo id or
-shipped name, e.g. ``lopt-hf/celo2-base-mini``).
+shipped name, e.g. the research baseline ``lopt-hf/small-fc-lolo``).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm import tqdm
 
-from lopt_hf import load_lopt
+from lopt_hf import LearnedOptimizer, load_lopt
 from lopt_hf.plotting import plot_loss_and_step_cost
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -64,6 +66,9 @@ def train(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, data, s
     steps, the test accuracy and the measured cost of a step (wall clock, held-out evaluations excluded)."""
     x_train, y_train, x_test, y_test = data
     generator = torch.Generator().manual_seed(seed)
+    learned = isinstance(optimizer, LearnedOptimizer)
+    if learned:
+        optimizer.set_total_steps(steps)  # rules with a learned schedule plan over the run (ignored by others)
     losses, elapsed, step_ms, optimizer_ms = [], [], [], []
     eval_steps, eval_losses = [], []
     clock = 0.0
@@ -74,7 +79,10 @@ def train(name: str, model: nn.Module, optimizer: torch.optim.Optimizer, data, s
         optimizer.zero_grad()
         loss.backward()
         before_step = time.perf_counter()
-        optimizer.step()
+        if learned:
+            optimizer.step(loss=loss.detach())  # the loss feeds a learned scheduler's features (ignored by others)
+        else:
+            optimizer.step()
         end = time.perf_counter()
         clock += end - start
         losses.append(loss.item())
@@ -101,7 +109,7 @@ def digits_split(seed: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", default="lopt-hf/small-fc-lolo",
+    parser.add_argument("--artifact", default="lopt-hf/celo-adam-mix",
                         help="learned optimizer to train with: shipped name, folder or Hub repo id")
     parser.add_argument("--metatrain", action="store_true",
                         help="meta-train one with configs/quickstart.yaml first and use it instead of --artifact")

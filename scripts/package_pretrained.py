@@ -75,6 +75,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, default=REPO_ROOT,
                         help="write lopt_hf/pretrained/<name>/ and docs/pretrained/<name>/ under this folder "
                              "(default: this repository)")
+    parser.add_argument("--reports", type=Path, nargs="+", default=[],
+                        help="`lopt-hf eval` reports (results.json or their folders) to take the evaluation from instead "
+                             "of evaluating: per length (the --multiples of the horizon), the union of their tasks and "
+                             "optimizers; the optimizer labelled NAME must load this checkpoint's theta. With the "
+                             "`adamw:1e-3`, `adamw-grid` and `celo-adam` results of every cell, the card states the "
+                             "shipping bar's verdict (lopt_hf.evaluation.bar)")
     parser.add_argument("--reuse-evaluation", action="store_true",
                         help="take the evaluation from docs/pretrained/<name>/eval_<steps>/results.json written by an "
                              "earlier run of this script for the same checkpoint (e.g. to re-render the card with new "
@@ -128,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             steps = horizon * multiple
             print(f"evaluating {args.name} for {steps} steps ({multiple}× the meta-training horizon)")
             previous = reports / f"eval_{steps}" / "results.json"
-            if args.reuse_evaluation and previous.is_file():
+            if args.reports:
+                results = reports_of_length(args.reports, steps, args.name, artifact)
+                results["settings"]["checkpoint"] = checkpoint.name
+            elif args.reuse_evaluation and previous.is_file():
                 results = json.loads(previous.read_text(encoding="utf-8"))
                 if results["settings"].get("checkpoint") != checkpoint.name:
                     print(f"package_pretrained: {previous} was computed for {results['settings'].get('checkpoint')}, "
@@ -150,22 +159,33 @@ def main(argv: list[str] | None = None) -> int:
         provenance = dict(artifact.config.provenance)
         provenance["shipped_as"] = f"{NAMESPACE}/{args.name}"
         provenance["source"] = f"lopt_hf meta-training run {config['name']!r} ({checkpoint.name}), shipped in lopt_hf"
+        if args.reports:  # the tasks as the reports describe them
+            tasks_text = "; ".join(f"`{task}`: {entry.get('description', '')}"
+                                   for task, entry in evaluations[0]["tasks"].items())
+        else:
+            tasks_text = ("digits / Fashion-MNIST / MNIST MLPs at 8×8 (the meta-training distribution), Fashion-MNIST "
+                          "at 16×16 with a wider MLP, a small CNN on digits and a character-level GPT-2 trained through "
+                          "`transformers.Trainer` (all outside meta-training except the 8×8 MLPs)")
+        seeds = evaluations[0]["settings"]["seeds"]
         provenance["evaluation"] = {
             "description": (
                 f"`lopt-hf eval` for {' and '.join(f'{horizon * m} steps' for m in args.multiples)} "
                 f"({' and '.join(f'{m}×' for m in args.multiples)} the {horizon}-step meta-training horizon), "
-                f"seeds {', '.join(map(str, args.seeds))}: "
+                f"seeds {', '.join(map(str, seeds))}: "
                 f"every optimizer trains the same models from the same initialisations on the same batches. "
                 f"Train loss = mean over the last 10% of steps of the seed-averaged curve; test loss and "
-                f"accuracy on held-out data at the end; best per task in bold. 'AdamW (tuned lr)' is the best "
-                f"of lr ∈ {{3e-4, 1e-3, 3e-3, 1e-2}} per task by final training loss — a grid the learned "
-                f"optimizer does not get. Tasks: digits / Fashion-MNIST / MNIST MLPs at 8×8 (the meta-training "
-                f"distribution), Fashion-MNIST at 16×16 with a wider MLP, a small CNN on digits and a "
-                f"character-level GPT-2 trained through `transformers.Trainer` (all outside meta-training "
-                f"except the 8×8 MLPs). Full reports: `docs/pretrained/{args.name}/` in the lopt_hf repository."),
+                f"accuracy on held-out data at the end; best per task in bold. 'AdamW (tuned lr)' / `adamw-grid` "
+                f"is the best of lr ∈ {{3e-4, 1e-3, 3e-3, 1e-2}} per task by final training loss — a grid the "
+                f"learned optimizer does not get. Tasks: {tasks_text}. Full reports: `docs/pretrained/{args.name}/` "
+                f"in the lopt_hf repository."),
             "sections": sections,
         }
-        add_heldout_comparison(provenance, args.name, config_from_dict(config, stored=True), evaluations)
+        bar = shipping_bar(evaluations, args.name)
+        if bar is not None:
+            from lopt_hf.evaluation.bar import verdict_markdown
+
+            sections.append({"title": "The shipping bar", "table": verdict_markdown(bar)})
+        add_heldout_comparison(provenance, args.name, config_from_dict(config, stored=True), evaluations, bar=bar)
         if args.limitations:
             provenance["limitations"] = args.limitations.read_text(encoding="utf-8").strip()
         if args.citation:
@@ -177,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             "   # datasets besides scikit-learn's digits",
             f"python scripts/metatrain.py --config {config_file.as_posix()}",
             f"python scripts/package_pretrained.py {args.name} runs/{config['name']}"
+            + "".join(f" --reports {_repo_relative(path)}" for path in args.reports)
             + "".join(f" --{option} {path.as_posix()}" for option, path in
                       (("limitations", args.limitations), ("citation", args.citation)) if path),
         ])
@@ -302,20 +323,71 @@ def recorded_run_state(summary: dict, checkpoint: str) -> dict:
     return {"step": int(checkpoint.split("-")[1]), "num_processes": int(summary["Processes"]), "elapsed_s": seconds}
 
 
+# ================================================================ the shipping bar
+
+
+def reports_of_length(paths: list[Path], steps: int, name: str, artifact: Any) -> dict:
+    """The union of the ``steps``-long reports among ``paths``; the optimizer ``name`` must load ``artifact``'s theta."""
+    import torch
+
+    from lopt_hf import load_artifact
+    from lopt_hf.evaluation import merge_reports
+    from lopt_hf.evaluation.bar import load_reports
+
+    chosen = [report for report in load_reports(paths) if int(report["settings"]["steps"]) == steps]
+    if not chosen:
+        raise SystemExit(f"package_pretrained: no --reports of {steps} steps")
+    results = merge_reports(chosen)
+    spec = results["settings"]["optimizers"].get(name)
+    if spec is None:
+        raise SystemExit(f"package_pretrained: the {steps}-step --reports have no optimizer labelled {name!r}")
+    theta, packaged = load_artifact(spec.partition("=")[2] or spec).theta(), artifact.theta()
+    if set(theta) != set(packaged) or any(not torch.equal(theta[key], packaged[key]) for key in theta):
+        raise SystemExit(f"package_pretrained: {name!r} in the {steps}-step --reports ({spec}) is not this checkpoint")
+    return results
+
+
+def shipping_bar(evaluations: list[dict], name: str) -> Any:
+    """The bar's verdict (:mod:`lopt_hf.evaluation.bar`) when the reports hold what it needs, else ``None``."""
+    from lopt_hf.evaluation.bar import check_bar
+
+    try:
+        return check_bar(evaluations, name)
+    except (KeyError, ValueError):
+        return None
+
+
+def bar_paragraph(bar: Any) -> str:
+    """The card's first paragraph for an optimizer that meets the shipping bar: what was measured, in numbers."""
+    arithmetic, geometric = bar.mean_normalised()
+    reference = bar.mean_normalised(of_reference=True)
+    lengths = sorted({row.steps for row in bar.rows})
+    tasks = list(dict.fromkeys(row.task for row in bar.rows))
+    near = sum(row.near_tuned for row in bar.rows)
+    return (f"**Meets lopt_hf's shipping bar** on every `lopt-hf eval` task ({', '.join(tasks)}) at "
+            f"{' and '.join(f'{steps:,}' for steps in lengths)} steps, none of which it was meta-trained on: its final "
+            f"training loss is below AdamW at lr 1e-3 in all {len(bar.rows)} cells, within 5% of (or below) AdamW at "
+            f"the best of four learning rates per task in {near}, and its loss ÷ tuned AdamW's averages "
+            f"{arithmetic:.3f} (geometric mean {geometric:.3f}) against {reference[0]:.3f} ({reference[1]:.3f}) for the "
+            f"published Celo-Adam it started from. The table is under Evaluation; the held-out *test* losses are "
+            f"compared with AdamW's below it — read both.")
+
+
 # ================================================================ outside the meta-training family
 
 HELDOUT_TITLE = "Outside the meta-training family"
 
 
 def in_meta_training_family(task_name: str, config: Any) -> bool:
-    """Whether an evaluation task is an MLP of the meta-training shape on its datasets and image size."""
+    """Whether an evaluation task is an MLP of a meta-training family's shape on its datasets and image size."""
     from lopt_hf.evaluation import TASKS
 
     task = TASKS.get(task_name)
-    datasets = [config.task.dataset] if isinstance(config.task.dataset, str) else list(config.task.dataset)
-    return (getattr(task, "architecture", None) == "mlp" and getattr(task, "dataset", None) in datasets
-            and getattr(task, "image_size", None) == config.task.image_size
-            and tuple(getattr(task, "hidden_sizes", ())) == tuple(config.task.hidden_sizes))
+    return any(section.family == "mlp_image" and getattr(task, "architecture", None) == "mlp"
+               and getattr(task, "dataset", None) in section.datasets()
+               and getattr(task, "image_size", None) == section.image_size
+               and tuple(getattr(task, "hidden_sizes", ())) == tuple(section.hidden_sizes)
+               for section in config.task_sections())
 
 
 def heldout_rows(evaluations: list[dict], label: str, config: Any) -> list[dict]:
@@ -364,8 +436,10 @@ def _adamw_name(spec: str, entry: dict) -> str:
     return f"lr {lr:g}" if lr is not None else "tuned lr"
 
 
-def add_heldout_comparison(provenance: dict, label: str, config: Any, evaluations: list[dict]) -> None:
-    """Append the research-baseline paragraph to the description and the comparison table to the evaluation."""
+def add_heldout_comparison(provenance: dict, label: str, config: Any, evaluations: list[dict],
+                           bar: Any = None) -> None:
+    """Append the research-baseline paragraph (or, for an optimizer that meets the shipping bar, the bar's
+    verdict) to the description and the comparison table to the evaluation."""
     from lopt_hf.model_card import markdown_table
 
     rows = heldout_rows(evaluations, label, config)
@@ -374,7 +448,9 @@ def add_heldout_comparison(provenance: dict, label: str, config: Any, evaluation
     text = (f"**A research baseline.** Meta-training showed it only MLPs with hidden layers {list(task.hidden_sizes)} "
             f"on {task.image_size}×{task.image_size} images of {', '.join(datasets)}, for up to "
             f"{estimator.max_unroll} steps. ")
-    if not rows:
+    if bar is not None and bar.passed:
+        text = bar_paragraph(bar)
+    elif not rows:
         text += "It has not been evaluated outside that family: try it against AdamW before relying on it."
     else:
         worse_loss = sum(row["loss"] > row["adamw_loss"] for row in rows)

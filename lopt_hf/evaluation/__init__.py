@@ -14,11 +14,11 @@ Tasks are in :data:`TASKS` (:mod:`.tasks`), optimizer specs are described in :mo
 
 from ..data import DatasetUnavailableError
 from .optimizers import ADAMW_GRID, OptimizerSpec, OptimizerSpecError, parse_optimizer_spec
-from .report import compact_results, markdown_table, plot_curves, smooth, write_report
+from .report import compact_results, markdown_table, merge_reports, plot_curves, smooth, write_report
 from .runner import DEFAULT_OPTIMIZERS, DEFAULT_SEEDS, DEFAULT_STEPS, run_evaluation
 from .tasks import DEFAULT_TASKS, HELDOUT_TASKS, TASKS, VALIDATION_TASKS, UnknownTaskError, resolve_tasks
 
 __all__ = ["ADAMW_GRID", "DEFAULT_OPTIMIZERS", "DEFAULT_SEEDS", "DEFAULT_STEPS", "DEFAULT_TASKS", "HELDOUT_TASKS",
            "DatasetUnavailableError", "OptimizerSpec", "OptimizerSpecError", "TASKS", "UnknownTaskError",
-           "VALIDATION_TASKS", "compact_results", "markdown_table", "parse_optimizer_spec", "smooth", "plot_curves",
+           "VALIDATION_TASKS", "compact_results", "markdown_table", "merge_reports", "parse_optimizer_spec", "smooth", "plot_curves",
            "resolve_tasks", "run_evaluation", "write_report"]

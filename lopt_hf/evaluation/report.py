@@ -72,6 +72,35 @@ def markdown_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report of several ``run_evaluation`` results of the same length and seeds (say the baselines from
+    one run, a candidate from another): the union of their tasks and optimizers, in the order given.
+
+    A (task, optimizer label) present in two reports must be the same spec; lengths or seeds that differ are an
+    error (a mean over other seeds or another horizon is another number).
+    """
+    if not reports:
+        raise ValueError("no reports to merge")
+    first = reports[0]["settings"]
+    merged = {"settings": {**first, "tasks": [], "optimizers": {}, "skipped_tasks": {}}, "tasks": {}}
+    for report in reports:
+        settings = report["settings"]
+        for key in ("steps", "seeds"):
+            if settings[key] != first[key]:
+                raise ValueError(f"reports differ in {key}: {first[key]} and {settings[key]}")
+        for label, spec in settings["optimizers"].items():
+            if merged["settings"]["optimizers"].setdefault(label, spec) != spec:
+                raise ValueError(f"optimizer label {label!r} names {merged['settings']['optimizers'][label]!r} in one "
+                                 f"report and {spec!r} in another")
+        merged["settings"]["skipped_tasks"].update(settings.get("skipped_tasks", {}))
+        for task, task_results in report["tasks"].items():
+            target = merged["tasks"].setdefault(task, {**task_results, "optimizers": {}})
+            target["optimizers"].update(task_results["optimizers"])
+            if task not in merged["settings"]["tasks"]:
+                merged["settings"]["tasks"].append(task)
+    return merged
+
+
 def compact_results(results: dict[str, Any], significant_digits: int = 4) -> dict[str, Any]:
     """A copy of ``results`` small enough to keep in a repository: per-seed curves dropped (each run keeps
     its final numbers), mean curves rounded to ``significant_digits``. Tables and plots render the same."""

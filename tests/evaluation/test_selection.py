@@ -11,7 +11,7 @@ from lopt_hf.evaluation.selection import rank_checkpoints, ranking_markdown
 
 def report(losses: dict[str, dict[str, float | None]]) -> dict:
     """``run_evaluation``-shaped results: task -> label -> final train loss."""
-    return {"settings": {"steps": 200, "seeds": [0, 1]},
+    return {"settings": {"steps": 200, "seeds": [0, 1], "optimizers": {}},
             "tasks": {task: {"optimizers": {label: {"final_train_loss": loss} for label, loss in by_label.items()}}
                       for task, by_label in losses.items()}}
 
@@ -40,3 +40,26 @@ def test_missing_results_are_errors_that_name_them() -> None:
         rank_checkpoints(report({"mlp": {"adamw:1e-3": None, "a": 0.25}}), ["a"])
     with pytest.raises(ValueError, match="no candidates"):
         rank_checkpoints(results, [])
+
+
+def test_merge_reports_joins_runs_of_the_same_length_and_seeds() -> None:
+    from lopt_hf.evaluation import merge_reports
+
+    baseline = report({"mlp": {"adamw:1e-3": 0.5}, "lm": {"adamw:1e-3": 2.0}})
+    baseline["settings"]["optimizers"] = {"adamw:1e-3": "adamw:1e-3"}
+    candidate = report({"mlp": {"mine": 0.25}, "cnn": {"mine": 0.1}})
+    candidate["settings"]["optimizers"] = {"mine": "mine=./mine"}
+    merged = merge_reports([baseline, candidate])
+    assert merged["settings"]["tasks"] == ["mlp", "lm", "cnn"]
+    assert merged["settings"]["optimizers"] == {"adamw:1e-3": "adamw:1e-3", "mine": "mine=./mine"}
+    assert set(merged["tasks"]["mlp"]["optimizers"]) == {"adamw:1e-3", "mine"}
+    assert rank_checkpoints(merge_reports([baseline, report({"mlp": {"mine": 0.25}, "lm": {"mine": 1.0}})]),
+                            ["mine"])[0].score == pytest.approx(0.5)
+    longer = report({"mlp": {"mine": 0.2}})
+    longer["settings"]["steps"] = 2000
+    with pytest.raises(ValueError, match="reports differ in steps"):
+        merge_reports([baseline, longer])
+    other = report({"mlp": {"adamw:1e-3": 0.5}})
+    other["settings"]["optimizers"] = {"adamw:1e-3": "adamw:3e-3"}
+    with pytest.raises(ValueError, match="'adamw:1e-3' names 'adamw:1e-3' in one report and 'adamw:3e-3'"):
+        merge_reports([baseline, other])

@@ -20,6 +20,7 @@ from lopt_hf.data import load_image_dataset
 from lopt_hf.pretrained import SHIPPED, available_pretrained, pretrained_path
 
 NAMES = [f"lopt-hf/{short}" for short in SHIPPED]
+DEFAULT = "lopt-hf/celo-adam-mix"  # the default of make demo, scripts/finetune.py and the README
 
 
 def test_every_registered_optimizer_is_shipped() -> None:
@@ -46,7 +47,8 @@ def test_loads_offline_by_short_name_from_any_directory(name: str, tmp_path: Pat
     code = ("import torch, lopt_hf\n"
             "model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))\n"
             f"opt = lopt_hf.load_lopt({name!r}, model)\n"
-            "model(torch.randn(5, 4)).square().mean().backward(); opt.step()\n"
+            "loss = model(torch.randn(5, 4)).square().mean(); loss.backward()\n"
+            "opt.set_total_steps(10); opt.step(loss=loss.detach())\n"
             "print(type(opt).__name__, opt.artifact_defaults)\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -92,10 +94,11 @@ def test_model_card_is_complete(name: str) -> None:
     # evaluation at 1x and 10x the meta-training horizon, each with a table and a plot in the folder
     horizon = meta["config"]["estimator"]["max_unroll"]
     sections = provenance["evaluation"]["sections"]
-    assert [section["title"].split(":")[0] for section in sections] == ["1× the meta-training horizon",
-                                                                         "10× the meta-training horizon",
-                                                                         "Outside the meta-training family"]
-    for section, steps in zip(sections, (horizon, 10 * horizon)):
+    default = name == DEFAULT  # the one that meets the shipping bar; the others are research baselines
+    assert [section["title"].split(":")[0] for section in sections] == [
+        "1× the meta-training horizon", "10× the meta-training horizon",
+        *(["The shipping bar"] if default else []), "Outside the meta-training family"]
+    for section, steps in zip(sections[:2], (horizon, 10 * horizon)):
         assert f"{steps} steps" in section["title"]
         assert "| task | optimizer |" in section["table"] and "AdamW" in section["table"]
         assert (folder / section["plot"]).is_file() and f"]({section['plot']})" in card
@@ -106,10 +109,14 @@ def test_model_card_is_complete(name: str) -> None:
     config_file = Path(__file__).resolve().parents[2] / provenance["reproduce"].split("--config ")[1].split()[0]
     assert config_file.is_file()
     assert f'load_lopt("{name}", model)' in card
-    # a research baseline, said first, with the held-out comparison it rests on
     body = card.split("---\n", 2)[2]
-    assert body.split("\n\n")[1].startswith("**A research baseline.** Meta-training showed it only MLPs")
-    assert "Outside that family it loses to AdamW" in card and "| mnist_mlp_wide | 200 |" in card
+    if default:  # the bar's verdict, said first, with the table it rests on and the held-out test losses
+        assert body.split("\n\n")[1].startswith("**Meets lopt_hf's shipping bar** on every `lopt-hf eval` task")
+        assert "**Meets the bar.**" in sections[2]["table"] and "| tiny_lm | 2000 |" in sections[2]["table"]
+        assert "| tiny_lm | 200 |" in sections[3]["table"]
+    else:  # a research baseline, said first, with the held-out comparison it rests on
+        assert body.split("\n\n")[1].startswith("**A research baseline.** Meta-training showed it only MLPs")
+        assert "Outside that family it loses to AdamW" in card and "| mnist_mlp_wide | 200 |" in card
     # the card is what the current builder renders from config.json (re-render: package_pretrained.py --cards-only)
     assert card == str(load_artifact(name).model_card())
 
@@ -119,6 +126,9 @@ def _train_digits(make_optimizer, steps: int = 200, seed: int = 0) -> float:
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     optimizer = make_optimizer(model)
+    learned = isinstance(optimizer, lopt_hf.LearnedOptimizer)
+    if learned:
+        optimizer.set_total_steps(steps)
     generator = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
@@ -126,15 +136,18 @@ def _train_digits(make_optimizer, steps: int = 200, seed: int = 0) -> float:
         loss = nn.functional.cross_entropy(model(train.images[batch]), train.labels[batch])
         optimizer.zero_grad()
         loss.backward()
-        optimizer.step()
+        if learned:
+            optimizer.step(loss=loss.detach())  # a learned scheduler's loss features (ignored by other rules)
+        else:
+            optimizer.step()
         losses.append(loss.item())
     return sum(losses[-20:]) / 20
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_optimizer_trains_its_meta_training_task_better_than_adamw_default(name: str) -> None:
-    """On a digits MLP over its meta-training horizon it beats AdamW at lr 1e-3 (what it was meta-trained
-    to do) and is far from its random initialisation's non-training."""
+    """On a digits MLP for 200 steps (the meta-training family and horizon of the research baselines; unseen by
+    the default) it beats AdamW at lr 1e-3 by far."""
     torch.set_num_threads(1)
     learned = _train_digits(lambda model: load_lopt(name, model))
     adamw = _train_digits(lambda model: torch.optim.AdamW(model.parameters(), lr=1e-3))
