@@ -207,9 +207,12 @@ def _in_order(values: Mapping[str, Any], order: tuple[str, ...]) -> dict[str, An
 
 
 def _sorted_within(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Top-level keys as they come; the keys of nested mappings sorted (as config.json stores them)."""
+    """Top-level keys as they come; the keys of nested mappings sorted (as config.json stores them), in lists too
+    (``extra_tasks``), so a card renders the same at export and from a saved config.json."""
     def sort(value: Any) -> Any:
-        return {key: sort(value[key]) for key in sorted(value)} if isinstance(value, Mapping) else value
+        if isinstance(value, Mapping):
+            return {key: sort(value[key]) for key in sorted(value)}
+        return [sort(item) for item in value] if isinstance(value, list) else value
 
     return {key: sort(value) for key, value in values.items()}
 

@@ -76,8 +76,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="write lopt_hf/pretrained/<name>/ and docs/pretrained/<name>/ under this folder "
                              "(default: this repository)")
     parser.add_argument("--reports", type=Path, nargs="+", default=[],
-                        help="`lopt-hf eval` reports (results.json or their folders) to take the evaluation from instead "
-                             "of evaluating: per length (the --multiples of the horizon), the union of their tasks and "
+                        help="`lopt-hf eval` reports (results.json or their folders) to take the evaluation from "
+                             "instead of evaluating: per length (the --multiples of the horizon), the union of their tasks and "
                              "optimizers; the optimizer labelled NAME must load this checkpoint's theta. With the "
                              "`adamw:1e-3`, `adamw-grid` and `celo-adam` results of every cell, the card states the "
                              "shipping bar's verdict (lopt_hf.evaluation.bar)")
@@ -163,9 +163,9 @@ def main(argv: list[str] | None = None) -> int:
             tasks_text = "; ".join(f"`{task}`: {entry.get('description', '')}"
                                    for task, entry in evaluations[0]["tasks"].items())
         else:
-            tasks_text = ("digits / Fashion-MNIST / MNIST MLPs at 8×8 (the meta-training distribution), Fashion-MNIST "
-                          "at 16×16 with a wider MLP, a small CNN on digits and a character-level GPT-2 trained through "
-                          "`transformers.Trainer` (all outside meta-training except the 8×8 MLPs)")
+            tasks_text = ("digits / Fashion-MNIST / MNIST MLPs at 8×8 (the meta-training distribution), "
+                          "Fashion-MNIST at 16×16 with a wider MLP, a small CNN on digits and a character-level GPT-2 "
+                          "trained through `transformers.Trainer` (all outside meta-training except the 8×8 MLPs)")
         seeds = evaluations[0]["settings"]["seeds"]
         provenance["evaluation"] = {
             "description": (
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             "   # datasets besides scikit-learn's digits",
             f"python scripts/metatrain.py --config {config_file.as_posix()}",
             f"python scripts/package_pretrained.py {args.name} runs/{config['name']}"
-            + "".join(f" --reports {_repo_relative(path)}" for path in args.reports)
+            + (" --reports " + " ".join(_repo_relative(path) for path in args.reports) if args.reports else "")
             + "".join(f" --{option} {path.as_posix()}" for option, path in
                       (("limitations", args.limitations), ("citation", args.citation)) if path),
         ])
@@ -327,7 +327,7 @@ def recorded_run_state(summary: dict, checkpoint: str) -> dict:
 
 
 def reports_of_length(paths: list[Path], steps: int, name: str, artifact: Any) -> dict:
-    """The union of the ``steps``-long reports among ``paths``; the optimizer ``name`` must load ``artifact``'s theta."""
+    """The union of the ``steps``-long reports among ``paths``; optimizer ``name`` must load ``artifact``'s theta."""
     import torch
 
     from lopt_hf import load_artifact
@@ -368,8 +368,8 @@ def bar_paragraph(bar: Any) -> str:
             f"{' and '.join(f'{steps:,}' for steps in lengths)} steps, none of which it was meta-trained on: its final "
             f"training loss is below AdamW at lr 1e-3 in all {len(bar.rows)} cells, within 5% of (or below) AdamW at "
             f"the best of four learning rates per task in {near}, and its loss ÷ tuned AdamW's averages "
-            f"{arithmetic:.3f} (geometric mean {geometric:.3f}) against {reference[0]:.3f} ({reference[1]:.3f}) for the "
-            f"published Celo-Adam it started from. The table is under Evaluation; the held-out *test* losses are "
+            f"{arithmetic:.3f} (geometric mean {geometric:.3f}) against {reference[0]:.3f} ({reference[1]:.3f}) for "
+            f"the published Celo-Adam it started from. The table is under Evaluation; the held-out *test* losses are "
             f"compared with AdamW's below it — read both.")
 
 

@@ -20,5 +20,5 @@ from .tasks import DEFAULT_TASKS, HELDOUT_TASKS, TASKS, VALIDATION_TASKS, Unknow
 
 __all__ = ["ADAMW_GRID", "DEFAULT_OPTIMIZERS", "DEFAULT_SEEDS", "DEFAULT_STEPS", "DEFAULT_TASKS", "HELDOUT_TASKS",
            "DatasetUnavailableError", "OptimizerSpec", "OptimizerSpecError", "TASKS", "UnknownTaskError",
-           "VALIDATION_TASKS", "compact_results", "markdown_table", "merge_reports", "parse_optimizer_spec", "smooth", "plot_curves",
-           "resolve_tasks", "run_evaluation", "write_report"]
+           "VALIDATION_TASKS", "compact_results", "markdown_table", "merge_reports", "parse_optimizer_spec", "smooth",
+           "plot_curves", "resolve_tasks", "run_evaluation", "write_report"]

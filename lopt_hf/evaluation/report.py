@@ -76,8 +76,8 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One report of several ``run_evaluation`` results of the same length and seeds (say the baselines from
     one run, a candidate from another): the union of their tasks and optimizers, in the order given.
 
-    A (task, optimizer label) present in two reports must be the same spec; lengths or seeds that differ are an
-    error (a mean over other seeds or another horizon is another number).
+    A (task, optimizer label) present in two reports must be the same spec (the first report's entry is kept);
+    lengths or seeds that differ are an error (a mean over other seeds or another horizon is another number).
     """
     if not reports:
         raise ValueError("no reports to merge")
@@ -89,13 +89,15 @@ def merge_reports(reports: list[dict[str, Any]]) -> dict[str, Any]:
             if settings[key] != first[key]:
                 raise ValueError(f"reports differ in {key}: {first[key]} and {settings[key]}")
         for label, spec in settings["optimizers"].items():
-            if merged["settings"]["optimizers"].setdefault(label, spec) != spec:
-                raise ValueError(f"optimizer label {label!r} names {merged['settings']['optimizers'][label]!r} in one "
-                                 f"report and {spec!r} in another")
+            merged["settings"]["optimizers"].setdefault(label, spec)
         merged["settings"]["skipped_tasks"].update(settings.get("skipped_tasks", {}))
         for task, task_results in report["tasks"].items():
             target = merged["tasks"].setdefault(task, {**task_results, "optimizers": {}})
-            target["optimizers"].update(task_results["optimizers"])
+            for label, entry in task_results["optimizers"].items():
+                earlier = target["optimizers"].setdefault(label, entry)
+                if earlier.get("spec") != entry.get("spec"):
+                    raise ValueError(f"{task}: optimizer label {label!r} is {earlier.get('spec')!r} in one report and "
+                                     f"{entry.get('spec')!r} in another")
             if task not in merged["settings"]["tasks"]:
                 merged["settings"]["tasks"].append(task)
     return merged

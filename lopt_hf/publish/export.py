@@ -182,8 +182,11 @@ def run_description(config: MetaTrainConfig, state: Mapping[str, Any]) -> str:
                else f"{estimator.min_unroll}–{estimator.max_unroll}-step")
     truncated = (f", truncations of {estimator.truncation_length} steps"
                  if estimator.name in ("pes", "truncated_es", "truncated_bptt") else "")
-    start = (f"fine-tuned from `{config.rule.init_from}`" if config.rule.init_from
-             else "from a random initialisation")
+    start, base = "from a random initialisation", config.card.base_model
+    if config.rule.init_from:  # a local copy of the card's base model is named after it
+        start = f"fine-tuned from `{config.rule.init_from}`"
+        if base and base != config.rule.init_from:
+            start = f"fine-tuned from `{base}` (read from `{config.rule.init_from}`)"
     of_configured = "" if step == config.outer_steps else f" (a checkpoint; the run was configured for " \
                                                           f"{_count(config.outer_steps)})"
     text = (f"Meta-trained by `lopt_hf` {start}: {_count(step)} outer iteration{'s' if step != 1 else ''}"

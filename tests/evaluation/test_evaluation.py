@@ -12,7 +12,8 @@ import torch
 from lopt_hf import LearnedOptimizer, create_artifact
 from lopt_hf.cli import main as cli_main
 from lopt_hf.evaluation import (ADAMW_GRID, DEFAULT_TASKS, HELDOUT_TASKS, TASKS, DatasetUnavailableError,
-                                OptimizerSpecError, UnknownTaskError, markdown_table, parse_optimizer_spec, resolve_tasks, run_evaluation, write_report)
+                                OptimizerSpecError, UnknownTaskError, markdown_table, parse_optimizer_spec,
+                                resolve_tasks, run_evaluation, write_report)
 from lopt_hf.evaluation.optimizers import parse_optimizer_specs
 
 

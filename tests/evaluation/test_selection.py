@@ -60,6 +60,8 @@ def test_merge_reports_joins_runs_of_the_same_length_and_seeds() -> None:
     with pytest.raises(ValueError, match="reports differ in steps"):
         merge_reports([baseline, longer])
     other = report({"mlp": {"adamw:1e-3": 0.5}})
-    other["settings"]["optimizers"] = {"adamw:1e-3": "adamw:3e-3"}
-    with pytest.raises(ValueError, match="'adamw:1e-3' names 'adamw:1e-3' in one report and 'adamw:3e-3'"):
+    baseline["tasks"]["mlp"]["optimizers"]["adamw:1e-3"]["spec"] = "adamw:1e-3"
+    other["tasks"]["mlp"]["optimizers"]["adamw:1e-3"]["spec"] = "adamw:3e-3"
+    with pytest.raises(ValueError, match="mlp: optimizer label 'adamw:1e-3' is 'adamw:1e-3' in one report and "
+                                         "'adamw:3e-3'"):
         merge_reports([baseline, other])

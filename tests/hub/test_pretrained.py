@@ -28,8 +28,8 @@ def test_every_registered_optimizer_is_shipped() -> None:
     for name in NAMES:
         folder = pretrained_path(name)
         assert folder is not None and (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-        # the artifact proper is a few KB (the card's plots travel with it)
-        assert (folder / "model.safetensors").stat().st_size < 32_000
+        # the artifact proper is small: a few KB, 154 KB for Celo-Adam's LSTM scheduler (the card's plots come along)
+        assert (folder / "model.safetensors").stat().st_size < 200_000
     assert pretrained_path("lopt-hf/no-such-optimizer") is None
     assert pretrained_path(NAMES[0].split("/")[1]) is None  # a bare name means a local folder
 
@@ -100,7 +100,7 @@ def test_model_card_is_complete(name: str) -> None:
         *(["The shipping bar"] if default else []), "Outside the meta-training family"]
     for section, steps in zip(sections[:2], (horizon, 10 * horizon)):
         assert f"{steps} steps" in section["title"]
-        assert "| task | optimizer |" in section["table"] and "AdamW" in section["table"]
+        assert "| task | optimizer |" in section["table"] and "adamw" in section["table"].lower()
         assert (folder / section["plot"]).is_file() and f"]({section['plot']})" in card
     assert "## Limitations" in card and len(provenance["limitations"]) > 100
     # the command and the seed that reproduce it

@@ -293,7 +293,8 @@ def test_pes_final_fraction_counts_only_the_end_of_each_trajectory(image_family)
     for outer_step in range(5):  # trajectories of 20 steps: truncations at steps 0-3, 4-7, ..., 16-19
         plan = whole._plan(state, task_ids, outer_step)
         torch.testing.assert_close(plan.progress, (4 * outer_step + torch.arange(4.0)).unsqueeze(1).expand(4, 2) / 20)
-        full, last = whole.estimate(theta, state, task_ids, outer_step), end.estimate(theta, state, task_ids, outer_step)
+        full = whole.estimate(theta, state, task_ids, outer_step)
+        last = end.estimate(theta, state, task_ids, outer_step)
         assert torch.equal(full.meta_loss_sum, last.meta_loss_sum)  # the reported meta-loss is the plain mean
         for key in theta:
             assert torch.equal(full.new_state[f"pes_accumulator/{key}"], last.new_state[f"pes_accumulator/{key}"])

@@ -265,7 +265,8 @@ def test_init_from_gives_published_celo_adam_per_tensor_inputs(tmp_path: Path) -
     assert trainer.theta["rnn_params/linear_2/w"][-8:].abs().sum() > 0
     # the other way round (dropping the inputs a theta was trained with) is refused
     widened_dir = tmp_path / "widened"
-    create_artifact("celo_adam", theta=trainer.theta, rule_config={"tensor_features": True}).save_pretrained(widened_dir)
+    widened = create_artifact("celo_adam", theta=trainer.theta, rule_config={"tensor_features": True})
+    widened.save_pretrained(widened_dir)
     with pytest.raises(ConfigError, match="tensor_features: artifact True, config False"):
         initial_theta(load_config(None, tiny("", tmp_path / "back") + ["rule.name=celo_adam",
                                                                        f"rule.init_from={widened_dir}"]))

@@ -68,6 +68,10 @@ def test_license_and_base_model() -> None:
     chosen = load_config(shipped_configs()["celo"], ["card.base_model=someone/base", "card.license=cc-by-4.0"])
     provenance = meta_training_provenance(chosen, {"step": 1})
     assert (provenance["base_model"], provenance["license"]) == ("someone/base", "cc-by-4.0")
+    local = load_config(shipped_configs()["celo"],
+                        ["rule.init_from=/tmp/converted_celo", "card.base_model=amoudgl/celo"])
+    description = meta_training_provenance(local, {"step": 1})["description"]
+    assert "fine-tuned from `amoudgl/celo` (read from `/tmp/converted_celo`)" in description
     assert hub_base_model("lopt-hf/small-fc-lolo") is None  # shipped with lopt_hf, not a Hub repo
     assert hub_base_model(str(FIXTURES)) is None and hub_base_model("not a repo/x") is None
     assert "base_model" not in meta_training_provenance(load_config(shipped_configs()["quickstart"]), {"step": 1})

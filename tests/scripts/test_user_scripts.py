@@ -1,5 +1,6 @@
 """The user-facing scripts (demo, demo_opt2vec, finetune, trainer_settings, bench_trainer, device_check,
-diagnose_step_sizes, select_checkpoint) run end to end with their smallest settings, each in a subprocess like a user would start it."""
+diagnose_step_sizes, select_checkpoint) run end to end with their smallest settings, each in a subprocess like a
+user would start it."""
 
 from __future__ import annotations
 
@@ -49,7 +50,12 @@ def test_finetune_compares_the_learned_optimizer_with_adamw(tmp_path: Path) -> N
     assert (tmp_path / "loss_curves.png").is_file()
     runs = [value for value in metrics.values() if isinstance(value, dict) and "eval_loss" in value]
     assert len(runs) == 2 and all(math.isfinite(run["eval_loss"]) for run in runs)  # learned optimizer and AdamW
-    # the README's recommended Trainer settings for a learned optimizer without a learned schedule
+    # the README's recommended Trainer settings: the default (Celo-Adam's learned schedule) runs at a constant lr,
+    # a rule without a learned schedule with linear decay
+    constant = {"lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 0.0}
+    assert metrics["lopt_trainer_settings"] == constant
+    run_script("finetune.py", "--steps", "3", "--out", str(tmp_path / "lolo"), "--lopt", "lopt-hf/small-fc-lolo")
+    metrics = json.loads((tmp_path / "lolo" / "metrics.json").read_text())
     assert metrics["lopt_trainer_settings"] == {"lr_scheduler_type": "linear", "warmup_steps": 0, "max_grad_norm": 0.0}
 
 
