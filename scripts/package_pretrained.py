@@ -77,8 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: this repository)")
     parser.add_argument("--reports", type=Path, nargs="+", default=[],
                         help="`lopt-hf eval` reports (results.json or their folders) to take the evaluation from "
-                             "instead of evaluating: per length (the --multiples of the horizon), the union of their tasks and "
-                             "optimizers; the optimizer labelled NAME must load this checkpoint's theta. With the "
+                             "instead of evaluating: per length (the --multiples of the horizon), the union of their "
+                             "tasks and optimizers; the optimizer labelled NAME must load this checkpoint's theta. With the "
                              "`adamw:1e-3`, `adamw-grid` and `celo-adam` results of every cell, the card states the "
                              "shipping bar's verdict (lopt_hf.evaluation.bar)")
     parser.add_argument("--reuse-evaluation", action="store_true",
