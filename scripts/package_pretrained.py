@@ -78,9 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reports", type=Path, nargs="+", default=[],
                         help="`lopt-hf eval` reports (results.json or their folders) to take the evaluation from "
                              "instead of evaluating: per length (the --multiples of the horizon), the union of their "
-                             "tasks and optimizers; the optimizer labelled NAME must load this checkpoint's theta. With the "
-                             "`adamw:1e-3`, `adamw-grid` and `celo-adam` results of every cell, the card states the "
-                             "shipping bar's verdict (lopt_hf.evaluation.bar)")
+                             "tasks and optimizers; the optimizer labelled NAME must load this checkpoint's theta. "
+                             "With the `adamw:1e-3`, `adamw-grid` and `celo-adam` results of every cell, the card "
+                             "states the shipping bar's verdict (lopt_hf.evaluation.bar)")
     parser.add_argument("--reuse-evaluation", action="store_true",
                         help="take the evaluation from docs/pretrained/<name>/eval_<steps>/results.json written by an "
                              "earlier run of this script for the same checkpoint (e.g. to re-render the card with new "
