@@ -109,9 +109,11 @@ def test_vectorized_step_is_the_rule_composed_per_member(family, rule_name: str,
     assert final.opt_state[SCHEDULE_STATE]["iteration"].tolist() == [float(STEPS)] * MEMBERS
 
 
-def test_a_member_steps_like_learned_optimizer(family) -> None:
-    """The meta-trainer's celo step is the deployed optimizer's: LearnedOptimizer, tensors as they are."""
-    rule = build_rule("celo")
+@pytest.mark.parametrize("rule_name", ["celo", "celo_adam+tensor_features"])
+def test_a_member_steps_like_learned_optimizer(family, rule_name: str) -> None:
+    """The meta-trainer's step is the deployed optimizer's: LearnedOptimizer, tensors as they are (celo; Celo-Adam
+    with per-tensor scheduler inputs, the shipped default's rule)."""
+    rule = build_rule(rule_name.split("+")[0], **({"tensor_features": True} if "+" in rule_name else {}))
     trainer = VectorizedInnerTrainer(family, rule, compile=False)
     problems, batch = make_problems(family, trainer)
     theta = perturbed_theta(rule, None)
