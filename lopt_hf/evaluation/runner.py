@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .optimizers import GRID, OptimizerSpec, check_learned_optimizer, parse_optimizer_specs
+from .optimizers import OptimizerSpec, check_learned_optimizer, parse_optimizer_specs
 from .tasks import RunRecord, resolve_tasks
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def run_evaluation(tasks: Sequence[str] | None = None, optimizers: Sequence[str]
         with tqdm(total=len(jobs), desc="lopt-hf eval", unit="run", smoothing=0, dynamic_ncols=True,
                   disable=not progress) as bar:
             for seed, spec, lr, factory, task in jobs:
-                lr_note = f" lr {lr:g}" if spec.kind == GRID else ""
+                lr_note = f" lr {lr:g}" if spec.is_grid else ""
                 bar.set_postfix_str(f"{task.name} | {spec.label}{lr_note} | seed {seed}", refresh=True)
                 runs.setdefault((task.name, spec.label, lr), []).append(_run_one(task, factory, steps, seed))
                 bar.update(1)
@@ -189,7 +189,7 @@ def summarise_runs(runs: Sequence[dict[str, Any]], steps: int, window: int) -> d
 def _optimizer_entry(spec: OptimizerSpec, task: str, runs: dict, steps: int, window: int) -> dict[str, Any]:
     entry: dict[str, Any] = {"spec": spec.spec, "description": spec.description}
     summaries = {lr: summarise_runs(runs[(task, spec.label, lr)], steps, window) for lr, _ in spec.candidates()}
-    if spec.kind != GRID:
+    if not spec.is_grid:
         (summary,) = summaries.values()
         return {**entry, **summary}
 

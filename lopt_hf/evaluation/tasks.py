@@ -220,6 +220,8 @@ class CharLanguageModelTask:
         model = make_char_gpt2(vocab_size, self.block_size, n_layer=self.n_layer, n_embd=self.n_embd,
                                n_head=self.n_head, seed=seed)
         optimizer = make_optimizer(model)
+        if not isinstance(optimizer, LearnedOptimizer):  # (learned ones: LearnedOptimizerCallback tells them)
+            _prepare_optimizer(optimizer, steps)  # a scheduled baseline (adamw-cosine) plans for the run's length
         # learning_rate only seeds Trainer's (constant) scheduler, which multiplies each group's own lr by 1.
         learning_rate = float(optimizer.param_groups[0]["lr"])
         with tempfile.TemporaryDirectory(prefix="lopt-hf-eval-") as output_dir:

@@ -192,6 +192,9 @@ class MetaOptimizerSection:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     grad_clip: Union[float, None] = None  # clip the meta-gradient's global L2 norm (null: no clipping)
+    # theta keys (or key prefixes) held fixed: not perturbed, not updated — e.g. Celo's two phases:
+    # [rnn_params/, lstm_init_state/] trains the update rule only, [ff_mod_stack/] the scheduler only
+    frozen: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -319,9 +322,15 @@ def _check_values(config: MetaTrainConfig) -> None:
         from ..rules import build_rule
 
         config.rule.config = _coerce_rule_config(config.rule.name, config.rule.config)
-        build_rule(config.rule.name, **config.rule.config)
+        rule = build_rule(config.rule.name, **config.rule.config)
     except (ValueError, TypeError) as err:  # RuleConfigError is a ValueError
         raise ConfigError(f"rule: {err}") from None
+    keys = list(rule.theta_shapes())
+    for prefix in meta.frozen:
+        need(any(key.startswith(prefix) for key in keys), "meta_optimizer.frozen",
+             f"{prefix!r} is no theta key (prefix) of rule {config.rule.name!r}; its keys: {keys}")
+    need(len(frozen_theta_keys(keys, meta.frozen)) < len(keys), "meta_optimizer.frozen",
+         "freezes every theta key: nothing would be meta-trained")
     _check_evaluation(config.evaluation, need)
     need(config.estimator.final_fraction == 1.0 or config.estimator.name == "pes", "estimator.final_fraction",
          f"only pes (and LoLO) weight the meta-loss by trajectory position; {config.estimator.name} needs 1.0")
@@ -331,7 +340,6 @@ def _check_values(config: MetaTrainConfig) -> None:
         unknown = sorted(set(config.lolo) - set(LOLO_KEYS))
         need(not unknown, f"lolo.{unknown[0] if unknown else ''}",
              f"unknown key; known: {list(LOLO_KEYS)}")
-        need(not config.extra_tasks, "extra_tasks", "LoLO meta-trains on one task family; drop extra_tasks or lolo")
         need(config.estimator.name == "pes", "lolo", f"LoLO needs estimator.name: pes, got {config.estimator.name!r}")
         try:
             LoLOOptions(**config.lolo)
@@ -340,6 +348,11 @@ def _check_values(config: MetaTrainConfig) -> None:
     unknown_trackers = sorted(set(config.log_with) - {"tensorboard", "wandb", "mlflow", "comet_ml", "aim",
                                                       "clearml", "dvclive", "swanlab", "trackio"})
     need(not unknown_trackers, "log_with", f"unknown tracker(s) {unknown_trackers}")
+
+
+def frozen_theta_keys(keys: list[str], prefixes: list[str]) -> list[str]:
+    """The theta ``keys`` that ``meta_optimizer.frozen``'s ``prefixes`` hold fixed (a key is its own prefix)."""
+    return [key for key in keys if any(key.startswith(prefix) for prefix in prefixes)]
 
 
 def _check_task(task: TaskSection, key: str, need: Any) -> None:

@@ -149,11 +149,17 @@ class _Estimator:
     name: ClassVar[str]
     uses_perturbations: ClassVar[bool] = False
 
-    def __init__(self, task_family: TaskFamily, rule: UpdateRule, *, seed: int = 0, **options: Any) -> None:
+    def __init__(self, task_family: TaskFamily, rule: UpdateRule, *, seed: int = 0, frozen: Sequence[str] = (),
+                 **options: Any) -> None:
         if seed < 0:
             raise ValueError(f"seed must be non-negative, got {seed}")
         self.family = task_family
         self.rule = rule
+        unknown = sorted(set(frozen) - set(rule.theta_shapes()))
+        if unknown:
+            raise ValueError(f"frozen: {unknown} are not theta keys of rule {rule.name!r}")
+        # theta keys held fixed (meta_optimizer.frozen): never perturbed, so ES/PES give them no meta-gradient
+        self.frozen = frozenset(frozen)
         self.seed = int(seed)  # every slot's randomness is seeded by (seed, task id, outer step, purpose)
         self.options = EstimatorOptions(**options)
         self.trainer = VectorizedInnerTrainer(task_family, rule, compile=self.options.compile)
@@ -198,13 +204,14 @@ class _Estimator:
         return task, params, self._sample_length(generator)
 
     def _perturbations(self, theta: Theta, task_ids: Sequence[int], outer_step: int) -> dict[str, Tensor]:
-        """``z`` of every slot and pair: key -> (K, num_antithetic, *shape), unit normal."""
+        """``z`` of every slot and pair: key -> (K, num_antithetic, *shape), unit normal (zero for frozen keys,
+        drawn all the same, so the other keys' noise does not depend on what is frozen)."""
         per_task = []
         for task_id in task_ids:
             generator = slot_generator(self.seed, task_id, outer_step, "perturbation")
-            per_task.append({key: torch.randn((self.options.num_antithetic, *theta[key].shape), generator=generator,
-                                              dtype=torch.float64).to(theta[key].dtype)
-                             for key in sorted(theta)})
+            noise = {key: torch.randn((self.options.num_antithetic, *theta[key].shape), generator=generator,
+                                      dtype=torch.float64).to(theta[key].dtype) for key in sorted(theta)}
+            per_task.append({key: value.zero_() if key in self.frozen else value for key, value in noise.items()})
         return stack_dicts(per_task)
 
     def _member_theta(self, theta: Theta, noise: dict[str, Tensor]) -> Theta:
@@ -678,15 +685,15 @@ ESTIMATORS: dict[str, type[_Estimator]] = {
 def build_estimator(name: str, task_family: TaskFamily, rule: UpdateRule, **options: Any) -> MetaGradientEstimator:
     """The estimator ``name`` (full_bptt, truncated_bptt, es, truncated_es, pes).
 
-    ``options``: ``seed`` and any :class:`EstimatorOptions` field (truncation_length, min_unroll,
-    max_unroll, std, num_antithetic, stagger, compile); unknown names are an error,
-    options an estimator does not use are ignored.
+    ``options``: ``seed``, ``frozen`` (theta keys never perturbed) and any :class:`EstimatorOptions` field
+    (truncation_length, min_unroll, max_unroll, std, num_antithetic, stagger, compile, final_fraction);
+    unknown names are an error, options an estimator does not use are ignored.
     """
     try:
         estimator_class = ESTIMATORS[name]
     except KeyError:
         raise ValueError(f"unknown estimator {name!r}; available: {sorted(ESTIMATORS)}") from None
-    known = {"seed"} | {field.name for field in dataclasses.fields(EstimatorOptions)}
+    known = {"seed", "frozen"} | {field.name for field in dataclasses.fields(EstimatorOptions)}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"unknown estimator option(s) {unknown}; known: {sorted(known)}")

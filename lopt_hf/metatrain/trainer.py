@@ -42,7 +42,7 @@ from ..rules import build_rule
 from .checkpoint import (CheckpointData, CheckpointError, capture_rng_state, checkpoint_dir_name, list_checkpoints,
                          load_checkpoint, newest_intact_checkpoint, restore_rng_state, save_checkpoint,
                          verify_checkpoint)
-from .config import ConfigError, MetaTrainConfig, config_from_dict
+from .config import ConfigError, MetaTrainConfig, config_from_dict, frozen_theta_keys
 from .interrupt import MetaTrainingInterrupted, StopSignals, resume_command
 
 __all__ = ["MetaTrainer", "TrainResult", "task_block", "initial_theta"]
@@ -62,11 +62,18 @@ def task_block(num_tasks: int, rank: int, world_size: int) -> list[int]:
     return list(range(start, stop))
 
 
+# Rule options a fine-tune may change from its artifact's (rule.init_from): how the scheduler's lr_mult is used,
+# the direction of matrices, and (only false -> true) the scheduler's per-tensor inputs. Any other difference
+# means a different optimizer and is refused.
+FINE_TUNE_OPTIONS = ("lr_schedule", "orthogonalize", "tensor_features")
+
+
 def initial_theta(config: MetaTrainConfig) -> dict[str, Tensor]:
     """The meta-parameters meta-training starts from: ``rule.init_theta`` seeded with ``config.seed``,
     or the theta of the artifact ``rule.init_from`` (fine-tuning), whose rule and hyper-parameters
-    must be the configured ones — except that a ``celo_adam`` without ``tensor_features`` may start one
-    with them (its scheduler widened by zero weights, :meth:`ScheduledRule.with_summary_inputs`)."""
+    must be the configured ones except :data:`FINE_TUNE_OPTIONS` — e.g. Celo's phase 2 starts from a
+    phase-1 artifact (``lr_schedule: constant``), and a ``celo_adam`` without ``tensor_features`` may
+    start one with them (its scheduler widened by zero weights, :meth:`ScheduledRule.with_summary_inputs`)."""
     rule = build_rule(config.rule.name, **config.rule.config)
     source = config.rule.init_from
     if source is None:
@@ -79,13 +86,15 @@ def initial_theta(config: MetaTrainConfig) -> dict[str, Tensor]:
                           f"{rule.name!r}")
     theirs, ours = artifact.rule.hyperparameters(), rule.hyperparameters()
     differ = sorted(key for key in set(theirs) | set(ours) if theirs.get(key) != ours.get(key))
-    theta = {name: value.to(torch.float32) for name, value in artifact.theta().items()}
-    if differ == ["tensor_features"] and ours["tensor_features"]:
-        return rule.with_summary_inputs(theta)  # the artifact's scheduler, plus zero weights on the new inputs
-    if differ:
-        details = ", ".join(f"{key}: artifact {theirs.get(key)!r}, config {ours.get(key)!r}" for key in differ)
+    # (a fine-tune may add the scheduler's per-tensor inputs, not drop them)
+    refused = [key for key in differ if key not in FINE_TUNE_OPTIONS or (key == "tensor_features" and not ours[key])]
+    if refused:
+        details = ", ".join(f"{key}: artifact {theirs.get(key)!r}, config {ours.get(key)!r}" for key in refused)
         raise ConfigError(f"rule.init_from: {source} has other {rule.name} hyper-parameters than rule.config "
                           f"({details}); set rule.config to the artifact's")
+    theta = {name: value.to(torch.float32) for name, value in artifact.theta().items()}
+    if "tensor_features" in differ:
+        return rule.with_summary_inputs(theta)  # the artifact's scheduler, plus zero weights on the new inputs
     return theta
 
 
@@ -155,17 +164,19 @@ class MetaTrainer:
         self.task_families = families
         self.task_family = families[0]
         estimator = config.estimator
+        self.names = list(self.rule.theta_shapes())
+        self.frozen = frozen_theta_keys(self.names, config.meta_optimizer.frozen)
+        options = {**estimator.options(config.seed), "frozen": tuple(self.frozen)}
         if config.lolo is not None:  # LoLO: PES + replay buffer / behaviour cloning; α_t needs the outer-step total
             from .lolo import LoLOPES
 
-            self.estimator = LoLOPES(self.task_family, self.rule, lolo=dict(config.lolo),
-                                     total_outer_steps=config.outer_steps, **estimator.options(config.seed))
+            estimators = [LoLOPES(family, self.rule, lolo=dict(config.lolo), total_outer_steps=config.outer_steps,
+                                  **options) for family in families]
         else:
-            estimators = [build_estimator(estimator.name, family, self.rule, **estimator.options(config.seed))
-                          for family in families]
-            self.estimator = estimators[0] if len(estimators) == 1 else TaskMixture(estimators)
+            estimators = [build_estimator(estimator.name, family, self.rule, **options) for family in families]
+        # a mixture: one estimator (and, with LoLO, one replay buffer per slot) per family
+        self.estimator = estimators[0] if len(estimators) == 1 else TaskMixture(estimators)
 
-        self.names = list(self.rule.theta_shapes())
         checkpoint = self._checkpoint_to_resume(resume)
         # A resumed run takes theta from its checkpoint: the starting theta (maybe an artifact to
         # download, rule.init_from) is not needed then.
@@ -344,14 +355,17 @@ class MetaTrainer:
     def outer_step(self) -> dict[str, float]:
         """One outer step (estimate, all-reduce, clip, AdamW); returns the logged values."""
         grads, meta_loss, stats = self.meta_gradient()
+        for name in self.frozen:  # zero already under ES/PES; BPTT differentiates them too
+            grads[name] = torch.zeros_like(grads[name])
         self.last_meta_gradient = grads
         grad_norm = float(torch.sqrt(sum(torch.sum(g.double() ** 2) for g in grads.values())))
         finite = math.isfinite(grad_norm)
         if finite:
             clip = self.config.meta_optimizer.grad_clip
             scale = min(1.0, clip / (grad_norm + 1e-12)) if clip else 1.0
-            for name in self.names:
-                self.theta[name].grad = grads[name] * scale if scale != 1.0 else grads[name]
+            for name in self.names:  # a frozen entry has no .grad, so AdamW leaves it (and its weight decay) alone
+                if name not in self.frozen:
+                    self.theta[name].grad = grads[name] * scale if scale != 1.0 else grads[name]
             self.meta_optimizer.step()
             self.meta_optimizer.zero_grad(set_to_none=True)
         else:

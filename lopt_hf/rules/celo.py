@@ -28,6 +28,12 @@ softmax controls (the published Celo has one).
 ``celo_adam`` — Adam (momentum 0.9, rms 0.999, bias-corrected with the tensor's step count,
 eps 1e-8) at learning rate ``0.001 · lr_mult``: ``m̂ / (eps + √(v̂ + 1e-10))``. The original also
 keeps factored accumulators that its step never reads; they are not kept here.
+``orthogonalize=True`` (lopt_hf's extension, Celo2's "Newton–Schulz for matrices" on Celo-Adam) replaces
+the step of every tensor with ≥ 2 dims by its Newton–Schulz orthogonalisation at the same RMS
+(:func:`orthogonalized`); 1-D tensors keep Adam's step.
+``lr_schedule`` (both rules): ``"learned"`` (the original), or a fixed schedule in place of the scheduler's
+``lr_mult`` (:data:`~lopt_hf.rules.scheduler.LR_SCHEDULES`): Celo's phase 1 (``"constant"``) or warmup +
+cosine.
 ``tensor_features=True`` (lopt_hf's extension, not in the original) gives its scheduler VeLO's
 per-tensor inputs (:func:`~lopt_hf.rules.scheduler.accumulator_summary` of Adam's moments: 8
 numbers per tensor), so ``lr_mult`` can differ between tensors; a theta meta-trained without them
@@ -75,6 +81,22 @@ def param_rms(param: Tensor) -> Tensor:
     return torch.sqrt(torch.mean(torch.square(param)) + 1e-9)
 
 
+def orthogonalized(direction: Tensor) -> Tensor:
+    """``direction`` (≥ 2 dims, seen as ``(shape[0], rest)``) orthogonalised by Newton–Schulz, at its own RMS.
+
+    Celo2's and Muon's quintic iteration (:func:`~lopt_hf.rules.celo2.newton_schulz`, 5 iterations,
+    Celo2's coefficients) makes every singular value of the matrix about 1; rescaling to the input's
+    root-mean-square keeps the step's size and changes only its direction, so a scheduler meta-trained for
+    Adam's step (published Celo-Adam) starts from steps of the size it knows.
+    """
+    from .celo2 import Celo2, newton_schulz
+
+    matrix = direction.reshape(direction.shape[0], -1)
+    ortho = newton_schulz(matrix, tuple(Celo2.ns_coeffs), int(Celo2.ns_iters), Celo2.ns_eps)
+    scale = torch.sqrt(torch.mean(torch.square(matrix)) / (torch.mean(torch.square(ortho)) + 1e-30))
+    return (ortho * scale).reshape(direction.shape)
+
+
 def _ema(decays: tuple[float, ...], old: Tensor, new: Tensor) -> Tensor:
     """``d·old + (1 − d)·new`` per decay (decay axis first; ``new`` broadcast over it)."""
     d = torch.tensor(decays, dtype=torch.float32, device=old.device).reshape(-1, *([1] * (old.dim() - 1)))
@@ -111,8 +133,10 @@ class Celo(ClippedGradient, ScheduledRule):
     step_mult: float = 0.001
     param_scale_mult: bool = True
     normalization_eps: float = 1e-5
+    lr_schedule: str = "learned"
 
     def __post_init__(self) -> None:
+        self.check_lr_schedule()
         for field in ("lstm_hidden_size", "ff_hidden_size", "param_inits"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"{field} must be a positive integer, got {getattr(self, field)!r}")
@@ -249,8 +273,11 @@ class CeloAdam(ClippedGradient, ScheduledRule):
     step_mult: float = 0.001
     param_scale_mult: bool = False
     tensor_features: bool = False
+    lr_schedule: str = "learned"
+    orthogonalize: bool = False
 
     def __post_init__(self) -> None:
+        self.check_lr_schedule()
         if int(self.lstm_hidden_size) < 1:
             raise ValueError(f"lstm_hidden_size must be a positive integer, got {self.lstm_hidden_size!r}")
         if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
@@ -280,6 +307,8 @@ class CeloAdam(ClippedGradient, ScheduledRule):
         g = self.clipped(grad)
         momentum, rms = self.advance_moments(state["momentum"], state["rms"], g)
         direction = self.adam_direction(momentum[0], rms[0], as_step_tensor(step, param) + 1.0, control)
+        if self.orthogonalize and param.dim() >= 2:
+            direction = orthogonalized(direction)
         if self.param_scale_mult:
             direction = direction * param_rms(param)
         return direction, {"momentum": momentum, "rms": rms}

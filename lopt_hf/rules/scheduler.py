@@ -17,6 +17,12 @@ per-tensor update, a small network over **all** parameter tensors of the model t
    ``lr_mult = 0.1·exp(w·h + b)`` (VeLO: ``w·h + b`` itself, :meth:`ScheduledRule.lr_mult_readout`)
    and, for rules that mix several per-element networks, the mixing ``controls`` (``rnn_to_controls``).
 
+A rule with a ``lr_schedule`` other than ``"learned"`` (Celo, Celo-Adam) replaces the learned ``lr_mult``
+by a fixed function of the fraction of training done (:data:`LR_SCHEDULES`): ``"constant"`` (×1,
+Celo's phase 1, where only the update rule is meta-trained) or ``"warmup_cosine"``
+(:func:`warmup_cosine`, the standard schedule of hand-designed optimizers and Celo2). The mixing
+controls still come from the LSTM.
+
 Meta-parameters keep the original haiku names (``rnn_params/…``, ``lstm_init_state/…``), so a
 published checkpoint converts by flattening its tree. The original also creates a first mix
 layer ``rnn_params/linear`` whose output it discards; it is kept (it is in every checkpoint) and
@@ -49,6 +55,10 @@ LSTM_KEYS = ("lstm_hidden", "lstm_cell")
 RNN = "rnn_params/"
 # Slots of the one-hot tensor rank in :func:`accumulator_summary` (ranks ≥ 5 get none).
 RANK_SLOTS = 5
+# Fixed schedules a rule's lr_schedule may name instead of "learned" (see warmup_cosine).
+LR_SCHEDULES = ("learned", "constant", "warmup_cosine")
+# warmup_cosine's linear warmup: this fraction of the planned steps.
+WARMUP_FRACTION = 0.05
 # The running minimum's starting value in the original (any loss is below it).
 _RUNNING_MIN_START = 999999999999.0
 
@@ -58,6 +68,31 @@ def fraction_features(iteration: Tensor, num_steps: Tensor) -> Tensor:
     scales = torch.tensor(FRACTION_TIMESCALES, dtype=torch.float32, device=iteration.device)
     fraction = iteration.to(torch.float32) / num_steps.to(torch.float32)
     return torch.tanh((fraction - scales) * 10.0)
+
+
+def warmup_cosine(iteration: Tensor, num_steps: Tensor, warmup_fraction: float = WARMUP_FRACTION) -> Tensor:
+    """The multiplier of step ``iteration`` (0-based) of ``num_steps``: linear warmup, then cosine decay to 0.
+
+    ``(iteration + 1) / W`` for the first ``W = max(1, round(warmup_fraction·num_steps))`` steps, then
+    ``½·(1 + cos(π·(iteration + 1 − W) / (num_steps − W + 1)))``: 1 at the warmup's end, small and positive at
+    the last planned step, 0 beyond. Tensors in, a float32 tensor out (vmap-friendly).
+    """
+    steps = num_steps.to(torch.float32)
+    done = iteration.to(torch.float32) + 1.0
+    warmup = torch.clamp(torch.round(steps * warmup_fraction), min=1.0)
+    decay = torch.clamp((done - warmup) / torch.clamp(steps - warmup + 1.0, min=1.0), 0.0, 1.0)
+    return torch.where(done <= warmup, done / warmup, 0.5 * (1.0 + torch.cos(math.pi * decay)))
+
+
+def fixed_lr_mult(schedule: str, iteration: Tensor, num_steps: Tensor) -> Tensor | None:
+    """The ``lr_mult`` of a fixed :data:`LR_SCHEDULES` entry at ``iteration``, or None for ``"learned"``."""
+    if schedule == "learned":
+        return None
+    if schedule == "constant":
+        return torch.ones((), dtype=torch.float32, device=iteration.device)
+    if schedule == "warmup_cosine":
+        return warmup_cosine(iteration, num_steps)
+    raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {schedule!r}")
 
 
 def clip_log_abs(value: Tensor, scale: float = 10.0) -> Tensor:
@@ -161,6 +196,13 @@ class ScheduledRule(UpdateRule):
     softmax_controls: ClassVar[bool] = True
     schedule_tensor_keys: ClassVar[tuple[str, ...]] = LSTM_KEYS
     lstm_hidden_size: int  # a dataclass field of every subclass
+    # "learned", or a fixed schedule of LR_SCHEDULES in place of the learned lr_mult (a field of Celo, Celo-Adam)
+    lr_schedule: str = "learned"
+
+    def check_lr_schedule(self) -> None:
+        """``ValueError`` unless ``lr_schedule`` is one of :data:`LR_SCHEDULES` (for ``__post_init__``)."""
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {list(LR_SCHEDULES)}, got {self.lr_schedule!r}")
 
     @property
     def num_mixed_networks(self) -> int:
@@ -273,6 +315,9 @@ class ScheduledRule(UpdateRule):
         cell = torch.where(fresh, theta["lstm_init_state/cell"], tensor_states["lstm_cell"])
         hidden, cell = lstm_cell(theta[f"{RNN}rnn/linear/w"], theta[f"{RNN}rnn/linear/b"], x, hidden, cell)
         lr_mult = self.lr_mult_readout(hidden @ theta[f"{RNN}step_size/w"] + theta[f"{RNN}step_size/b"])
+        fixed = fixed_lr_mult(self.lr_schedule, iteration, schedule_state["num_steps"])
+        if fixed is not None:
+            lr_mult = fixed.expand_as(lr_mult)
         parts = [lr_mult]
         if self.num_mixed_networks:
             controls = hidden @ theta[f"{RNN}rnn_to_controls/w"] + theta[f"{RNN}rnn_to_controls/b"]

@@ -312,3 +312,54 @@ def test_validation_suite_runs_the_meta_training_families_once(tmp_path) -> None
     assert set(results["tasks"]) | set(results["settings"]["skipped_tasks"]) == set(VALIDATION_TASKS)
     assert "docs_lm" in results["tasks"]
     assert main(["eval", "--suite", "validation", "--tasks", "docs_lm", "--out", str(tmp_path)]) == 2
+
+
+# ------------------------------------------------------------------- AdamW under warmup + cosine (adamw-cosine)
+def test_adamw_cosine_specs_and_their_schedule():
+    from lopt_hf.evaluation.optimizers import WarmupCosineAdamW
+    from lopt_hf.rules.scheduler import warmup_cosine
+
+    spec = parse_optimizer_spec("adamw-cosine:3e-3")
+    assert (spec.kind, spec.lr, spec.is_grid) == ("adamw-cosine", 3e-3, False)
+    grid = parse_optimizer_spec("adamw-cosine-grid")
+    assert grid.is_grid and [lr for lr, _ in grid.candidates()] == list(ADAMW_GRID)
+    assert "warmup 5% + cosine" in grid.description
+    with pytest.raises(OptimizerSpecError, match="adamw-cosine-grid takes no learning rate"):
+        parse_optimizer_spec("adamw-cosine-grid:1e-3")
+    model = torch.nn.Linear(3, 2)
+    optimizer = spec.candidates()[0][1](model)
+    assert isinstance(optimizer, WarmupCosineAdamW) and optimizer.defaults["weight_decay"] == 0.01
+    with pytest.raises(RuntimeError, match="set_total_steps"):
+        optimizer.step()
+    optimizer.set_total_steps(40)
+    used = []
+    for _ in range(40):
+        model(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.param_groups[0]["lr"] = 3e-3  # what an outside constant LR scheduler does: no effect
+    expected = [3e-3 * float(warmup_cosine(torch.tensor(float(t)), torch.tensor(40.0))) for t in range(40)]
+    assert used == pytest.approx(expected) and used[1] == pytest.approx(3e-3) and used[-1] < 1e-5
+    restored = WarmupCosineAdamW(model.parameters(), lr=1.0)
+    restored.load_state_dict(optimizer.state_dict())
+    assert restored.param_groups[0]["schedule_step"] == 40 and restored.param_groups[0]["peak_lr"] == 3e-3
+
+
+def test_adamw_cosine_follows_its_schedule_inside_trainer():
+    """The LM task runs through transformers.Trainer with its constant LR scheduler: the planned length reaches
+    the optimizer and every step uses the scheduled lr."""
+    from lopt_hf.evaluation.optimizers import WarmupCosineAdamW
+
+    used: list[float] = []
+
+    class Recording(WarmupCosineAdamW):
+        def step(self, closure=None):
+            loss = super().step(closure)
+            used.append(self.param_groups[0]["lr"])
+            return loss
+
+    from lopt_hf.rules.scheduler import warmup_cosine
+
+    record = TASKS["tiny_lm"].run(lambda model: Recording(model.parameters(), lr=1e-3), steps=8, seed=0)
+    expected = [1e-3 * float(warmup_cosine(torch.tensor(float(t)), torch.tensor(8.0))) for t in range(8)]
+    assert len(record.train_losses) == 8 and used == pytest.approx(expected) and used[0] == 1e-3 > used[-1]

@@ -109,11 +109,19 @@ def test_vectorized_step_is_the_rule_composed_per_member(family, rule_name: str,
     assert final.opt_state[SCHEDULE_STATE]["iteration"].tolist() == [float(STEPS)] * MEMBERS
 
 
-@pytest.mark.parametrize("rule_name", ["celo", "celo_adam+tensor_features"])
+MEMBER_RULES = {"celo": ("celo", {}), "celo+constant": ("celo", {"lr_schedule": "constant"}),
+                "celo_adam+tensor_features": ("celo_adam", {"tensor_features": True}),
+                "celo_adam+orthogonalize+warmup_cosine": ("celo_adam", {"tensor_features": True, "orthogonalize": True,
+                                                                        "lr_schedule": "warmup_cosine"})}
+
+
+@pytest.mark.parametrize("rule_name", list(MEMBER_RULES))
 def test_a_member_steps_like_learned_optimizer(family, rule_name: str) -> None:
-    """The meta-trainer's step is the deployed optimizer's: LearnedOptimizer, tensors as they are (celo; Celo-Adam
-    with per-tensor scheduler inputs, the shipped default's rule)."""
-    rule = build_rule(rule_name.split("+")[0], **({"tensor_features": True} if "+" in rule_name else {}))
+    """The meta-trainer's step is the deployed optimizer's: LearnedOptimizer, tensors as they are (celo, also under
+    Celo's phase-1 constant schedule; Celo-Adam with per-tensor scheduler inputs, the shipped default's rule, and
+    with Newton–Schulz for matrices under warmup + cosine)."""
+    name, options = MEMBER_RULES[rule_name]
+    rule = build_rule(name, **options)
     trainer = VectorizedInnerTrainer(family, rule, compile=False)
     problems, batch = make_problems(family, trainer)
     theta = perturbed_theta(rule, None)

@@ -102,3 +102,59 @@ def test_widening_refuses_a_theta_of_another_shape() -> None:
     del theta["rnn_params/step_size/b"]
     with pytest.raises(ValueError, match="step_size/b"):
         rule.with_summary_inputs(theta)
+
+
+# ------------------------------------------------------------------ fixed schedules, Newton–Schulz for matrices
+def test_warmup_cosine_warms_up_linearly_then_decays_to_zero() -> None:
+    from lopt_hf.rules.scheduler import warmup_cosine
+
+    total = torch.tensor(100.0)
+    values = torch.stack([warmup_cosine(torch.tensor(float(step)), total) for step in range(101)])
+    torch.testing.assert_close(values[:5], torch.tensor([0.2, 0.4, 0.6, 0.8, 1.0]))  # 5% of 100 steps
+    assert (values[5:].diff() <= 0).all() and 0 < values[99] < 1e-3 and values[100] == 0.0
+    assert float(values[52]) == pytest.approx(0.5, abs=0.02)  # half way through the decay
+    assert float(warmup_cosine(torch.tensor(0.0), torch.tensor(3.0))) == 1.0  # a short run: one warmup step
+
+
+@pytest.mark.parametrize("schedule", ["constant", "warmup_cosine"])
+def test_a_fixed_lr_schedule_replaces_the_learned_lr_mult(schedule: str) -> None:
+    """Same theta, same inputs: the learned rule's lr_mult is Celo's read-out; a fixed schedule's is its own value,
+    the same for every tensor, at every step (here step 2 of 40 and step 30)."""
+    from lopt_hf.rules.scheduler import warmup_cosine
+
+    learned, fixed = build_rule("celo", lstm_hidden_size=8), build_rule("celo", lstm_hidden_size=8,
+                                                                        lr_schedule=schedule)
+    theta = learned.init_theta(torch.Generator().manual_seed(0))
+    rows = {key: torch.zeros(3, 8) for key in learned.schedule_tensor_keys}
+    for iteration in (2.0, 30.0):
+        state = {**learned.init_schedule_state(40), "iteration": torch.tensor(iteration)}
+        args = (theta, state, rows, torch.zeros(3, 0), torch.full((3,), 2), torch.tensor(1.5))
+        theirs, ours = learned.schedule(*args)[0], fixed.schedule(*args)[0]
+        expected = 1.0 if schedule == "constant" else float(warmup_cosine(torch.tensor(iteration), torch.tensor(40.0)))
+        torch.testing.assert_close(ours[:, 0], torch.full((3,), expected))
+        assert not torch.allclose(theirs[:, 0], ours[:, 0])
+        torch.testing.assert_close(ours[:, 1:], theirs[:, 1:])  # the mixing controls are still the LSTM's
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        build_rule("celo_adam", lr_schedule="cosine")
+
+
+def test_orthogonalize_turns_matrix_steps_orthogonal_at_adams_size() -> None:
+    """Newton–Schulz for matrices and kernels: the step's singular values (of ``(shape[0], rest)``) are all near
+    one value, its RMS is Adam's; vectors keep Adam's step exactly."""
+    adam, ortho = build_rule("celo_adam", lstm_hidden_size=8), build_rule("celo_adam", lstm_hidden_size=8,
+                                                                          orthogonalize=True)
+    generator = torch.Generator().manual_seed(0)
+    control = torch.tensor([1.0])
+    for shape in ((24, 16), (16, 2, 3, 3), (16,)):
+        param = torch.randn(shape, generator=generator)
+        grad = torch.randn(shape, generator=generator) * torch.linspace(0.1, 3.0, shape[-1])
+        steps = [rule.update(None, param, grad, rule.init_state(param), 0, control=control)[0] for rule in (adam, ortho)]
+        if len(shape) == 1:
+            torch.testing.assert_close(steps[1], steps[0], rtol=0, atol=0)
+            continue
+        rms = [float(step.square().mean().sqrt()) for step in steps]
+        assert rms[1] == pytest.approx(rms[0], rel=1e-4)
+        singular = torch.linalg.svdvals(steps[1].reshape(shape[0], -1))
+        assert float(singular.max() / singular.min()) < 1.8  # the quintic iteration keeps them in ~[0.7, 1.2]
+        adam_singular = torch.linalg.svdvals(steps[0].reshape(shape[0], -1))
+        assert float(adam_singular.max() / adam_singular.min()) > 3.0  # Adam's own step is far from orthogonal
