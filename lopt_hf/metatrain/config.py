@@ -11,7 +11,8 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     extra_tasks:     []            # more families in the same run, e.g. [{family: char_lm, corpus: python_docs}]
     estimator:       {name: pes, num_tasks: 8, truncation_length: 10, min_unroll: 50, max_unroll: 100, std: 0.01,
                       final_fraction: 1.0}   # PES: meta-loss over the last final_fraction of each trajectory
-    meta_optimizer:  {lr: 0.003, weight_decay: 0.0, grad_clip: 1.0}
+    meta_optimizer:  {lr: 0.003, weight_decay: 0.0, grad_clip: 1.0,
+                      frozen: []}   # theta keys / key prefixes held fixed, e.g. [ff_mod_stack/] (Celo's phase 2)
     checkpoint_every: 50
     keep_checkpoints: 2
     log_every: 10
@@ -19,7 +20,7 @@ A config is a YAML mapping with the sections below (every key optional; defaults
     push_to_hub: null             # a Hub repo id to publish the final artifact to
     card:            {name: ..., description: ..., license: apache-2.0, base_model: null, tags: [...], citation: ...}
     evaluation:      {steps: 200, tasks: [digits_mlp], ...}   # post-training evaluation for the model card
-    lolo: null                    # LoLO (PES only): {buffer_size: 4, p_threshold: 0.5, behaviour_cloning: true, expert_lr: 0.001}
+    lolo: null                    # LoLO (PES only; one family or a mixture): {buffer_size: 4, p_threshold: 0.5, behaviour_cloning: true, expert_lr: 0.001}
 
 The schema is the dataclasses below (the ``estimator:`` section reuses
 :class:`~lopt_hf.metatrain.estimators.EstimatorOptions`, so YAML runs and direct estimator calls
