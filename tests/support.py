@@ -282,3 +282,12 @@ def assert_scheduled_state_matches(arrays: dict[str, torch.Tensor], k: int, stat
         torch.testing.assert_close(schedule_state[ours], arrays[f"step{k}/state/loss_buffer/{theirs}"],
                                    rtol=1e-5, atol=1e-6)
     assert float(schedule_state["iteration"]) == float(arrays[f"step{k}/state/iteration"]) == k + 1
+
+
+def metatrain_cli(run_dir: Path, steps: int, overrides: list[str], *flags: str) -> int:
+    """``lopt-hf metatrain --no-progress --steps STEPS FLAGS --set output_dir=RUN_DIR --set …`` (the exit code)."""
+    from lopt_hf.cli import main as cli_main
+
+    argv = ["metatrain", "--no-progress", "--steps", str(steps), *flags,
+            *[arg for item in [f"output_dir={run_dir}", *overrides] for arg in ("--set", item)]]
+    return cli_main(argv)

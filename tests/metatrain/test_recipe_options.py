@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lopt_hf.cli import main as cli_main
 from lopt_hf.hub import create_artifact
 from lopt_hf.metatrain.config import ConfigError, load_config
 from lopt_hf.metatrain.estimators import build_estimator
@@ -18,6 +17,7 @@ from lopt_hf.metatrain.tasks import build_task_family
 from lopt_hf.metatrain.trainer import MetaTrainer, initial_theta
 from lopt_hf.publish.metatrain_command import train_and_export
 from lopt_hf.rules import build_rule
+from support import metatrain_cli
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 SCHEDULER = ["rnn_params/", "lstm_init_state/"]
@@ -101,10 +101,8 @@ def test_lolo_meta_trains_a_mixture_and_resumes_exactly(tmp_path: Path) -> None:
     overrides = ["estimator.num_tasks=2", "lolo={buffer_size: 2, p_threshold: 0.0, behaviour_cloning: false}",
                  "extra_tasks=[{family: cnn_image, channels: [2], batch_size: 8, image_size: 8}]"]
 
-    def run(run_dir: Path, steps: int, *extra: str) -> int:
-        argv = ["metatrain", "--no-progress", "--steps", str(steps), *extra,
-                *[arg for item in tiny(run_dir, "rule.name=celo_adam", *overrides) for arg in ("--set", item)]]
-        return cli_main(argv)
+    def run(run_dir: Path, steps: int, *flags: str) -> int:
+        return metatrain_cli(run_dir, steps, tiny(run_dir, "rule.name=celo_adam", *overrides), *flags)
 
     assert run(tmp_path / "straight", 6) == 0
     assert run(tmp_path / "resumed", 2) == 0

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from lopt_hf.cli import main as cli_main
 from lopt_hf.metatrain.config import ConfigError, load_config
 from lopt_hf.metatrain.estimators import build_estimator
 from lopt_hf.data.corpora import BUILTIN_CORPORA, builtin_corpus
@@ -16,6 +15,7 @@ from lopt_hf.metatrain.lm_tasks import CharLMTaskFamily
 from lopt_hf.metatrain.mixture import TaskMixture, family_of_slot
 from lopt_hf.metatrain.tasks import build_task_family
 from lopt_hf.rules import build_rule
+from support import metatrain_cli
 
 OPTIONS = {"truncation_length": 2, "min_unroll": 3, "max_unroll": 5, "std": 0.01, "compile": False}
 
@@ -98,10 +98,8 @@ def test_a_mixture_run_trains_checkpoints_resumes_exactly_and_describes_every_fa
             " {family: char_lm, corpus: python_docs, context_length: 8, model_dim: 8, batch_size: 4,"
             " segment_length: 500}]"]
 
-    def run(run_dir: Path, steps: int, *extra: str) -> int:
-        argv = ["metatrain", "--no-progress", "--steps", str(steps), *extra,
-                *[arg for item in [f"output_dir={run_dir}", *tiny] for arg in ("--set", item)]]
-        return cli_main(argv)
+    def run(run_dir: Path, steps: int, *flags: str) -> int:
+        return metatrain_cli(run_dir, steps, tiny, *flags)
 
     assert run(tmp_path / "straight", 4) == 0
     assert run(tmp_path / "resumed", 2) == 0
