@@ -167,3 +167,32 @@ def verdict_markdown(verdict: BarVerdict) -> str:
               "",
               f"**{'Meets' if verdict.passed else 'Does not meet'} the bar.**"]
     return "\n".join(lines)
+
+
+def comparison_markdown(verdicts: Sequence[BarVerdict]) -> str:
+    """Several candidates side by side on the same cells (an ablation table): each cell's loss and, in
+    brackets, loss ÷ tuned AdamW; then each candidate's three conditions and verdict."""
+    first = verdicts[0]
+    cells = [(row.task, row.steps) for row in first.rows]
+    for verdict in verdicts[1:]:
+        if [(row.task, row.steps) for row in verdict.rows] != cells:
+            raise ValueError(f"{verdict.candidate} was checked on other cells than {first.candidate}")
+    names = [verdict.candidate for verdict in verdicts]
+    lines = [f"| task | steps | AdamW 1e-3 | tuned AdamW | {' | '.join(names)} |",
+             "|---|---:|---:|---:|" + "---:|" * len(names)]
+    for index, (task, steps) in enumerate(cells):
+        base = first.rows[index]
+        values = [f"{verdict.rows[index].candidate:.3g} ({verdict.rows[index].normalised:.2f})" for verdict in verdicts]
+        lines.append(f"| {task} | {steps} | {base.adamw:.3g} | {base.tuned:.3g} | {' | '.join(values)} |")
+    count = len(cells)
+
+    def summary(label: str, values: list[str]) -> str:
+        return f"| **{label}** | | | | {' | '.join(values)} |"
+
+    lines += [summary("beats AdamW 1e-3", [f"{sum(r.beats_adamw for r in v.rows)} of {count}" for v in verdicts]),
+              summary("within 5% of tuned", [f"{sum(r.near_tuned for r in v.rows)} of {count}" for v in verdicts]),
+              summary("mean normalised (arith. / geom.)",
+                      ["{:.3f} / {:.3f}".format(*v.mean_normalised()) for v in verdicts]),
+              summary(f"meets the bar (reference {first.reference})",
+                      ["yes" if v.passed else "no" for v in verdicts])]
+    return "\n".join(lines)

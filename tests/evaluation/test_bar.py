@@ -78,3 +78,26 @@ def test_the_script_prints_the_verdict_and_exits_by_it(tmp_path: Path) -> None:
                           "--candidate", "mine"], capture_output=True, text=True)
     assert run.returncode == 1 and "| a | 2000 | 0.2 | 0.04 | 0.1 | 0.05 |" in run.stdout
     assert "1. beats AdamW 1e-3 on every task and length: no (3 of 4)" in run.stdout
+
+
+def test_several_candidates_make_one_comparison_table(tmp_path: Path) -> None:
+    """An ablation: one column per candidate on the same cells, its counts, means and verdict; exit 1 unless all pass."""
+    from lopt_hf.evaluation.bar import comparison_markdown
+
+    reports = with_candidate(0.51, 1.04, 2.2) + [report(200, {"a": {"other": 0.6}, "b": {"other": 0.9},
+                                                               "c": {"other": 1.9}})]
+    text = comparison_markdown([check_bar(reports, "mine"), check_bar(reports, "other")])
+    assert "| task | steps | AdamW 1e-3 | tuned AdamW | mine | other |" in text
+    assert "| a | 200 | 0.52 | 0.5 | 0.51 (1.02) | 0.6 (1.20) |" in text
+    assert "| **beats AdamW 1e-3** | | | | 3 of 3 | 2 of 3 |" in text
+    assert "| **meets the bar (reference celo-adam)** | | | | yes | no |" in text
+    longer = report(2000, {"a": {"adamw:1e-3": 0.1, "adamw-grid": 0.05, "celo-adam": 0.04, "mine": 0.2}})
+    with pytest.raises(ValueError, match="mine was checked on other cells than other"):
+        comparison_markdown([check_bar(reports, "other"), check_bar(reports + [longer], "mine")])
+    paths = []
+    for index, data in enumerate(reports):
+        paths.append(tmp_path / f"r{index}.json")
+        paths[-1].write_text(json.dumps(data))
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_bar.py"), *map(str, paths),
+                          "--candidate", "mine", "other"], capture_output=True, text=True)
+    assert run.returncode == 1 and run.stdout.strip() == text
