@@ -17,7 +17,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..rules.base import State, as_step_tensor
-from ..rules.celo import Celo, CeloAdam, param_rms
+from ..rules.celo import Celo, CeloAdam, orthogonalized, param_rms
 from ..rules.features import chunk_indices
 from .base import register_kernel
 from .in_place import APPLY_CHUNK, InPlaceKernel, writable
@@ -69,6 +69,8 @@ class CeloAdamKernel(InPlaceKernel):
             flat_m[at].copy_(new_momentum)
             flat_rms[at].copy_(new_rms)
             flat_out[rows].copy_(rule.adam_direction(new_momentum[0], new_rms[0], count, control))
+        if rule.orthogonalize and param.dim() >= 2:  # Newton–Schulz needs the whole matrix: after the pieces
+            out.copy_(orthogonalized(out))
         if rule.param_scale_mult:
             out.mul_(param_rms(param))
         return {"momentum": momentum, "rms": rms}

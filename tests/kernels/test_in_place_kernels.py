@@ -18,10 +18,10 @@ from support import SMALL_RULE_CONFIGS
 KERNELS = {"small_fc_lopt": SmallFCLOptKernel, "mlp_lopt": MLPLOptKernel, "per_param_mlp": PerParamMLPKernel}
 # scheduled rules: their update takes the scheduler's control row (name suffixes mark other configs of a rule)
 SCHEDULED = {"celo": CeloKernel, "velo": CeloKernel, "celo_adam": CeloAdamKernel,
-             "celo_adam_param_scale": CeloAdamKernel}
+             "celo_adam_param_scale": CeloAdamKernel, "celo_adam_orthogonalize": CeloAdamKernel}
 CONFIGS = {"small_fc_lopt": {}, "mlp_lopt": {}, "per_param_mlp": {"hidden_sizes": [8, 8], "activation": "gelu"},
            "celo": {}, "velo": SMALL_RULE_CONFIGS["velo"], "celo_adam": {},
-           "celo_adam_param_scale": {"param_scale_mult": True}}
+           "celo_adam_param_scale": {"param_scale_mult": True}, "celo_adam_orthogonalize": {"orthogonalize": True}}
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +46,7 @@ def test_small_tensors_take_the_rules_own_update() -> None:
 
 
 def rule_and_theta(name: str, seed: int = 0):
-    rule = build_rule(name.removesuffix("_param_scale"), **CONFIGS[name])
+    rule = build_rule(name.removesuffix("_param_scale").removesuffix("_orthogonalize"), **CONFIGS[name])
     gen = torch.Generator().manual_seed(seed)
     # perturbed decay offsets and biases: every theta entry matters
     return rule, {key: value + 0.05 * torch.randn(value.shape, generator=gen)
