@@ -520,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(JSON, plot) and a markdown table")
     evaluate.add_argument("--optimizers", nargs="+", default=None, metavar="SPEC",
                           help="adamw, adamw:LR, adamw-grid, adam[:LR], sgdm[:LR], or a learned optimizer (shipped name, "
-                               "folder or Hub repo id); LABEL=SPEC names one (default: lopt-hf/celo-adam-mix "
+                               "folder or Hub repo id); LABEL=SPEC names one (default: lopt-hf/celo-adam-ns lopt-hf/celo-adam-mix "
                                "lopt-hf/small-fc-lolo lopt-hf/celo2-base-mini adamw adamw-grid)")
     evaluate.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
                           help="digits_mlp, digits_cnn, fashion_mnist_mlp, fashion_mnist_mlp16, mnist_mlp, "

@@ -26,11 +26,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the optimizer label judged (as in the reports); several: one column each")
     parser.add_argument("--reference", default="celo-adam",
                         help="the learned optimizer to beat on average normalised loss (default: celo-adam)")
+    parser.add_argument("--tasks", nargs="+", default=None, metavar="TASK",
+                        help="judge only these tasks of the reports (default: every task they hold)")
     parser.add_argument("--out", default=None, help="also write the verdict to this markdown file")
     args = parser.parse_args(argv)
     try:
         reports = load_reports(args.reports)
-        verdicts = [check_bar(reports, candidate, args.reference) for candidate in args.candidate]
+        verdicts = [check_bar(reports, candidate, args.reference, args.tasks) for candidate in args.candidate]
         text = verdict_markdown(verdicts[0]) if len(verdicts) == 1 else comparison_markdown(verdicts)
     except (OSError, ValueError, KeyError) as err:
         print(f"check_bar: {err}", file=sys.stderr)

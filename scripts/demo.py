@@ -2,8 +2,9 @@
 
 Default (``make demo``):
 
-1. ``load_lopt("lopt-hf/celo-adam-mix", model)`` — the published Celo-Adam with per-tensor scheduler inputs,
-   fine-tuned by lopt_hf (``lopt_hf/pretrained/celo-adam-mix``: artifact + model card), loaded offline by its
+1. ``load_lopt("lopt-hf/celo-adam-ns", model)`` — the published Celo-Adam with Newton–Schulz for matrices and
+   per-tensor scheduler inputs, fine-tuned by lopt_hf (``lopt_hf/pretrained/celo-adam-ns``: artifact + model
+   card), loaded offline by its
    short name. It plans its learning rate over the run, so the loop tells it the number of steps
    (``optimizer.set_total_steps``) and each step's loss (``optimizer.step(loss=...)``).
 2. Train a fresh digits MLP with it and with AdamW (default lr 1e-3 and a tuned 1e-2) on the same
@@ -109,7 +110,7 @@ def digits_split(seed: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifact", default="lopt-hf/celo-adam-mix",
+    parser.add_argument("--artifact", default="lopt-hf/celo-adam-ns",
                         help="learned optimizer to train with: shipped name, folder or Hub repo id")
     parser.add_argument("--metatrain", action="store_true",
                         help="meta-train one with configs/quickstart.yaml first and use it instead of --artifact")

@@ -9,7 +9,7 @@ A character-level GPT-2 (built from a GPT2Config, nothing downloaded) learns pub
    learned schedule — Celo, Celo-Adam, VeLO — gets a constant schedule instead);
 2. with AdamW — Trainer's own optimizer, with its usual recipe (linear decay, clipping at 1.0).
 
-LOPT is ``--lopt``: a shipped name (default ``lopt-hf/celo-adam-mix``, lopt_hf's default learned
+LOPT is ``--lopt``: a shipped name (default ``lopt-hf/celo-adam-ns``, lopt_hf's default learned
 optimizer; the research baseline ``lopt-hf/small-fc-lolo`` was meta-trained on small image MLPs only and
 loses to AdamW on a language model — see the model cards), a local artifact
 folder or a Hub repo id; ``--lopt random`` creates a *randomly initialised* ``--rule`` artifact on the
@@ -82,7 +82,7 @@ def plot(curves: dict[str, dict], path: Path, title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--lopt", default="lopt-hf/celo-adam-mix",
+    parser.add_argument("--lopt", default="lopt-hf/celo-adam-ns",
                         help="learned optimizer: shipped name, local folder or Hub repo id; 'random' creates a "
                              "random-init --rule artifact in --out (NOT meta-trained)")
     parser.add_argument("--rule", default="small_fc_lopt",

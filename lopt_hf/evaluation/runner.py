@@ -17,8 +17,8 @@ from .tasks import RunRecord, resolve_tasks
 logger = logging.getLogger(__name__)
 
 # By default the learned optimizers that ship with lopt_hf against AdamW at 1e-3 and at its per-task best lr.
-DEFAULT_OPTIMIZERS: tuple[str, ...] = ("lopt-hf/celo-adam-mix", "lopt-hf/small-fc-lolo", "lopt-hf/celo2-base-mini", "adamw",
-                                       "adamw-grid")
+DEFAULT_OPTIMIZERS: tuple[str, ...] = ("lopt-hf/celo-adam-ns", "lopt-hf/celo-adam-mix", "lopt-hf/small-fc-lolo",
+                                       "lopt-hf/celo2-base-mini", "adamw", "adamw-grid")
 DEFAULT_STEPS = 200
 DEFAULT_SEEDS: tuple[int, ...] = (0, 1)
 

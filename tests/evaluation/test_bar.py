@@ -101,3 +101,16 @@ def test_several_candidates_make_one_comparison_table(tmp_path: Path) -> None:
     run = subprocess.run([sys.executable, str(ROOT / "scripts" / "check_bar.py"), *map(str, paths),
                           "--candidate", "mine", "other"], capture_output=True, text=True)
     assert run.returncode == 1 and run.stdout.strip() == text
+
+
+def test_tasks_limit_the_bar_to_cells_every_candidate_has() -> None:
+    """A candidate evaluated on more tasks than the others is compared on the shared ones (``tasks=``)."""
+    reports = with_candidate(0.51, 1.04, 2.2) + [report(200, {"d": {"adamw:1e-3": 1.0, "adamw-grid": 0.9,
+                                                                     "celo-adam": 0.8}})]
+    with pytest.raises(ValueError, match=r"d at 200 steps has no result for \['mine'\]"):
+        check_bar(reports, "mine")
+    verdict = check_bar(reports, "mine", tasks=["a", "b", "c"])
+    assert [row.task for row in verdict.rows] == ["a", "b", "c"] and verdict.passed
+    assert [row.task for row in check_bar(reports, "mine", tasks=["b"]).rows] == ["b"]
+    with pytest.raises(ValueError, match=r"no results to check for the tasks \['e'\]"):
+        check_bar(reports, "mine", tasks=["e"])

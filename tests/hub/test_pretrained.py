@@ -20,7 +20,8 @@ from lopt_hf.data import load_image_dataset
 from lopt_hf.pretrained import SHIPPED, available_pretrained, pretrained_path
 
 NAMES = [f"lopt-hf/{short}" for short in SHIPPED]
-DEFAULT = "lopt-hf/celo-adam-mix"  # the default of make demo, scripts/finetune.py and the README
+DEFAULT = "lopt-hf/celo-adam-ns"  # the default of make demo, scripts/finetune.py and the README
+MEETS_BAR = {DEFAULT, "lopt-hf/celo-adam-mix"}  # shipped because they meet the bar; the others: research baselines
 
 
 def test_every_registered_optimizer_is_shipped() -> None:
@@ -94,7 +95,7 @@ def test_model_card_is_complete(name: str) -> None:
     # evaluation at 1x and 10x the meta-training horizon, each with a table and a plot in the folder
     horizon = meta["config"]["estimator"]["max_unroll"]
     sections = provenance["evaluation"]["sections"]
-    default = name == DEFAULT  # the one that meets the shipping bar; the others are research baselines
+    default = name in MEETS_BAR  # its card leads with the shipping bar; the others are research baselines
     assert [section["title"].split(":")[0] for section in sections] == [
         "1× the meta-training horizon", "10× the meta-training horizon",
         *(["The shipping bar"] if default else []), "Outside the meta-training family"]

@@ -99,6 +99,28 @@ def test_package_pretrained_from_reports_states_the_bar(tiny_run: Path, tmp_path
     assert "| digits_mlp | small-fc-lolo |" in sections[0]["table"] and "**Does not meet the bar.**" in \
         sections[1]["table"]
     assert config["provenance"]["description"].startswith("**A research baseline.**")
+
+    # baselines it beats (their numbers set by hand around the candidate's real one): the card opens with the bar's
+    # verdict, and a re-render with --cards-only (a card-builder change) keeps it
+    baselines = json.loads((reports / "celo-adam" / "results.json").read_text())
+    entries = baselines["tasks"]["digits_mlp"]["optimizers"]
+    own = json.loads((reports / "small-fc-lolo" / "results.json").read_text())
+    loss = own["tasks"]["digits_mlp"]["optimizers"]["small-fc-lolo"]["final_train_loss"]
+    for label, factor in (("adamw:1e-3", 2.0), ("adamw-grid", 1.0), ("celo-adam", 1.5)):
+        entries[label]["final_train_loss"] = loss * factor
+    (reports / "beaten").mkdir()
+    (reports / "beaten" / "results.json").write_text(json.dumps(baselines))
+    shipped = tmp_path / "shipped"
+    run_script("package_pretrained.py", "small-fc-lolo", str(tiny_run), "--root", str(shipped), "--multiples", "1",
+               "--reports", str(reports / "small-fc-lolo"), str(reports / "beaten"))
+    card_config = shipped / "lopt_hf" / "pretrained" / "small-fc-lolo" / "config.json"
+    for rendering in ("packaged", "--cards-only"):
+        if rendering == "--cards-only":
+            run_script("package_pretrained.py", "small-fc-lolo", "--cards-only", "--root", str(shipped))
+        provenance = json.loads(card_config.read_text())["provenance"]
+        assert provenance["description"].startswith("**Meets lopt_hf's shipping bar**"), rendering
+        assert "**Meets the bar.**" in provenance["evaluation"]["sections"][1]["table"], rendering
+
     other = tmp_path / "other"  # a report whose small-fc-lolo is another theta is refused
     subprocess.run([sys.executable, "-m", "lopt_hf.cli", "create", "small_fc_lopt", str(other), "--seed", "5"],
                    check=True, capture_output=True, cwd=ROOT)

@@ -30,7 +30,7 @@ def test_demo_trains_with_the_shipped_optimizer(tmp_path: Path) -> None:
     run_script("demo.py", "--steps", "5", "--out", str(tmp_path))
     assert (tmp_path / "demo_loss.png").stat().st_size > 0
     metrics = json.loads((tmp_path / "demo_metrics.json").read_text())
-    assert list(metrics["optimizers"]) == ["learned: lopt-hf/celo-adam-mix", "AdamW lr=1e-3", "AdamW lr=1e-2"]
+    assert list(metrics["optimizers"]) == ["learned: lopt-hf/celo-adam-ns", "AdamW lr=1e-3", "AdamW lr=1e-2"]
     for run in metrics["optimizers"].values():
         # the step cost is measured in the same run: every step timed, the optimizer's share within it
         assert len(run["train_loss"]) == len(run["elapsed_s"]) == 5 and run["eval_steps"][-1] == 5
