@@ -1,5 +1,7 @@
-"""Training throughput of a tiny GPT-2 under ``transformers.Trainer``: Celo2 / Celo2-base vs AdamW.
+"""Training throughput of a tiny GPT-2 under ``transformers.Trainer``: learned optimizers vs AdamW.
 
+By default Celo2, Celo2-base and lopt_hf's default shipped optimizer (``lopt-hf/celo-adam-ns``); any other
+learned optimizer — shipped name, artifact folder or Hub repo id — can be named in ``--optimizers``.
 Every optimizer trains the same ``GPT2LMHeadModel`` (built from a ``GPT2Config``, no download,
 same seed) on random token sequences through ``Trainer(optimizers=(optimizer, None))`` with the
 same ``TrainingArguments``. Celo2 is set up the way a user would: the published checkpoint
@@ -7,7 +9,9 @@ format (``theta.state``; by default the test fixture ``tests/fixtures/refvectors
 pass ``--theta`` for the real ``hf download amoudgl/celo2`` file) is converted with
 ``lopt_hf.convert.celo2.convert_celo2`` (what ``lopt-hf convert celo2 THETA OUT --variant ...``
 runs) and loaded with ``load_lopt(OUT, model)``, which routes embeddings and 1-D tensors to the
-harness's AdamW for ``celo2``. AdamW is plain ``torch.optim.AdamW(model.parameters())``.
+harness's AdamW for ``celo2``. Any other learned optimizer is ``load_lopt(NAME, model)`` with its own
+settings, plus ``LearnedOptimizerCallback.attach(trainer)`` (the planned steps and each step's loss, which
+scheduled rules such as Celo-Adam read). AdamW is plain ``torch.optim.AdamW(model.parameters())``.
 
 A callback times every step (from ``on_step_begin`` to ``on_step_end``, plus the data loading in
 between steps) and the optimizer step alone (``on_pre_optimizer_step`` → ``on_optimizer_step``).
@@ -34,14 +38,16 @@ from pathlib import Path
 import torch
 
 DEFAULT_THETA = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "refvectors" / "celo2_theta1.state"
-OPTIMIZERS = ("adamw", "celo2", "celo2-base")
+CONVERTED = ("celo2", "celo2-base")  # converted from --theta, with --lr
+OPTIMIZERS = ("adamw", *CONVERTED, "lopt-hf/celo-adam-ns")  # the last: lopt_hf's default shipped optimizer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=OPTIMIZERS,
-                        help="what to time (AdamW is the reference of the ratio column)")
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), metavar="NAME",
+                        help="what to time: adamw (the reference of the ratio column), celo2, celo2-base, or a "
+                             "learned optimizer's shipped name, folder or Hub repo id")
     parser.add_argument("--theta", type=Path, default=DEFAULT_THETA, help="Celo2 theta.state to convert")
     parser.add_argument("--n-layer", type=int, default=4)
     parser.add_argument("--n-embd", type=int, default=128)
@@ -53,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=30, help="measured steps after the warm-up")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (one run per optimizer each)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="learning rate of every optimizer")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="learning rate of AdamW, celo2 and celo2-base (others keep their own)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
@@ -113,7 +120,9 @@ def make_optimizer(name: str, model: torch.nn.Module, artifacts: dict[str, Path]
         return torch.optim.AdamW(model.parameters(), lr=lr)
     from lopt_hf import load_lopt
 
-    return load_lopt(artifacts[name], model, lr=lr)
+    if name in artifacts:  # converted here: the --lr of the comparison
+        return load_lopt(artifacts[name], model, lr=lr)
+    return load_lopt(name, model)  # a shipped / local / Hub learned optimizer, with its own settings
 
 
 def train_once(name: str, args: argparse.Namespace, artifacts: dict[str, Path], workdir: Path) -> dict[str, float]:
@@ -130,6 +139,10 @@ def train_once(name: str, args: argparse.Namespace, artifacts: dict[str, Path], 
     dataset = RandomTokens(total * args.batch_size, args.seq_len, args.vocab_size, args.seed)
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset, optimizers=(optimizer, None),
                       callbacks=[timer])
+    if name != "adamw" and name not in artifacts:
+        from lopt_hf import LearnedOptimizerCallback
+
+        LearnedOptimizerCallback.attach(trainer)  # the planned steps and each loss (scheduled rules read them)
     trainer.train()
     ends = timer.step_ends[args.warmup:]  # end of the last warm-up step ... end of the last step
     seconds = ends[-1] - ends[0]
@@ -150,7 +163,7 @@ def convert_artifacts(theta: Path, names: list[str], root: Path) -> dict[str, Pa
 
     artifacts = {}
     for name in names:
-        if name != "adamw":
+        if name in CONVERTED:
             artifacts[name] = root / name
             convert_celo2(theta, artifacts[name], variant=name)
     return artifacts
@@ -179,16 +192,17 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
 
 def format_table(summary: dict[str, dict[str, float]], args: argparse.Namespace, num_params: int,
                  threads: int) -> str:
+    width = max(12, *(len(name) + 2 for name in summary))
     lines = [(f"GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} n_head={args.n_head} vocab={args.vocab_size} "
               f"({num_params / 1e6:.2f}M parameters), batch {args.batch_size} x {args.seq_len} tokens, "
               f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} rounds, torch {torch.__version__}, "
               f"threads={threads}"),
              "samples/s: median round (best round); step / optimizer ms: median step over the rounds",
-             (f"{'optimizer':<12}{'samples/s':>11}{'(best)':>9}{'x AdamW':>9}{'(best)':>8}{'step ms':>9}"
+             (f"{'optimizer':<{width}}{'samples/s':>11}{'(best)':>9}{'x AdamW':>9}{'(best)':>8}{'step ms':>9}"
               f"{'optim ms':>10}{'optim share':>13}")]
     for name, row in summary.items():
         ratio = f"{row['ratio_median']:>9.2f}{row['ratio_best']:>8.2f}" if "ratio_median" in row else f"{'':>17}"
-        lines.append(f"{name:<12}{row['samples_per_s_median']:>11.1f}{row['samples_per_s_best']:>9.1f}{ratio}"
+        lines.append(f"{name:<{width}}{row['samples_per_s_median']:>11.1f}{row['samples_per_s_best']:>9.1f}{ratio}"
                      f"{row['step_ms_median']:>9.1f}{row['optimizer_ms_median']:>10.1f}"
                      f"{100 * row['optimizer_share_median']:>12.1f}%")
     return "\n".join(lines)
@@ -209,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
             for name in order:
                 run = train_once(name, args, artifacts, root / "runs")
                 results[name].append(run)
-                print(f"round {round_index + 1}/{args.rounds} {name:<11} {run['samples_per_s']:8.1f} samples/s, "
+                print(f"round {round_index + 1}/{args.rounds} {name:<20} {run['samples_per_s']:8.1f} samples/s, "
                       f"step {run['step_ms']:7.1f} ms (median {run['step_ms_median']:.1f}), optimizer "
                       f"{run['optimizer_ms']:6.1f} ms (median {run['optimizer_ms_median']:.1f})", flush=True)
     summary = summarize(results)

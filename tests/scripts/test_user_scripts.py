@@ -87,7 +87,7 @@ def test_bench_trainer_times_every_optimizer(tmp_path: Path) -> None:
                "--n-head", "2", "--vocab-size", "64", "--seq-len", "16", "--batch-size", "2", "--threads", "1",
                "--json", str(out))
     results = json.loads(out.read_text())
-    assert sorted(results["summary"]) == ["adamw", "celo2", "celo2-base"]
+    assert sorted(results["summary"]) == ["adamw", "celo2", "celo2-base", "lopt-hf/celo-adam-ns"]  # + the default
 
 
 def test_device_check_runs_every_rule_and_times_the_optimizers(tmp_path: Path) -> None:
