@@ -76,20 +76,20 @@ def test_bench_metatrain_script() -> None:
 def test_package_pretrained_from_reports_states_the_bar(tiny_run: Path, tmp_path: Path) -> None:
     """``--reports``: the card's evaluation comes from `lopt-hf eval` reports of this checkpoint (checked), and with
     the bar's baselines in them the card opens with the bar's verdict instead of the research-baseline paragraph."""
+    from lopt_hf.cli import main as cli_main
     from lopt_hf.metatrain.checkpoint import latest_checkpoint
 
     exported = tmp_path / "exported"
     checkpoint = latest_checkpoint(tiny_run / "checkpoints")
-    subprocess.run([sys.executable, "-m", "lopt_hf.cli", "export", str(checkpoint), str(exported)], check=True,
-                   capture_output=True, cwd=ROOT)
+    # the setup runs the CLI in-process (the scripts under test still run in subprocesses)
+    assert cli_main(["export", str(checkpoint), str(exported), "--no-evaluate"]) == 0
     reports = tmp_path / "reports"
     # the candidate is itself the "published" reference here: the bar's third condition then fails, and the card
     # must say research baseline; the verdict table is still in the evaluation
     for label in ("small-fc-lolo", "celo-adam"):
-        subprocess.run([sys.executable, "-m", "lopt_hf.cli", "eval", "--tasks", "digits_mlp", "--steps", "3",
-                        "--seeds", "0", "--no-progress", "--out", str(reports / label), "--optimizers",
-                        f"{label}={exported}", *(["adamw:1e-3", "adamw-grid"] if label == "celo-adam" else [])],
-                       check=True, capture_output=True, cwd=ROOT)
+        assert cli_main(["eval", "--tasks", "digits_mlp", "--steps", "3", "--seeds", "0", "--no-progress", "--out",
+                         str(reports / label), "--optimizers", f"{label}={exported}",
+                         *(["adamw:1e-3", "adamw-grid"] if label == "celo-adam" else [])]) == 0
     run_script("package_pretrained.py", "small-fc-lolo", str(tiny_run), "--root", str(tmp_path), "--multiples", "1",
                "--reports", str(reports / "small-fc-lolo"), str(reports / "celo-adam" / "results.json"))
     config = json.loads((tmp_path / "lopt_hf" / "pretrained" / "small-fc-lolo" / "config.json").read_text())
@@ -122,11 +122,9 @@ def test_package_pretrained_from_reports_states_the_bar(tiny_run: Path, tmp_path
         assert "**Meets the bar.**" in provenance["evaluation"]["sections"][1]["table"], rendering
 
     other = tmp_path / "other"  # a report whose small-fc-lolo is another theta is refused
-    subprocess.run([sys.executable, "-m", "lopt_hf.cli", "create", "small_fc_lopt", str(other), "--seed", "5"],
-                   check=True, capture_output=True, cwd=ROOT)
-    subprocess.run([sys.executable, "-m", "lopt_hf.cli", "eval", "--tasks", "digits_mlp", "--steps", "3", "--seeds",
-                    "0", "--no-progress", "--out", str(reports / "other"), "--optimizers", f"small-fc-lolo={other}"],
-                   check=True, capture_output=True, cwd=ROOT)
+    assert cli_main(["create", "small_fc_lopt", str(other), "--seed", "5"]) == 0
+    assert cli_main(["eval", "--tasks", "digits_mlp", "--steps", "3", "--seeds", "0", "--no-progress", "--out",
+                     str(reports / "other"), "--optimizers", f"small-fc-lolo={other}"]) == 0
     refused = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_pretrained.py"), "small-fc-lolo",
                               str(tiny_run), "--root", str(tmp_path / "refused"), "--multiples", "1", "--reports",
                               str(reports / "other")], capture_output=True, text=True, cwd=ROOT)
