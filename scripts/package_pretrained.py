@@ -314,14 +314,13 @@ def recorded_run_state(summary: dict, checkpoint: str) -> dict:
     The wall time was recorded formatted (``17 min 43 s``); it is parsed back and must format to the same
     text, so the regenerated description states exactly what the run recorded.
     """
-    from lopt_hf.publish.export import format_duration
+    from lopt_hf.publish.export import parse_duration
 
     recorded = str(summary["Wall time"])
-    units = {"d": 86400.0, "h": 3600.0, "min": 60.0, "s": 1.0}
-    seconds = sum(float(value) * units[unit] for value, unit in re.findall(r"([\d.]+) (d|h|min|s)\b", recorded))
-    seconds = {"under 0.1 s": 0.0, "unknown": math.nan}.get(recorded, seconds)  # format_duration's two words
-    if format_duration(seconds) != recorded:
-        raise ValueError(f"cannot read the recorded wall time {recorded!r}")
+    try:
+        seconds = parse_duration(recorded)
+    except ValueError:
+        raise ValueError(f"cannot read the recorded wall time {recorded!r}") from None
     return {"step": int(checkpoint.split("-")[1]), "num_processes": int(summary["Processes"]), "elapsed_s": seconds}
 
 

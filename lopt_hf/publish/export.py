@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from .card_evaluation import evaluate_for_card
 from .push import push_artifact_folder
 
 __all__ = ["export_checkpoint", "meta_training_provenance", "run_description", "hub_base_model",
-           "describe_rule_architecture", "format_duration", "META_LOSS_PLOT", "EVALUATION_PLOT"]
+           "describe_rule_architecture", "format_duration", "parse_duration", "META_LOSS_PLOT", "EVALUATION_PLOT"]
 
 META_LOSS_PLOT = "meta_loss.png"
 EVALUATION_PLOT = "evaluation.png"
@@ -346,3 +347,18 @@ def format_duration(seconds: float) -> str:
         return f"{hours} h {minutes} min"
     days, hours = divmod(hours, 24)
     return f"{days} d {hours} h"
+
+
+
+_WORDS = {"under 0.1 s": 0.0, "unknown": math.nan}  # format_duration's two texts without a number
+_UNITS = {"d": 86400.0, "h": 3600.0, "min": 60.0, "s": 1.0}
+
+
+def parse_duration(text: str) -> float:
+    """The seconds a :func:`format_duration` text stands for (``"17 min 43 s"`` → ``1063.0``); the inverse as far as
+    the text goes, checked: a text that ``format_duration`` would not write back is a ``ValueError``."""
+    seconds = _WORDS.get(text, sum(float(value) * _UNITS[unit]
+                                   for value, unit in re.findall(r"([\d.]+) (d|h|min|s)\b", text)))
+    if format_duration(seconds) != text:
+        raise ValueError(f"not a duration written by format_duration: {text!r}")
+    return seconds

@@ -261,3 +261,13 @@ def test_a_failed_export_leaves_the_folder_as_it_was(trained_run: Path, tmp_path
     (out / "model.safetensors").rmdir()
     assert cli_main(["export", str(newest), str(out), "--no-evaluate"]) == 0
     assert "| **Outer iterations** | 4 |" in card_parts(out)[1]
+
+
+@pytest.mark.parametrize("seconds", [0.0, 0.05, 7.3, 95.3, 1063.0, 7384.0, 3 * 86400 + 7200.0, float("nan")])
+def test_parse_duration_reads_back_what_format_duration_wrote(seconds: float) -> None:
+    from lopt_hf.publish.export import format_duration, parse_duration
+
+    text = format_duration(seconds)
+    assert format_duration(parse_duration(text)) == text
+    with pytest.raises(ValueError, match="not a duration written by format_duration"):
+        parse_duration("about a minute")
