@@ -69,12 +69,20 @@ class BarVerdict:
     rows: tuple[BarRow, ...]
 
     @property
+    def beats_adamw_count(self) -> int:
+        return sum(row.beats_adamw for row in self.rows)
+
+    @property
+    def near_tuned_count(self) -> int:
+        return sum(row.near_tuned for row in self.rows)
+
+    @property
     def beats_adamw_everywhere(self) -> bool:
-        return all(row.beats_adamw for row in self.rows)
+        return self.beats_adamw_count == len(self.rows)
 
     @property
     def near_tuned_share(self) -> float:
-        return sum(row.near_tuned for row in self.rows) / len(self.rows)
+        return self.near_tuned_count / len(self.rows)
 
     @property
     def near_tuned_enough(self) -> bool:
@@ -163,9 +171,9 @@ def verdict_markdown(verdict: BarVerdict) -> str:
     own, other = verdict.mean_normalised(), verdict.mean_normalised(True)
     lines += ["",
               f"1. beats AdamW 1e-3 on every task and length: {'yes' if verdict.beats_adamw_everywhere else 'no'} "
-              f"({sum(row.beats_adamw for row in verdict.rows)} of {len(verdict.rows)})",
+              f"({verdict.beats_adamw_count} of {len(verdict.rows)})",
               f"2. within 5% of tuned AdamW on ≥ 2/3: {'yes' if verdict.near_tuned_enough else 'no'} "
-              f"({sum(row.near_tuned for row in verdict.rows)} of {len(verdict.rows)})",
+              f"({verdict.near_tuned_count} of {len(verdict.rows)})",
               f"3. average normalised loss below {verdict.reference}'s: {'yes' if verdict.beats_reference else 'no'} "
               f"(arithmetic {own[0]:.3f} vs {other[0]:.3f}, geometric {own[1]:.3f} vs {other[1]:.3f})",
               "",
@@ -193,8 +201,8 @@ def comparison_markdown(verdicts: Sequence[BarVerdict]) -> str:
     def summary(label: str, values: list[str]) -> str:
         return f"| **{label}** | | | | {' | '.join(values)} |"
 
-    lines += [summary("beats AdamW 1e-3", [f"{sum(r.beats_adamw for r in v.rows)} of {count}" for v in verdicts]),
-              summary("within 5% of tuned", [f"{sum(r.near_tuned for r in v.rows)} of {count}" for v in verdicts]),
+    lines += [summary("beats AdamW 1e-3", [f"{v.beats_adamw_count} of {count}" for v in verdicts]),
+              summary("within 5% of tuned", [f"{v.near_tuned_count} of {count}" for v in verdicts]),
               summary("mean normalised (arith. / geom.)",
                       ["{:.3f} / {:.3f}".format(*v.mean_normalised()) for v in verdicts]),
               summary(f"meets the bar (reference {first.reference})",
