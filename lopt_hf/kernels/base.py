@@ -29,14 +29,18 @@ class RuleKernel:
         """The state of one tensor (as the rule sees it: in the rule's layout)."""
         return self.rule.init_state(param)
 
-    def apply_step(self, params: Tensor, direction: Tensor, lr: float) -> None:
-        """``params -= lr·direction`` in place (float32), rounded as this rule's deployment always was.
+    @property
+    def fused_subtract(self) -> bool:
+        """How :meth:`apply_step` rounds: in one fused multiply-subtract (True), or ``lr·direction``
+        rounded first (False). The two differ in the last bit when ``lr != 1``, and artifacts' results
+        must not change with the engine's internals: rules batched from the start (Celo2) fuse, rules
+        that were deployed one tensor at a time round first, also once they stack."""
+        return self.stacks
 
-        Batched (stacking) kernels subtract in one fused multiply-subtract; per-tensor rules
-        round ``lr·direction`` first. The two differ in the last bit when ``lr != 1``, and
-        artifacts' results must not change with the engine's internals.
-        """
-        if self.stacks:
+    def apply_step(self, params: Tensor, direction: Tensor, lr: float) -> None:
+        """``params -= lr·direction`` in place (float32), rounded as this rule's deployment always was
+        (:attr:`fused_subtract`)."""
+        if self.fused_subtract:
             params.sub_(direction, alpha=lr)
         else:
             params.sub_(lr * direction)

@@ -56,6 +56,10 @@ class CeloAdamKernel(InPlaceKernel):
 
     rule: CeloAdam
 
+    @property
+    def fused_subtract(self) -> bool:
+        return False  # deployed one tensor at a time before it stacked: lr·step rounded first
+
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                     chunk_size: int | None, *, control: Tensor) -> State:
         rule = self.rule

@@ -78,7 +78,7 @@ class InPlaceKernel(RuleKernel):
     def apply_step(self, params: Tensor, direction: Tensor, lr: float) -> None:
         """``params -= lr·direction`` piece by piece, rounded as :meth:`RuleKernel.apply_step` rounds it."""
         for index in chunk_indices(params.shape, APPLY_CHUNK):
-            if self.stacks:
+            if self.fused_subtract:
                 params[index].sub_(direction[index], alpha=lr)
             else:
                 params[index].sub_(lr * direction[index])

@@ -264,6 +264,7 @@ class CeloAdam(ClippedGradient, ScheduledRule):
     """Celo-Adam: Celo's learned scheduler setting Adam's per-tensor learning rate (``amoudgl/celo-adam``)."""
 
     name: ClassVar[str] = "celo_adam"
+    stackable: ClassVar[bool] = True  # update_stacked is batched (and bit-identical to update, tensor by tensor)
 
     lstm_hidden_size: int = 64
     beta1: float = 0.9
@@ -312,6 +313,25 @@ class CeloAdam(ClippedGradient, ScheduledRule):
         if self.param_scale_mult:
             direction = direction * param_rms(param)
         return direction, {"momentum": momentum, "rms": rms}
+
+    def update_stacked(self, theta: Theta, params: Tensor, grads: Tensor, states: State, step: Tensor | int,
+                       chunk_size: int | None = None, *, control: Tensor) -> tuple[Tensor, State]:
+        """:meth:`update` of ``B`` same-shape tensors stacked on axis 0, bit for bit: Adam's element-wise
+        arithmetic runs once over the whole stack (each element sees the same float operations, its
+        tensor's ``lr_mult`` broadcast from ``control`` ``(B, C)``); Newton–Schulz and ``rms(p)`` stay one
+        call per tensor, because a batched matrix product or reduction may sum in another order."""
+        stack, shape = params.shape[0], tuple(params.shape[1:])
+        g = self.clipped(grads)
+        # a state (B, 1, *shape) lies in memory as (1, B, *shape): the decay axis first, as update has it
+        momentum, rms = self.advance_moments(states["momentum"].reshape(1, *g.shape),
+                                             states["rms"].reshape(1, *g.shape), g)
+        per_tensor = control.mT.reshape(control.shape[1], stack, *([1] * len(shape)))  # control[0] → (B, 1, …)
+        direction = self.adam_direction(momentum[0], rms[0], as_step_tensor(step, params) + 1.0, per_tensor)
+        if self.orthogonalize and len(shape) >= 2:
+            direction = torch.stack([orthogonalized(row) for row in direction])
+        if self.param_scale_mult:
+            direction = direction * torch.stack([param_rms(param) for param in params]).reshape(per_tensor[0].shape)
+        return direction, {"momentum": momentum.reshape(stack, 1, *shape), "rms": rms.reshape(stack, 1, *shape)}
 
     def advance_moments(self, momentum: Tensor, rms: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
         """Adam's new first and second moments ``(1, …)`` of the clipped gradient ``g`` (element-wise)."""

@@ -128,11 +128,10 @@ def accumulator_summary(param: Tensor, momenta: Tensor, rms: Tensor) -> Tensor:
         var_rms.append(_mean_square_about(rms, mean_m))
     mean_rms = torch.mean(rms).reshape(1)
     rank = sum(1 for size in param.shape if size > 1)
-    one_hot = torch.zeros(RANK_SLOTS, dtype=p.dtype, device=p.device)
-    if rank < RANK_SLOTS:
-        one_hot[rank] = 1.0
-    return torch.cat([clip_log_abs(mean_rms), one_hot, clip_log_abs(torch.stack(var_m)),
-                      clip_log_abs(torch.stack(var_rms))])
+    one_hot = torch.tensor([1.0 if slot == rank else 0.0 for slot in range(RANK_SLOTS)], dtype=p.dtype,
+                           device=p.device)
+    squashed = clip_log_abs(torch.stack([mean_rms[0], *var_m, *var_rms]))  # one element-wise pass for all
+    return torch.cat([squashed[:1], one_hot, squashed[1:]])
 
 
 class LossBuffer:

@@ -62,7 +62,9 @@ def control_kwargs(rule, gen: torch.Generator) -> dict[str, torch.Tensor]:
 def test_each_rule_gets_its_in_place_kernel(name: str) -> None:
     rule, theta = rule_and_theta(name)
     kernel = kernel_for(rule, theta)
-    assert type(kernel) is (KERNELS | SCHEDULED)[name] and isinstance(kernel, InPlaceKernel) and not kernel.stacks
+    assert type(kernel) is (KERNELS | SCHEDULED)[name] and isinstance(kernel, InPlaceKernel)
+    assert kernel.stacks == name.startswith("celo_adam")  # its update_stacked is batched
+    assert not kernel.fused_subtract  # every one of them rounds lr·step first, as it always did
 
 
 @pytest.mark.parametrize("name", sorted(KERNELS | SCHEDULED))

@@ -158,3 +158,25 @@ def test_orthogonalize_turns_matrix_steps_orthogonal_at_adams_size() -> None:
         assert float(singular.max() / singular.min()) < 1.8  # the quintic iteration keeps them in ~[0.7, 1.2]
         adam_singular = torch.linalg.svdvals(steps[0].reshape(shape[0], -1))
         assert float(adam_singular.max() / adam_singular.min()) > 3.0  # Adam's own step is far from orthogonal
+
+
+@pytest.mark.parametrize("config", [{}, {"orthogonalize": True}, {"param_scale_mult": True}])
+@pytest.mark.parametrize("shape", [(), (5,), (6, 4), (2, 3, 4), (70, 9)])
+def test_celo_adam_update_stacked_is_update_bit_for_bit(shape: tuple[int, ...], config: dict) -> None:
+    """Each tensor of a stack gets exactly its own ``update`` (its own lr_mult, step and moments):
+    what lets the optimizer stack same-shape tensors without changing a bit."""
+    rule = build_rule("celo_adam", **config)
+    gen = torch.Generator().manual_seed(3)
+    theta = rule.init_theta(gen)
+    params, grads = torch.randn(3, *shape, generator=gen), torch.randn(3, *shape, generator=gen) * 1e-2
+    grads[1] *= 1e6  # beyond the clip for one tensor
+    states = [{key: torch.rand(value.shape, generator=gen) * 1e-3 if key in ("momentum", "rms") else value
+               for key, value in rule.init_state(params[i]).items()} for i in range(3)]
+    control = torch.tensor([[0.5], [1.0], [3.0]])
+    stacked, stacked_states = rule.update_stacked(
+        theta, params, grads, {key: torch.stack([state[key] for state in states]) for key in states[0]}, 4,
+        control=control)
+    for i in range(3):
+        update, new_state = rule.update(theta, params[i], grads[i], states[i], 4, control=control[i])
+        assert torch.equal(stacked[i], update)
+        assert all(torch.equal(stacked_states[key][i], value) for key, value in new_state.items())
