@@ -68,8 +68,25 @@ def test_bench_metatrain_script() -> None:
     result = run_script("bench_metatrain.py", "--processes", "1", "--tasks", "1", "--steps", "1", "--repeats", "1",
                         "--warmup", "0", "--unroll", "3", "--truncation-length", "2", "--hidden", "4",
                         "--dataset", "digits", "--no-compile", "--threads", "1", "--json")
-    line = json.loads(result.stdout.strip().splitlines()[-1])
-    assert line["processes"] == 1 and line["outer_steps_per_s"] > 0
+    meta, loop = (json.loads(line) for line in result.stdout.strip().splitlines()[-2:])
+    assert meta["processes"] == 1 and meta["outer_steps_per_s"] > 0 and meta["family"] == "tutorial"
+    # the plain AdamW loop over as many models: 1 task x 2 antithetic members, 2 steps each
+    assert loop["models"] == 2 and loop["steps"] == 2 and loop["adamw_loop_inner_steps_per_s"] > 0
+    assert loop["loop_over_metatrain"]["1"] == pytest.approx(loop["adamw_loop_inner_steps_per_s"]
+                                                            / meta["inner_steps_per_s"])
+
+
+@pytest.mark.slow
+def test_bench_metatrain_times_a_larger_family_with_a_configured_rule() -> None:
+    result = run_script("bench_metatrain.py", "--family", "transformer", "--rule", "celo_adam", "--rule-option",
+                        "orthogonalize=true", "--processes", "1", "--tasks", "1", "--steps", "1", "--repeats", "1",
+                        "--warmup", "0", "--unroll", "3", "--truncation-length", "2", "--no-compile", "--threads", "1")
+    meta, loop = result.stdout.strip().splitlines()[-2:]
+    assert "celo_adam, 1 tasks x 2 members x 2 steps, transformer:" in meta and "inner steps/s" in meta
+    assert loop.startswith("plain PyTorch loop, AdamW, the same 2 models x 2 steps") and "x with 1 process(es)" in loop
+    bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_metatrain.py"), "--rule-option", "orthogonalize",
+                          "--no-adamw-loop"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert bad.returncode != 0 and "--rule-option 'orthogonalize': expected KEY=VALUE" in bad.stderr
 
 
 @pytest.mark.slow
