@@ -20,6 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
@@ -291,3 +292,26 @@ def metatrain_cli(run_dir: Path, steps: int, overrides: list[str], *flags: str) 
     argv = ["metatrain", "--no-progress", "--steps", str(steps), *flags,
             *[arg for item in [f"output_dir={run_dir}", *overrides] for arg in ("--set", item)]]
     return cli_main(argv)
+
+
+class RepeatedBlocks(nn.Module):
+    """An embedding, three identical residual blocks (same-shape Linear weights, biases and norms), two
+    convolutions and a head: a model whose tensors come in same-shape groups (what the optimizer stacks)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(40, 12)
+        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(12), "up": nn.Linear(12, 24),
+                                                   "down": nn.Linear(24, 12)}) for _ in range(3))
+        self.conv = nn.ModuleList(nn.Conv1d(12, 12, 3, padding=1) for _ in range(2))
+        self.head = nn.Linear(12, 40)
+        self.to(dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = x + block["down"](torch.relu(block["up"](block["norm"](x))))
+        for conv in self.conv:
+            x = x + conv(x.transpose(1, 2)).transpose(1, 2)
+        return self.head(x)

@@ -19,30 +19,9 @@ from lopt_hf.layout import CONV, LINEAR, from_rule_layout, to_rule_layout
 from lopt_hf.load import load_lopt
 from lopt_hf.optim import LearnedOptimizer
 from lopt_hf.rules.celo2 import Celo2
+from support import RepeatedBlocks
 
 LR = 0.01
-
-
-class Blocks(nn.Module):
-    """Three identical residual blocks (same-shape Linear weights, biases and norms) plus a head."""
-
-    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(40, 12)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(12), "up": nn.Linear(12, 24),
-                                                   "down": nn.Linear(24, 12)}) for _ in range(3))
-        self.conv = nn.ModuleList(nn.Conv1d(12, 12, 3, padding=1) for _ in range(2))
-        self.head = nn.Linear(12, 40)
-        self.to(dtype)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = x + block["down"](torch.relu(block["up"](block["norm"](x))))
-        for conv in self.conv:
-            x = x + conv(x.transpose(1, 2)).transpose(1, 2)
-        return self.head(x)
 
 
 def set_grads(model: nn.Module, step: int) -> None:
@@ -77,7 +56,7 @@ def optimizer(folder: Path, model: nn.Module, rule_class: type[Celo2] | None = N
 
 @pytest.mark.parametrize("variant", ["celo2", "celo2-base"])
 def test_stacked_steps_equal_per_tensor_steps(celo2_folders, variant: str) -> None:
-    stacked_model, single_model = Blocks(), Blocks()
+    stacked_model, single_model = RepeatedBlocks(), RepeatedBlocks()
     stacked = optimizer(celo2_folders[variant], stacked_model, Recording, weight_decay=0.1)
     single = optimizer(celo2_folders[variant], single_model, PerTensor, weight_decay=0.1)
     for step in range(4):
@@ -107,7 +86,7 @@ def test_stacked_steps_equal_per_tensor_steps(celo2_folders, variant: str) -> No
 
 
 def test_nonfinite_gradient_inside_a_stack_is_skipped_alone(celo2_folders) -> None:
-    model, reference = Blocks(), Blocks()
+    model, reference = RepeatedBlocks(), RepeatedBlocks()
     opt, reference_opt = optimizer(celo2_folders["celo2-base"], model), optimizer(celo2_folders["celo2-base"], reference)
     for step in range(2):
         for m, o in ((model, opt), (reference, reference_opt)):
@@ -146,7 +125,7 @@ def test_nonfinite_gradient_inside_a_stack_is_skipped_alone(celo2_folders) -> No
 def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(celo2_folders) -> None:
     """The finite check's fast norm overflows for |g| ~ 1e30; such gradients are finite and the learned rule
     steps them. The AdamW route skips them (and counts them): g² would overflow its float32 second moment."""
-    model = Blocks()
+    model = RepeatedBlocks()
     opt = optimizer(celo2_folders["celo2"], model)  # learned stacks and the AdamW route
     set_grads(model, 0)
     for param in model.parameters():
@@ -162,9 +141,9 @@ def test_huge_finite_gradients_are_not_mistaken_for_nonfinite(celo2_folders) -> 
 
 @pytest.mark.parametrize("variant", ["celo2", "celo2-base"])
 def test_checkpoint_of_stacked_state_resumes_bit_identically(celo2_folders, variant: str) -> None:
-    reference = Blocks()
+    reference = RepeatedBlocks()
     reference_opt = optimizer(celo2_folders[variant], reference)
-    first = Blocks()
+    first = RepeatedBlocks()
     first_opt = optimizer(celo2_folders[variant], first)
     for step in range(6):
         set_grads(reference, step)
@@ -182,7 +161,7 @@ def test_checkpoint_of_stacked_state_resumes_bit_identically(celo2_folders, vari
                       if isinstance(v, torch.Tensor))
     param_bytes = sum(p.numel() * p.element_size() for p in first.parameters())
     assert size < 1.2 * (state_bytes + param_bytes) + 100_000
-    resumed = Blocks()
+    resumed = RepeatedBlocks()
     resumed.load_state_dict(checkpoint["model"])
     resumed_opt = optimizer(celo2_folders[variant], resumed)
     resumed_opt.load_state_dict(checkpoint["optimizer"])
@@ -194,7 +173,7 @@ def test_checkpoint_of_stacked_state_resumes_bit_identically(celo2_folders, vari
 
 @pytest.mark.parametrize("variant", ["celo2", "celo2-base"])
 def test_bfloat16_parameters_get_the_float32_step_rounded_once(celo2_folders, variant: str) -> None:
-    low, high = Blocks(torch.bfloat16), Blocks()
+    low, high = RepeatedBlocks(torch.bfloat16), RepeatedBlocks()
     high.load_state_dict({k: v.float() for k, v in low.state_dict().items()})
     low_opt, high_opt = optimizer(celo2_folders[variant], low), optimizer(celo2_folders[variant], high)
     for step in range(2):

@@ -14,21 +14,9 @@ from torch import nn
 from lopt_hf.load import load_lopt
 from lopt_hf.optim import LearnedOptimizer
 from lopt_hf.rules.celo import CeloAdam
+from support import RepeatedBlocks
 
 STEPS = 4
-
-
-class Blocks(nn.Module):
-    """An embedding, three identical blocks (same-shape matrices, biases and norms), a conv pair and a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.embed = nn.Embedding(40, 12)
-        self.blocks = nn.ModuleList(nn.ModuleDict({"norm": nn.LayerNorm(12), "up": nn.Linear(12, 24),
-                                                   "down": nn.Linear(24, 12)}) for _ in range(3))
-        self.conv = nn.ModuleList(nn.Conv1d(12, 12, 3, padding=1) for _ in range(2))
-        self.head = nn.Linear(12, 40)
 
 
 class PerTensor(CeloAdam):
@@ -61,7 +49,7 @@ def set_grads(model: nn.Module, step: int) -> None:
 
 @pytest.mark.parametrize("lr", [1.0, 0.3])  # 0.3: lr·step is rounded before the subtraction, as per tensor
 def test_stacked_steps_are_the_per_tensor_steps_bit_for_bit(lr: float) -> None:
-    stacked_model, single_model = Blocks(), Blocks()
+    stacked_model, single_model = RepeatedBlocks(), RepeatedBlocks()
     stacked, single = optimizer(stacked_model, Recording, lr), optimizer(single_model, PerTensor, lr)
     assert stacked.rule.orthogonalize and stacked.rule.tensor_features  # the shipped default's extensions
     for step in range(STEPS):
