@@ -2,7 +2,8 @@
 same-shape tensors, bit for bit as one tensor at a time (the logged update RMS up to rounding).
 
 Its ``update_stacked`` does Adam's element-wise arithmetic once per stack and Newton–Schulz per matrix,
-so stacking changes no bit: parameters, Adam's moments and the scheduler's LSTM rows are compared with ``torch.equal`` against the same rule with stacking switched off.
+so stacking changes no bit: parameters, Adam's moments and the scheduler's LSTM rows are compared with
+``torch.equal`` against the same rule with stacking switched off.
 """
 
 from __future__ import annotations
