@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .harness import RULE_PRESETS, route_parameters
-from .layout import infer_layouts
+from .layout import infer_layouts, to_rule_layout
 from .optim import LearnedOptimizer
 from .rules import available_rules, build_rule
 
@@ -47,7 +47,7 @@ class StepResult:
     ratio_to_adamw: float | None = None
     state_mb: float | None = None
     peak_extra_mb: float | None = None
-    floor_ms: float | None = None  # the per-element network's FLOPs at the sgemm rate of the same run
+    floor_ms: float | None = None  # the step's matrix-product FLOPs at the sgemm rate of the same run
     ratio_to_floor: float | None = None
     sgemm_gflops: float | None = None  # the matmul rate measured in the same run
 
@@ -59,6 +59,19 @@ def sgemm_gflops(device: str = "cpu", size: int = 2048, repeats: int = 5) -> flo
     b = torch.randn(size, size, device=device)
     milliseconds = time_steps(lambda: torch.mm(a, b), device, warmup=2, repeats=repeats)
     return 2.0 * size ** 3 / (milliseconds * 1e-3) / 1e9
+
+
+def step_flops(optimizer: torch.optim.Optimizer) -> float | None:
+    """FLOPs of the matrix products in one step of a ``LearnedOptimizer`` over its learned tensors, each
+    in the rule's layout (:meth:`~lopt_hf.rules.base.UpdateRule.tensor_flops`); ``None`` for other
+    optimizers and for rules without matrix products."""
+    if not isinstance(optimizer, LearnedOptimizer):
+        return None
+    flops = [optimizer.rule.tensor_flops(tuple(to_rule_layout(param.detach(), optimizer.layout_of(param)).shape))
+             for group in optimizer.param_groups if group.get("route", "learned") == "learned"
+             for param in group["params"]]
+    known = [value for value in flops if value is not None]
+    return float(sum(known)) if known else None
 
 
 def learned_numel(optimizer: torch.optim.Optimizer) -> int:
@@ -163,9 +176,9 @@ def run_benchmark(names: Sequence[str] | None = None, layers: Sequence[int] = DE
         model = make_mlp(layers, device)
         optimizer = make_optimizer(name, model)
         result = StepResult(name, time_steps(optimizer.step, device, warmup, repeats), sgemm_gflops=gflops)
-        flops = optimizer.rule.per_element_flops() if isinstance(optimizer, LearnedOptimizer) else None
+        flops = step_flops(optimizer)
         if flops:
-            result.floor_ms = learned_numel(optimizer) * flops / (gflops * 1e9) * 1e3
+            result.floor_ms = flops / (gflops * 1e9) * 1e3
             result.ratio_to_floor = result.step_ms / result.floor_ms
         results.append(result)
     adamw_ms = results[0].step_ms
@@ -204,8 +217,8 @@ def format_results(results: Sequence[StepResult], layers: Sequence[int], device:
         to_floor = f"{r.ratio_to_floor:.1f}" if r.ratio_to_floor is not None else "-"
         lines.append(f"{r.name:<16}{r.step_ms:>10.2f}{r.ratio_to_adamw:>10.1f}{floor:>10}{to_floor:>9}{state:>10}"
                      f"{peak:>15}")
-    lines.append("floor: the per-element network's FLOPs over the learned tensors at the sgemm rate measured in this "
-                 "run ('-': no per-element network)")
+    lines.append("floor: the FLOPs of the rule's matrix products (per-element network, Newton–Schulz) over the learned "
+                 "tensors at the sgemm rate measured in this run ('-': none)")
     return "\n".join(lines)
 
 

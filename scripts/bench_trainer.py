@@ -144,6 +144,9 @@ def train_once(name: str, args: argparse.Namespace, artifacts: dict[str, Path], 
 
         LearnedOptimizerCallback.attach(trainer)  # the planned steps and each loss (scheduled rules read them)
     trainer.train()
+    from lopt_hf.bench import step_flops
+
+    matrix_flops = step_flops(optimizer)  # the learned step's matrix products (None: AdamW, element-wise rules)
     ends = timer.step_ends[args.warmup:]  # end of the last warm-up step ... end of the last step
     seconds = ends[-1] - ends[0]
     steps = len(ends) - 1
@@ -155,6 +158,7 @@ def train_once(name: str, args: argparse.Namespace, artifacts: dict[str, Path], 
             # medians per step: robust to bursts of load from other processes
             "step_ms_median": 1e3 * statistics.median(step_seconds),
             "optimizer_ms_median": 1e3 * statistics.median(optimizer_seconds),
+            "matrix_gflop": (matrix_flops or 0.0) / 1e9,
             "threads": timer.threads}
 
 
@@ -169,8 +173,10 @@ def convert_artifacts(theta: Path, names: list[str], root: Path) -> dict[str, Pa
     return artifacts
 
 
-def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, float]]:
-    """Per optimizer: throughput of the median and of the best round, and medians per step."""
+def summarize(results: dict[str, list[dict[str, float]]], sgemm_gflops: float) -> dict[str, dict[str, float]]:
+    """Per optimizer: throughput of the median and of the best round, medians per step, and the floor: its
+    step's matrix products (per-element network, Newton–Schulz) at ``sgemm_gflops``, the matmul rate measured
+    in the same run — with ``ratio_at_floor``, the throughput ratio to AdamW if the step cost only that."""
     summary = {}
     for name, runs in results.items():
         throughputs = [run["samples_per_s"] for run in runs]
@@ -182,29 +188,39 @@ def summarize(results: dict[str, list[dict[str, float]]]) -> dict[str, dict[str,
             "step_ms_median": step_ms,
             "optimizer_ms_median": optimizer_ms,
             "optimizer_share_median": optimizer_ms / step_ms,
+            "floor_ms": 1e3 * runs[0]["matrix_gflop"] / sgemm_gflops,
         }
     if "adamw" in summary:
         for name, row in summary.items():
             row["ratio_median"] = row["samples_per_s_median"] / summary["adamw"]["samples_per_s_median"]
             row["ratio_best"] = row["samples_per_s_best"] / summary["adamw"]["samples_per_s_best"]
+            if row["floor_ms"]:  # AdamW's step with this optimizer's floor in place of AdamW's own update
+                adamw = summary["adamw"]
+                row["ratio_at_floor"] = adamw["step_ms_median"] / (
+                    adamw["step_ms_median"] - adamw["optimizer_ms_median"] + row["floor_ms"])
     return summary
 
 
 def format_table(summary: dict[str, dict[str, float]], args: argparse.Namespace, num_params: int,
-                 threads: int) -> str:
+                 threads: int, sgemm_gflops: float) -> str:
     width = max(12, *(len(name) + 2 for name in summary))
     lines = [(f"GPT-2 n_layer={args.n_layer} n_embd={args.n_embd} n_head={args.n_head} vocab={args.vocab_size} "
               f"({num_params / 1e6:.2f}M parameters), batch {args.batch_size} x {args.seq_len} tokens, "
               f"{args.steps} steps after {args.warmup} warm-up, {args.rounds} rounds, torch {torch.__version__}, "
-              f"threads={threads}"),
+              f"threads={threads}, sgemm {sgemm_gflops:.0f} GFLOP/s"),
              "samples/s: median round (best round); step / optimizer ms: median step over the rounds",
              (f"{'optimizer':<{width}}{'samples/s':>11}{'(best)':>9}{'x AdamW':>9}{'(best)':>8}{'step ms':>9}"
-              f"{'optim ms':>10}{'optim share':>13}")]
+              f"{'optim ms':>10}{'optim share':>13}{'floor ms':>10}{'x AdamW at floor':>18}")]
     for name, row in summary.items():
         ratio = f"{row['ratio_median']:>9.2f}{row['ratio_best']:>8.2f}" if "ratio_median" in row else f"{'':>17}"
+        floor = f"{row['floor_ms']:>10.1f}" if row["floor_ms"] else f"{'-':>10}"
+        at_floor = f"{row['ratio_at_floor']:>18.2f}" if "ratio_at_floor" in row else f"{'-':>18}"
         lines.append(f"{name:<{width}}{row['samples_per_s_median']:>11.1f}{row['samples_per_s_best']:>9.1f}{ratio}"
                      f"{row['step_ms_median']:>9.1f}{row['optimizer_ms_median']:>10.1f}"
-                     f"{100 * row['optimizer_share_median']:>12.1f}%")
+                     f"{100 * row['optimizer_share_median']:>12.1f}%{floor}{at_floor}")
+    lines.append("floor: the learned step's matrix products (per-element network, Newton–Schulz) at the sgemm rate of "
+                 "this run; x AdamW at floor: AdamW's training step with that floor in place of AdamW's update "
+                 "(the best any engine could do at this rate)")
     return "\n".join(lines)
 
 
@@ -213,6 +229,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*loss_type=None.*")
+    from lopt_hf.bench import sgemm_gflops
+
+    gflops = sgemm_gflops()  # the matmul rate the floors are computed with, measured now
     names = list(dict.fromkeys(args.optimizers))
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
@@ -226,14 +245,14 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"round {round_index + 1}/{args.rounds} {name:<20} {run['samples_per_s']:8.1f} samples/s, "
                       f"step {run['step_ms']:7.1f} ms (median {run['step_ms_median']:.1f}), optimizer "
                       f"{run['optimizer_ms']:6.1f} ms (median {run['optimizer_ms_median']:.1f})", flush=True)
-    summary = summarize(results)
+    summary = summarize(results, gflops)
     num_params = sum(p.numel() for p in build_model(args).parameters())
     threads = results[names[0]][0]["threads"]
     print()
-    print(format_table(summary, args, num_params, threads))
+    print(format_table(summary, args, num_params, threads, gflops))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": results,
-                                         "summary": summary}, indent=2))
+                                         "sgemm_gflops": gflops, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":

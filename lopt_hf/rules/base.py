@@ -30,6 +30,8 @@ Conventions:
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
@@ -98,9 +100,18 @@ class UpdateRule(ABC):
         """A fresh random ``theta`` (deterministic given the generator's seed)."""
 
     def per_element_flops(self) -> int | None:
-        """FLOPs (2 per multiply-add) of the rule's per-element network for one parameter element: the
-        arithmetic floor ``lopt-hf bench`` compares a step with. ``None`` for rules without one."""
+        """FLOPs (2 per multiply-add) of the rule's per-element network for one parameter element.
+        ``None`` for rules without one."""
         return None
+
+    def tensor_flops(self, shape: tuple[int, ...]) -> int | None:
+        """FLOPs (2 per multiply-add) of the matrix products in one step of a tensor of ``shape`` (in the
+        rule's layout): the per-element network over its elements, plus any whole-matrix work
+        (Newton–Schulz). Summed over a model's tensors at the machine's matmul rate it is the arithmetic
+        floor ``lopt-hf bench`` and ``scripts/bench_trainer.py`` compare a step with. ``None``: the rule
+        does no matrix products (element-wise arithmetic only; no floor)."""
+        flops = self.per_element_flops()
+        return None if flops is None else flops * math.prod(shape)
 
     # ------------------------------------------------------------------------ per tensor
     @abstractmethod

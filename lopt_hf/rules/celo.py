@@ -290,6 +290,15 @@ class CeloAdam(ClippedGradient, ScheduledRule):
     def summary_size(self) -> int:
         return 1 + RANK_SLOTS + 2 if self.tensor_features else 0
 
+    def tensor_flops(self, shape: tuple[int, ...]) -> int | None:
+        if not self.orthogonalize:
+            return None  # Adam: element-wise only
+        if len(shape) < 2:
+            return 0
+        from .celo2 import Celo2, newton_schulz_flops
+
+        return newton_schulz_flops(shape[0], math.prod(shape[1:]), int(Celo2.ns_iters))  # as orthogonalized sees it
+
     def tensor_summary(self, param: Tensor, grad: Tensor, state: State) -> Tensor:
         if not self.tensor_features:
             return super().tensor_summary(param, grad, state)

@@ -166,6 +166,14 @@ def newton_schulz(x: Tensor, coeffs: tuple[float, float, float], iterations: int
     return x.mT if transposed else x
 
 
+def newton_schulz_flops(rows: int, cols: int, iterations: int) -> int:
+    """FLOPs of :func:`newton_schulz` on one ``rows × cols`` matrix: per iteration, on the wide
+    orientation (``s`` = the smaller side, ``l`` the larger), the Gram ``x·xᵀ`` (2·s²·l), ``A·A`` (2·s³)
+    and ``B·x`` (2·s²·l)."""
+    small, large = min(rows, cols), max(rows, cols)
+    return iterations * (4 * small * small * large + 2 * small ** 3)
+
+
 @register_rule
 @dataclasses.dataclass(frozen=True)
 class Celo2(UpdateRule):
@@ -240,6 +248,12 @@ class Celo2(UpdateRule):
     # ------------------------------------------------------------------------ state
     def per_element_flops(self) -> int:
         return mlp_flops(shape for shape in self.theta_shapes().values() if len(shape) == 2)  # all its weights
+
+    def tensor_flops(self, shape: tuple[int, ...]) -> int:
+        flops = self.per_element_flops() * math.prod(shape)
+        if self.orthogonalize and len(shape) >= 2:  # one matrix per slab of the last two axes
+            flops += math.prod(shape[:-2]) * newton_schulz_flops(shape[-2], shape[-1], int(self.ns_iters))
+        return flops
 
     def init_state(self, param: Tensor) -> State:
         shape = tuple(param.shape) if param.dim() > 0 else (1,)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 
-from lopt_hf.bench import run_benchmark
+import pytest
+import torch
+
+from lopt_hf.bench import run_benchmark, step_flops
 from lopt_hf.cli import main
 from lopt_hf.rules import build_rule
+from lopt_hf.rules.celo2 import newton_schulz_flops
 
 
 def test_floor_is_the_per_element_networks_flops_at_the_measured_sgemm_rate() -> None:
@@ -29,6 +33,34 @@ def test_per_element_flops_count_the_published_architectures() -> None:
     assert build_rule("celo2").per_element_flops() == 2 * (30 * 8 + 8 * 8 + 8 * 3)  # 30→8→8→3
     assert build_rule("celo").per_element_flops() == 2 * (30 * 4 + 4 * 4 + 4 * 3)  # 30→4→4→3
     assert build_rule("celo_adam").per_element_flops() is None
+
+
+def test_newton_schulz_flops_count_the_three_products_of_every_iteration() -> None:
+    # 5 iterations on a 4 x 10 matrix (wide): Gram 4x10·10x4, A·A 4x4·4x4, B·x 4x4·4x10, 2 FLOPs per multiply-add
+    assert newton_schulz_flops(4, 10, 5) == 5 * 2 * (4 * 10 * 4 + 4 * 4 * 4 + 4 * 4 * 10)
+    assert newton_schulz_flops(10, 4, 5) == newton_schulz_flops(4, 10, 5)  # tall matrices go through transposed
+
+
+@pytest.mark.parametrize("name", ["celo2", "celo_adam"])
+def test_the_floor_counts_newton_schulz_of_every_matrix(name: str) -> None:
+    """Newton–Schulz rules: the floor is the per-element network (Celo2) plus one orthogonalisation per matrix
+    (Celo2: per (in, out) slab of an HWIO conv kernel; Celo-Adam: the kernel as (out, in·k·k)); Adam alone has none."""
+    from lopt_hf.layout import infer_layouts
+    from lopt_hf.optim import LearnedOptimizer
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8, 5))
+    rule = build_rule(name, orthogonalize=True)
+    layouts = infer_layouts(model)
+    optimizer = LearnedOptimizer(model.parameters(), rule=rule, theta=rule.init_theta(), param_layouts=layouts)
+    if name == "celo2":  # conv kernel HWIO (3, 3, 3, 8): 9 slabs of 3 x 8; Linear (in, out) = (8, 5)
+        expected = rule.per_element_flops() * sum(p.numel() for p in model.parameters()) \
+            + 9 * newton_schulz_flops(3, 8, 5) + newton_schulz_flops(8, 5, 5)
+    else:  # not layout-sensitive: the conv kernel (8, 3, 3, 3) is 8 x 27 for orthogonalized; biases element-wise
+        expected = newton_schulz_flops(8, 27, 5) + newton_schulz_flops(5, 8, 5)
+    assert step_flops(optimizer) == expected
+    plain = build_rule("celo_adam")
+    assert step_flops(LearnedOptimizer(model.parameters(), rule=plain, theta=plain.init_theta(),
+                                       param_layouts=layouts)) is None
 
 
 def test_cli_prints_the_floor_and_writes_it_to_json(tmp_path, capsys) -> None:

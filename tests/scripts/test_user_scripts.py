@@ -87,7 +87,12 @@ def test_bench_trainer_times_every_optimizer(tmp_path: Path) -> None:
                "--n-head", "2", "--vocab-size", "64", "--seq-len", "16", "--batch-size", "2", "--threads", "1",
                "--json", str(out))
     results = json.loads(out.read_text())
-    assert sorted(results["summary"]) == ["adamw", "celo2", "celo2-base", "lopt-hf/celo-adam-ns"]  # + the default
+    summary = results["summary"]
+    assert sorted(summary) == ["adamw", "celo2", "celo2-base", "lopt-hf/celo-adam-ns"]  # + the default
+    # the floor: the step's matrix products at the sgemm rate of the run; Newton–Schulz ones count their matrices
+    assert results["sgemm_gflops"] > 0 and summary["adamw"]["floor_ms"] == 0 and "ratio_at_floor" not in summary["adamw"]
+    assert summary["celo2"]["floor_ms"] > summary["celo2-base"]["floor_ms"] > 0  # + Newton–Schulz of the matrices
+    assert all(0 < summary[name]["ratio_at_floor"] for name in ("celo2", "celo2-base", "lopt-hf/celo-adam-ns"))
 
 
 def test_device_check_runs_every_rule_and_times_the_optimizers(tmp_path: Path) -> None:
