@@ -60,7 +60,6 @@ def test_public_names_resolve_lazily_and_are_listed() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.slow
 @pytest.mark.parametrize("code", [
     # the usual order: lopt_hf first, then the auto classes
     f"import lopt_hf\nfrom transformers import AutoModel\nprint(type(AutoModel.from_pretrained({str(SHIPPED_FOLDER)!r})).__name__)",
