@@ -18,8 +18,9 @@ celo_adam_ns.yaml``): ``wide_mlp`` (784-256-256-10 MLPs on 28×28 images), ``cnn
 8 and 16 channels) and ``transformer`` (character-level 2-layer transformers, width 32, 64 characters,
 batch 16). After the meta-training timings as many models of the same family (tasks, initialisations and
 batches drawn with seed 0), ``tasks × members`` of them one after another for the steps each member takes
-per outer step, are trained by a plain PyTorch loop (``loss.backward()``, ``torch.optim.AdamW``, one process, ``--threads``
-threads), and the ratio of the two inner-step rates is printed (``--no-adamw-loop`` skips it).
+per outer step, are trained by a plain PyTorch loop (``loss.backward()``, ``torch.optim.AdamW``, one
+process, ``--threads`` threads), and the ratio of the two inner-step rates is printed (``--no-adamw-loop``
+skips it).
 
 With ``--processes N`` each process takes a contiguous block of tasks, runs with
 ``threads // N`` intra-op threads, and the ranks all-reduce ``grad_sum`` (torch.distributed,
@@ -142,9 +143,9 @@ def build_rule(args: argparse.Namespace):  # noqa: ANN201  (an UpdateRule; impor
 
 def adamw_loop(args: argparse.Namespace, models: int, steps: int) -> float:
     """Inner steps/s of a plain PyTorch loop training ``models`` of the family's problems one after
-    another, ``steps`` each (the meta-trainer's steps per member and outer step): forward, ``loss.backward()``, ``torch.optim.AdamW``
-    (lr 1e-3, foreach), the family's own model code, tasks drawn with seed 0; min over
-    ``--repeats`` windows, after one untimed pass (warm-up)."""
+    another, ``steps`` each (the meta-trainer's steps per member and outer step): forward,
+    ``loss.backward()``, ``torch.optim.AdamW`` (lr 1e-3, foreach), the family's own model code, tasks
+    drawn with seed 0; min over ``--repeats`` windows, after one untimed pass (warm-up)."""
     torch.set_num_threads(args.threads)
     family = build_family(args)
     generator = torch.Generator().manual_seed(0)
