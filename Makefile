@@ -51,7 +51,7 @@ demo: install
 	$(PY) scripts/demo.py
 
 # One pytest worker per CPU (pytest-xdist); a test file's tests stay on one worker (--dist loadfile), so
-# module fixtures (the README's blocks, the tiny meta-training run) are built once. 2 cores: ≈ 7.5 min.
+# module fixtures (the README's blocks, the tiny meta-training run) are built once. 2 cores: ≈ 8 min.
 PYTEST := -m pytest -q -n auto --dist loadfile tests
 
 test: install
