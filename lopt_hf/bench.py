@@ -74,12 +74,6 @@ def step_flops(optimizer: torch.optim.Optimizer) -> float | None:
     return float(sum(known)) if known else None
 
 
-def learned_numel(optimizer: torch.optim.Optimizer) -> int:
-    """Elements the learned rule steps (harness groups routed to AdamW excluded)."""
-    return sum(param.numel() for group in optimizer.param_groups if group.get("route", "learned") == "learned"
-               for param in group["params"])
-
-
 def make_mlp(layers: Sequence[int], device: str = "cpu") -> nn.Module:
     """An MLP with ReLU between the given layer widths, with deterministic random gradients."""
     torch.manual_seed(0)

@@ -349,7 +349,6 @@ def format_duration(seconds: float) -> str:
     return f"{days} d {hours} h"
 
 
-
 _WORDS = {"under 0.1 s": 0.0, "unknown": math.nan}  # format_duration's two texts without a number
 _UNITS = {"d": 86400.0, "h": 3600.0, "min": 60.0, "s": 1.0}
 

@@ -30,9 +30,8 @@ Conventions:
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 

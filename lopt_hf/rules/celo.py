@@ -264,7 +264,7 @@ class CeloAdam(ClippedGradient, ScheduledRule):
     """Celo-Adam: Celo's learned scheduler setting Adam's per-tensor learning rate (``amoudgl/celo-adam``)."""
 
     name: ClassVar[str] = "celo_adam"
-    stackable: ClassVar[bool] = True  # update_stacked is batched (and bit-identical to update, tensor by tensor)
+    stackable: ClassVar[bool] = True  # update_stacked is batched; update is it on a stack of one
 
     lstm_hidden_size: int = 64
     beta1: float = 0.9
@@ -314,14 +314,11 @@ class CeloAdam(ClippedGradient, ScheduledRule):
 
     def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                chunk_size: int | None = None, *, control: Tensor) -> tuple[Tensor, State]:
-        g = self.clipped(grad)
-        momentum, rms = self.advance_moments(state["momentum"], state["rms"], g)
-        direction = self.adam_direction(momentum[0], rms[0], as_step_tensor(step, param) + 1.0, control)
-        if self.orthogonalize and param.dim() >= 2:
-            direction = orthogonalized(direction)
-        if self.param_scale_mult:
-            direction = direction * param_rms(param)
-        return direction, {"momentum": momentum, "rms": rms}
+        # One tensor is a stack of one: the same code (what meta-training vmaps and the optimizer stacks).
+        direction, new_state = self.update_stacked(
+            theta, param.unsqueeze(0), grad.unsqueeze(0), {key: state[key].unsqueeze(0) for key in ("momentum", "rms")},
+            step, chunk_size, control=control.unsqueeze(0))
+        return direction[0], {key: value[0] for key, value in new_state.items()}
 
     def update_stacked(self, theta: Theta, params: Tensor, grads: Tensor, states: State, step: Tensor | int,
                        chunk_size: int | None = None, *, control: Tensor) -> tuple[Tensor, State]:
@@ -331,7 +328,7 @@ class CeloAdam(ClippedGradient, ScheduledRule):
         call per tensor, because a batched matrix product or reduction may sum in another order."""
         stack, shape = params.shape[0], tuple(params.shape[1:])
         g = self.clipped(grads)
-        # a state (B, 1, *shape) lies in memory as (1, B, *shape): the decay axis first, as update has it
+        # a state (B, 1, *shape) lies in memory as (1, B, *shape): the decay axis first, as one tensor has it
         momentum, rms = self.advance_moments(states["momentum"].reshape(1, *g.shape),
                                              states["rms"].reshape(1, *g.shape), g)
         per_tensor = control.mT.reshape(control.shape[1], stack, *([1] * len(shape)))  # control[0] → (B, 1, …)
