@@ -4,6 +4,7 @@
 # then check that the set is consistent. The pyproject ranges are for people who `pip install` the
 # package; `make test-latest` checks that the newest versions those ranges admit still pass.
 #
+#   make test-all      the whole suite, slow tests included (what .ci/run runs)
 #   make lock          regenerate requirements-lock.txt from a fresh venv (newest admitted versions)
 #   make test-latest   fresh .venv-latest with the newest admitted versions, whole suite
 #                      (run it before raising a range and before resolving any issue)
@@ -19,7 +20,7 @@ LATEST_VENV := .venv-latest
 LOCK_VENV := .venv-lock
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: install datasets demo test test-latest lock bench clean
+.PHONY: install datasets demo test test-all test-latest lock bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,10 +52,16 @@ demo: install
 	$(PY) scripts/demo.py
 
 # One pytest worker per CPU (pytest-xdist); a test file's tests stay on one worker (--dist loadfile), so
-# module fixtures (the README's blocks, the tiny meta-training run) are built once. 2 cores: ≈ 8 min.
+# module fixtures (the README's blocks, the tiny meta-training run) are built once.
+# make test: everything but the tests marked slow (real subprocesses, multi-process runs, the README's
+# blocks, the memory and long fuzz runs) — the loop to run while working, ≈ 4 min on 2 cores;
+# make test-all: the whole suite, what CI (.ci/run) runs, ≈ 8 min on 2 cores.
 PYTEST := -m pytest -q -n auto --dist loadfile tests
 
 test: install
+	$(PY) $(PYTEST) -m "not slow"
+
+test-all: install
 	$(PY) $(PYTEST)
 
 # The newest versions the pyproject ranges admit, in a venv of their own (torch held at the CPU build).

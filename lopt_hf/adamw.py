@@ -1,19 +1,15 @@
-"""AdamW, once: the foreach update that ``LearnedOptimizer``'s ``"adamw"`` route runs.
+"""AdamW, once: torch's functional foreach AdamW, for every AdamW step lopt_hf takes itself.
 
-``torch.optim.AdamW`` / ``optax.adamw`` math — bias-corrected first and second moments, decoupled
-weight decay — on lists of tensors with ``torch._foreach`` kernels, in two halves so that a caller
-can look at the step before it is applied (``LearnedOptimizer`` logs its RMS):
+``LearnedOptimizer``'s ``"adamw"`` route (how Celo2's harness trains biases and embeddings) and LoLO's
+Adam expert both call :func:`adamw_step`, which is ``torch.optim.adamw.adamw(foreach=True)`` — the
+kernels and the arithmetic of ``torch.optim.AdamW(foreach=True)``, so a tensor on the route is trained
+bit for bit as torch's AdamW would train it (``tests/optim/test_adamw.py``). (Meta-training's optimizer
+of theta is ``torch.optim.AdamW`` itself.) What this wrapper adds:
 
-* :func:`adamw_directions` — update the moments in place and return ``m̂ / (√v̂ + eps)``;
-* :func:`apply_decoupled_step` — ``p ← p·(1 − lr·weight_decay) − lr·direction`` in place;
-* :func:`adamw_step` — both.
-
-Why not ``torch.optim.adamw.adamw(foreach=True)``: its moments are bit-identical, but it divides
-by ``√v / √(1 − β₂ᵗ)`` and folds ``lr / (1 − β₁ᵗ)`` into ``addcdiv``, where this computes
-``√(v / (1 − β₂ᵗ))`` and ``m / (1 − β₁ᵗ)``; parameters then differ in the last bits (measured: up
-to 2.4e-7 absolute on unit-scale weights after 5 steps). Keeping this arithmetic keeps every
-``"adamw"``-routed step (Celo2's harness) bit-identical to the artifacts and tests made with it;
-it also keeps float32 moments for bf16 parameters, which torch's grouping by dtype does not.
+* step counts as plain ints, one per tensor (optimizer state keeps ints, as saved checkpoints always
+  have; torch wants tensors it increments);
+* nothing else: callers pass float32 parameters (a copy for bf16 ones), gradients and moments, so the
+  moments stay float32 whatever the parameter dtype.
 
 These functions do not check their input: ``LearnedOptimizer`` hands them only gradients whose
 elements are all below ``lopt_hf.optim.ADAMW_GRAD_LIMIT`` in magnitude (1e19), so ``g²`` and the
@@ -22,49 +18,45 @@ second moment stay finite (a larger or non-finite gradient is skipped and counte
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
+from torch.optim.adamw import adamw as torch_functional_adamw
 
-__all__ = ["adamw_directions", "adamw_step", "apply_decoupled_step"]
-
-
-def adamw_directions(grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], step_count: int,
-                     betas: tuple[float, float], eps: float) -> list[Tensor]:
-    """One AdamW moment update, in place, and the bias-corrected directions ``m̂ / (√v̂ + eps)``.
-
-    Args:
-        grads: float32 gradients (one per tensor).
-        exp_avgs, exp_avg_sqs: float32 first and second moments, updated in place
-            (``m ← m + (1 − β₁)(g − m)``, ``v ← β₂·v + (1 − β₂)·g²``).
-        step_count: the 1-based count of this step (the same for every tensor in the lists).
-        betas: ``(β₁, β₂)``; eps: added to ``√v̂``.
-
-    Returns:
-        New tensors, the direction of each tensor (the step before the learning rate).
-    """
-    beta1, beta2 = betas
-    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    denominators = torch._foreach_div(exp_avg_sqs, 1.0 - beta2 ** step_count)
-    torch._foreach_sqrt_(denominators)
-    torch._foreach_add_(denominators, eps)
-    directions = torch._foreach_div(exp_avgs, 1.0 - beta1 ** step_count)
-    torch._foreach_div_(directions, denominators)
-    return directions
-
-
-def apply_decoupled_step(params: list[Tensor], directions: list[Tensor], lr: float, weight_decay: float) -> None:
-    """``p ← p·(1 − lr·weight_decay) − lr·direction`` in place (decoupled weight decay, then the step)."""
-    if weight_decay != 0.0:
-        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_add_(params, directions, alpha=-lr)
+__all__ = ["adamw_step", "direction_bound"]
 
 
 def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-               step_count: int, *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-               weight_decay: float = 0.0) -> None:
-    """One AdamW step of float32 ``params`` in place (moments too): :func:`adamw_directions`, then
-    :func:`apply_decoupled_step`. ``step_count`` is 1 on the first step."""
-    apply_decoupled_step(params, adamw_directions(grads, exp_avgs, exp_avg_sqs, step_count, betas, eps), lr,
-                         weight_decay)
+               step_counts: Sequence[int], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+               eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+    """One AdamW step of each tensor of ``params``, in place (its moments too).
+
+    Args:
+        params, grads, exp_avgs, exp_avg_sqs: lists of equal length, tensor ``i`` of each of one shape
+            and dtype (float32 in lopt_hf).
+        step_counts: the 1-based count of this step, per tensor (tensors may be at different counts).
+        lr, betas, eps, weight_decay: ``torch.optim.AdamW``'s; the weight decay is decoupled
+            (``p ← p·(1 − lr·weight_decay)`` before the Adam step).
+    """
+    if len(step_counts) != len(params):
+        raise ValueError(f"{len(step_counts)} step counts for {len(params)} tensors")
+    if not params:
+        return
+    # torch adds one to each count before using it, as torch.optim.AdamW's state does
+    state_steps = [torch.tensor(float(count - 1)) for count in step_counts]
+    torch_functional_adamw(params, grads, exp_avgs, exp_avg_sqs, [], state_steps, foreach=True, amsgrad=False,
+                           beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps,
+                           maximize=False)
+
+
+def direction_bound(exp_avg_norm: Tensor, grad_norm: Tensor, step_count: int, betas: tuple[float, float],
+                    eps: float) -> Tensor:
+    """An upper bound on every element of the Adam direction ``m̂ / (√v̂ + eps)`` of the coming step,
+    from the 2-norms of the moment ``m`` before it and of the gradient: ``|m_new| ≤ β₁‖m‖ + (1 − β₁)‖g‖``
+    element-wise, and the denominator is at least ``eps``. Loose (by ≈ 1/eps) but cheap: it lets a
+    caller prove that ``p − lr·direction`` cannot overflow before stepping in place (inf for ``eps = 0``)."""
+    beta1 = betas[0]
+    first_moment = beta1 * exp_avg_norm + (1.0 - beta1) * grad_norm
+    return first_moment / ((1.0 - beta1 ** step_count) * eps) if eps > 0 else torch.full_like(first_moment,
+                                                                                             float("inf"))

@@ -55,9 +55,9 @@ torch optimizer:
   tensor's update is committed (a skipped tensor's rows stay as they were);
 * every ``step()`` keeps cheap statistics of what it did (:meth:`LearnedOptimizer.last_step_stats`:
   RMS of the applied update per route, tensors updated / skipped), for logging;
-* a param group with ``"route": "adamw"`` (and ``betas``, ``eps``) is stepped by plain AdamW
-  math (:mod:`lopt_hf.adamw`: optax.adamw / torch.optim.AdamW, bias-corrected moments, decoupled
-  weight decay) instead of the rule — how harnesses such as Celo2's send biases and embeddings to AdamW while staying
+* a param group with ``"route": "adamw"`` (and ``betas``, ``eps``) is stepped by torch's own
+  foreach AdamW (:mod:`lopt_hf.adamw`; bit for bit ``torch.optim.AdamW(foreach=True)``, float32
+  moments also for bf16 parameters) instead of the rule — how harnesses such as Celo2's send biases and embeddings to AdamW while staying
   one optimizer for LR schedulers, ``state_dict`` and ``transformers.Trainer``
   (see :mod:`lopt_hf.harness`).
 """
@@ -73,7 +73,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adamw import adamw_directions, apply_decoupled_step
+from .adamw import adamw_step, direction_bound
 from .kernels import RuleKernel, kernel_for
 from .kernels.base import stack_tensors
 from .layout import AS_IS, check_layouts, default_layout, from_rule_layout, to_rule_layout
@@ -485,10 +485,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def _adamw_step_group(self, params: list[Tensor], lr: float, weight_decay: float, betas: tuple[float, float],
                           eps: float) -> None:
-        """One AdamW step (:mod:`lopt_hf.adamw`, float32) for a group's tensors, with ``torch._foreach``
-        kernels; a tensor whose gradient is not finite — or has an element of magnitude
+        """One AdamW step (:func:`lopt_hf.adamw.adamw_step`: torch's foreach AdamW, float32) for a group's
+        tensors; a tensor whose gradient is not finite — or has an element of magnitude
         :data:`ADAMW_GRAD_LIMIT` or more, whose square would overflow the float32 second moment
-        and freeze that element for good — is skipped (moments untouched) and counted."""
+        and freeze that element for good — is skipped (moments untouched) and counted, and so is one
+        whose new value would not be finite (its moments, already updated, keep this gradient)."""
         for param in params:
             state = self.state[param]
             if not state:
@@ -499,52 +500,54 @@ class LearnedOptimizer(torch.optim.Optimizer):
         grads = [param.grad.detach().to(torch.float32) for param in params]
         # Usable: every |g| < ADAMW_GRAD_LIMIT (so g² and the second moment stay finite). A 2-norm below the
         # limit proves it (one reduction, one sync); NaN, inf and larger norms are told apart exactly.
-        finite = (torch.stack(torch._foreach_norm(grads)) < ADAMW_GRAD_LIMIT).tolist()
+        grad_norms = torch.stack(torch._foreach_norm(grads))
+        finite = (grad_norms < ADAMW_GRAD_LIMIT).tolist()
         if not all(finite):
             finite = [ok or bool(grad.abs().max() < ADAMW_GRAD_LIMIT) for ok, grad in zip(finite, grads)]
-        by_count: dict[int, list[int]] = {}  # tensors by step count: their bias corrections agree
-        for index, (param, ok) in enumerate(zip(params, finite)):
-            if ok:
-                by_count.setdefault(self.state[param][STEP_KEY] + 1, []).append(index)
-            else:
-                self._count_skipped(self.state[param])
-        if by_count and not _representable(lr, weight_decay):
-            # lr, weight_decay or the decay factor beyond float32: no new value would be finite
-            for indices in by_count.values():
-                for index in indices:
-                    self._count_skipped(self.state[params[index]])
+        usable = [index for index, ok in enumerate(finite) if ok]
+        for index, ok in enumerate(finite):
+            if not ok:
+                self._count_skipped(self.state[params[index]])
+        if not usable:
             return
-        for count, indices in by_count.items():
-            group_params = [params[i] for i in indices]
-            states = [self.state[param] for param in group_params]
-            steps = adamw_directions([grads[i] for i in indices], [state["exp_avg"] for state in states],
-                                     [state["exp_avg_sq"] for state in states], count, betas, eps)
-            in_place = all(param.dtype == torch.float32 for param in group_params)
-            params32 = [param.detach() if in_place else param.detach().to(torch.float32) for param in group_params]
-            safe = _safe_tensors(params32, steps, lr, weight_decay)
-            if not all(safe):
-                # Some new value p·(1 − lr·weight_decay) − lr·step may be non-finite: compute those apart and
-                # write only finite ones (a skipped tensor keeps its value and step count; its moments,
-                # already updated, keep this gradient).
-                for param, param32, step, state, ok in zip(group_params, params32, steps, states, safe):
-                    new_param = param32 if weight_decay == 0.0 else param32 * (1.0 - lr * weight_decay)
-                    new_param = new_param - lr * step
-                    if ok or bool(torch.isfinite(new_param).all()):
-                        self._step_stats.add_many(ADAMW_ROUTE, [step], [param32], lr, weight_decay)
-                        param.copy_(new_param)
-                        state[STEP_KEY] = count
-                    else:
-                        self._count_skipped(state)
-                continue
-            self._step_stats.add_many(ADAMW_ROUTE, steps, params32, lr, weight_decay)
-            apply_decoupled_step(params32, steps, lr, weight_decay)
+        group_params = [params[i] for i in usable]
+        states = [self.state[param] for param in group_params]
+        if not _representable(lr, weight_decay):
+            # lr, weight_decay or the decay factor beyond float32: no new value would be finite
+            for state in states:
+                self._count_skipped(state)
+            return
+        group_grads = [grads[i] for i in usable]
+        exp_avgs = [state["exp_avg"] for state in states]
+        exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+        counts = [state[STEP_KEY] + 1 for state in states]
+        in_place = all(param.dtype == torch.float32 for param in group_params)
+        params32 = [param.detach() if in_place else param.detach().to(torch.float32) for param in group_params]
+        safe = _adamw_safe(params32, exp_avgs, grad_norms[usable], counts, lr, weight_decay, betas, eps)
+        if all(safe):
+            before = [param.clone() for param in params32]
+            adamw_step(params32, group_grads, exp_avgs, exp_avg_sqs, counts, lr=lr, betas=betas, eps=eps,
+                       weight_decay=weight_decay)
+            self._step_stats.add_changes(ADAMW_ROUTE, before, params32)
             if not in_place:
                 for param, new_param in zip(group_params, params32):
                     param.copy_(new_param)  # one rounding to the parameter dtype
-            for state in states:
+            for state, count in zip(states, counts):
                 state[STEP_KEY] = count
+            return
+        # Some new value p·(1 − lr·weight_decay) − lr·step may be non-finite: step a copy of each tensor
+        # and write only finite ones.
+        for param, param32, grad, state, count in zip(group_params, params32, group_grads, states, counts):
+            new_param = param32.clone()
+            adamw_step([new_param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [count], lr=lr, betas=betas,
+                       eps=eps, weight_decay=weight_decay)
+            if bool(torch.isfinite(new_param).all()):
+                self._step_stats.add_changes(ADAMW_ROUTE, [param32.clone()], [new_param])
+                param.copy_(new_param)
+                state[STEP_KEY] = count
+            else:
+                self._count_skipped(state)
 
-    # ------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``.
 
@@ -723,9 +726,14 @@ def _representable(lr: float, weight_decay: float) -> bool:
     return lr <= _FLOAT32_MAX and weight_decay <= _FLOAT32_MAX and abs(1.0 - lr * weight_decay) <= _FLOAT32_MAX
 
 
-def _safe_tensors(params32: list[Tensor], steps: list[Tensor], lr: float, weight_decay: float) -> list[bool]:
-    """:func:`_safe_rows` for lists of tensors (AdamW's route), bounding ``max|p|`` by the 2-norm. One sync."""
-    bound = lr * torch.stack(torch._foreach_norm(steps))
+def _adamw_safe(params32: list[Tensor], exp_avgs: list[Tensor], grad_norms: Tensor, counts: list[int], lr: float,
+                weight_decay: float, betas: tuple[float, float], eps: float) -> list[bool]:
+    """For each tensor on the AdamW route: is its new value ``p·(1 − lr·weight_decay) − lr·direction``
+    sure to be finite? ``max|p|`` bounded by the 2-norm, the direction by
+    :func:`lopt_hf.adamw.direction_bound`; one sync. False means "step a copy and check exactly"."""
+    exp_avg_norms = torch.stack(torch._foreach_norm(exp_avgs))
+    bound = lr * torch.stack([direction_bound(norm, grad_norm, count, betas, eps)
+                              for norm, grad_norm, count in zip(exp_avg_norms, grad_norms, counts)])
     decay = abs(1.0 - lr * weight_decay)
     if decay != 0.0:
         bound = bound + decay * torch.stack(torch._foreach_norm(params32))
@@ -779,12 +787,12 @@ class _StepStats:
             squared = squared[torch.tensor(committed, device=squared.device)]
         self._accumulate(route, squared.sum(), sum(committed) * numel, sum(committed))
 
-    def add_many(self, route: str, steps: list[Tensor], params: list[Tensor], lr: float, weight_decay: float) -> None:
-        """Count AdamW's tensors before they change: ``new - old = -lr·(step + weight_decay·param)``."""
-        if weight_decay != 0.0:
-            steps = torch._foreach_add(steps, params, alpha=weight_decay)
-        squared = (lr * torch.stack(torch._foreach_norm(steps))) ** 2
-        self._accumulate(route, squared.sum(), sum(step.numel() for step in steps), len(steps))
+    def add_changes(self, route: str, before: list[Tensor], after: list[Tensor]) -> None:
+        """Count tensors by their float32 values before and after the step; ``before`` is the caller's
+        scratch (overwritten with ``before − after``)."""
+        torch._foreach_sub_(before, after)
+        squared = torch.stack(torch._foreach_norm(before)) ** 2
+        self._accumulate(route, squared.sum(), sum(change.numel() for change in before), len(before))
 
     def _accumulate(self, route: str, squared: Tensor, numel: int, tensors: int) -> None:
         previous = self.squared_sums.get(route)

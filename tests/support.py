@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 from safetensors.torch import load_file
@@ -247,6 +248,13 @@ def scheduled_refvector_steps(rule, stem: str, theta: dict[str, torch.Tensor] | 
 # Rules whose default architecture is too large for the tests that run every registered rule, and the
 # smallest published architecture of each (VeLO's default is velo_4000: 2.3M meta-parameters).
 SMALL_RULE_CONFIGS: dict[str, dict] = {"velo": {"lstm_hidden_size": 64, "param_inits": 32, "ff_mult": 1.0}}
+
+
+# Shapes for "a stack of same-shape tensors steps as each tensor alone" (Celo2's rule and kernel): 1-D,
+# scalar, wide/tall/square matrices, conv kernels whose channel axes are the largest (closed-form sums)
+# and one where a spatial axis is (element-wise), and one larger than a chunk (slow: `make test-all`).
+STACK_SHAPES = [(7,), (), (13, 29), (29, 13), (16, 16), (3, 3, 4, 8), (9, 2, 3, 5),
+                pytest.param((300, 200), marks=pytest.mark.slow, id="300x200")]
 
 
 def small_rule(name: str):

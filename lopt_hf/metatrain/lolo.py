@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..adamw import adamw_step
 from ..rules.base import UpdateRule
 from .estimators import PES, EstimatorState, Theta, TrajectoryStart, TruncationPlan, TruncationRun, slot_generator
 from .tasks import Batch, TaskFamily
@@ -297,22 +298,23 @@ class LoLOPES(PES):
         loss, grads = self.family.loss_and_grad(problems.params, problems.task, batch)
         deltas, new_state = self.trainer.rule_steps(self.trainer.theta_is_batched(theta), theta, problems.params, grads,
                                                     problems.opt_state, problems.step, loss)
-        beta1, beta2 = ADAM_BETAS
-        count = (problems.step + 1).to(loss.dtype)
-        new_params, new_expert = {}, {}
+        # the expert: one Adam step of every member from the same parameters, as torch's AdamW takes it
+        # (each member row a tensor of its own, at its own step count)
+        counts = (problems.step + 1).tolist()
+        adam = {name: value.clone() for name, value in problems.params.items()}
+        new_expert = {key: value.clone() for key, value in expert.items()}
+        names = list(adam)
+        adamw_step([row for name in names for row in adam[name].unbind(0)],
+                   [row for name in names for row in grads[name].unbind(0)],
+                   [row for name in names for row in new_expert[f"m/{name}"].unbind(0)],
+                   [row for name in names for row in new_expert[f"v/{name}"].unbind(0)],
+                   counts * len(names), lr=self.lolo.expert_lr, betas=ADAM_BETAS, eps=ADAM_EPS)
+        new_params = {}
         bc = torch.zeros_like(loss)
         for name, value in problems.params.items():
             lo = value - deltas[name]
-            grad = grads[name]
-            m = beta1 * expert[f"m/{name}"] + (1 - beta1) * grad
-            v = beta2 * expert[f"v/{name}"] + (1 - beta2) * grad.square()
-            shape = (-1, *([1] * (value.dim() - 1)))
-            m_hat = m / (1 - beta1 ** count).reshape(shape)
-            v_hat = v / (1 - beta2 ** count).reshape(shape)
-            adam = value - self.lolo.expert_lr * m_hat / (v_hat.sqrt() + ADAM_EPS)
-            new_expert[f"m/{name}"], new_expert[f"v/{name}"] = m, v
-            bc = bc + (lo - adam).reshape(lo.shape[0], -1).square().sum(1)
-            new_params[name] = lo if alpha == 1.0 else (1.0 - alpha) * adam + alpha * lo
+            bc = bc + (lo - adam[name]).reshape(lo.shape[0], -1).square().sum(1)
+            new_params[name] = lo if alpha == 1.0 else (1.0 - alpha) * adam[name] + alpha * lo
         problems = InnerProblems(params=new_params, opt_state=new_state, step=problems.step + 1, task=problems.task)
         return loss, bc, problems, new_expert
 

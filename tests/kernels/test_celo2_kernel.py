@@ -9,6 +9,7 @@ import torch
 from lopt_hf.kernels import kernel_for
 from lopt_hf.kernels.celo2 import Celo2Kernel, symmetric_product
 from lopt_hf.rules.celo2 import Celo2, newton_schulz
+from support import STACK_SHAPES
 
 NS = ((3.4445, -4.7750, 2.0315), 5, 1e-8)
 
@@ -69,11 +70,6 @@ def test_deployment_paths_agree(shape: tuple[int, int], orthogonalize: bool) -> 
         assert deployed_state["momentum"].mT.is_contiguous()  # the state keeps its memory order
         param = param - 0.01 * expected
         column_major = param.t().contiguous().t()
-
-
-# 1-D, scalar, wide/tall/square matrices, conv kernels whose channel axes are the largest
-# (closed-form sums) and one where a spatial axis is (element-wise), one larger than a chunk.
-STACK_SHAPES = [(7,), (), (13, 29), (29, 13), (16, 16), (3, 3, 4, 8), (9, 2, 3, 5), (300, 200)]
 
 
 @pytest.mark.parametrize("orthogonalize", [False, True])

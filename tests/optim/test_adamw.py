@@ -1,17 +1,21 @@
-"""lopt_hf.adamw: the one AdamW — torch.optim.AdamW's math (moments bit-identical, steps to rounding)."""
+"""lopt_hf.adamw: the one AdamW is torch's functional foreach AdamW — bit for bit torch.optim.AdamW."""
 
 from __future__ import annotations
 
+import pytest
 import torch
+from torch import nn
 
-from lopt_hf.adamw import adamw_step
+from lopt_hf.adamw import adamw_step, direction_bound
+from lopt_hf.optim import ADAMW_ROUTE, ROUTE_KEY, LearnedOptimizer
+from lopt_hf.rules import build_rule
 
 
-def test_adamw_step_is_torch_adamw() -> None:
+def test_adamw_step_is_torch_adamw_bit_for_bit() -> None:
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(30, 20, generator=gen), torch.randn(7, generator=gen)]
     reference = [param.clone().requires_grad_() for param in params]
-    torch_adamw = torch.optim.AdamW(reference, lr=2e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    torch_adamw = torch.optim.AdamW(reference, lr=2e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, foreach=True)
     exp_avgs = [torch.zeros_like(param) for param in params]
     exp_avg_sqs = [torch.zeros_like(param) for param in params]
     for count in range(1, 6):
@@ -19,10 +23,63 @@ def test_adamw_step_is_torch_adamw() -> None:
         for ref, grad in zip(reference, grads):
             ref.grad = grad.clone()
         torch_adamw.step()
-        adamw_step(params, grads, exp_avgs, exp_avg_sqs, count, lr=2e-2, betas=(0.9, 0.95), eps=1e-8,
+        adamw_step(params, grads, exp_avgs, exp_avg_sqs, [count, count], lr=2e-2, betas=(0.9, 0.95), eps=1e-8,
                    weight_decay=0.1)
         for param, ref, exp_avg, exp_avg_sq in zip(params, reference, exp_avgs, exp_avg_sqs):
             state = torch_adamw.state[ref]
             assert torch.equal(exp_avg, state["exp_avg"]) and torch.equal(exp_avg_sq, state["exp_avg_sq"])
-            # torch divides by √v/√(1-β₂ᵗ) and folds lr/(1-β₁ᵗ) into addcdiv: last-bit differences
-            torch.testing.assert_close(param, ref.detach(), rtol=0, atol=1e-6)
+            assert torch.equal(param, ref.detach())
+
+
+def test_adamw_step_takes_one_count_per_tensor() -> None:
+    """Tensors at different step counts in one call step as each would alone (bias corrections per tensor)."""
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(5, 4, generator=gen), torch.randn(6, generator=gen)]
+    grads = [torch.randn(p.shape, generator=gen) for p in params]
+    moments = [(torch.rand(p.shape, generator=gen), torch.rand(p.shape, generator=gen)) for p in params]
+    together = [p.clone() for p in params]
+    together_moments = [(m.clone(), v.clone()) for m, v in moments]
+    adamw_step(together, grads, [m for m, _ in together_moments], [v for _, v in together_moments], [3, 11], lr=0.1)
+    for param, grad, (m, v), count, result in zip(params, grads, moments, [3, 11], together):
+        alone = param.clone()
+        adamw_step([alone], [grad], [m.clone()], [v.clone()], [count], lr=0.1)
+        assert torch.equal(alone, result)
+    with pytest.raises(ValueError, match="2 step counts for 1 tensors"):
+        adamw_step(params[:1], grads[:1], [moments[0][0]], [moments[0][1]], [1, 2], lr=0.1)
+
+
+def test_adamw_route_trains_like_torch_adamw_bit_for_bit() -> None:
+    """A param group on LearnedOptimizer's "adamw" route: parameters and moments equal torch.optim.AdamW's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    twin = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+    twin.load_state_dict(model.state_dict())
+    rule = build_rule("small_fc_lopt")
+    theta = rule.init_theta()
+    ours = LearnedOptimizer([{"params": list(model.parameters()), ROUTE_KEY: ADAMW_ROUTE, "betas": (0.9, 0.99),
+                              "eps": 1e-6}], rule, theta, lr=3e-2, weight_decay=0.05)
+    torch_adamw = torch.optim.AdamW(twin.parameters(), lr=3e-2, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05,
+                                    foreach=True)
+    data = torch.randn(16, 6)
+    for _ in range(4):
+        for net, optimizer in ((model, ours), (twin, torch_adamw)):
+            optimizer.zero_grad()
+            net(data).square().mean().backward()
+            optimizer.step()
+    for param, ref in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(param, ref)
+        assert torch.equal(ours.state[param]["exp_avg"], torch_adamw.state[ref]["exp_avg"])
+    stats = ours.last_step_stats()
+    assert stats["updated_tensors"] == 4 and stats["update_rms_adamw"] > 0
+
+
+def test_direction_bound_bounds_adam_directions() -> None:
+    gen = torch.Generator().manual_seed(2)
+    for count, eps in ((1, 1e-8), (7, 1e-3), (40, 1.0)):
+        exp_avg, exp_avg_sq = torch.randn(50, generator=gen), torch.rand(50, generator=gen) * 1e-6
+        grad = torch.randn(50, generator=gen) * 3
+        bound = direction_bound(exp_avg.norm(), grad.norm(), count, (0.9, 0.999), eps)
+        param = torch.zeros(50)
+        adamw_step([param], [grad], [exp_avg.clone()], [exp_avg_sq], [count], lr=1.0, eps=eps)
+        assert param.abs().max() <= bound
+    assert direction_bound(torch.tensor(1.0), torch.tensor(1.0), 1, (0.9, 0.999), 0.0) == float("inf")

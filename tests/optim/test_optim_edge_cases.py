@@ -233,7 +233,7 @@ def test_the_limit_is_exact_and_large_usable_gradients_step_as_plain_adamw(magni
     grad = torch.full((1000,), 1e17)
     grad[3] = magnitude
     expected = param.detach().clone()
-    adamw_step([expected], [grad.clone()], [torch.zeros(1000)], [torch.zeros(1000)], 1, lr=0.1)
+    adamw_step([expected], [grad.clone()], [torch.zeros(1000)], [torch.zeros(1000)], [1], lr=0.1)
     param.grad = grad
     optimizer.step()
     assert optimizer.num_skipped_nonfinite == skipped

@@ -16,7 +16,7 @@ from lopt_hf.convert.celo2 import convert_celo2
 from lopt_hf.hub import load_artifact
 from lopt_hf.rules import build_rule
 from lopt_hf.rules.celo2 import Celo2, newton_schulz
-from support import FIXTURES, NUM_STEPS, PARAM_NAMES, load_refvectors as load
+from support import FIXTURES, NUM_STEPS, PARAM_NAMES, STACK_SHAPES, load_refvectors as load
 
 ORTH_PARAMS = ("dense1/kernel", "dense2/kernel")
 
@@ -173,11 +173,6 @@ def test_vmap_and_grad_wrt_theta() -> None:
     minus = loss64({k: theta64[k] - eps * direction[k] for k in theta})
     analytic = sum((grad64[k] * direction[k]).sum() for k in theta)
     assert float(analytic) == pytest.approx(float((plus - minus) / (2 * eps)), rel=1e-5)
-
-
-# Shapes for the stacked execution: 1-D, scalar, wide/tall/square matrices, conv kernels whose
-# channel axes are the largest (closed-form sums) and one where a spatial axis is (element-wise).
-STACK_SHAPES = [(7,), (), (13, 29), (29, 13), (16, 16), (3, 3, 4, 8), (9, 2, 3, 5), (300, 200)]
 
 
 @pytest.mark.parametrize("orthogonalize", [False, True])
