@@ -193,8 +193,12 @@ def block_failures(request: pytest.FixtureRequest, readme_hub: dict[str, str],
                 if getattr(item, "originalname", None) == "test_readme_block_runs" and item.module is request.module]
     runnable = [block for block in selected if not block.skip and block.lang != "yaml"]
 
+    # the folders made here, one thread: tmp_path_factory makes its base folder on first use, and two
+    # threads doing that at once fail with FileExistsError (every block then errors at setup)
+    folders = {block.line: tmp_path_factory.mktemp(f"readme-line-{block.line}") for block in runnable}
+
     def run_case(block: Block) -> str:
-        folder = tmp_path_factory.mktemp(f"readme-line-{block.line}")
+        folder = folders[block.line]
         for name, target in CHECKOUT_LINKS.items():
             (folder / name).symlink_to(target)
         try:
