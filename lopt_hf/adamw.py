@@ -50,12 +50,13 @@ def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
                            maximize=False)
 
 
-def direction_bound(exp_avg_norm: Tensor, grad_norm: Tensor, step_count: int, betas: tuple[float, float],
+def direction_bound(exp_avg_norm: Tensor, grad_norm: Tensor, step_count: Tensor | int, betas: tuple[float, float],
                     eps: float) -> Tensor:
     """An upper bound on every element of the Adam direction ``m̂ / (√v̂ + eps)`` of the coming step,
     from the 2-norms of the moment ``m`` before it and of the gradient: ``|m_new| ≤ β₁‖m‖ + (1 − β₁)‖g‖``
     element-wise, and the denominator is at least ``eps``. Loose (by ≈ 1/eps) but cheap: it lets a
-    caller prove that ``p − lr·direction`` cannot overflow before stepping in place (inf for ``eps = 0``)."""
+    caller prove that ``p − lr·direction`` cannot overflow before stepping in place (inf for ``eps = 0``).
+    Element-wise over tensors of norms and step counts (one bound per tensor of a list)."""
     beta1 = betas[0]
     first_moment = beta1 * exp_avg_norm + (1.0 - beta1) * grad_norm
     return first_moment / ((1.0 - beta1 ** step_count) * eps) if eps > 0 else torch.full_like(first_moment,

@@ -548,6 +548,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
             else:
                 self._count_skipped(state)
 
+    # ------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state saved by ``state_dict()``.
 
@@ -732,8 +733,8 @@ def _adamw_safe(params32: list[Tensor], exp_avgs: list[Tensor], grad_norms: Tens
     sure to be finite? ``max|p|`` bounded by the 2-norm, the direction by
     :func:`lopt_hf.adamw.direction_bound`; one sync. False means "step a copy and check exactly"."""
     exp_avg_norms = torch.stack(torch._foreach_norm(exp_avgs))
-    bound = lr * torch.stack([direction_bound(norm, grad_norm, count, betas, eps)
-                              for norm, grad_norm, count in zip(exp_avg_norms, grad_norms, counts)])
+    bound = lr * direction_bound(exp_avg_norms, grad_norms, torch.tensor(counts, device=grad_norms.device), betas,
+                                 eps)
     decay = abs(1.0 - lr * weight_decay)
     if decay != 0.0:
         bound = bound + decay * torch.stack(torch._foreach_norm(params32))

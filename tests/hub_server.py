@@ -611,6 +611,16 @@ class HubServer:
         """A fresh, unused repo id in the server user's namespace."""
         return f"{self.store.user}/{prefix}-{uuid.uuid4().hex[:12]}"
 
+    def files(self, repo_id: str, repo_type: str = "model") -> dict[str, bytes]:
+        """What a push left at the head of ``main``: path → bytes, without the Hub's own
+        ``.gitattributes`` ({} when the repo was never created)."""
+        with self.store.lock:
+            repo = self.store.repos.get((repo_type, repo_id))
+            if repo is None:
+                return {}
+            tree = repo.head().tree
+        return {path: self.store.read(sha) for path, sha in tree.items() if path != ".gitattributes"}
+
     def whoami(self) -> dict[str, Any]:
         user = self.store.user
         return {

@@ -107,7 +107,7 @@ class PerParamMLPKernel(InPlaceKernel):
         flat_p, flat_m, flat_g, flat_out = param.reshape(-1), momentum.view(-1), grad.reshape(-1), out.view(-1)
         for rows in chunk_indices(flat_p.shape, chunk_size):
             flat_m[rows].copy_(ema(flat_m[rows], flat_g[rows], self.rule.momentum_decay))
-            h = bias_folded_mlp(feature_matrix(flat_p[rows], flat_m[rows], flat_g[rows]).t(), weights,
+            h = bias_folded_mlp(feature_matrix(flat_p[rows], flat_m[rows], flat_g[rows]), weights,
                                 self.rule.activation, in_place=True)
             flat_out[rows].copy_(self.rule.readout(h))
         return {"momentum": momentum}

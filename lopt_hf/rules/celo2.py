@@ -74,8 +74,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import (chunk_indices, factored_accumulator_state, factored_dims, factored_second_moments, mlp_flops,
-                       truncated_normal_init)
+from .features import (bias_folded_weights, chunk_indices, factored_accumulator_state, factored_dims,
+                       factored_second_moments, folded_layers, mlp_flops, truncated_normal_init)
 
 # Feature groups in the original's order, and how many numbers each contributes (with 3 momentum,
 # 1 rms and 3 adafactor decays). The first NUM_GROUPS_1D are used for tensors with < 2 dims.
@@ -418,7 +418,8 @@ class Celo2(UpdateRule):
            one matrix per slab, feature-major (``h = Wᵀ·X``, N contiguous) with a carry unit
            whose constant 1 brings the next layer's bias; the broadcast features (row/col
            statistics, constant along one axis) go through it once per row / column;
-        3. per piece, the element-wise features as one (E, N) matrix and the MLP;
+        3. per piece, the element-wise features as one (E, N) matrix, the first layer, and the later
+           layers through the shared engine (:func:`~lopt_hf.rules.features.folded_layers`);
         4. the output normalised per slab (folded into Newton–Schulz's Frobenius normalisation).
         """
         deploy = workspace is not None
@@ -463,7 +464,6 @@ class Celo2(UpdateRule):
             split = count + by_rows.shape[0]
             along_rows = torch.matmul(weight[:, count:split].mT, by_rows.transpose(0, 1))  # (L, hidden + 1, R)
             along_cols = torch.matmul(weight[:, split:].mT, by_cols.transpose(0, 1)) + along_cols  # (L, hidden + 1, C)
-        relu = torch.relu_ if deploy else torch.relu
 
         # 3. the network, piece by piece. In deployment the features and hidden activations of
         # every piece go into scratch buffers kept across calls (fresh multi-MB tensors per piece
@@ -472,6 +472,11 @@ class Celo2(UpdateRule):
         scratch = cached is None and workspace is not None and workspace.fits(largest * count)
         out = inputs.p.new_empty((num_slabs, slab_size)) if deploy else None
         outputs, all_written = [], out is not None
+
+        def hidden_buffer(layer: int, shape: tuple[int, int]) -> Tensor:  # hidden0 holds the first layer's
+            assert workspace is not None
+            return workspace.buffer(f"hidden{(layer + 1) % 2}", shape, inputs.p)
+
         for piece in pieces:
             slab_start, slab_stop, row_start, row_stop = piece
             piece_slabs, piece_rows = slab_stop - slab_start, row_stop - row_start
@@ -504,18 +509,12 @@ class Celo2(UpdateRule):
                     h = h + by_piece_rows
                 h = h + by_cols
                 h = h.view(-1, numel) if piece_slabs == 1 else h.view(piece_slabs, -1, piece_rows * cols)
-            written = False
-            for layer, matrix in enumerate(later):
-                if out is not None and layer == len(later) - 1 and piece_slabs == 1 and matrix.shape[0] == 1:
-                    # the direction straight into the output
-                    start = slab_start * slab_size + row_start * cols
-                    h = torch.mm(matrix, relu(h), out=out.view(1, -1)[:, start:start + piece_rows * cols])
-                    written = True
-                elif scratch and piece_slabs == 1:
-                    h = torch.mm(matrix, relu(h), out=workspace.buffer(f"hidden{(layer + 1) % 2}",
-                                                                       (matrix.shape[0], numel), h))
-                else:
-                    h = torch.matmul(matrix, relu(h))
+            # the later layers; in deployment a one-output direction straight into the output
+            written = out is not None and piece_slabs == 1 and later[-1].shape[0] == 1
+            start = slab_start * slab_size + row_start * cols
+            h = folded_layers(h, later, "relu", in_place=deploy,
+                              out=out.view(1, -1)[:, start:start + piece_rows * cols] if written else None,
+                              scratch=hidden_buffer if scratch and piece_slabs == 1 else None)
             direction = h[..., 0, :] if h.shape[-2] == 1 else h[..., 0, :] * torch.exp(h[..., 1, :] * self.exp_mult)
             if scratch and not written:
                 direction = direction.clone()  # do not keep a view of a scratch buffer
@@ -542,8 +541,9 @@ class Celo2(UpdateRule):
 
     def network_weights(self, theta: Theta, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Theta as the network uses it: ``w0`` rows in feature ``order`` plus a zero carry column
-        ``(F, hidden + 1)``, ``[b0, 1]``, and the later layers feature-major ``[Wᵀ | b]`` (hidden
-        ones with a carry row ``[0 … 0 1]``; the last cut to the outputs used).
+        ``(F, hidden + 1)``, ``[b0, 1]``, and the later layers as the shared engine's
+        :func:`~lopt_hf.rules.features.bias_folded_weights` (feature-major ``[Wᵀ | b]``, hidden ones with a
+        carry row ``[0 … 0 1]``; the last cut to the outputs used).
 
         The same every step for a given theta: a deployment kernel computes it once per ``order``.
         """
@@ -554,15 +554,9 @@ class Celo2(UpdateRule):
         w0 = torch.cat([w0, torch.zeros_like(w0[:, :1])], 1)
         bias = torch.cat([theta["b0"], torch.ones_like(theta["b0"][:1])])
         layer_sizes = self.layer_sizes()
-        later = []
-        for layer in range(1, len(layer_sizes)):
-            matrix = torch.cat([theta[f"w{layer}"].t(), theta[f"b{layer}"].unsqueeze(1)], 1)
-            if layer < len(layer_sizes) - 1:
-                carry = torch.zeros_like(matrix[:1])
-                matrix = torch.cat([matrix, torch.cat([carry[:, 1:], torch.ones_like(carry[:, :1])], 1)])
-            else:
-                matrix = matrix[:1 if self.exp_mult == 0.0 else 2]
-            later.append(matrix)
+        later = bias_folded_weights([(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, len(layer_sizes))],
+                                    torch.relu)
+        later[-1] = later[-1][:1 if self.exp_mult == 0.0 else 2]
         return w0, bias, later
 
 

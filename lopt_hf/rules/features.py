@@ -289,7 +289,7 @@ def normalized_mlp(
     ``(k_i, *piece_shape)`` tensors (broadcast views are fine), ``F = sum(k_i)`` in all. Each
     feature is normalised over the whole tensor, ``x * rsqrt(eps + mean(x**2))``, then
     ``constant_inputs`` (the same for every element, e.g. time features) are appended and the
-    ReLU MLP ``w{i}`` (in, out), ``b{i}`` is applied; ``readout`` maps the ``(N, out)`` network
+    ReLU MLP ``w{i}`` (in, out), ``b{i}`` is applied; ``readout`` maps the ``(out, N)`` network
     output to ``(N,)``. Returns a tensor of ``shape``.
 
     Only float rounding separates this from the textbook evaluation:
@@ -361,21 +361,22 @@ def normalized_mlp(
 def streamed_mlp(pieces: list[tuple], feature_matrix: Callable[[tuple], Tensor], weights: list[Tensor],
                  activation: str, readout: Callable[[Tensor], Tensor], in_place: bool = False,
                  out: Tensor | None = None) -> Tensor:
-    """The per-element MLP engine: piece by piece (:func:`chunk_indices`), ``feature_matrix(index)``
-    ``(F + 1, n)`` — one row per input, the last row all ones — through :func:`bias_folded_mlp` with
-    ``weights`` (:func:`bias_folded_weights`), ``readout`` maps the ``(n, out)`` network output to
-    ``(n,)``; the pieces' outputs concatenated, ``(N,)``. Only one piece's features and activations
-    exist at a time. ``in_place``: see :func:`bias_folded_mlp`. ``out``: a flat ``(N,)`` buffer the
-    pieces' outputs are written into (and returned) instead of concatenated.
+    """The per-element MLP of the feature-input rules, streamed: piece by piece (:func:`chunk_indices`),
+    ``feature_matrix(index)`` ``(F + 1, n)`` — one row per input, the last row all ones — through
+    :func:`bias_folded_mlp` with ``weights`` (:func:`bias_folded_weights`), ``readout`` maps the
+    ``(out, n)`` network output to ``(n,)``; the pieces' outputs concatenated, ``(N,)``. Only one
+    piece's features and activations exist at a time. ``in_place``: see :func:`folded_layers`.
+    ``out``: a flat ``(N,)`` buffer the pieces' outputs are written into (and returned) instead of
+    concatenated.
     """
     if out is not None:
         start = 0
         for index in pieces:
-            piece = readout(bias_folded_mlp(feature_matrix(index).t(), weights, activation, in_place=in_place))
+            piece = readout(bias_folded_mlp(feature_matrix(index), weights, activation, in_place=in_place))
             out[start:start + piece.shape[0]].copy_(piece)
             start += piece.shape[0]
         return out
-    outputs = [readout(bias_folded_mlp(feature_matrix(index).t(), weights, activation, in_place=in_place))
+    outputs = [readout(bias_folded_mlp(feature_matrix(index), weights, activation, in_place=in_place))
                for index in pieces]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
@@ -385,44 +386,62 @@ IN_PLACE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": torch.rel
 
 def bias_folded_weights(layers: list[tuple[Tensor, Tensor]],
                         activation: Callable[[Tensor], Tensor]) -> list[Tensor]:
-    """An MLP's ``(weight (in, out), bias)`` layers as bias-free matrices for :func:`bias_folded_mlp`.
+    """An MLP's ``(weight (in, out), bias)`` layers as bias-free feature-major matrices for
+    :func:`bias_folded_mlp` / :func:`folded_layers`.
 
     The input gets a trailing constant 1 and every hidden layer a trailing unit that carries a
-    constant: ``[[W, 0], [b / c, 1]]`` where ``c`` is the constant arriving at that layer (1 at
-    the input, ``act(c)`` after each hidden layer — exactly 1 for ReLU). Then each bias rides
-    inside its matmul: an ``addmm`` bias costs a full extra pass over the activations, while
-    one more row and column cost almost nothing.
+    constant: ``[[Wᵀ, b / c], [0 … 0, 1]]`` ``(out + 1, in + 1)`` (the last layer without the carry
+    row) where ``c`` is the constant arriving at that layer (1 at the input, ``act(c)`` after each
+    hidden layer — exactly 1 for ReLU). Then each bias rides inside its matmul: an ``addmm`` bias
+    costs a full extra pass over the activations, while one more row and column cost almost nothing.
     """
     carried = torch.ones((), dtype=layers[0][0].dtype, device=layers[0][0].device)
     matrices = []
     for position, (weight, bias) in enumerate(layers):
-        augmented = torch.cat([weight, (bias / carried).unsqueeze(0)])
+        augmented = torch.cat([weight.t(), (bias / carried).unsqueeze(1)], 1)
         if position < len(layers) - 1:
-            carry_column = torch.zeros_like(augmented[:, :1])
-            carry_column = torch.cat([carry_column[:-1], torch.ones_like(carry_column[-1:])])
-            augmented = torch.cat([augmented, carry_column], dim=1)
+            carry_row = torch.zeros_like(augmented[:1])
+            carry_row = torch.cat([carry_row[:, :-1], torch.ones_like(carry_row[:, -1:])], 1)
+            augmented = torch.cat([augmented, carry_row])
             carried = activation(carried)
         matrices.append(augmented)
     return matrices
 
 
 def bias_folded_mlp(x: Tensor, weights: list[Tensor], activation: str, in_place: bool = False) -> Tensor:
-    """Apply :func:`bias_folded_weights` matrices to ``x`` ``(N, in + 1)`` whose last column is 1.
+    """Apply :func:`bias_folded_weights` matrices to feature-major ``x`` ``(in + 1, N)`` whose last row
+    is 1: the first matrix, then :func:`folded_layers`. Returns ``(out, N)``."""
+    return folded_layers(torch.mm(weights[0], x), weights[1:], activation, in_place=in_place)
 
-    ``in_place`` rectifies the activations in place (no autograd through it: deployment only).
+
+def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, in_place: bool = False,
+                  out: Tensor | None = None, scratch: Callable[[int, tuple[int, int]], Tensor | None] | None = None
+                  ) -> Tensor:
+    """The layers after the first of a bias-folded network, feature-major: ``h ← matrix @ act(h)``
+    per matrix (:func:`bias_folded_weights`), ``h`` ``(units, N)`` or a batch ``(B, units, N)`` of
+    inputs to the same matrices. Every per-element network of lopt_hf ends here: the feature-input
+    rules through :func:`bias_folded_mlp`, Celo2 after its own first layer (per-slab normalisation
+    and broadcast features).
+
+    Deployment options (no autograd through them): ``in_place`` rectifies the activations in place;
+    for 2-D ``h``, ``out`` receives the last layer's output and ``scratch(layer, shape)`` may return
+    a buffer for any other layer's (None: a new tensor).
     """
     act = IN_PLACE_ACTIVATIONS.get(activation) if in_place else None
     act = act or activation_fn(activation)
-    h = torch.mm(x, weights[0])
-    for weight in weights[1:]:
-        h = torch.mm(act(h), weight)
+    last = len(matrices) - 1
+    for layer, matrix in enumerate(matrices):
+        target = out if layer == last else None
+        if target is None and scratch is not None:
+            target = scratch(layer, (matrix.shape[0], h.shape[-1]))
+        h = torch.matmul(matrix, act(h)) if target is None else torch.mm(matrix, act(h), out=target)
     return h
 
 
 def step_from_direction_magnitude(exp_mult: float, step_mult: float) -> Callable[[Tensor], Tensor]:
-    """Readout ``direction * exp(magnitude * exp_mult) * step_mult`` of a 2-output network."""
+    """Readout ``direction * exp(magnitude * exp_mult) * step_mult`` of a 2-output network's ``(2, n)`` output."""
 
     def readout(out: Tensor) -> Tensor:
-        return out[:, 0] * torch.exp(out[:, 1] * exp_mult) * step_mult
+        return out[0] * torch.exp(out[1] * exp_mult) * step_mult
 
     return readout

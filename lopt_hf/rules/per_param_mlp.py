@@ -61,8 +61,8 @@ class PerParamMLP(UpdateRule):
         return bias_folded_weights(layers, activation_fn(self.activation))
 
     def readout(self, h: Tensor) -> Tensor:
-        """The step ``a * step_mult * exp(b * exp_mult)`` from the network's ``(n, 2)`` output."""
-        return h[:, 0] * self.step_mult * torch.exp(h[:, 1] * self.exp_mult)
+        """The step ``a * step_mult * exp(b * exp_mult)`` from the network's ``(2, n)`` output."""
+        return h[0] * self.step_mult * torch.exp(h[1] * self.exp_mult)
 
     def update(self, theta: Theta, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                chunk_size: int | None = None) -> tuple[Tensor, State]:

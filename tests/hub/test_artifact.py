@@ -260,35 +260,18 @@ def test_model_card_meta_training_and_evaluation(tmp_path: Path) -> None:
     assert "@misc{x, title={X}}" in body
 
 
-def test_push_to_hub_uploads_exactly_our_three_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No Hub needed: HfApi is stubbed; what matters is which files (and which README) go up."""
-    from types import SimpleNamespace
-
-    import huggingface_hub
-
-    uploaded: dict[str, bytes] = {}
-    calls: dict[str, Any] = {}
-
-    def create_repo(self: Any, repo_id: str, **kwargs: Any) -> Any:
-        calls["create_repo"] = kwargs
-        return SimpleNamespace(repo_id=repo_id)
-
-    def upload_folder(self: Any, *, folder_path: str, **kwargs: Any) -> str:
-        calls["upload_folder"] = kwargs
-        for path in Path(folder_path).iterdir():
-            uploaded[path.name] = path.read_bytes()
-        return "commit-url"
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+def test_push_to_hub_uploads_exactly_our_three_files(hub_env) -> None:
+    """The real client against the local Hub: which files (and which README) go up, with the commit message."""
+    repo_id = hub_env.repo_id("tiny-lopt")
     artifact = create_artifact(RULE)
-    assert artifact.push_to_hub("someone/tiny-lopt", commit_message="hi") == "commit-url"
+    commit = artifact.push_to_hub(repo_id, commit_message="hi")
+    head = hub_env.server.store.get("model", repo_id).head()
+    assert head.sha == commit.oid and head.title == "hi"
+    uploaded = hub_env.server.files(repo_id)
     assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors"]
     card = uploaded["README.md"].decode()
-    assert "library_name: lopt_hf" in card and 'load_lopt("someone/tiny-lopt"' in card
-    assert "hf download someone/tiny-lopt" in card
-    assert calls["upload_folder"]["repo_id"] == "someone/tiny-lopt"
-    assert calls["upload_folder"]["commit_message"] == "hi"
+    assert "library_name: lopt_hf" in card and f'load_lopt("{repo_id}"' in card
+    assert f"hf download {repo_id}" in card
 
 
 # ---------------------------------------------------------------- bad config.json

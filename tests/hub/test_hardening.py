@@ -90,55 +90,34 @@ def test_subfolder_leaving_the_folder_is_refused(tmp_path: Path) -> None:
     load_artifact(directory, subfolder="real")
 
 
-def _stub_hub(monkeypatch: pytest.MonkeyPatch) -> dict[str, bytes]:
-    from types import SimpleNamespace
-
-    import huggingface_hub
-
-    uploaded: dict[str, bytes] = {}
-
-    def create_repo(self: Any, repo_id: str, **kwargs: Any) -> Any:
-        return SimpleNamespace(repo_id=repo_id)
-
-    def upload_folder(self: Any, *, folder_path: str, **kwargs: Any) -> str:
-        for path in Path(folder_path).rglob("*"):
-            if path.is_file():
-                uploaded[path.relative_to(folder_path).as_posix()] = path.read_bytes()
-        return "commit-url"
-
-    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    return uploaded
-
-
-def test_push_refuses_a_card_image_linking_outside(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_refuses_a_card_image_linking_outside(tmp_path: Path, hub_env) -> None:
     from lopt_hf.publish.push import push_artifact_folder
 
-    uploaded = _stub_hub(monkeypatch)
+    repo_id = hub_env.repo_id("x")
     secret = tmp_path / "token"
     secret.write_text("hf_SECRET")
     directory = saved(tmp_path, provenance={"meta_training": {"plot": "meta_loss.png"}})
     (directory / "meta_loss.png").symlink_to(secret)
     with pytest.raises(ArtifactError, match="outside the artifact folder"):
-        push_artifact_folder(directory, "someone/x")
-    assert not uploaded
+        push_artifact_folder(directory, repo_id)
+    assert not hub_env.server.files(repo_id)
     (directory / "meta_loss.png").unlink()
     (directory / "meta_loss.png").write_bytes(b"\x89PNG")
-    push_artifact_folder(directory, "someone/x")
-    assert uploaded["meta_loss.png"] == b"\x89PNG"
+    push_artifact_folder(directory, repo_id)
+    assert hub_env.server.files(repo_id)["meta_loss.png"] == b"\x89PNG"
 
 
-def test_push_to_hub_extra_files_must_be_regular_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    uploaded = _stub_hub(monkeypatch)
+def test_push_to_hub_extra_files_must_be_regular_files(tmp_path: Path, hub_env) -> None:
+    repo_id = hub_env.repo_id("x")
     secret = tmp_path / "token"
     secret.write_text("hf_SECRET")
     (tmp_path / "plot.png").symlink_to(secret)
     artifact = create_artifact(RULE)
     with pytest.raises(ValueError, match="regular file|link"):
-        artifact.push_to_hub("someone/x", extra_files={"plot.png": tmp_path / "plot.png"})
+        artifact.push_to_hub(repo_id, extra_files={"plot.png": tmp_path / "plot.png"})
     with pytest.raises(ValueError, match="no '..'"):
-        artifact.push_to_hub("someone/x", extra_files={"../plot.png": secret})
-    assert not uploaded
+        artifact.push_to_hub(repo_id, extra_files={"../plot.png": secret})
+    assert not hub_env.server.files(repo_id)
 
 
 def test_card_command_never_writes_through_a_symlinked_readme(tmp_path: Path) -> None:
@@ -260,15 +239,15 @@ def test_odd_json_in_safetensors_header_is_an_artifact_error(tmp_path: Path, hea
     expect_error(directory, "model.safetensors", needle)
 
 
-def test_invalid_harness_is_refused_by_load_artifact_and_push(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_invalid_harness_is_refused_by_load_artifact_and_push(tmp_path: Path, hub_env) -> None:
     from lopt_hf.publish.push import push_artifact_folder
 
-    uploaded = _stub_hub(monkeypatch)
+    repo_id = hub_env.repo_id("x")
     directory = _mutated(tmp_path, RULE, lambda c: c.update(harness={"type": "celo2", "adamw_betas": [0.9, 2.0]}))
     expect_error(directory, "config.json", "adamw_betas")
     with pytest.raises(ArtifactError, match="adamw_betas"):
-        push_artifact_folder(directory, "someone/x")
-    assert not uploaded
+        push_artifact_folder(directory, repo_id)
+    assert not hub_env.server.files(repo_id)
 
 
 # ============================================== (2) the optimizer never writes a non-finite value

@@ -1,0 +1,75 @@
+"""The one per-element MLP engine (lopt_hf.rules.features): bias-folded feature-major matrices and
+folded_layers, which the feature-input rules (streamed_mlp) and Celo2 both run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lopt_hf.rules.features import bias_folded_mlp, bias_folded_weights, folded_layers, streamed_mlp
+
+
+def textbook_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], act) -> torch.Tensor:
+    """(N, in) → (N, out): ``act(x @ W + b)`` between layers."""
+    for position, (weight, bias) in enumerate(layers):
+        x = x @ weight + bias
+        if position < len(layers) - 1:
+            x = act(x)
+    return x
+
+
+def random_layers(sizes: list[int], seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(a, b, generator=gen, dtype=torch.float64), torch.randn(b, generator=gen, dtype=torch.float64))
+            for a, b in zip(sizes[:-1], sizes[1:])]
+
+
+@pytest.mark.parametrize("activation, act", [("relu", torch.relu), ("tanh", torch.tanh)])
+@pytest.mark.parametrize("sizes", [[4, 2], [5, 7, 2], [6, 8, 8, 3]])
+def test_bias_folded_mlp_is_the_textbook_mlp(sizes: list[int], activation: str, act) -> None:
+    layers = random_layers(sizes, seed=len(sizes))
+    x = torch.randn(50, sizes[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    features = torch.cat([x.t(), torch.ones(1, 50, dtype=torch.float64)])  # (in + 1, N), last row 1
+    folded = bias_folded_mlp(features, bias_folded_weights(layers, act), activation)
+    torch.testing.assert_close(folded, textbook_mlp(x, layers, act).t(), rtol=1e-12, atol=1e-12)
+
+
+def test_folded_layers_deployment_options_change_no_bit() -> None:
+    """In-place activations, the last layer into ``out`` and scratch buffers give the plain result exactly;
+    a batch ``(B, units, N)`` gives each member's."""
+    gen = torch.Generator().manual_seed(3)
+    matrices = bias_folded_weights([(torch.randn(9, 6, generator=gen), torch.randn(6, generator=gen)),
+                                    (torch.randn(6, 1, generator=gen), torch.randn(1, generator=gen))], torch.relu)
+    h = torch.randn(10, 300, generator=gen)
+    plain = folded_layers(h.clone(), matrices, "relu")
+    out = torch.empty(1, 300)
+    buffers: list[torch.Tensor] = []
+
+    def scratch(layer: int, shape: tuple[int, int]) -> torch.Tensor:
+        buffers.append(torch.empty(shape))
+        return buffers[-1]
+
+    deployed = folded_layers(h.clone(), matrices, "relu", in_place=True, out=out, scratch=scratch)
+    assert deployed.data_ptr() == out.data_ptr() and torch.equal(out, plain) and len(buffers) == 1
+    batch = torch.stack([h, 2 * h])
+    batched = folded_layers(batch, matrices, "relu")
+    assert torch.equal(batched[0], plain) and torch.equal(batched[1], folded_layers(2 * h, matrices, "relu"))
+
+
+def test_streamed_mlp_pieces_and_out_buffer_equal_one_piece() -> None:
+    gen = torch.Generator().manual_seed(4)
+    layers = [(torch.randn(3, 5, generator=gen), torch.randn(5, generator=gen)),
+              (torch.randn(5, 2, generator=gen), torch.randn(2, generator=gen))]
+    weights = bias_folded_weights(layers, torch.relu)
+    features = torch.cat([torch.randn(3, 100, generator=gen), torch.ones(1, 100)])
+
+    def readout(out: torch.Tensor) -> torch.Tensor:
+        return out[0] * torch.exp(out[1])
+
+    whole = streamed_mlp([slice(0, 100)], lambda index: features[:, index], weights, "relu", readout)
+    pieces = [slice(0, 30), slice(30, 64), slice(64, 100)]
+    assert torch.equal(streamed_mlp(pieces, lambda index: features[:, index], weights, "relu", readout), whole)
+    buffer = torch.empty(100)
+    assert torch.equal(streamed_mlp(pieces, lambda index: features[:, index], weights, "relu", readout, out=buffer),
+                       whole)
+
