@@ -554,8 +554,8 @@ class Celo2(UpdateRule):
         w0 = torch.cat([w0, torch.zeros_like(w0[:, :1])], 1)
         bias = torch.cat([theta["b0"], torch.ones_like(theta["b0"][:1])])
         layer_sizes = self.layer_sizes()
-        later = bias_folded_weights([(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, len(layer_sizes))],
-                                    torch.relu)
+        later = [matrix.contiguous() for matrix in bias_folded_weights(
+            [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, len(layer_sizes))], torch.relu)]
         later[-1] = later[-1][:1 if self.exp_mult == 0.0 else 2]
         return w0, bias, later
 

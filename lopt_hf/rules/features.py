@@ -394,43 +394,57 @@ def bias_folded_weights(layers: list[tuple[Tensor, Tensor]],
     row) where ``c`` is the constant arriving at that layer (1 at the input, ``act(c)`` after each
     hidden layer — exactly 1 for ReLU). Then each bias rides inside its matmul: an ``addmm`` bias
     costs a full extra pass over the activations, while one more row and column cost almost nothing.
+
+    Each matrix is the transpose of a contiguous ``(in + 1, out + 1)`` one, as the element-major
+    products of :func:`folded_layers` read it (a feature-major caller takes ``.contiguous()`` copies).
     """
     carried = torch.ones((), dtype=layers[0][0].dtype, device=layers[0][0].device)
     matrices = []
     for position, (weight, bias) in enumerate(layers):
-        augmented = torch.cat([weight.t(), (bias / carried).unsqueeze(1)], 1)
+        augmented = torch.cat([weight, (bias / carried).unsqueeze(0)])
         if position < len(layers) - 1:
-            carry_row = torch.zeros_like(augmented[:1])
-            carry_row = torch.cat([carry_row[:, :-1], torch.ones_like(carry_row[:, -1:])], 1)
-            augmented = torch.cat([augmented, carry_row])
+            carry_column = torch.zeros_like(augmented[:, :1])
+            carry_column = torch.cat([carry_column[:-1], torch.ones_like(carry_column[-1:])])
+            augmented = torch.cat([augmented, carry_column], dim=1)
             carried = activation(carried)
-        matrices.append(augmented)
+        matrices.append(augmented.t())
     return matrices
 
 
 def bias_folded_mlp(x: Tensor, weights: list[Tensor], activation: str, in_place: bool = False) -> Tensor:
     """Apply :func:`bias_folded_weights` matrices to feature-major ``x`` ``(in + 1, N)`` whose last row
-    is 1: the first matrix, then :func:`folded_layers`. Returns ``(out, N)``."""
-    return folded_layers(torch.mm(weights[0], x), weights[1:], activation, in_place=in_place)
+    is 1, element-major in memory (:func:`folded_layers`). Returns ``(out, N)``."""
+    first = torch.mm(x.t(), weights[0].t()).t()
+    return folded_layers(first, weights[1:], activation, in_place=in_place, element_major=True)
 
 
-def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, in_place: bool = False,
-                  out: Tensor | None = None, scratch: Callable[[int, tuple[int, int]], Tensor | None] | None = None
-                  ) -> Tensor:
-    """The layers after the first of a bias-folded network, feature-major: ``h ← matrix @ act(h)``
-    per matrix (:func:`bias_folded_weights`), ``h`` ``(units, N)`` or a batch ``(B, units, N)`` of
-    inputs to the same matrices. Every per-element network of lopt_hf ends here: the feature-input
-    rules through :func:`bias_folded_mlp`, Celo2 after its own first layer (per-slab normalisation
-    and broadcast features).
+def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, element_major: bool = False,
+                  in_place: bool = False, out: Tensor | None = None,
+                  scratch: Callable[[int, tuple[int, int]], Tensor | None] | None = None) -> Tensor:
+    """The layers after the first of a bias-folded network: ``h ← matrix @ act(h)`` per matrix
+    (:func:`bias_folded_weights`), ``h`` ``(units, N)`` or a batch ``(B, units, N)`` of inputs to
+    the same matrices. Every per-element network of lopt_hf ends here: the feature-input rules
+    through :func:`bias_folded_mlp`, Celo2 after its own first layer (per-slab normalisation and
+    broadcast features).
+
+    ``element_major`` computes each product as ``(act(h)ᵀ @ matrixᵀ)ᵀ``: the same numbers, the
+    activations stored one element's units together (what small per-element networks over many
+    tensors — meta-training's vmapped and compiled steps — run fastest with); otherwise
+    feature-major, one unit's N elements together (Celo2's large slabs).
 
     Deployment options (no autograd through them): ``in_place`` rectifies the activations in place;
-    for 2-D ``h``, ``out`` receives the last layer's output and ``scratch(layer, shape)`` may return
-    a buffer for any other layer's (None: a new tensor).
+    feature-major with 2-D ``h``: ``out`` receives the last layer's output and ``scratch(layer, shape)``
+    may return a buffer for any other layer's (None: a new tensor).
     """
+    if element_major and (out is not None or scratch is not None):
+        raise ValueError("out and scratch buffers are feature-major only")
     act = IN_PLACE_ACTIVATIONS.get(activation) if in_place else None
     act = act or activation_fn(activation)
     last = len(matrices) - 1
     for layer, matrix in enumerate(matrices):
+        if element_major:
+            h = torch.matmul(act(h).mT, matrix.mT).mT
+            continue
         target = out if layer == last else None
         if target is None and scratch is not None:
             target = scratch(layer, (matrix.shape[0], h.shape[-1]))

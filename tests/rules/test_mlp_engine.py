@@ -36,7 +36,7 @@ def test_bias_folded_mlp_is_the_textbook_mlp(sizes: list[int], activation: str, 
 
 def test_folded_layers_deployment_options_change_no_bit() -> None:
     """In-place activations, the last layer into ``out`` and scratch buffers give the plain result exactly;
-    a batch ``(B, units, N)`` gives each member's."""
+    the element-major layout the same numbers; a batch ``(B, units, N)`` gives each member's."""
     gen = torch.Generator().manual_seed(3)
     matrices = bias_folded_weights([(torch.randn(9, 6, generator=gen), torch.randn(6, generator=gen)),
                                     (torch.randn(6, 1, generator=gen), torch.randn(1, generator=gen))], torch.relu)
@@ -51,6 +51,11 @@ def test_folded_layers_deployment_options_change_no_bit() -> None:
 
     deployed = folded_layers(h.clone(), matrices, "relu", in_place=True, out=out, scratch=scratch)
     assert deployed.data_ptr() == out.data_ptr() and torch.equal(out, plain) and len(buffers) == 1
+    element_major = folded_layers(h.clone(), matrices, "relu", element_major=True)
+    assert element_major.shape == plain.shape
+    torch.testing.assert_close(element_major, plain, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="feature-major only"):
+        folded_layers(h, matrices, "relu", element_major=True, out=out)
     batch = torch.stack([h, 2 * h])
     batched = folded_layers(batch, matrices, "relu")
     assert torch.equal(batched[0], plain) and torch.equal(batched[1], folded_layers(2 * h, matrices, "relu"))
