@@ -4,14 +4,13 @@
 Adam expert both call :func:`adamw_step`, which is ``torch.optim.adamw.adamw(foreach=True)`` — the
 kernels and the arithmetic of ``torch.optim.AdamW(foreach=True)``, so a tensor on the route is trained
 bit for bit as torch's AdamW would train it (``tests/optim/test_adamw.py``). (Meta-training's optimizer
-of theta is ``torch.optim.AdamW`` itself.) What this wrapper adds:
+of theta is ``torch.optim.AdamW`` itself.) The wrapper only takes step counts as plain ints, one per
+tensor (optimizer state keeps ints, as saved checkpoints always have; torch wants tensors it
+increments); callers pass float32 parameters (a copy for bf16 ones), gradients and moments, so the
+moments stay float32 whatever the parameter dtype. :func:`direction_bound` lets a caller prove before
+stepping in place that no new value can overflow.
 
-* step counts as plain ints, one per tensor (optimizer state keeps ints, as saved checkpoints always
-  have; torch wants tensors it increments);
-* nothing else: callers pass float32 parameters (a copy for bf16 ones), gradients and moments, so the
-  moments stay float32 whatever the parameter dtype.
-
-These functions do not check their input: ``LearnedOptimizer`` hands them only gradients whose
+These functions do not check the values they get: ``LearnedOptimizer`` hands them only gradients whose
 elements are all below ``lopt_hf.optim.ADAMW_GRAD_LIMIT`` in magnitude (1e19), so ``g²`` and the
 second moment stay finite (a larger or non-finite gradient is skipped and counted there).
 """
