@@ -7,10 +7,9 @@ bit for bit as torch's AdamW would train it (``tests/optim/test_adamw.py``). (Me
 of theta is ``torch.optim.AdamW`` itself.) The wrapper only takes step counts as plain ints, one per
 tensor (optimizer state keeps ints, as saved checkpoints always have; torch wants tensors it
 increments); callers pass float32 parameters (a copy for bf16 ones), gradients and moments, so the
-moments stay float32 whatever the parameter dtype. :func:`direction_bound` lets a caller prove before
-stepping in place that no new value can overflow.
+moments stay float32 whatever the parameter dtype.
 
-These functions do not check the values they get: ``LearnedOptimizer`` hands them only gradients whose
+It does not check the values it gets: ``LearnedOptimizer`` hands them only gradients whose
 elements are all below ``lopt_hf.optim.ADAMW_GRAD_LIMIT`` in magnitude (1e19), so ``g²`` and the
 second moment stay finite (a larger or non-finite gradient is skipped and counted there).
 """
@@ -23,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as torch_functional_adamw
 
-__all__ = ["adamw_step", "direction_bound"]
+__all__ = ["adamw_step"]
 
 
 def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -48,15 +47,3 @@ def adamw_step(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
                            beta1=betas[0], beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps,
                            maximize=False)
 
-
-def direction_bound(exp_avg_norm: Tensor, grad_norm: Tensor, step_count: Tensor | int, betas: tuple[float, float],
-                    eps: float) -> Tensor:
-    """An upper bound on every element of the Adam direction ``m̂ / (√v̂ + eps)`` of the coming step,
-    from the 2-norms of the moment ``m`` before it and of the gradient: ``|m_new| ≤ β₁‖m‖ + (1 − β₁)‖g‖``
-    element-wise, and the denominator is at least ``eps``. Loose (by ≈ 1/eps) but cheap: it lets a
-    caller prove that ``p − lr·direction`` cannot overflow before stepping in place (inf for ``eps = 0``).
-    Element-wise over tensors of norms and step counts (one bound per tensor of a list)."""
-    beta1 = betas[0]
-    first_moment = beta1 * exp_avg_norm + (1.0 - beta1) * grad_norm
-    return first_moment / ((1.0 - beta1 ** step_count) * eps) if eps > 0 else torch.full_like(first_moment,
-                                                                                             float("inf"))

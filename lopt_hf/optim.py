@@ -73,7 +73,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adamw import adamw_step, direction_bound
+from .adamw import adamw_step
 from .kernels import RuleKernel, kernel_for
 from .kernels.base import stack_tensors
 from .layout import AS_IS, check_layouts, default_layout, from_rule_layout, to_rule_layout
@@ -489,7 +489,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         tensors; a tensor whose gradient is not finite — or has an element of magnitude
         :data:`ADAMW_GRAD_LIMIT` or more, whose square would overflow the float32 second moment
         and freeze that element for good — is skipped (moments untouched) and counted, and so is one
-        whose new value would not be finite (its moments, already updated, keep this gradient)."""
+        whose new value is not finite (it keeps its value; its moments, already updated, keep this gradient)."""
         for param in params:
             state = self.state[param]
             if not state:
@@ -504,49 +504,51 @@ class LearnedOptimizer(torch.optim.Optimizer):
         finite = (grad_norms < ADAMW_GRAD_LIMIT).tolist()
         if not all(finite):
             finite = [ok or bool(grad.abs().max() < ADAMW_GRAD_LIMIT) for ok, grad in zip(finite, grads)]
-        usable = [index for index, ok in enumerate(finite) if ok]
+        # Steppable: a usable gradient, and lr, weight_decay, the decay factor and the step size
+        # lr / (1 − β₁ᵗ) all float32 numbers (beyond, no new value would be finite, and torch's kernels
+        # cannot take the step size).
+        representable = _representable(lr, weight_decay)
+        usable = []
         for index, ok in enumerate(finite):
-            if not ok:
-                self._count_skipped(self.state[params[index]])
+            state = self.state[params[index]]
+            bias_correction = 1.0 - betas[0] ** (state[STEP_KEY] + 1)
+            if ok and representable and bias_correction > 0.0 and lr / bias_correction <= _FLOAT32_MAX:
+                usable.append(index)
+            else:
+                self._count_skipped(state)
         if not usable:
             return
         group_params = [params[i] for i in usable]
         states = [self.state[param] for param in group_params]
-        if not _representable(lr, weight_decay):
-            # lr, weight_decay or the decay factor beyond float32: no new value would be finite
-            for state in states:
-                self._count_skipped(state)
-            return
         group_grads = [grads[i] for i in usable]
         exp_avgs = [state["exp_avg"] for state in states]
         exp_avg_sqs = [state["exp_avg_sq"] for state in states]
         counts = [state[STEP_KEY] + 1 for state in states]
         in_place = all(param.dtype == torch.float32 for param in group_params)
         params32 = [param.detach() if in_place else param.detach().to(torch.float32) for param in group_params]
-        safe = _adamw_safe(params32, exp_avgs, grad_norms[usable], counts, lr, weight_decay, betas, eps)
-        if all(safe):
-            before = [param.clone() for param in params32]
-            adamw_step(params32, group_grads, exp_avgs, exp_avg_sqs, counts, lr=lr, betas=betas, eps=eps,
-                       weight_decay=weight_decay)
-            self._step_stats.add_changes(ADAMW_ROUTE, before, params32)
-            if not in_place:
-                for param, new_param in zip(group_params, params32):
-                    param.copy_(new_param)  # one rounding to the parameter dtype
-            for state, count in zip(states, counts):
-                state[STEP_KEY] = count
+        # the values before: for the logged change, and kept by a tensor whose new value overflows
+        before = [param.clone() for param in params32]
+        adamw_step(params32, group_grads, exp_avgs, exp_avg_sqs, counts, lr=lr, betas=betas, eps=eps,
+                   weight_decay=weight_decay)
+        # A finite 2-norm proves every new element finite (one reduction, one sync); the rest checked exactly.
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(params32))).tolist()
+        if not all(finite):
+            finite = [ok or bool(torch.isfinite(new).all()) for ok, new in zip(finite, params32)]
+        committed = [index for index, ok in enumerate(finite) if ok]
+        for index, ok in enumerate(finite):
+            if not ok:  # its value stays; its moments, already updated, keep this gradient
+                if in_place:
+                    params32[index].copy_(before[index])
+                self._count_skipped(states[index])
+        if not committed:
             return
-        # Some new value p·(1 − lr·weight_decay) − lr·step may be non-finite: step a copy of each tensor
-        # and write only finite ones.
-        for param, param32, grad, state, count in zip(group_params, params32, group_grads, states, counts):
-            new_param = param32.clone()
-            adamw_step([new_param], [grad], [state["exp_avg"]], [state["exp_avg_sq"]], [count], lr=lr, betas=betas,
-                       eps=eps, weight_decay=weight_decay)
-            if bool(torch.isfinite(new_param).all()):
-                self._step_stats.add_changes(ADAMW_ROUTE, [param32.clone()], [new_param])
-                param.copy_(new_param)
-                state[STEP_KEY] = count
-            else:
-                self._count_skipped(state)
+        changes = [before[index] for index in committed]
+        torch._foreach_sub_(changes, [params32[index] for index in committed])
+        self._step_stats.add_changes(ADAMW_ROUTE, changes)
+        for index in committed:
+            if not in_place:
+                group_params[index].copy_(params32[index])  # one rounding to the parameter dtype
+            states[index][STEP_KEY] = counts[index]
 
     # ------------------------------------------------------------------------- checkpoints
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -727,20 +729,6 @@ def _representable(lr: float, weight_decay: float) -> bool:
     return lr <= _FLOAT32_MAX and weight_decay <= _FLOAT32_MAX and abs(1.0 - lr * weight_decay) <= _FLOAT32_MAX
 
 
-def _adamw_safe(params32: list[Tensor], exp_avgs: list[Tensor], grad_norms: Tensor, counts: list[int], lr: float,
-                weight_decay: float, betas: tuple[float, float], eps: float) -> list[bool]:
-    """For each tensor on the AdamW route: is its new value ``p·(1 − lr·weight_decay) − lr·direction``
-    sure to be finite? ``max|p|`` bounded by the 2-norm, the direction by
-    :func:`lopt_hf.adamw.direction_bound`; one sync. False means "step a copy and check exactly"."""
-    exp_avg_norms = torch.stack(torch._foreach_norm(exp_avgs))
-    bound = lr * direction_bound(exp_avg_norms, grad_norms, torch.tensor(counts, device=grad_norms.device), betas,
-                                 eps)
-    decay = abs(1.0 - lr * weight_decay)
-    if decay != 0.0:
-        bound = bound + decay * torch.stack(torch._foreach_norm(params32))
-    return (bound < _SAFE_FLOAT32).tolist()
-
-
 def _safe_rows(param32: Tensor, norms: Tensor, lr: float, weight_decay: float) -> list[bool]:
     """For each tensor of a stack: is ``param·(1 − lr·weight_decay) − lr·direction`` sure to be finite? One sync.
 
@@ -788,12 +776,10 @@ class _StepStats:
             squared = squared[torch.tensor(committed, device=squared.device)]
         self._accumulate(route, squared.sum(), sum(committed) * numel, sum(committed))
 
-    def add_changes(self, route: str, before: list[Tensor], after: list[Tensor]) -> None:
-        """Count tensors by their float32 values before and after the step; ``before`` is the caller's
-        scratch (overwritten with ``before − after``)."""
-        torch._foreach_sub_(before, after)
-        squared = torch.stack(torch._foreach_norm(before)) ** 2
-        self._accumulate(route, squared.sum(), sum(change.numel() for change in before), len(before))
+    def add_changes(self, route: str, changes: list[Tensor]) -> None:
+        """Count tensors by what the step changed (``old − new`` of each, float32)."""
+        squared = torch.stack(torch._foreach_norm(changes)) ** 2
+        self._accumulate(route, squared.sum(), sum(change.numel() for change in changes), len(changes))
 
     def _accumulate(self, route: str, squared: Tensor, numel: int, tensors: int) -> None:
         previous = self.squared_sums.get(route)

@@ -122,15 +122,18 @@ def build_family(args: argparse.Namespace):  # noqa: ANN201  (a TaskFamily; impo
 
 
 def rule_options(items: list[str], parser: argparse.ArgumentParser) -> dict:
-    """``--rule-option KEY=VALUE`` items as hyper-parameters (YAML values); a malformed item is a usage error."""
-    import yaml
+    """``--rule-option KEY=VALUE`` items as hyper-parameters, parsed as ``--set`` overrides are
+    (:func:`lopt_hf.metatrain.config.parse_override`: YAML values, ``1e-3`` a float); a malformed item is a
+    usage error."""
+    from lopt_hf.metatrain.config import ConfigError, parse_override
 
     options = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            parser.error(f"--rule-option {item!r}: expected KEY=VALUE")
-        options[key] = yaml.safe_load(value)
+        try:
+            key, value = parse_override(item)
+        except ConfigError as err:
+            parser.error(f"--rule-option: {err}")
+        options[key] = value
     return options
 
 

@@ -126,11 +126,11 @@ def accumulator_summary(param: Tensor, momenta: Tensor, rms: Tensor) -> Tensor:
         mean_m = torch.mean(momentum)
         var_m.append(_mean_square_about(momentum, mean_m))
         var_rms.append(_mean_square_about(rms, mean_m))
-    mean_rms = torch.mean(rms).reshape(1)
+    mean_rms = torch.mean(rms)
     rank = sum(1 for size in param.shape if size > 1)
     one_hot = torch.tensor([1.0 if slot == rank else 0.0 for slot in range(RANK_SLOTS)], dtype=p.dtype,
                            device=p.device)
-    squashed = clip_log_abs(torch.stack([mean_rms[0], *var_m, *var_rms]))  # one element-wise pass for all
+    squashed = clip_log_abs(torch.stack([mean_rms, *var_m, *var_rms]))  # one element-wise pass for all
     return torch.cat([squashed[:1], one_hot, squashed[1:]])
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from lopt_hf.adamw import adamw_step, direction_bound
+from lopt_hf.adamw import adamw_step
 from lopt_hf.optim import ADAMW_ROUTE, ROUTE_KEY, LearnedOptimizer
 from lopt_hf.rules import build_rule
 
@@ -73,13 +73,29 @@ def test_adamw_route_trains_like_torch_adamw_bit_for_bit() -> None:
     assert stats["updated_tensors"] == 4 and stats["update_rms_adamw"] > 0
 
 
-def test_direction_bound_bounds_adam_directions() -> None:
-    gen = torch.Generator().manual_seed(2)
-    for count, eps in ((1, 1e-8), (7, 1e-3), (40, 1.0)):
-        exp_avg, exp_avg_sq = torch.randn(50, generator=gen), torch.rand(50, generator=gen) * 1e-6
-        grad = torch.randn(50, generator=gen) * 3
-        bound = direction_bound(exp_avg.norm(), grad.norm(), count, (0.9, 0.999), eps)
-        param = torch.zeros(50)
-        adamw_step([param], [grad], [exp_avg.clone()], [exp_avg_sq], [count], lr=1.0, eps=eps)
-        assert param.abs().max() <= bound
-    assert direction_bound(torch.tensor(1.0), torch.tensor(1.0), 1, (0.9, 0.999), 0.0) == float("inf")
+def test_adamw_route_keeps_a_tensor_whose_new_value_overflows() -> None:
+    """Stepped together, the tensor whose step overflows keeps its value (and is counted); the other one
+    commits torch's AdamW step."""
+    big = nn.Parameter(torch.full((5,), -3.3e38))
+    small = nn.Parameter(torch.ones(4))
+    twin = small.detach().clone().requires_grad_()
+    for param in (big, small, twin):
+        param.grad = torch.full(param.shape, 0.5)
+    rule = build_rule("small_fc_lopt")
+    ours = LearnedOptimizer([{"params": [big, small], ROUTE_KEY: ADAMW_ROUTE}], rule, rule.init_theta(), lr=3e37)
+    ours.step()  # the first direction is ≈ sign(g), step size lr/(1 − β₁) = 3e38: −3.3e38 − 3e38 overflows
+    torch.optim.AdamW([twin], lr=3e37, weight_decay=ours.param_groups[0]["weight_decay"], foreach=True).step()
+    assert torch.equal(big.detach(), torch.full((5,), -3.3e38))
+    assert torch.equal(small.detach(), twin.detach()) and torch.isfinite(small).all()
+    assert ours.num_skipped_nonfinite == 1 and ours.last_step_stats()["updated_tensors"] == 1
+
+
+def test_adamw_route_skips_a_step_size_beyond_float32() -> None:
+    """lr / (1 − β₁ᵗ) above float32's range (torch's kernels cannot take it): skipped and counted, nothing changes."""
+    param = nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    rule = build_rule("small_fc_lopt")
+    ours = LearnedOptimizer([{"params": [param], ROUTE_KEY: ADAMW_ROUTE}], rule, rule.init_theta(), lr=1e38)
+    ours.step()  # step size 1e38 / 0.1 = 1e39
+    assert torch.equal(param.detach(), torch.ones(3)) and ours.num_skipped_nonfinite == 1
+    assert not ours.state[param]["exp_avg"].any()  # moments untouched

@@ -86,7 +86,7 @@ def test_bench_metatrain_times_a_larger_family_with_a_configured_rule() -> None:
     assert loop.startswith("plain PyTorch loop, AdamW, the same 2 models x 2 steps") and "x with 1 process(es)" in loop
     bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_metatrain.py"), "--rule-option", "orthogonalize",
                           "--no-adamw-loop"], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert bad.returncode != 0 and "--rule-option 'orthogonalize': expected KEY=VALUE" in bad.stderr
+    assert bad.returncode != 0 and "--rule-option: override 'orthogonalize': expected KEY=VALUE" in bad.stderr
 
 
 @pytest.mark.slow
