@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import statistics
 import subprocess
@@ -31,6 +32,19 @@ DEFAULT_LAYERS = (512, 1024, 1024, 10)
 # Named setups of a rule with a harness, timed like a rule: name -> (rule, rule_config, harness).
 # Named setups benchmarked besides the bare rules (Celo2 with its harness, Celo2-base without).
 PRESETS = RULE_PRESETS
+
+
+# A benchmark name with this suffix times the rule with ``LearnedOptimizer(compile=True)``.
+COMPILED = "+compile"
+
+
+def compiled_names(names: Sequence[str]) -> list[str]:
+    """``name + COMPILED`` for each named rule that takes the compiled path (:func:`~lopt_hf.kernels.compiled.compiles`)."""
+    from .kernels.compiled import compiles
+
+    return [name + COMPILED for name in names
+            if name != ADAMW and compiles(build_rule(PRESETS.get(name, (name, {}, None))[0],
+                                                     **PRESETS.get(name, (name, {}, None))[1]))]
 
 
 def benchmark_names() -> list[str]:
@@ -90,16 +104,19 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
     """``torch.optim.AdamW`` for ``"adamw"``, otherwise a LearnedOptimizer with a seeded random theta.
 
     A :data:`PRESETS` name builds its rule with its hyper-parameters and harness (e.g. Celo2:
-    AdamW param groups for 1-D tensors), as ``load_lopt`` would for such an artifact.
+    AdamW param groups for 1-D tensors), as ``load_lopt`` would for such an artifact. A name ending in
+    :data:`COMPILED` steps with ``compile=True``.
     """
     if name == ADAMW:
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
+    compile = name.endswith(COMPILED)
+    name = name.removesuffix(COMPILED)
     rule_name, rule_config, harness = PRESETS.get(name, (name, {}, None))
     rule = build_rule(rule_name, **rule_config)
     theta = rule.init_theta(torch.Generator().manual_seed(0))
     lr = 1e-3 if name in PRESETS else 1.0
     params = route_parameters(harness, model, lr=lr)
-    optimizer = LearnedOptimizer(params, rule, theta, lr=lr, param_layouts=infer_layouts(model))
+    optimizer = LearnedOptimizer(params, rule, theta, lr=lr, param_layouts=infer_layouts(model), compile=compile)
     if rule.needs_loss:  # fixed gradients, no forward pass: give such rules (opt2vec, celo) a constant loss
         optimizer.step = functools.partial(optimizer.step, loss=1.0)  # type: ignore[method-assign]
     optimizer.set_total_steps(10_000)  # scheduled rules (celo, velo) plan by it; others ignore it
@@ -141,7 +158,13 @@ def _rss_kb(field: str) -> int:
 
 
 def measure_peak_extra_memory(name: str, layers: Sequence[int], device: str) -> tuple[float, float]:
-    """(state MB, peak extra MB over the model+grads) for two steps of optimizer ``name``."""
+    """(state MB, peak extra MB over the model+grads) for two steps of optimizer ``name``.
+
+    A compiled rule (:data:`COMPILED`) is compiled first, by a step of a throwaway optimizer on a model of
+    the same shapes (the graphs are cached for the process), so the peak is the step's and not Inductor's."""
+    if name.endswith(COMPILED):
+        make_optimizer(name, make_mlp(layers, device)).step()
+        gc.collect()
     model = make_mlp(layers, device)
     optimizer = make_optimizer(name, model)
     if device.startswith("cuda"):
@@ -161,9 +184,17 @@ def measure_peak_extra_memory(name: str, layers: Sequence[int], device: str) -> 
 
 
 def run_benchmark(names: Sequence[str] | None = None, layers: Sequence[int] = DEFAULT_LAYERS, device: str = "cpu",
-                  warmup: int = 3, repeats: int = 10, measure_memory: bool = True) -> list[StepResult]:
-    """Time AdamW and every named rule on the same model; return one result per optimizer."""
+                  warmup: int = 3, repeats: int = 10, measure_memory: bool = True,
+                  compile: bool = False) -> list[StepResult]:
+    """Time AdamW and every named rule on the same model; return one result per optimizer.
+
+    ``compile``: also time each named rule that takes the compiled path with ``compile=True`` (a row
+    ``name+compile``; the warm-up steps include its compilation, so ``warmup`` must be ≥ 1)."""
     names = [ADAMW, *[n for n in (names or benchmark_names()) if n != ADAMW]]
+    if compile:
+        if warmup < 1:
+            raise ValueError("timing compiled steps needs warmup >= 1 (the first step compiles)")
+        names += compiled_names(names)
     gflops = sgemm_gflops(device)
     results = []
     for name in names:

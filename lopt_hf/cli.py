@@ -199,8 +199,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         raise CommandError(f"--layers {args.layers!r}: expected at least two positive widths, e.g. 512,1024,10")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compile and args.warmup < 1:
+        raise CommandError("--compile needs --warmup >= 1: the first step of a compiled rule compiles it")
     results = run_benchmark(args.rules or None, layers=layers, device=args.device, warmup=args.warmup,
-                            repeats=args.repeats, measure_memory=not args.no_memory)
+                            repeats=args.repeats, measure_memory=not args.no_memory, compile=args.compile)
     print(format_results(results, layers, args.device))
     if args.json:
         with open(args.json, "w") as out:
@@ -464,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=10, help="timed steps; the median is reported (default 10)")
     bench.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    bench.add_argument("--compile", action="store_true",
+                       help="also time, as NAME+compile, each rule that steps faster with compile=True (celo, velo, "
+                            "celo_adam, ...; its first warm-up step compiles: seconds to minutes)")
     bench.add_argument("--json", help="also write the results to this JSON file")
     bench.set_defaults(func=_cmd_bench)
 

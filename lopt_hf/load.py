@@ -15,7 +15,7 @@ from .loader_options import download_option_names
 from .optim import LearnedOptimizer
 
 # Settings of ``LearnedOptimizer`` an artifact's ``optimizer_defaults`` or the caller may set.
-OPTIMIZER_SETTINGS = ("lr", "weight_decay", "chunk_size")
+OPTIMIZER_SETTINGS = ("lr", "weight_decay", "chunk_size", "compile")
 
 
 def load_lopt(repo_or_path: str | os.PathLike[str] | LearnedOptimizerModel,
@@ -29,7 +29,8 @@ def load_lopt(repo_or_path: str | os.PathLike[str] | LearnedOptimizerModel,
         params_or_model: an ``nn.Module`` (all its trainable parameters) or what any torch
             optimizer accepts (tensors or param-group dicts).
         **overrides: ``lr``, ``weight_decay``, ``chunk_size`` override the artifact's
-            ``optimizer_defaults``; ``revision`` and the download options (``cache_dir``, ``token``,
+            ``optimizer_defaults``; ``compile=True`` steps through ``torch.compile`` where that pays
+            (see :class:`~lopt_hf.optim.LearnedOptimizer`); ``revision`` and the download options (``cache_dir``, ``token``,
             ``local_files_only``, ``force_download``, ``proxies``, ... — whatever
             ``hf_hub_download`` takes) select and fetch the artifact on the Hub; ``harness`` — a dict merged over
             the artifact's harness (e.g. ``{"embedding_patterns": [r"wte"]}``), or ``None`` to

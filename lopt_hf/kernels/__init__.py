@@ -13,7 +13,9 @@ math (tests prove each fast path equals the reference rule).
   weights, blocked Newton–Schulz products) and column-major state for transposed matrices;
 * :class:`~lopt_hf.kernels.in_place.InPlaceKernel` — ``small_fc_lopt``, ``mlp_lopt`` and
   ``per_param_mlp`` piece by piece, their full-size state advanced in place (memory ≤ 2× AdamW's);
-  :mod:`~lopt_hf.kernels.celo` does the same for the scheduled ``celo``, ``velo`` and ``celo_adam``.
+  :mod:`~lopt_hf.kernels.celo` does the same for the scheduled ``celo``, ``velo`` and ``celo_adam``;
+* :class:`~lopt_hf.kernels.compiled.CompiledKernel` — ``LearnedOptimizer(compile=True)``: any of the above
+  for the rules it speeds up (:func:`~lopt_hf.kernels.compiled.compiles`), its step through ``torch.compile``.
 """
 
 from .base import RuleKernel, kernel_for, register_kernel

@@ -106,6 +106,46 @@ def truncated_normal_init(shape: tuple[int, ...], std: float, generator: torch.G
     return out * std
 
 
+# --------------------------------------------------------------------------- compiled (unrolled) MLP
+# Per-element networks with at most this many multiply-adds per element (Celo's and VeLO's 30→4→4→3:
+# 148) are written out unit by unit when compiled (:func:`unrolls`): Inductor then fuses features,
+# network and readout into a few loops over the elements that never write a feature matrix (Celo's
+# step on the 1.59M-parameter MLP of `lopt-hf bench`: 173 → 91 ms). Wider networks stay matrix
+# products, which BLAS runs faster than the unrolled code: per_param_mlp's 3→64→2 (320) measured
+# 63–140 ms compiled against 95 ms eager, small_fc_lopt's 39→32→32→2 (2,336) is BLAS-bound.
+UNROLL_MACS = 256
+
+
+def unrolls(layers: list[tuple[Tensor, Tensor]]) -> bool:
+    """Whether a network of ``(weight (in, out), bias)`` layers is evaluated by :func:`unrolled_mlp`:
+    only inside ``torch.compile`` (:mod:`lopt_hf.kernels.compiled`) and for networks of at most
+    :data:`UNROLL_MACS` multiply-adds per element. Eager execution never unrolls (one kernel per unit
+    and input would be slow), so eager results do not change with this switch."""
+    if not torch.compiler.is_compiling():
+        return False
+    return sum(int(weight.shape[0]) * int(weight.shape[1]) for weight, _ in layers) <= UNROLL_MACS
+
+
+def unrolled_mlp(rows: list[Tensor], layers: list[tuple[Tensor, Tensor]], activation: str) -> Tensor:
+    """The MLP of ``(weight (in, out), bias)`` layers on inputs given as one tensor per input ``rows``
+    (all of one shape), written unit by unit: ``h_j = b_j + Σ_k x_k·W_kj``, the activation between
+    layers. Returns the outputs stacked, ``(out, *shape)``. The same network as
+    :func:`bias_folded_mlp` (sums in another order: float rounding), for :func:`unrolls`."""
+    act = activation_fn(activation)
+    h = rows
+    for index, (weight, bias) in enumerate(layers):
+        if index:
+            h = [act(x) for x in h]
+        units = []
+        for unit in range(int(weight.shape[1])):
+            total = h[0] * weight[0, unit] + bias[unit]
+            for k in range(1, len(h)):
+                total = total + h[k] * weight[k, unit]
+            units.append(total)
+        h = units
+    return torch.stack(h)
+
+
 # --------------------------------------------------------------------------- streaming MLP
 # Elements per chunk of the per-element MLP in deployment. Measured on the 2-core reference
 # machine over all tensors of a 512→1024→1024→10 MLP (1.59M parameters), ms per step for chunk
@@ -127,7 +167,13 @@ def factored_dims(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None
     """
     if len(shape) < 2:
         return None
-    order = sorted(range(len(shape)), key=lambda axis: shape[axis])
+    # a stable insertion sort of the axes by size, written out: torch.compile traces the comparisons
+    # (it guards on them) but not ``sorted`` with a key over symbolic sizes
+    order = list(range(len(shape)))
+    for position in range(1, len(order)):
+        while position > 0 and shape[order[position - 1]] > shape[order[position]]:
+            order[position - 1], order[position] = order[position], order[position - 1]
+            position -= 1
     return order[-2], order[-1]
 
 
@@ -303,6 +349,10 @@ def normalized_mlp(
       layer's bias. A bias added by ``addmm`` costs a full pass over the activations; this
       way the chunk runs as three plain matmuls and two in-place ReLUs.
 
+    Inside ``torch.compile`` (``LearnedOptimizer(compile=True)``), a small network (:func:`unrolls`) of the
+    whole tensor is written out unit by unit instead (:func:`unrolled_mlp`), so the compiled step builds no
+    feature matrix at all.
+
     Deployment kernels (``lopt_hf.kernels``) pass ``advance(index)``, called once per piece
     before its features are first built (they advance the piece's state in place there), and
     ``out``, a flat buffer of ``numel`` floats the result is written into (no concatenated copy).
@@ -332,6 +382,10 @@ def normalized_mlp(
                 sums.append(torch.sum(torch.square(part), dim=dims))
         return torch.cat(sums)
 
+    w0 = theta["w0"]
+    layers = [(w0, theta["b0"])] + [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, num_layers)]
+    if len(pieces) == 1 and advance is None and out is None and unrolls(layers):
+        return _unrolled_normalized_mlp(features(pieces[0]), layers, constant_inputs, readout, eps, shape)
     whole = None
     if len(pieces) == 1:
         if advance is not None:
@@ -348,7 +402,6 @@ def normalized_mlp(
             sum_square = part if sum_square is None else sum_square + part
     mean_square = sum_square / max(numel, 1)
     num_features = mean_square.shape[0]
-    w0 = theta["w0"]
     first_weight = w0[:num_features] * torch.rsqrt(eps + mean_square).unsqueeze(-1)
     first_bias = theta["b0"] + constant_inputs.to(w0.dtype) @ w0[num_features:]
     layers = [(first_weight, first_bias)] + [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, num_layers)]
@@ -356,6 +409,22 @@ def normalized_mlp(
     result = streamed_mlp(pieces, (lambda index: whole) if whole is not None else feature_matrix, weights, "relu",
                           readout, in_place=no_grad, out=out)
     return result.reshape(shape)
+
+
+def _unrolled_normalized_mlp(parts: list[Tensor], layers: list[tuple[Tensor, Tensor]], constant_inputs: Tensor,
+                             readout: Callable[[Tensor], Tensor], eps: float, shape: tuple[int, ...] | torch.Size) -> Tensor:
+    """:func:`normalized_mlp` of the whole tensor through :func:`unrolled_mlp` (inside ``torch.compile``):
+    one tensor per feature, each feature's mean square a reduction of its own (Inductor computes them in one
+    pass), the normalisation and constant inputs folded into the first layer as the eager path folds them."""
+    rows = [torch.broadcast_to(row, shape) for part in parts for row in part.unbind(0)]
+    numel = max(rows[0].numel(), 1)
+    mean_square = torch.stack([torch.sum(torch.square(row)) for row in rows]) / numel
+    (w0, b0), rest = layers[0], layers[1:]
+    num_features = len(rows)
+    first_weight = w0[:num_features] * torch.rsqrt(eps + mean_square).unsqueeze(-1)
+    first_bias = b0 + constant_inputs.to(w0.dtype) @ w0[num_features:]
+    outputs = unrolled_mlp(rows, [(first_weight, first_bias), *rest], "relu")
+    return readout(outputs.reshape(outputs.shape[0], -1)).reshape(shape)
 
 
 def streamed_mlp(pieces: list[tuple], feature_matrix: Callable[[tuple], Tensor], weights: list[Tensor],

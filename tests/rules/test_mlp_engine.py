@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lopt_hf.rules.features import bias_folded_mlp, bias_folded_weights, folded_layers, streamed_mlp
+from lopt_hf.rules.features import (bias_folded_mlp, bias_folded_weights, folded_layers, streamed_mlp, unrolled_mlp,
+                                   unrolls)
 
 
 def textbook_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], act) -> torch.Tensor:
@@ -78,3 +79,20 @@ def test_streamed_mlp_pieces_and_out_buffer_equal_one_piece() -> None:
     assert torch.equal(streamed_mlp(pieces, lambda index: features[:, index], weights, "relu", readout, out=buffer),
                        whole)
 
+
+
+@pytest.mark.parametrize("activation, act", [("relu", torch.relu), ("tanh", torch.tanh)])
+@pytest.mark.parametrize("sizes", [[4, 2], [5, 7, 2], [6, 8, 8, 3]])
+def test_unrolled_mlp_is_the_textbook_mlp(sizes: list[int], activation: str, act) -> None:
+    """The unit-by-unit network the compiled step runs (one tensor per input) is the same MLP."""
+    layers = random_layers(sizes, seed=len(sizes))
+    x = torch.randn(3, 17, sizes[0], generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    outputs = unrolled_mlp(list(x.unbind(-1)), layers, activation)  # inputs (3, 17) each
+    assert outputs.shape == (sizes[-1], 3, 17)
+    expected = textbook_mlp(x.reshape(-1, sizes[0]), layers, act).t().reshape(sizes[-1], 3, 17)
+    torch.testing.assert_close(outputs, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_eager_execution_never_unrolls() -> None:
+    """Outside torch.compile the engine keeps its matrix products, so eager results never depend on it."""
+    assert not unrolls(random_layers([4, 2], seed=0))

@@ -1,0 +1,150 @@
+"""``LearnedOptimizer(compile=True)``: the rule's step through torch.compile (lopt_hf.kernels.compiled).
+
+The compiled step is the rule's own code (Celo and VeLO write their small per-element network out unit by
+unit when compiled), so it must train like the eager kernel up to float rounding, keep the same state (a
+checkpoint moves between the two), and fall back to the eager kernel — with a warning, never a failed
+step — when Inductor cannot build it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lopt_hf import LearnedOptimizer, load_lopt
+from lopt_hf.bench import COMPILED, compiled_names, make_optimizer
+from lopt_hf.kernels import kernel_for
+from lopt_hf.kernels.compiled import CompiledKernel, compiles
+from lopt_hf.rules import build_rule
+
+CPU = torch.device("cpu")
+
+
+def train(rule_name: str, compile: bool, model_fn, steps: int = 3, **rule_options) -> tuple[nn.Module, LearnedOptimizer]:
+    rule = build_rule(rule_name, **rule_options)
+    theta = rule.init_theta(torch.Generator().manual_seed(0))
+    model = model_fn()
+    optimizer = LearnedOptimizer(model.parameters(), rule, theta, compile=compile)
+    optimizer.set_total_steps(20)
+    data = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = model(data).square().mean()
+        loss.backward()
+        optimizer.step(loss=loss.detach())
+    return model, optimizer
+
+
+def linear() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Linear(8, 4)
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def assert_trains_alike(rule_name: str, model_fn, **rule_options) -> None:
+    eager_model, eager = train(rule_name, False, model_fn, **rule_options)
+    compiled_model, compiled = train(rule_name, True, model_fn, **rule_options)
+    assert isinstance(compiled.kernel_on(CPU), CompiledKernel) and not compiled.kernel_on(CPU)._failed
+    for expected, actual in zip(eager_model.parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
+    # the same state, key for key: a checkpoint of one loads into the other
+    for eager_state, compiled_state in zip(eager.state_dict()["state"].values(),
+                                           compiled.state_dict()["state"].values()):
+        assert eager_state.keys() == compiled_state.keys()
+        for key, value in eager_state.items():
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(compiled_state[key], value, rtol=1e-5, atol=1e-7)
+            else:
+                assert compiled_state[key] == value
+    assert compiled.num_skipped_nonfinite == 0
+
+
+def test_compiled_celo_trains_like_the_eager_kernel() -> None:
+    assert_trains_alike("celo", linear)
+
+
+def test_the_compiled_step_is_another_execution_of_the_same_math() -> None:
+    """On a 64×64 tensor the compiled Celo step (unrolled network, fused reductions) differs from the eager
+    kernel's in the last bits — so it did run compiled — and agrees to float rounding."""
+    rule = build_rule("celo")
+    theta = rule.init_theta(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(2)
+    param, grad = torch.randn(1, 64, 64, generator=gen), 1e-2 * torch.randn(1, 64, 64, generator=gen)
+    state = {key: torch.rand(value.shape, generator=gen) * 1e-3 if key in ("momentum", "rms") else value
+             for key, value in rule.init_state(param[0]).items()}
+    control = torch.tensor([[1.0, 1.0]])
+    eager = kernel_for(rule, theta)
+    expected, expected_state = eager.update_stack(param, grad, [state], 4, control=control)
+    actual, actual_state = CompiledKernel(kernel_for(rule, theta)).update_stack(param, grad, [state], 4, control=control)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-9)
+    assert not torch.equal(actual, expected)
+    for key, value in expected_state[0].items():
+        torch.testing.assert_close(actual_state[0][key], value, rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule_name, options", [("celo", {}), ("velo", {"lstm_hidden_size": 16, "param_inits": 4}),
+                                                ("celo_adam", {"orthogonalize": True, "tensor_features": True})])
+def test_compiled_rules_train_like_the_eager_kernels_on_an_mlp(rule_name: str, options: dict) -> None:
+    assert_trains_alike(rule_name, mlp, **options)
+
+
+def test_compiled_checkpoint_resumes_in_an_eager_optimizer() -> None:
+    """A run stepped compiled and resumed eagerly (or on a machine without a compiler) goes on from the
+    same state: its next step equals the compiled run's next step up to rounding."""
+    model, compiled = train("celo", True, linear, steps=2)
+    resumed_model = linear()
+    resumed_model.load_state_dict(model.state_dict())
+    rule = build_rule("celo")
+    resumed = LearnedOptimizer(resumed_model.parameters(), rule, rule.init_theta(torch.Generator().manual_seed(0)))
+    resumed.load_state_dict(compiled.state_dict())
+    data = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
+    for net, optimizer in ((model, compiled), (resumed_model, resumed)):
+        optimizer.zero_grad()
+        loss = net(data).square().mean()
+        loss.backward()
+        optimizer.step(loss=loss.detach())
+    for expected, actual in zip(model.parameters(), resumed_model.parameters()):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_failed_compilation_warns_and_steps_eagerly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No C++ compiler for Inductor (here: a compiler path that does not exist, no cached graph to reuse):
+    one RuntimeWarning, then the eager kernel's exact results."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/nonexistent/c++",))
+    monkeypatch.setattr(inductor_config, "fx_graph_cache", False)
+    options = {"exp_mult": 0.00125}  # a rule no other test compiled: no graph in dynamo's cache either
+    eager_model, _ = train("celo", False, linear, **options)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled_model, compiled = train("celo", True, linear, **options)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "compiling the 'celo' step failed" in messages[0]
+    assert compiled.kernel_on(CPU)._failed
+    for expected, actual in zip(eager_model.parameters(), compiled_model.parameters()):
+        assert torch.equal(expected, actual)
+
+
+def test_compile_applies_to_the_rules_it_speeds_up() -> None:
+    """Small or no per-element networks compile; wide ones (BLAS-bound) keep their eager kernels."""
+    assert [name for name in ("celo", "velo", "celo_adam", "small_fc_lopt", "mlp_lopt", "per_param_mlp", "celo2")
+            if compiles(build_rule(name))] == ["celo", "velo", "celo_adam"]
+    model = linear()
+    assert isinstance(load_lopt("lopt-hf/celo-adam-ns", model, compile=True).kernel_on(CPU), CompiledKernel)
+    assert not isinstance(load_lopt("lopt-hf/celo-adam-ns", model).kernel_on(CPU), CompiledKernel)
+    assert not isinstance(load_lopt("lopt-hf/small-fc-lolo", model, compile=True).kernel_on(CPU), CompiledKernel)
+
+
+def test_bench_times_the_compiled_rules_as_rows_of_their_own() -> None:
+    assert compiled_names(["adamw", "celo", "small_fc_lopt", "celo2", "celo2-base"]) == ["celo" + COMPILED]
+    assert make_optimizer("celo" + COMPILED, mlp()).compile
+    assert not make_optimizer("celo", mlp()).compile
