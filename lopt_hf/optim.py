@@ -387,8 +387,8 @@ class LearnedOptimizer(torch.optim.Optimizer):
         """A scheduled rule's per-tensor scheduler inputs, computed in the rule's layout."""
         layout = self.layout_of(param)
         rule_state = {key: value for key, value in self.state[param].items() if key not in _RESERVED_KEYS}
-        return self.rule.tensor_summary(to_rule_layout(param.detach().to(torch.float32), layout),
-                                        to_rule_layout(grad32, layout), rule_state)
+        return self.kernel_on(param.device).tensor_summary(to_rule_layout(param.detach().to(torch.float32), layout),
+                                                           to_rule_layout(grad32, layout), rule_state)
 
     def _step_learned_group(self, params: list[Tensor], lr: float, weight_decay: float, loss: Tensor | None,
                             skip: bool) -> None:

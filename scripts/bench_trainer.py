@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3,
                         help="learning rate of AdamW, celo2 and celo2-base (others keep their own)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--compile", action="store_true",
+                        help="also time each learned optimizer with compile=True (rows NAME+compile; the warm-up "
+                             "steps include the compilation)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     return parser.parse_args(argv)
 
@@ -116,13 +119,17 @@ def make_step_timer():
 
 
 def make_optimizer(name: str, model: torch.nn.Module, artifacts: dict[str, Path], lr: float) -> torch.optim.Optimizer:
+    """AdamW, or the learned optimizer ``name`` (``NAME+compile``: with ``compile=True``)."""
     if name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr)
     from lopt_hf import load_lopt
+    from lopt_hf.bench import COMPILED
 
+    compile = name.endswith(COMPILED)
+    name = name.removesuffix(COMPILED)
     if name in artifacts:  # converted here: the --lr of the comparison
-        return load_lopt(artifacts[name], model, lr=lr)
-    return load_lopt(name, model)  # a shipped / local / Hub learned optimizer, with its own settings
+        return load_lopt(artifacts[name], model, lr=lr, compile=compile)
+    return load_lopt(name, model, compile=compile)  # a shipped / local / Hub learned optimizer, its own settings
 
 
 def train_once(name: str, args: argparse.Namespace, artifacts: dict[str, Path], workdir: Path) -> dict[str, float]:
@@ -233,6 +240,13 @@ def main(argv: list[str] | None = None) -> None:
 
     gflops = sgemm_gflops()  # the matmul rate the floors are computed with, measured now
     names = list(dict.fromkeys(args.optimizers))
+    if args.compile:  # each learned optimizer that compiles also compiled, a row of its own (the same run)
+        from lopt_hf import load_artifact
+        from lopt_hf.bench import COMPILED
+        from lopt_hf.kernels.compiled import compiles
+
+        names += [name + COMPILED for name in names
+                  if name != "adamw" and name not in CONVERTED and compiles(load_artifact(name).rule)]
     results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -45,6 +45,10 @@ class RuleKernel:
         else:
             params.sub_(lr * direction)
 
+    def tensor_summary(self, param: Tensor, grad: Tensor, state: State) -> Tensor:
+        """A scheduled rule's per-tensor scheduler inputs (``rule.tensor_summary``), in the rule's layout."""
+        return self.rule.tensor_summary(param, grad, state)
+
     def update_stack(self, params: Tensor, grads: Tensor, states: list[State], step: Tensor | int,
                      chunk_size: int | None = None, **kwargs: Any) -> tuple[Tensor, list[State]]:
         """Steps of ``B`` same-shape tensors ``params`` / ``grads`` ``(B, *shape)`` with their own states.

@@ -32,7 +32,8 @@ def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
 
 @pytest.mark.parametrize(("command", "options"), [
     ("eval", ("--optimizers", "--tasks", "--steps", "--seeds", "--out", "--threads", "--no-progress")),
-    ("bench", ("--rules", "--layers", "--device", "--warmup", "--repeats", "--threads", "--no-memory", "--json")),
+    ("bench", ("--rules", "--layers", "--device", "--warmup", "--repeats", "--threads", "--no-memory", "--json",
+               "--compile")),
     ("create", ("rule", "out_dir", "--seed", "--rule-config")),
     ("convert", ("format", "checkpoint", "out_dir", "--variant")),
     ("export", ("checkpoint", "out_dir", "--evaluate", "--push-to-hub")),

@@ -140,6 +140,7 @@ def test_export_checks_the_push_repo_id_first(tmp_path: Path, capsys) -> None:
 @pytest.mark.parametrize(("argv", "expected"), [
     (["bench", "--rules", "celo2-bse"], "did you mean 'celo2-base'?"),
     (["bench", "--layers", "512,x"], "comma-separated integer widths"),
+    (["bench", "--compile", "--warmup", "0"], "--compile needs --warmup >= 1"),
     (["eval", "--optimizers", "./no-such-lopt"], "folder ./no-such-lopt does not exist"),
     (["eval", "--optimizers", "adamw:-1"], "learning rate must be a positive number"),
     (["convert", "celo2", "no-such-theta.state", "out"], "no-such-theta.state"),

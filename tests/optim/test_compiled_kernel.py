@@ -18,7 +18,7 @@ from lopt_hf import LearnedOptimizer, load_lopt
 from lopt_hf.bench import COMPILED, compiled_names, make_optimizer
 from lopt_hf.kernels import kernel_for
 from lopt_hf.kernels.compiled import CompiledKernel, compiles
-from lopt_hf.rules import build_rule
+from lopt_hf.rules import available_rules, build_rule
 
 CPU = torch.device("cpu")
 
@@ -91,7 +91,8 @@ def test_the_compiled_step_is_another_execution_of_the_same_math() -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule_name, options", [("celo", {}), ("velo", {"lstm_hidden_size": 16, "param_inits": 4}),
-                                                ("celo_adam", {"orthogonalize": True, "tensor_features": True})])
+                                                ("celo_adam", {"orthogonalize": True, "tensor_features": True}),
+                                                ("opt2vec", {})])
 def test_compiled_rules_train_like_the_eager_kernels_on_an_mlp(rule_name: str, options: dict) -> None:
     assert_trains_alike(rule_name, mlp, **options)
 
@@ -136,8 +137,8 @@ def test_a_failed_compilation_warns_and_steps_eagerly(monkeypatch: pytest.Monkey
 
 def test_compile_applies_to_the_rules_it_speeds_up() -> None:
     """Small or no per-element networks compile; wide ones (BLAS-bound) keep their eager kernels."""
-    assert [name for name in ("celo", "velo", "celo_adam", "small_fc_lopt", "mlp_lopt", "per_param_mlp", "celo2")
-            if compiles(build_rule(name))] == ["celo", "velo", "celo_adam"]
+    assert [name for name in available_rules() if compiles(build_rule(name))] == ["celo", "celo_adam", "opt2vec",
+                                                                                   "velo"]
     model = linear()
     assert isinstance(load_lopt("lopt-hf/celo-adam-ns", model, compile=True).kernel_on(CPU), CompiledKernel)
     assert not isinstance(load_lopt("lopt-hf/celo-adam-ns", model).kernel_on(CPU), CompiledKernel)

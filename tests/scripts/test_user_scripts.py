@@ -95,6 +95,18 @@ def test_bench_trainer_times_every_optimizer(tmp_path: Path) -> None:
     assert all(0 < summary[name]["ratio_at_floor"] for name in ("celo2", "celo2-base", "lopt-hf/celo-adam-ns"))
 
 
+@pytest.mark.slow
+def test_bench_trainer_times_the_compiled_default_beside_the_eager_one(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    run_script("bench_trainer.py", "--warmup", "1", "--steps", "2", "--rounds", "1", "--n-layer", "1", "--n-embd", "16",
+               "--n-head", "2", "--vocab-size", "64", "--seq-len", "16", "--batch-size", "2", "--threads", "1",
+               "--optimizers", "adamw", "celo2-base", "lopt-hf/celo-adam-ns", "--compile", "--json", str(out))
+    summary = json.loads(out.read_text())["summary"]
+    # celo2-base (BLAS-bound Celo2) is not compiled; the default (Celo-Adam) is, as a row of its own
+    assert sorted(summary) == ["adamw", "celo2-base", "lopt-hf/celo-adam-ns", "lopt-hf/celo-adam-ns+compile"]
+    assert summary["lopt-hf/celo-adam-ns+compile"]["samples_per_s_median"] > 0
+
+
 def test_device_check_runs_every_rule_and_times_the_optimizers(tmp_path: Path) -> None:
     """On the CPU (tiny GPT-2): every rule steps, 'device' (here the CPU again) equals the CPU, bf16 stays finite."""
     run_script("device_check.py", "--tiny", "--device", "cpu", "--out", str(tmp_path))
