@@ -127,7 +127,7 @@ def trainer_optimizer(repo_or_path: str | os.PathLike[str] | LearnedOptimizerMod
     Args:
         repo_or_path: local artifact folder, Hub repo id or loaded ``LearnedOptimizerModel``;
             loaded and validated now (errors surface before training starts).
-        **overrides: as for :func:`lopt_hf.load_lopt`: ``lr``, ``weight_decay``, ``chunk_size``,
+        **overrides: as for :func:`lopt_hf.load_lopt`: ``lr``, ``weight_decay``, ``chunk_size``, ``compile``,
             ``harness`` (used when Trainer builds the optimizer) and the Hub options ``revision``,
             ``cache_dir``, ``token``, ``local_files_only``, ``force_download`` (used now).
 

@@ -13,6 +13,7 @@ from support import load_refvectors, subtree, tiny_gpt2, train_losses, training_
 from transformers import Trainer
 
 from lopt_hf import LearnedOptimizerCallback, create_artifact, load_lopt, trainer_optimizer
+from lopt_hf.kernels.compiled import CompiledKernel
 from lopt_hf.optim import SCHEDULE_KEY, LearnedOptimizerSettingsWarning
 from lopt_hf.rules.scheduler import LossBuffer
 from lopt_hf.trainer import unwrap_optimizer
@@ -53,19 +54,23 @@ def test_scheduler_sees_every_step_loss_and_the_planned_steps(published_celo: st
     assert losses[-1] < losses[0]
 
 
-def test_resume_from_a_trainer_checkpoint_is_exact(published_celo: str, lm, tmp_path) -> None:
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_resume_from_a_trainer_checkpoint_is_exact(published_celo: str, compile: bool, lm, tmp_path) -> None:
+    """Also with ``compile=True``: the compiled step is deterministic and its state is the eager one's."""
     tokenizer, dataset = lm
     args = {"max_steps": 8, "save_strategy": "steps", "save_steps": 4}
 
     def run(output: str, seed: int, resume: str | None = None) -> Trainer:
         model = tiny_gpt2(tokenizer.vocab_size, seed=seed)
         trainer = Trainer(model=model, args=training_args(tmp_path / output, **args), train_dataset=dataset,
-                          optimizer_cls_and_kwargs=trainer_optimizer(published_celo))
+                          optimizer_cls_and_kwargs=trainer_optimizer(published_celo, compile=compile))
         LearnedOptimizerCallback.attach(trainer)
         trainer.train(resume_from_checkpoint=resume)
         return trainer
 
     first = run("run", seed=0)
+    kernel = unwrap_optimizer(first.optimizer).kernel_on(torch.device("cpu"))
+    assert isinstance(kernel, CompiledKernel) == compile and not getattr(kernel, "_failed", False)
     resumed = run("resumed", seed=1, resume=str(tmp_path / "run" / "checkpoint-4"))  # the checkpoint must win
     assert train_losses(resumed)[4:] == train_losses(first)[4:]
     for a, b in zip(first.model.parameters(), resumed.model.parameters()):
