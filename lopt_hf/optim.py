@@ -203,11 +203,13 @@ class LearnedOptimizer(torch.optim.Optimizer):
         return self._theta_by_device[device]
 
     def kernel_on(self, device: torch.device) -> RuleKernel:
-        """The rule's deployment kernel with the meta-parameters on ``device`` (cached; rebuilt if ``rule`` changes)."""
+        """The rule's deployment kernel with the meta-parameters on ``device`` (cached; rebuilt if ``rule`` or
+        :attr:`compile` changes)."""
         kernel = self._kernels.get(device)
-        if kernel is None or kernel.rule is not self.rule:
+        compiled = self.compile and compiles(self.rule)
+        if kernel is None or kernel.rule is not self.rule or isinstance(kernel, CompiledKernel) != compiled:
             kernel = kernel_for(self.rule, self.theta_on(device))
-            if self.compile and compiles(self.rule):
+            if compiled:
                 kernel = CompiledKernel(kernel)
             self._kernels[device] = kernel
         return kernel

@@ -140,7 +140,10 @@ def test_compile_applies_to_the_rules_it_speeds_up() -> None:
     assert [name for name in available_rules() if compiles(build_rule(name))] == ["celo", "celo_adam", "opt2vec",
                                                                                    "velo"]
     model = linear()
-    assert isinstance(load_lopt("lopt-hf/celo-adam-ns", model, compile=True).kernel_on(CPU), CompiledKernel)
+    optimizer = load_lopt("lopt-hf/celo-adam-ns", model, compile=True)
+    assert isinstance(optimizer.kernel_on(CPU), CompiledKernel)
+    optimizer.compile = False  # switched off (e.g. to compare): the eager kernel from the next step on
+    assert not isinstance(optimizer.kernel_on(CPU), CompiledKernel)
     assert not isinstance(load_lopt("lopt-hf/celo-adam-ns", model).kernel_on(CPU), CompiledKernel)
     assert not isinstance(load_lopt("lopt-hf/small-fc-lolo", model, compile=True).kernel_on(CPU), CompiledKernel)
 
