@@ -26,6 +26,7 @@ from .harness import RULE_PRESETS, route_parameters
 from .layout import infer_layouts, to_rule_layout
 from .optim import LearnedOptimizer
 from .rules import available_rules, build_rule
+from .rules.base import UpdateRule
 
 ADAMW = "adamw"
 DEFAULT_LAYERS = (512, 1024, 1024, 10)
@@ -39,12 +40,15 @@ COMPILED = "+compile"
 
 
 def compiled_names(names: Sequence[str]) -> list[str]:
-    """``name + COMPILED`` for each named rule that takes the compiled path (:func:`~lopt_hf.kernels.compiled.compiles`)."""
+    """``name + COMPILED`` for each named rule (or preset) that takes the compiled path
+    (:func:`~lopt_hf.kernels.compiled.compiles`)."""
     from .kernels.compiled import compiles
 
-    return [name + COMPILED for name in names
-            if name != ADAMW and compiles(build_rule(PRESETS.get(name, (name, {}, None))[0],
-                                                     **PRESETS.get(name, (name, {}, None))[1]))]
+    def rule_of(name: str) -> UpdateRule:
+        rule_name, rule_config, _ = PRESETS.get(name, (name, {}, None))
+        return build_rule(rule_name, **rule_config)
+
+    return [name + COMPILED for name in names if name != ADAMW and compiles(rule_of(name))]
 
 
 def benchmark_names() -> list[str]:

@@ -30,8 +30,8 @@ def load_lopt(repo_or_path: str | os.PathLike[str] | LearnedOptimizerModel,
             optimizer accepts (tensors or param-group dicts).
         **overrides: ``lr``, ``weight_decay``, ``chunk_size`` override the artifact's
             ``optimizer_defaults``; ``compile=True`` steps through ``torch.compile`` where that pays
-            (see :class:`~lopt_hf.optim.LearnedOptimizer`); ``revision`` and the download options (``cache_dir``, ``token``,
-            ``local_files_only``, ``force_download``, ``proxies``, ... — whatever
+            (see :class:`~lopt_hf.optim.LearnedOptimizer`); ``revision`` and the download options
+            (``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``proxies``, ... — whatever
             ``hf_hub_download`` takes) select and fetch the artifact on the Hub; ``harness`` — a dict merged over
             the artifact's harness (e.g. ``{"embedding_patterns": [r"wte"]}``), or ``None`` to
             send every tensor through the learned rule (see :mod:`lopt_hf.harness`).

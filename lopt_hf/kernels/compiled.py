@@ -17,11 +17,11 @@ The compiled step is the same math in another order of float operations (sums, t
 normalisation), so its results differ from the eager kernel's in the last bits (a test bounds the
 difference); it computes new state tensors like the rule's ``update`` (the state handed in is left as it
 is), so tensors of at least :data:`~lopt_hf.kernels.in_place.IN_PLACE_MIN_NUMEL` elements keep the eager
-in-place kernel, whose peak memory stays near AdamW's. One graph per kind of tensor (shape and state layout; static shapes, Inductor's fastest loops),
-compiled on the first step that meets it — seconds each, cached for the process and by Inductor on disk,
-shared by every optimizer of the same rule. If compiling fails (e.g. no C++ compiler for Inductor), the
-kernel warns once and steps with the eager kernel from then on: the same results up to rounding, never
-a failed step.
+in-place kernel, whose peak memory stays near AdamW's. One graph per kind of tensor (shape and state
+layout; static shapes, Inductor's fastest loops), compiled on the first step that meets it — seconds
+each, cached for the process and by Inductor on disk, shared by every optimizer of the same rule. If
+compiling fails (e.g. no C++ compiler for Inductor), the kernel warns once and steps with the eager
+kernel from then on: the same results up to rounding, never a failed step.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ def truncated_normal_init(shape: tuple[int, ...], std: float, generator: torch.G
 # Per-element networks with at most this many multiply-adds per element (Celo's and VeLO's 30→4→4→3:
 # 148) are written out unit by unit when compiled (:func:`unrolls`): Inductor then fuses features,
 # network and readout into a few loops over the elements that never write a feature matrix (Celo's
-# step on the 1.59M-parameter MLP of `lopt-hf bench`: 173 → 91 ms). Wider networks stay matrix
+# step on the 1.59M-parameter MLP, `lopt-hf bench --compile`: 2.3× faster). Wider networks stay matrix
 # products, which BLAS runs faster than the unrolled code: per_param_mlp's 3→64→2 (320) measured
 # 63–140 ms compiled against 95 ms eager, small_fc_lopt's 39→32→32→2 (2,336) is BLAS-bound.
 UNROLL_MACS = 256
@@ -412,7 +412,8 @@ def normalized_mlp(
 
 
 def _unrolled_normalized_mlp(parts: list[Tensor], layers: list[tuple[Tensor, Tensor]], constant_inputs: Tensor,
-                             readout: Callable[[Tensor], Tensor], eps: float, shape: tuple[int, ...] | torch.Size) -> Tensor:
+                             readout: Callable[[Tensor], Tensor], eps: float,
+                             shape: tuple[int, ...] | torch.Size) -> Tensor:
     """:func:`normalized_mlp` of the whole tensor through :func:`unrolled_mlp` (inside ``torch.compile``):
     one tensor per feature, each feature's mean square a reduction of its own (Inductor computes them in one
     pass), the normalisation and constant inputs folded into the first layer as the eager path folds them."""

@@ -23,7 +23,8 @@ from lopt_hf.rules import available_rules, build_rule
 CPU = torch.device("cpu")
 
 
-def train(rule_name: str, compile: bool, model_fn, steps: int = 3, **rule_options) -> tuple[nn.Module, LearnedOptimizer]:
+def train(rule_name: str, compile: bool, model_fn, steps: int = 3,
+          **rule_options) -> tuple[nn.Module, LearnedOptimizer]:
     rule = build_rule(rule_name, **rule_options)
     theta = rule.init_theta(torch.Generator().manual_seed(0))
     model = model_fn()
@@ -82,7 +83,8 @@ def test_the_compiled_step_is_another_execution_of_the_same_math() -> None:
     control = torch.tensor([[1.0, 1.0]])
     eager = kernel_for(rule, theta)
     expected, expected_state = eager.update_stack(param, grad, [state], 4, control=control)
-    actual, actual_state = CompiledKernel(kernel_for(rule, theta)).update_stack(param, grad, [state], 4, control=control)
+    compiled = CompiledKernel(kernel_for(rule, theta))
+    actual, actual_state = compiled.update_stack(param, grad, [state], 4, control=control)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-9)
     assert not torch.equal(actual, expected)
     for key, value in expected_state[0].items():
