@@ -54,8 +54,8 @@ demo: install
 # One pytest worker per CPU (pytest-xdist); a test file's tests stay on one worker (--dist loadfile), so
 # module fixtures (the README's blocks, the tiny meta-training run) are built once.
 # make test: everything but the tests marked slow (real subprocesses, multi-process runs, the README's
-# blocks, the memory and long fuzz runs) — the loop to run while working, ≈ 1.5 min on 2 cores;
-# make test-all: the whole suite, what CI (.ci/run) runs, ≈ 8 min on 2 cores.
+# blocks, the memory and long fuzz runs) — the loop to run while working, ≈ 2 min on 2 cores;
+# make test-all: the whole suite, what CI (.ci/run) runs, ≈ 10.5 min on 2 cores.
 PYTEST := -m pytest -q -n auto --dist loadfile tests
 
 test: install
