@@ -26,7 +26,6 @@ from .harness import RULE_PRESETS, route_parameters
 from .layout import infer_layouts, to_rule_layout
 from .optim import LearnedOptimizer
 from .rules import available_rules, build_rule
-from .rules.base import UpdateRule
 
 ADAMW = "adamw"
 DEFAULT_LAYERS = (512, 1024, 1024, 10)
@@ -44,11 +43,18 @@ def compiled_names(names: Sequence[str]) -> list[str]:
     (:func:`~lopt_hf.kernels.compiled.compiles`)."""
     from .kernels.compiled import compiles
 
-    def rule_of(name: str) -> UpdateRule:
-        rule_name, rule_config, _ = PRESETS.get(name, (name, {}, None))
-        return build_rule(rule_name, **rule_config)
+    compiled = []
+    for name in names:
+        rule_name, rule_config, _ = setup_of(name)
+        if name != ADAMW and compiles(build_rule(rule_name, **rule_config)):
+            compiled.append(name + COMPILED)
+    return compiled
 
-    return [name + COMPILED for name in names if name != ADAMW and compiles(rule_of(name))]
+
+def setup_of(name: str) -> tuple[str, dict, dict | None]:
+    """``(rule name, rule hyper-parameters, harness)`` of a benchmark name: a :data:`PRESETS` entry, else the
+    rule of that name with its defaults and no harness."""
+    return PRESETS.get(name, (name, {}, None))
 
 
 def benchmark_names() -> list[str]:
@@ -115,7 +121,7 @@ def make_optimizer(name: str, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=1e-3)
     compile = name.endswith(COMPILED)
     name = name.removesuffix(COMPILED)
-    rule_name, rule_config, harness = PRESETS.get(name, (name, {}, None))
+    rule_name, rule_config, harness = setup_of(name)
     rule = build_rule(rule_name, **rule_config)
     theta = rule.init_theta(torch.Generator().manual_seed(0))
     lr = 1e-3 if name in PRESETS else 1.0

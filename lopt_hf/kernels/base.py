@@ -56,10 +56,14 @@ class RuleKernel:
         Returns the ``(B, *shape)`` steps and each tensor's new state. ``kwargs``: the rule's keywords
         (``loss`` for rules with ``needs_loss``).
         """
-        stacked = {key: stack_tensors([state[key] for state in states]) for key in states[0]}
-        direction, new_states = self.rule.update_stacked(self.theta, params, grads, stacked, step, chunk_size,
-                                                         **kwargs)
-        return direction, [{key: value[index] for key, value in new_states.items()} for index in range(len(states))]
+        direction, new_states = self.rule.update_stacked(self.theta, params, grads, stack_states(states), step,
+                                                         chunk_size, **kwargs)
+        return direction, unstack_states(new_states, len(states))
+
+    def in_place(self, numel: int) -> bool:
+        """Whether a stack of ``numel`` elements per tensor advances its state in place, piece by piece (memory
+        near AdamW's) rather than computing it whole; the base kernel never does."""
+        return False
 
 
 _KERNELS: dict[type[UpdateRule], type[RuleKernel]] = {}
@@ -86,3 +90,13 @@ def kernel_for(rule: UpdateRule, theta: Theta) -> RuleKernel:
 def stack_tensors(tensors: list[Tensor]) -> Tensor:
     """``tensors`` (one shape) stacked along a new leading axis; a view for a single tensor."""
     return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
+
+
+def stack_states(states: list[State]) -> State:
+    """Per-tensor states (one key set) as one state of ``(B, …)`` tensors."""
+    return {key: stack_tensors([state[key] for state in states]) for key in states[0]}
+
+
+def unstack_states(stacked: State, count: int) -> list[State]:
+    """Tensor ``i``'s state from a stacked one: views ``value[i]``."""
+    return [{key: value[index] for key, value in stacked.items()} for index in range(count)]

@@ -16,8 +16,8 @@ compile (the chunked streaming unrolls into the graph).
 The compiled step is the same math in another order of float operations (sums, the folded
 normalisation), so its results differ from the eager kernel's in the last bits (a test bounds the
 difference); it computes new state tensors like the rule's ``update`` (the state handed in is left as it
-is), so tensors of at least :data:`~lopt_hf.kernels.in_place.IN_PLACE_MIN_NUMEL` elements keep the eager
-in-place kernel, whose peak memory stays near AdamW's. One graph per kind of tensor (shape and state
+is), so tensors the eager kernel would advance in place (``in_place``: ≥ 4M elements) keep the eager
+kernel, whose peak memory stays near AdamW's. One graph per kind of tensor (shape and state
 layout; static shapes, Inductor's fastest loops), compiled on the first step that meets it — seconds
 each, cached for the process and by Inductor on disk, shared by every optimizer of the same rule. If
 compiling fails (e.g. no C++ compiler for Inductor), the kernel warns once and steps with the eager
@@ -35,8 +35,7 @@ from torch import Tensor
 
 from ..rules.base import State, UpdateRule, as_step_tensor
 from ..rules.features import UNROLL_MACS
-from .base import RuleKernel, stack_tensors
-from .in_place import IN_PLACE_MIN_NUMEL, InPlaceKernel
+from .base import RuleKernel, stack_states, unstack_states
 
 # Graphs kept per compiled function (torch's default, 8, is fewer than the distinct tensor shapes of many
 # models: each shape is a graph of its own, and a shape beyond the limit would silently run eagerly).
@@ -108,7 +107,7 @@ class CompiledKernel(RuleKernel):
 
     def update_stack(self, params: Tensor, grads: Tensor, states: list[State], step: Tensor | int,
                      chunk_size: int | None = None, **kwargs: Any) -> tuple[Tensor, list[State]]:
-        if params[0].numel() >= IN_PLACE_MIN_NUMEL and isinstance(self.eager, InPlaceKernel):
+        if self.eager.in_place(params[0].numel()):
             # large tensors: the eager kernel's in-place pieces keep memory near AdamW's; the compiled graph
             # builds its new state whole (Celo on 16M elements: 4.95× AdamW's peak against 1.79×)
             return self.eager.update_stack(params, grads, states, step, chunk_size, **kwargs)
@@ -120,9 +119,8 @@ class CompiledKernel(RuleKernel):
                 row = {key: value[0] if key == "control" else value for key, value in kwargs.items()}
                 direction, new_state = self._one(self.theta, params[0], grads[0], states[0], count, row)
                 return direction.unsqueeze(0), [new_state]
-            stacked = {key: stack_tensors([state[key] for state in states]) for key in states[0]}
-            direction, new_states = self._stack(self.theta, params, grads, stacked, count, kwargs)
-            return direction, [{key: value[index] for key, value in new_states.items()} for index in range(len(states))]
+            direction, new_states = self._stack(self.theta, params, grads, stack_states(states), count, kwargs)
+            return direction, unstack_states(new_states, len(states))
 
         return self._compiled_or_eager(
             compiled, lambda: self.eager.update_stack(params, grads, states, step, chunk_size, **kwargs))

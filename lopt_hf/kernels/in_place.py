@@ -61,7 +61,7 @@ class InPlaceKernel(RuleKernel):
                      chunk_size: int | None = None, **kwargs: Any) -> tuple[Tensor, list[State]]:
         if set(kwargs) - self.per_tensor_keywords:
             raise TypeError(f"rule {self.rule.name!r} takes no keywords {sorted(set(kwargs) - self.per_tensor_keywords)}")
-        if params[0].numel() < IN_PLACE_MIN_NUMEL:
+        if not self.in_place(params[0].numel()):
             return super().update_stack(params, grads, states, step, chunk_size, **kwargs)
         direction = torch.empty(params.shape, dtype=torch.float32, device=params.device)
         with torch.no_grad():
@@ -69,6 +69,10 @@ class InPlaceKernel(RuleKernel):
                                            **{key: value[index] for key, value in kwargs.items()})
                           for index, state in enumerate(states)]
         return direction, new_states
+
+    def in_place(self, numel: int) -> bool:
+        """Tensors of :data:`IN_PLACE_MIN_NUMEL` elements or more go piece by piece, in place."""
+        return numel >= IN_PLACE_MIN_NUMEL
 
     @property
     def per_tensor_keywords(self) -> frozenset[str]:

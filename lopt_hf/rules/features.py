@@ -121,9 +121,7 @@ def unrolls(layers: list[tuple[Tensor, Tensor]]) -> bool:
     only inside ``torch.compile`` (:mod:`lopt_hf.kernels.compiled`) and for networks of at most
     :data:`UNROLL_MACS` multiply-adds per element. Eager execution never unrolls (one kernel per unit
     and input would be slow), so eager results do not change with this switch."""
-    if not torch.compiler.is_compiling():
-        return False
-    return sum(int(weight.shape[0]) * int(weight.shape[1]) for weight, _ in layers) <= UNROLL_MACS
+    return torch.compiler.is_compiling() and mlp_flops(weight.shape for weight, _ in layers) <= 2 * UNROLL_MACS
 
 
 def unrolled_mlp(rows: list[Tensor], layers: list[tuple[Tensor, Tensor]], activation: str) -> Tensor:
@@ -401,14 +399,22 @@ def normalized_mlp(
             part = sum_squares(features(index))
             sum_square = part if sum_square is None else sum_square + part
     mean_square = sum_square / max(numel, 1)
-    num_features = mean_square.shape[0]
-    first_weight = w0[:num_features] * torch.rsqrt(eps + mean_square).unsqueeze(-1)
-    first_bias = theta["b0"] + constant_inputs.to(w0.dtype) @ w0[num_features:]
-    layers = [(first_weight, first_bias)] + [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, num_layers)]
-    weights = bias_folded_weights(layers, torch.relu)
+    weights = bias_folded_weights(normalized_first_layer(layers, mean_square, constant_inputs, eps), torch.relu)
     result = streamed_mlp(pieces, (lambda index: whole) if whole is not None else feature_matrix, weights, "relu",
                           readout, in_place=no_grad, out=out)
     return result.reshape(shape)
+
+
+def normalized_first_layer(layers: list[tuple[Tensor, Tensor]], mean_square: Tensor, constant_inputs: Tensor,
+                           eps: float) -> list[tuple[Tensor, Tensor]]:
+    """``layers`` with the per-feature normalisation ``x·rsqrt(eps + mean(x²))`` folded into the first layer's
+    rows, ``(x·s) @ W == x @ (s[:, None]·W)``, and the constant inputs (the rows after the ``F`` features)
+    folded into its bias."""
+    (w0, b0), rest = layers[0], layers[1:]
+    num_features = mean_square.shape[0]
+    first_weight = w0[:num_features] * torch.rsqrt(eps + mean_square).unsqueeze(-1)
+    first_bias = b0 + constant_inputs.to(w0.dtype) @ w0[num_features:]
+    return [(first_weight, first_bias), *rest]
 
 
 def _unrolled_normalized_mlp(parts: list[Tensor], layers: list[tuple[Tensor, Tensor]], constant_inputs: Tensor,
@@ -418,13 +424,8 @@ def _unrolled_normalized_mlp(parts: list[Tensor], layers: list[tuple[Tensor, Ten
     one tensor per feature, each feature's mean square a reduction of its own (Inductor computes them in one
     pass), the normalisation and constant inputs folded into the first layer as the eager path folds them."""
     rows = [torch.broadcast_to(row, shape) for part in parts for row in part.unbind(0)]
-    numel = max(rows[0].numel(), 1)
-    mean_square = torch.stack([torch.sum(torch.square(row)) for row in rows]) / numel
-    (w0, b0), rest = layers[0], layers[1:]
-    num_features = len(rows)
-    first_weight = w0[:num_features] * torch.rsqrt(eps + mean_square).unsqueeze(-1)
-    first_bias = b0 + constant_inputs.to(w0.dtype) @ w0[num_features:]
-    outputs = unrolled_mlp(rows, [(first_weight, first_bias), *rest], "relu")
+    mean_square = torch.stack([torch.sum(torch.square(row)) for row in rows]) / max(rows[0].numel(), 1)
+    outputs = unrolled_mlp(rows, normalized_first_layer(layers, mean_square, constant_inputs, eps), "relu")
     return readout(outputs.reshape(outputs.shape[0], -1)).reshape(shape)
 
 
