@@ -19,10 +19,11 @@ torch optimizer:
   advanced, and the skip is counted — NaN never reaches the parameters. On the ``"adamw"`` route a
   gradient element of magnitude ≥ ``ADAMW_GRAD_LIMIT`` (1e19; its square overflows float32) counts
   as non-finite too, so one absurd gradient cannot make a second moment infinite. One exception to
-  "not advanced": for tensors of ≥ 4M elements the in-place kernels of the per-element rules
-  (:mod:`lopt_hf.kernels.in_place`, :mod:`lopt_hf.kernels.celo`, Celo2's; they keep memory near AdamW's)
-  advance the accumulators while computing the step, so when only ``lr·step`` or the decayed parameter overflows
-  afterwards (absurd ``lr`` / ``weight_decay``), the parameter stays untouched but its accumulators moved;
+  "not advanced": the in-place kernels (:mod:`lopt_hf.kernels.in_place` — ``small_fc_lopt``, ``mlp_lopt``,
+  ``per_param_mlp``: every tensor; :mod:`lopt_hf.kernels.celo` and Celo2's: tensors of ≥ 4M elements; they keep
+  memory near AdamW's) advance the accumulators with the (finite) gradient while computing the step, so when only
+  ``lr·step`` or the decayed parameter overflows afterwards (absurd ``lr`` / ``weight_decay``), the parameter and
+  its step count stay untouched but its accumulators moved;
 * ``step()`` checks what could stop it (sparse gradients) before it changes anything;
   ``load_state_dict`` checks every state tensor's shape against what the rule keeps for that
   parameter before it loads anything; a 0-element tensor is left as it is (no state, not counted);

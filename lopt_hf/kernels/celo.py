@@ -43,10 +43,9 @@ class CeloKernel(InPlaceKernel):
             momentum[at].copy_(new_momentum)
             rms[at].copy_(new_rms)
 
-        flat_out = out.view(-1)
         self.rule.network_step(self.theta, p, g, momentum, rms, fac, control, chunk_size or APPLY_CHUNK,
-                               advance=advance, out=flat_out)
-        flat_out.mul_(self.rule.step_scale(p, control))
+                               hooks=self.hooks(out, advance))
+        out.mul_(self.rule.step_scale(p, control))
         return {"momentum": momentum, "rms": rms, **accumulators}
 
 

@@ -17,8 +17,6 @@ it with :func:`lopt_hf.kernels.kernel_for`):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -26,9 +24,8 @@ from ..rules.base import State, Theta
 from ..rules.celo2 import Celo2
 from . import in_place
 from .base import RuleKernel, register_kernel
+from .buffers import BUFFER_LIMIT, Buffers
 
-# Floats per reused buffer (16 MB); larger temporaries are allocated as usual.
-BUFFER_LIMIT = 1 << 22
 
 
 def symmetric_product(y: Tensor, base: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
@@ -65,13 +62,12 @@ class Celo2Workspace:
     def __init__(self, rule: Celo2, theta: Theta, buffer_limit: int = BUFFER_LIMIT) -> None:
         self.rule = rule
         self.theta = theta
-        self.buffer_limit = buffer_limit
-        self.buffers: dict[tuple, Tensor] = {}
+        self.buffers = Buffers(buffer_limit)
         self.weights: dict[tuple[int, ...], tuple[Tensor, Tensor, list[Tensor]]] = {}
         self.theta_versions = self._versions()
 
     def fits(self, numel: int) -> bool:
-        return numel <= self.buffer_limit
+        return self.buffers.fits(numel)
 
     def in_place(self, numel: int) -> bool:
         """Stacks of :data:`~lopt_hf.kernels.in_place.IN_PLACE_MIN_NUMEL` elements or more advance their state
@@ -79,12 +75,7 @@ class Celo2Workspace:
         return numel >= in_place.IN_PLACE_MIN_NUMEL
 
     def buffer(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        key = (name, like.device, like.dtype)
-        numel = math.prod(shape)
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.numel() < numel:
-            buffer = self.buffers[key] = torch.empty(numel, dtype=like.dtype, device=like.device)
-        return buffer[:numel].view(shape)
+        return self.buffers.get(name, shape, like)
 
     def network_weights(self, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
         versions = self._versions()

@@ -10,45 +10,63 @@ functions (the same float operations, so the same bits) on pieces of the tensor
 * each piece's full-size accumulators (momenta, rms) are advanced in place, once, right before the
   piece's features are first built (``normalized_mlp``'s ``advance`` hook); only a piece's
   temporaries are ever allocated — the factored ``v_row`` / ``v_col`` are small and new;
+* a piece's feature matrix and hidden activations go into the kernel's :class:`~lopt_hf.kernels.buffers.Buffers`,
+  the same memory for every piece and step (``StreamHooks.buffer``);
 * the step is written into one preallocated buffer (no list of pieces to concatenate);
 * :meth:`InPlaceKernel.apply_step` subtracts ``lr·step`` piece by piece (the same rounding as
   :meth:`RuleKernel.apply_step` of a per-tensor rule, without a full-size ``lr·step``).
 
-Tensors under :data:`IN_PLACE_MIN_NUMEL` elements (4M) take the rule's own update instead (where the
-memory saving is small and the functional path measured faster). For larger ones, the returned new
-state is the state handed in (its full-size tensors advanced), except that a
-full-size entry that is not contiguous is replaced by a contiguous copy first. So a kernel call
-advances the state even if the optimizer then does not commit the step (an update whose
-``lr·step`` is not finite); the rule's own ``update`` leaves its input untouched.
+``small_fc_lopt``, ``mlp_lopt`` and ``per_param_mlp`` take this path for every tensor
+(:attr:`InPlaceKernel.every_size`): on the benchmark MLP (``lopt-hf bench``) it measured as fast as the
+rule's own update and the peak extra memory 34–52 % lower. The scheduled rules' kernels
+(:mod:`lopt_hf.kernels.celo`) take it from :data:`IN_PLACE_MIN_NUMEL` elements (4M) on; smaller tensors take
+the rule's own update (and ``compile=True``'s compiled graph). The returned new state is the state
+handed in (its full-size tensors advanced), except that a full-size entry that is not contiguous is
+replaced by a contiguous copy first. So a kernel call advances the state even if the optimizer then
+does not commit the step (an update whose ``lr·step`` is not finite); the rule's own ``update`` leaves
+its input untouched.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ..rules.base import State
-from ..rules.features import bias_folded_mlp, chunk_indices, ema
+from ..rules.base import State, Theta, UpdateRule
+from ..rules.features import StreamHooks, bias_folded_mlp, chunk_indices, ema
 from ..rules.mlp_lopt import MLPLOpt, advance_momentum
 from ..rules.per_param_mlp import PerParamMLP, feature_matrix
 from ..rules.small_fc_lopt import SmallFCLOpt, advance_moments
 from .base import RuleKernel, register_kernel
+from .buffers import Buffers
 
-# Elements per piece of the in-place parameter update (4 MB of float32 temporaries).
+# Elements per piece of the scheduled rules' in-place pieces when no chunk size is given (4 MB of float32).
 APPLY_CHUNK = 1 << 20
-# Tensors below this size take the rule's own (functional) update: there the in-place path saves
-# little memory and, measured with `lopt-hf bench --threads 1` on the 1.59M-parameter MLP in fresh
-# processes, made small_fc_lopt's step ≈ 1.6× slower (533 vs 310–372 ms); both paths give the same bits.
+# Elements per piece of the parameter update: its one temporary, ``lr·step`` of a piece, stays at 256 KB.
+SUBTRACT_CHUNK = 1 << 16
+# Kernels that are not in place for every size (``every_size``) hand tensors below this size to the rule's
+# own (functional) update; both paths give the same bits.
 IN_PLACE_MIN_NUMEL = 1 << 22
 
 
 class InPlaceKernel(RuleKernel):
     """A per-tensor rule whose kernel advances the state in place and writes the step into a buffer.
 
-    Subclasses implement :meth:`update_into` for one tensor.
+    Subclasses implement :meth:`update_into` for one tensor. ``buffers``: the pieces' features and
+    activations, reused from piece to piece and step to step (:mod:`lopt_hf.kernels.buffers`).
     """
+
+    def __init__(self, rule: UpdateRule, theta: Theta) -> None:
+        super().__init__(rule, theta)
+        self.buffers = Buffers()
+
+    def hooks(self, out: Tensor, advance: Callable[[tuple], None]) -> StreamHooks:
+        """What :func:`~lopt_hf.rules.features.normalized_mlp` gets from this kernel for a tensor whose step
+        goes into ``out``."""
+        return StreamHooks(advance=advance, out=out.view(-1), buffer=self.buffers.lender(out))
 
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                     chunk_size: int | None, **kwargs: Any) -> State:
@@ -70,9 +88,13 @@ class InPlaceKernel(RuleKernel):
                           for index, state in enumerate(states)]
         return direction, new_states
 
+    # Whether every tensor goes piece by piece, in place (else from IN_PLACE_MIN_NUMEL elements on).
+    every_size = False
+
     def in_place(self, numel: int) -> bool:
-        """Tensors of :data:`IN_PLACE_MIN_NUMEL` elements or more go piece by piece, in place."""
-        return numel >= IN_PLACE_MIN_NUMEL
+        """Every tensor (:attr:`every_size`), else tensors of :data:`IN_PLACE_MIN_NUMEL` elements or more, go piece
+        by piece, in place."""
+        return self.every_size or numel >= IN_PLACE_MIN_NUMEL
 
     @property
     def per_tensor_keywords(self) -> frozenset[str]:
@@ -81,7 +103,7 @@ class InPlaceKernel(RuleKernel):
 
     def apply_step(self, params: Tensor, direction: Tensor, lr: float) -> None:
         """``params -= lr·direction`` piece by piece, rounded as :meth:`RuleKernel.apply_step` rounds it."""
-        for index in chunk_indices(params.shape, APPLY_CHUNK):
+        for index in chunk_indices(params.shape, SUBTRACT_CHUNK):
             if self.fused_subtract:
                 params[index].sub_(direction[index], alpha=lr)
             else:
@@ -103,6 +125,7 @@ class PerParamMLPKernel(InPlaceKernel):
     """``per_param_mlp``: momentum advanced and the network run piece by piece of the flattened tensor."""
 
     rule: PerParamMLP
+    every_size = True
 
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                     chunk_size: int | None) -> State:
@@ -122,6 +145,7 @@ class MLPLOptKernel(InPlaceKernel):
     """``mlp_lopt``: the momenta of each piece advanced in place right before its features."""
 
     rule: MLPLOpt
+    every_size = True
 
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                     chunk_size: int | None) -> State:
@@ -132,7 +156,7 @@ class MLPLOptKernel(InPlaceKernel):
             at, g = (slice(None), *index), grad[index]
             momentum[at].copy_(advance_momentum(per_piece(decays, g), momentum[at], g))
 
-        self.rule.network_step(self.theta, param, grad, momentum, step, chunk_size, advance=advance, out=out.view(-1))
+        self.rule.network_step(self.theta, param, grad, momentum, step, chunk_size, hooks=self.hooks(out, advance))
         return {"momentum": momentum}
 
 
@@ -142,6 +166,7 @@ class SmallFCLOptKernel(InPlaceKernel):
     factored second moments (small for ≥ 2-D tensors) computed whole, as the rule does."""
 
     rule: SmallFCLOpt
+    every_size = True
 
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                     chunk_size: int | None) -> State:
@@ -156,7 +181,7 @@ class SmallFCLOptKernel(InPlaceKernel):
             momentum[at].copy_(new_momentum)
             rms[at].copy_(new_rms)
 
-        self.rule.network_step(self.theta, param, grad, momentum, rms, fac, step, chunk_size, advance=advance,
-                               out=out.view(-1))
+        self.rule.network_step(self.theta, param, grad, momentum, rms, fac, step, chunk_size,
+                               hooks=self.hooks(out, advance))
         return {"momentum": momentum, "rms": rms, **accumulators}
 

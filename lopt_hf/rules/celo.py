@@ -61,8 +61,9 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, as_step_tensor, register_rule
-from .features import (FactoredFeatures, factored_accumulator_state, factored_features, factored_second_moments,
-                       mlp_flops, normalized_mlp, step_from_direction_magnitude, truncated_normal_init)
+from .features import (FactoredFeatures, StreamHooks, factored_accumulator_state, factored_features,
+                       factored_second_moments, mlp_flops, normalized_mlp, step_from_direction_magnitude,
+                       truncated_normal_init)
 from .scheduler import RANK_SLOTS, ScheduledRule, accumulator_summary
 
 FF = "ff_mod_stack/~/"
@@ -228,11 +229,9 @@ class Celo(ClippedGradient, ScheduledRule):
         return accumulators, factored_features(accumulators, factors, tuple(g.shape), lambda v: v ** -0.5)
 
     def network_step(self, theta: Theta, p: Tensor, g: Tensor, momentum: Tensor, rms: Tensor, fac: FactoredFeatures,
-                     control: Tensor, chunk_size: int | None = None, advance: Callable[[tuple], None] | None = None,
-                     out: Tensor | None = None) -> Tensor:
+                     control: Tensor, chunk_size: int | None = None, hooks: StreamHooks | None = None) -> Tensor:
         """The mixed per-element network's direction of ``p`` (at least 1-D) from the new accumulators, before
-        :meth:`step_scale` (:func:`~lopt_hf.rules.features.normalized_mlp`; ``advance`` and ``out`` are its
-        deployment hooks)."""
+        :meth:`step_scale` (:func:`~lopt_hf.rules.features.normalized_mlp`; ``hooks``: a deployment kernel's)."""
 
         def features(index: tuple) -> list[Tensor]:
             at = (slice(None), *index)
@@ -247,7 +246,7 @@ class Celo(ClippedGradient, ScheduledRule):
         no_inputs = torch.zeros(0, dtype=torch.float32, device=p.device)
         return normalized_mlp(weights, features, p.shape, no_inputs, int(self.ff_hidden_layers) + 1,
                               step_from_direction_magnitude(self.exp_mult, self.step_mult),
-                              chunk_size=chunk_size, eps=self.normalization_eps, advance=advance, out=out)
+                              chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
 
     def step_scale(self, p: Tensor, control: Tensor) -> Tensor:
         """The factor of the network's direction: the scheduler's ``lr_mult`` (× ``rms(p)`` with

@@ -315,6 +315,31 @@ def chunk_indices(shape: tuple[int, ...] | torch.Size, chunk_size: int | None,
     return pieces
 
 
+# A buffer lent by a deployment kernel: ``buffer(name, shape)`` is a float32 tensor of ``shape`` on the
+# computation's device, the same memory at every call with that name (its contents are not kept).
+Buffer = Callable[[str, tuple[int, ...]], Tensor]
+# ``scratch(layer, shape)``: a buffer for layer ``layer``'s product as it lies in memory (``shape``), or None
+# (:func:`folded_layers`).
+Scratch = Callable[[int, tuple[int, int]], "Tensor | None"]
+
+
+@dataclasses.dataclass
+class StreamHooks:
+    """What a deployment kernel (``lopt_hf.kernels``) lends :func:`normalized_mlp`; meta-training passes none.
+
+    ``advance(index)`` is called once per piece before its features are first built (the kernel advances
+    the piece's state in place there); ``out`` is a flat buffer of ``numel`` floats the result is written
+    into (no concatenated copy); ``buffer`` holds each piece's feature matrix and hidden activations, reused
+    from piece to piece and step to step: fresh multi-MB tensors per piece cost page faults as large as
+    their work when the C allocator hands the memory back to the OS in between (glibc does for a process
+    that has freed no larger block, e.g. an optimizer benchmark), and the same numbers either way.
+    """
+
+    advance: Callable[[tuple], None] | None = None
+    out: Tensor | None = None
+    buffer: Buffer | None = None
+
+
 def normalized_mlp(
     theta: dict[str, Tensor],
     features: Callable[[tuple], list[Tensor]],
@@ -324,8 +349,7 @@ def normalized_mlp(
     readout: Callable[[Tensor], Tensor],
     chunk_size: int | None = None,
     eps: float = 1e-5,
-    advance: Callable[[tuple], None] | None = None,
-    out: Tensor | None = None,
+    hooks: StreamHooks | None = None,
 ) -> Tensor:
     """learned_optimization's per-element ReLU MLP on per-tensor normalised features, streamed.
 
@@ -351,10 +375,10 @@ def normalized_mlp(
     whole tensor is written out unit by unit instead (:func:`unrolled_mlp`), so the compiled step builds no
     feature matrix at all.
 
-    Deployment kernels (``lopt_hf.kernels``) pass ``advance(index)``, called once per piece
-    before its features are first built (they advance the piece's state in place there), and
-    ``out``, a flat buffer of ``numel`` floats the result is written into (no concatenated copy).
+    Deployment kernels (``lopt_hf.kernels``) pass :class:`StreamHooks`.
     """
+    hooks = hooks or StreamHooks()
+    advance, out, buffer = hooks.advance, hooks.out, hooks.buffer
     pieces = chunk_indices(shape, chunk_size)
     numel = 1
     for size in shape:
@@ -365,8 +389,12 @@ def normalized_mlp(
 
     def feature_matrix(index: tuple) -> Tensor:  # (F + 1, N), last row all ones
         parts = features(index)
-        parts.append(torch.ones_like(parts[0][:1]))
-        x = torch.cat(parts)
+        if buffer is None:
+            x = torch.cat([*parts, torch.ones_like(parts[0][:1])])
+        else:
+            x = buffer("features", (sum(int(part.shape[0]) for part in parts) + 1, *parts[0].shape[1:]))
+            torch.cat(parts, out=x[:-1])
+            x[-1].fill_(1.0)
         return x.reshape(x.shape[0], -1)
 
     def sum_squares(parts: list[Tensor]) -> Tensor:  # (F,): per feature, summed over the piece
@@ -400,8 +428,9 @@ def normalized_mlp(
             sum_square = part if sum_square is None else sum_square + part
     mean_square = sum_square / max(numel, 1)
     weights = bias_folded_weights(normalized_first_layer(layers, mean_square, constant_inputs, eps), torch.relu)
+    scratch = None if buffer is None else (lambda layer, layer_shape: buffer(f"layer{layer}", layer_shape))
     result = streamed_mlp(pieces, (lambda index: whole) if whole is not None else feature_matrix, weights, "relu",
-                          readout, in_place=no_grad, out=out)
+                          readout, in_place=no_grad, out=out, scratch=scratch)
     return result.reshape(shape)
 
 
@@ -431,24 +460,27 @@ def _unrolled_normalized_mlp(parts: list[Tensor], layers: list[tuple[Tensor, Ten
 
 def streamed_mlp(pieces: list[tuple], feature_matrix: Callable[[tuple], Tensor], weights: list[Tensor],
                  activation: str, readout: Callable[[Tensor], Tensor], in_place: bool = False,
-                 out: Tensor | None = None) -> Tensor:
+                 out: Tensor | None = None, scratch: Scratch | None = None) -> Tensor:
     """The per-element MLP of the feature-input rules, streamed: piece by piece (:func:`chunk_indices`),
     ``feature_matrix(index)`` ``(F + 1, n)`` — one row per input, the last row all ones — through
     :func:`bias_folded_mlp` with ``weights`` (:func:`bias_folded_weights`), ``readout`` maps the
     ``(out, n)`` network output to ``(n,)``; the pieces' outputs concatenated, ``(N,)``. Only one
     piece's features and activations exist at a time. ``in_place``: see :func:`folded_layers`.
     ``out``: a flat ``(N,)`` buffer the pieces' outputs are written into (and returned) instead of
-    concatenated.
+    concatenated; ``scratch``: buffers for the activations (see :func:`folded_layers`).
     """
+
+    def network(index: tuple) -> Tensor:
+        return readout(bias_folded_mlp(feature_matrix(index), weights, activation, in_place=in_place, scratch=scratch))
+
     if out is not None:
         start = 0
         for index in pieces:
-            piece = readout(bias_folded_mlp(feature_matrix(index), weights, activation, in_place=in_place))
+            piece = network(index)
             out[start:start + piece.shape[0]].copy_(piece)
             start += piece.shape[0]
         return out
-    outputs = [readout(bias_folded_mlp(feature_matrix(index), weights, activation, in_place=in_place))
-               for index in pieces]
+    outputs = [network(index) for index in pieces]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -482,16 +514,21 @@ def bias_folded_weights(layers: list[tuple[Tensor, Tensor]],
     return matrices
 
 
-def bias_folded_mlp(x: Tensor, weights: list[Tensor], activation: str, in_place: bool = False) -> Tensor:
+def bias_folded_mlp(x: Tensor, weights: list[Tensor], activation: str, in_place: bool = False,
+                    scratch: Scratch | None = None) -> Tensor:
     """Apply :func:`bias_folded_weights` matrices to feature-major ``x`` ``(in + 1, N)`` whose last row
-    is 1, element-major in memory (:func:`folded_layers`). Returns ``(out, N)``."""
-    first = torch.mm(x.t(), weights[0].t()).t()
-    return folded_layers(first, weights[1:], activation, in_place=in_place, element_major=True)
+    is 1, element-major in memory (:func:`folded_layers`; ``scratch`` as there, layer 0 the first product).
+    Returns ``(out, N)``."""
+    target = None if scratch is None else scratch(0, (int(x.shape[1]), int(weights[0].shape[0])))
+    first = torch.mm(x.t(), weights[0].t(), out=target).t()
+    later = None if scratch is None else (lambda layer, shape: scratch(layer + 1, shape))
+    return folded_layers(first, weights[1:], activation, in_place=in_place, element_major=True, scratch=later)
+
 
 
 def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, element_major: bool = False,
                   in_place: bool = False, out: Tensor | None = None,
-                  scratch: Callable[[int, tuple[int, int]], Tensor | None] | None = None) -> Tensor:
+                  scratch: Scratch | None = None) -> Tensor:
     """The layers after the first of a bias-folded network: ``h ← matrix @ act(h)`` per matrix
     (:func:`bias_folded_weights`), ``h`` ``(units, N)`` or a batch ``(B, units, N)`` of inputs to
     the same matrices. Every per-element network of lopt_hf ends here: the feature-input rules
@@ -503,18 +540,20 @@ def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, element
     tensors — meta-training's vmapped and compiled steps — run fastest with); otherwise
     feature-major, one unit's N elements together (Celo2's large slabs).
 
-    Deployment options (no autograd through them): ``in_place`` rectifies the activations in place;
-    feature-major with 2-D ``h``: ``out`` receives the last layer's output and ``scratch(layer, shape)``
-    may return a buffer for any other layer's (None: a new tensor).
+    Deployment options (no autograd through them), with 2-D ``h``: ``in_place`` rectifies the activations
+    in place; ``scratch(layer, shape)`` may return a buffer for a layer's product as it lies in memory
+    (``(units, N)`` feature-major, ``(N, units)`` element-major; None: a new tensor); feature-major, ``out``
+    receives the last layer's output.
     """
-    if element_major and (out is not None or scratch is not None):
-        raise ValueError("out and scratch buffers are feature-major only")
+    if element_major and out is not None:
+        raise ValueError("an out buffer is feature-major only")
     act = IN_PLACE_ACTIVATIONS.get(activation) if in_place else None
     act = act or activation_fn(activation)
     last = len(matrices) - 1
     for layer, matrix in enumerate(matrices):
         if element_major:
-            h = torch.matmul(act(h).mT, matrix.mT).mT
+            target = None if scratch is None else scratch(layer, (h.shape[-1], matrix.shape[0]))
+            h = torch.matmul(act(h).mT, matrix.mT, out=target).mT
             continue
         target = out if layer == last else None
         if target is None and scratch is not None:

@@ -15,14 +15,13 @@ axis first; the JAX state has it last).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (init_mlp_theta, mlp_flops, mlp_theta_shapes, normalized_mlp, step_from_direction_magnitude,
-                       tanh_time_features)
+from .features import (StreamHooks, init_mlp_theta, mlp_flops, mlp_theta_shapes, normalized_mlp,
+                       step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 
@@ -92,10 +91,9 @@ class MLPLOpt(UpdateRule):
         return step_out, {"momentum": momentum}
 
     def network_step(self, theta: Theta, param: Tensor, grad: Tensor, momentum: Tensor, step: Tensor | int,
-                     chunk_size: int | None = None, advance: Callable[[tuple], None] | None = None,
-                     out: Tensor | None = None) -> Tensor:
-        """The step from the new ``momentum`` (:func:`~lopt_hf.rules.features.normalized_mlp`; ``advance``
-        and ``out`` are its deployment hooks)."""
+                     chunk_size: int | None = None, hooks: StreamHooks | None = None) -> Tensor:
+        """The step from the new ``momentum`` (:func:`~lopt_hf.rules.features.normalized_mlp`; ``hooks``: a
+        deployment kernel's)."""
 
         def features(index: tuple) -> list[Tensor]:
             decay_index = (slice(None), *index)
@@ -104,7 +102,7 @@ class MLPLOpt(UpdateRule):
         time_features = tanh_time_features(as_step_tensor(step, param))
         return normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
                               step_from_direction_magnitude(self.exp_mult, self.step_mult),
-                              chunk_size=chunk_size, eps=self.normalization_eps, advance=advance, out=out)
+                              chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
 
 
 def advance_momentum(decays: Tensor, momentum: Tensor, grad: Tensor) -> Tensor:

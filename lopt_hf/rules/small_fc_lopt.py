@@ -30,13 +30,12 @@ Theta names are the haiku ones without the ``nn/~/`` prefix (:data:`HAIKU_NAMES`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (FactoredFeatures, factored_accumulator_state, factored_dims, factored_features,
+from .features import (FactoredFeatures, StreamHooks, factored_accumulator_state, factored_dims, factored_features,
                        factored_second_moments, init_mlp_theta, mlp_flops, mlp_theta_shapes, normalized_mlp,
                        step_from_direction_magnitude, tanh_time_features)
 
@@ -164,9 +163,9 @@ class SmallFCLOpt(UpdateRule):
 
     def network_step(self, theta: Theta, param: Tensor, grad: Tensor, momentum: Tensor, rms: Tensor,
                      fac: FactoredFeatures, step: Tensor | int, chunk_size: int | None = None,
-                     advance: Callable[[tuple], None] | None = None, out: Tensor | None = None) -> Tensor:
-        """The step from the new accumulators (:func:`~lopt_hf.rules.features.normalized_mlp`; ``advance``
-        and ``out`` are its deployment hooks)."""
+                     hooks: StreamHooks | None = None) -> Tensor:
+        """The step from the new accumulators (:func:`~lopt_hf.rules.features.normalized_mlp`; ``hooks``: a
+        deployment kernel's)."""
 
         def features(index: tuple) -> list[Tensor]:
             at = (slice(None), *index)
@@ -182,7 +181,7 @@ class SmallFCLOpt(UpdateRule):
         time_features = tanh_time_features(as_step_tensor(step, param))
         return normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
                               step_from_direction_magnitude(self.exp_mult, self.step_mult),
-                              chunk_size=chunk_size, eps=self.normalization_eps, advance=advance, out=out)
+                              chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
 
 
 def advance_moments(mom_decay: Tensor, rms_decay: Tensor, momentum: Tensor, rms: Tensor,

@@ -30,19 +30,29 @@ def in_place_for_every_size(monkeypatch):
     monkeypatch.setattr(in_place, "IN_PLACE_MIN_NUMEL", 0)
 
 
-def test_small_tensors_take_the_rules_own_update() -> None:
-    """Below IN_PLACE_MIN_NUMEL the kernel hands the tensor to the rule: the state is not advanced in place."""
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_the_per_tensor_rules_go_in_place_at_every_size(name: str) -> None:
+    """small_fc_lopt, mlp_lopt and per_param_mlp take the in-place path below IN_PLACE_MIN_NUMEL too (the state
+    handed in is advanced), and their pieces' features and activations go into the kernel's buffers: the same
+    memory at the next step."""
     in_place.IN_PLACE_MIN_NUMEL = 1 << 22  # the module default (the autouse fixture restores its own value)
-    rule, theta = rule_and_theta("small_fc_lopt")
+    rule, theta = rule_and_theta(name)
     kernel = kernel_for(rule, theta)
     param, grad = torch.randn(30, 20), torch.randn(30, 20)
     state = kernel.init_state(param)
     before = {key: value.clone() for key, value in state.items()}
     direction, (new_state,) = kernel.update_stack(param[None], grad[None], [state], 0, chunk_size=64)
-    expected, expected_state = rule.update(theta, param, grad, before, 0, chunk_size=64)
+    with torch.no_grad():  # as the kernel runs it
+        expected, expected_state = rule.update(theta, param, grad, before, 0, chunk_size=64)
     assert torch.equal(direction[0], expected)
-    assert all(torch.equal(state[key], before[key]) for key in state)  # the input state untouched
     assert all(torch.equal(new_state[key], expected_state[key]) for key in expected_state)
+    assert any(not torch.equal(state[key], before[key]) for key in state)  # advanced in place
+    if name == "per_param_mlp":
+        return  # its network runs on the rule's own feature matrix (no buffers)
+    names = ("features", "layer0", "layer1")
+    pointers = [kernel.buffers.get(buffer, (1,), param).data_ptr() for buffer in names]
+    kernel.update_stack(param[None], grad[None], [new_state], 1, chunk_size=64)
+    assert [kernel.buffers.get(buffer, (1,), param).data_ptr() for buffer in names] == pointers
 
 
 def rule_and_theta(name: str, seed: int = 0):

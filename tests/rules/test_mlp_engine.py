@@ -55,6 +55,12 @@ def test_folded_layers_deployment_options_change_no_bit() -> None:
     element_major = folded_layers(h.clone(), matrices, "relu", element_major=True)
     assert element_major.shape == plain.shape
     torch.testing.assert_close(element_major, plain, rtol=1e-6, atol=1e-6)
+    buffers.clear()
+    element_major_deployed = folded_layers(h.clone(), matrices, "relu", element_major=True, in_place=True,
+                                           scratch=scratch)  # every layer's product in a buffer, (N, units)
+    assert [buffer.shape for buffer in buffers] == [(300, 7), (300, 1)]
+    assert element_major_deployed.data_ptr() == buffers[-1].data_ptr() and torch.equal(element_major_deployed,
+                                                                                        element_major)
     with pytest.raises(ValueError, match="feature-major only"):
         folded_layers(h, matrices, "relu", element_major=True, out=out)
     batch = torch.stack([h, 2 * h])
