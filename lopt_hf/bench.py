@@ -3,8 +3,11 @@
 All optimizers step the same model (by default the 512→1024→1024→10 MLP, 1.59M parameters)
 with the same fixed gradients. Times are medians over repeated ``step()`` calls after warm-up,
 measured in one process so the AdamW ratio compares like with like. Peak extra memory is
-measured in a fresh subprocess per optimizer (on Linux, by resetting the peak-RSS counter
-right before the first step; on CUDA with the allocator's peak counter).
+measured in fresh subprocesses per optimizer (the median of :data:`MEMORY_RUNS`; on Linux, by resetting the
+peak-RSS counter right before the first step; on CUDA with the allocator's peak counter), after the same optimizer has
+stepped a tiny model once: the first step of an optimizer in a process also pages in the code of every
+kernel it calls and initialises libraries (≈ 8 MB of RSS for the learned rules, measured), a one-off
+cost that does not grow with the model and is not the step's memory.
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ from .rules import available_rules, build_rule
 
 ADAMW = "adamw"
 DEFAULT_LAYERS = (512, 1024, 1024, 10)
+# The model a throwaway optimizer steps before memory is measured (see measure_peak_extra_memory).
+WARMUP_LAYERS = (16, 16, 4)
 # Named setups of a rule with a harness, timed like a rule: name -> (rule, rule_config, harness).
 # Named setups benchmarked besides the bare rules (Celo2 with its harness, Celo2-base without).
 PRESETS = RULE_PRESETS
@@ -170,11 +175,12 @@ def _rss_kb(field: str) -> int:
 def measure_peak_extra_memory(name: str, layers: Sequence[int], device: str) -> tuple[float, float]:
     """(state MB, peak extra MB over the model+grads) for two steps of optimizer ``name``.
 
-    A compiled rule (:data:`COMPILED`) is compiled first, by a step of a throwaway optimizer on a model of
-    the same shapes (the graphs are cached for the process), so the peak is the step's and not Inductor's."""
-    if name.endswith(COMPILED):
-        make_optimizer(name, make_mlp(layers, device)).step()
-        gc.collect()
+    A throwaway optimizer of the same name steps first, on :data:`WARMUP_LAYERS` (small enough that the memory
+    it frees is negligible), so the peak is the step's and not the process's first-call costs (code paged in,
+    libraries initialised); a compiled rule (:data:`COMPILED`) on a model of the same shapes, which compiles
+    its graphs (cached for the process), so the peak is not Inductor's either."""
+    make_optimizer(name, make_mlp(layers if name.endswith(COMPILED) else WARMUP_LAYERS, device)).step()
+    gc.collect()
     model = make_mlp(layers, device)
     optimizer = make_optimizer(name, model)
     if device.startswith("cuda"):
@@ -224,13 +230,24 @@ def run_benchmark(names: Sequence[str] | None = None, layers: Sequence[int] = DE
     return results
 
 
-def _memory_in_subprocess(name: str, layers: Sequence[int], device: str) -> tuple[float | None, float | None]:
+# Fresh processes per memory figure, the median reported: the peak RSS of one run varies by several MB with
+# where the C allocator places the temporaries (AdamW's on the benchmark MLP: 18–30 MB over 8 runs).
+MEMORY_RUNS = 3
+
+
+def _memory_in_subprocess(name: str, layers: Sequence[int], device: str,
+                          runs: int = MEMORY_RUNS) -> tuple[float | None, float | None]:
+    """(state MB, median peak extra MB) of :func:`measure_peak_extra_memory` in ``runs`` fresh processes."""
     code = ("import json, sys; from lopt_hf.bench import measure_peak_extra_memory; "
             f"print(json.dumps(measure_peak_extra_memory({name!r}, {list(layers)!r}, {device!r})))")
+    peaks = []
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
-        state_mb, peak_mb = json.loads(out.stdout.strip().splitlines()[-1])
-        return state_mb, peak_mb
+        for _ in range(runs):
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                 timeout=600)
+            state_mb, peak_mb = json.loads(out.stdout.strip().splitlines()[-1])
+            peaks.append(peak_mb)
+        return state_mb, statistics.median(peaks)
     except (subprocess.SubprocessError, OSError, ValueError, IndexError):
         return None, None  # e.g. no /proc on this platform: report timing only
 
@@ -272,13 +289,13 @@ class MemoryResult:
 
 
 def run_memory_benchmark(names: Sequence[str], numel: int = MEMORY_TENSOR_NUMEL,
-                         device: str = "cpu") -> list[MemoryResult]:
+                         device: str = "cpu", runs: int = MEMORY_RUNS) -> list[MemoryResult]:
     """Peak extra memory of AdamW and each named optimizer on one ``nn.Linear(n, n)`` with ``n² ≈ numel``
-    (two steps, each optimizer in a fresh subprocess; see :func:`measure_peak_extra_memory`), with the
-    ratio to AdamW's measured in the same run."""
+    (two steps, each optimizer in ``runs`` fresh subprocesses, the median; see :func:`measure_peak_extra_memory`),
+    with the ratio to AdamW's measured in the same run."""
     side = max(1, round(numel ** 0.5))
     layers = [side, side]
-    results = [MemoryResult(name, *_memory_in_subprocess(name, layers, device))
+    results = [MemoryResult(name, *_memory_in_subprocess(name, layers, device, runs))
                for name in [ADAMW, *[n for n in names if n != ADAMW]]]
     adamw = results[0].peak_extra_mb
     for result in results:

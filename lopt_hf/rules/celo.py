@@ -62,8 +62,8 @@ from torch import Tensor
 
 from .base import State, Theta, as_step_tensor, register_rule
 from .features import (FactoredFeatures, StreamHooks, factored_accumulator_state, factored_features,
-                       factored_second_moments, mlp_flops, normalized_mlp, step_from_direction_magnitude,
-                       truncated_normal_init)
+                       factored_second_moments, mlp_flops, normalized_mlp, squared_gradient,
+                       step_from_direction_magnitude, truncated_normal_init)
 from .scheduler import RANK_SLOTS, ScheduledRule, accumulator_summary
 
 FF = "ff_mod_stack/~/"
@@ -224,7 +224,7 @@ class Celo(ClippedGradient, ScheduledRule):
 
     def factored_moments(self, g: Tensor, state: State) -> tuple[dict[str, Tensor], FactoredFeatures]:
         """The new factored accumulators of ``g² + 1e-30`` and their per-element features."""
-        accumulators, factors = factored_second_moments(g * g + 1e-30, state,
+        accumulators, factors = factored_second_moments(squared_gradient(g), state,
                                                         lambda old, new: _ema(self.adafactor_decays, old, new))
         return accumulators, factored_features(accumulators, factors, tuple(g.shape), lambda v: v ** -0.5)
 

@@ -195,6 +195,12 @@ def safe_rsqrt(x: Tensor) -> Tensor:
     return torch.rsqrt(torch.clamp(x, min=1e-9))
 
 
+def squared_gradient(grad: Tensor) -> Tensor:
+    """``g² + 1e-30``, the input of the factored second moments: one full-size tensor (the sum is taken in
+    place on the fresh square — the same bits; autograd and vmap allow it, the square saves only ``g``)."""
+    return (grad * grad).add_(1e-30)
+
+
 def factored_second_moments(grad_sqr: Tensor, state: dict[str, Tensor], ema: Callable[[Tensor, Tensor], Tensor],
                             lead_axes: int = 0) -> tuple[dict[str, Tensor], tuple[Tensor, ...]]:
     """Adafactor's factored second moments (learned_optimization's ``factored_dims`` accumulators).
@@ -428,7 +434,10 @@ def normalized_mlp(
             sum_square = part if sum_square is None else sum_square + part
     mean_square = sum_square / max(numel, 1)
     weights = bias_folded_weights(normalized_first_layer(layers, mean_square, constant_inputs, eps), torch.relu)
-    scratch = None if buffer is None else (lambda layer, layer_shape: buffer(f"layer{layer}", layer_shape))
+    # the activations of layer k into "hidden" (even k) or "features" (odd k: the piece's features are dead once
+    # the first layer has read them): two buffers for any depth
+    scratch = None if buffer is None else (
+        lambda layer, layer_shape: buffer("features" if layer % 2 else "hidden", layer_shape))
     result = streamed_mlp(pieces, (lambda index: whole) if whole is not None else feature_matrix, weights, "relu",
                           readout, in_place=no_grad, out=out, scratch=scratch)
     return result.reshape(shape)

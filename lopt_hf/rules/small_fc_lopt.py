@@ -37,7 +37,7 @@ from torch import Tensor
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
 from .features import (FactoredFeatures, StreamHooks, factored_accumulator_state, factored_dims, factored_features,
                        factored_second_moments, init_mlp_theta, mlp_flops, mlp_theta_shapes, normalized_mlp,
-                       step_from_direction_magnitude, tanh_time_features)
+                       squared_gradient, step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 DECAY_NAMES = ("momentum_decays", "rms_decays", "adafactor_decays")
@@ -157,7 +157,7 @@ class SmallFCLOpt(UpdateRule):
         def fac_ema(old: Tensor, new: Tensor) -> Tensor:
             return fac_decay * old + (1.0 - fac_decay) * new.unsqueeze(0)
 
-        accumulators, factors = factored_second_moments(grad * grad + 1e-30, state, fac_ema)
+        accumulators, factors = factored_second_moments(squared_gradient(grad), state, fac_ema)
         fac = factored_features(accumulators, factors, tuple(grad.shape), lambda v: (v + 1e-6) ** -0.5)
         return accumulators, fac
 

@@ -49,7 +49,7 @@ def test_the_per_tensor_rules_go_in_place_at_every_size(name: str) -> None:
     assert any(not torch.equal(state[key], before[key]) for key in state)  # advanced in place
     if name == "per_param_mlp":
         return  # its network runs on the rule's own feature matrix (no buffers)
-    names = ("features", "layer0", "layer1")
+    names = ("features", "hidden")
     pointers = [kernel.buffers.get(buffer, (1,), param).data_ptr() for buffer in names]
     kernel.update_stack(param[None], grad[None], [new_state], 1, chunk_size=64)
     assert [kernel.buffers.get(buffer, (1,), param).data_ptr() for buffer in names] == pointers
