@@ -345,6 +345,10 @@ class StreamHooks:
     out: Tensor | None = None
     buffer: Buffer | None = None
 
+    def __post_init__(self) -> None:
+        if self.buffer is not None and self.out is None:  # else the result could be a view of a reused buffer
+            raise ValueError("StreamHooks.buffer needs an out buffer for the result")
+
 
 def normalized_mlp(
     theta: dict[str, Tensor],

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lopt_hf.rules.features import (bias_folded_mlp, bias_folded_weights, folded_layers, streamed_mlp, unrolled_mlp,
-                                   unrolls)
+from lopt_hf.rules.features import (StreamHooks, bias_folded_mlp, bias_folded_weights, folded_layers, streamed_mlp,
+                                    unrolled_mlp, unrolls)
 
 
 def textbook_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], act) -> torch.Tensor:
@@ -102,3 +102,10 @@ def test_unrolled_mlp_is_the_textbook_mlp(sizes: list[int], activation: str, act
 def test_eager_execution_never_unrolls() -> None:
     """Outside torch.compile the engine keeps its matrix products, so eager results never depend on it."""
     assert not unrolls(random_layers([4, 2], seed=0))
+
+
+def test_stream_hooks_refuse_a_buffer_without_an_out_buffer() -> None:
+    """With reused buffers the network's last activations are a buffer's: the result must be copied into ``out``."""
+    with pytest.raises(ValueError, match="out buffer"):
+        StreamHooks(buffer=lambda name, shape: torch.empty(shape))
+    StreamHooks(buffer=lambda name, shape: torch.empty(shape), out=torch.empty(4))
