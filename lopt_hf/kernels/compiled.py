@@ -16,8 +16,9 @@ compile (the chunked streaming unrolls into the graph).
 The compiled step is the same math in another order of float operations (sums, the folded
 normalisation), so its results differ from the eager kernel's in the last bits (a test bounds the
 difference); it computes new state tensors like the rule's ``update`` (the state handed in is left as it
-is), so tensors the eager kernel would advance in place (``in_place``: ≥ 4M elements) keep the eager
-kernel, whose peak memory stays near AdamW's. One graph per kind of tensor (shape and state
+is), so tensors of ≥ 4M elements (``in_place.IN_PLACE_MIN_NUMEL``) that the eager kernel advances in place keep
+the eager kernel, whose peak memory stays near AdamW's; below, the compiled step trades memory for speed (Celo
+eager is in place at every size). One graph per kind of tensor (shape and state
 layout; static shapes, Inductor's fastest loops), compiled on the first step that meets it — seconds
 each, cached for the process and by Inductor on disk, shared by every optimizer of the same rule. If
 compiling fails (e.g. no C++ compiler for Inductor), the kernel warns once and steps with the eager
@@ -35,6 +36,7 @@ from torch import Tensor
 
 from ..rules.base import State, UpdateRule, as_step_tensor
 from ..rules.features import UNROLL_MACS
+from . import in_place
 from .base import RuleKernel, stack_states, unstack_states
 
 # Graphs kept per compiled function (torch's default, 8, is fewer than the distinct tensor shapes of many
@@ -107,7 +109,8 @@ class CompiledKernel(RuleKernel):
 
     def update_stack(self, params: Tensor, grads: Tensor, states: list[State], step: Tensor | int,
                      chunk_size: int | None = None, **kwargs: Any) -> tuple[Tensor, list[State]]:
-        if self.eager.in_place(params[0].numel()):
+        numel = params[0].numel()
+        if numel >= in_place.IN_PLACE_MIN_NUMEL and self.eager.in_place(numel):
             # large tensors: the eager kernel's in-place pieces keep memory near AdamW's; the compiled graph
             # builds its new state whole (Celo on 16M elements: 4.95× AdamW's peak against 1.79×)
             return self.eager.update_stack(params, grads, states, step, chunk_size, **kwargs)

@@ -30,20 +30,22 @@ def in_place_for_every_size(monkeypatch):
     monkeypatch.setattr(in_place, "IN_PLACE_MIN_NUMEL", 0)
 
 
-@pytest.mark.parametrize("name", sorted(KERNELS))
-def test_the_per_tensor_rules_go_in_place_at_every_size(name: str) -> None:
-    """small_fc_lopt, mlp_lopt and per_param_mlp take the in-place path below IN_PLACE_MIN_NUMEL too (the state
-    handed in is advanced), and their pieces' features and activations go into the kernel's buffers: the same
-    memory at the next step."""
+@pytest.mark.parametrize("name", [*sorted(KERNELS), "celo", "velo"])
+def test_the_per_element_networks_go_in_place_at_every_size(name: str) -> None:
+    """small_fc_lopt, mlp_lopt, per_param_mlp, Celo and VeLO take the in-place path below IN_PLACE_MIN_NUMEL too
+    (the state handed in is advanced, the result the rule's own), and the pieces' features and activations of the
+    normalised networks go into the kernel's buffers: the same memory at the next step."""
     in_place.IN_PLACE_MIN_NUMEL = 1 << 22  # the module default (the autouse fixture restores its own value)
     rule, theta = rule_and_theta(name)
     kernel = kernel_for(rule, theta)
     param, grad = torch.randn(30, 20), torch.randn(30, 20)
+    kwargs = control_kwargs(rule, torch.Generator().manual_seed(2))
     state = kernel.init_state(param)
     before = {key: value.clone() for key, value in state.items()}
-    direction, (new_state,) = kernel.update_stack(param[None], grad[None], [state], 0, chunk_size=64)
+    stacked = {key: value[None] for key, value in kwargs.items()}
+    direction, (new_state,) = kernel.update_stack(param[None], grad[None], [state], 0, chunk_size=64, **stacked)
     with torch.no_grad():  # as the kernel runs it
-        expected, expected_state = rule.update(theta, param, grad, before, 0, chunk_size=64)
+        expected, expected_state = rule.update(theta, param, grad, before, 0, chunk_size=64, **kwargs)
     assert torch.equal(direction[0], expected)
     assert all(torch.equal(new_state[key], expected_state[key]) for key in expected_state)
     assert any(not torch.equal(state[key], before[key]) for key in state)  # advanced in place
@@ -51,7 +53,7 @@ def test_the_per_tensor_rules_go_in_place_at_every_size(name: str) -> None:
         return  # its network runs on the rule's own feature matrix (no buffers)
     names = ("features", "hidden")
     pointers = [kernel.buffers.get(buffer, (1,), param).data_ptr() for buffer in names]
-    kernel.update_stack(param[None], grad[None], [new_state], 1, chunk_size=64)
+    kernel.update_stack(param[None], grad[None], [new_state], 1, chunk_size=64, **stacked)
     assert [kernel.buffers.get(buffer, (1,), param).data_ptr() for buffer in names] == pointers
 
 
@@ -182,7 +184,7 @@ def test_learned_optimizer_steps_as_the_rule(name: str) -> None:
             assert torch.equal(p.detach(), old - 0.5 * update)
 
 
-@pytest.mark.parametrize("name", ["celo", "celo_adam"])
+@pytest.mark.parametrize("name", ["celo_adam"])
 def test_small_tensors_take_the_scheduled_rules_own_update(name: str) -> None:
     in_place.IN_PLACE_MIN_NUMEL = 1 << 22  # the module default (the autouse fixture restores its own value)
     rule, theta = rule_and_theta(name)
@@ -203,6 +205,7 @@ def test_learned_optimizer_in_place_equals_the_functional_path(name: str, monkey
     results = []
     for threshold in (0, 1 << 40):
         monkeypatch.setattr(in_place, "IN_PLACE_MIN_NUMEL", threshold)
+        monkeypatch.setattr(CeloKernel, "every_size", threshold == 0)  # Celo's kernel: in place at every size
         torch.manual_seed(7)
         model = nn.ModuleDict({"linear": nn.Linear(40, 30), "conv": nn.Conv2d(3, 4, 3)})
         optimizer = LearnedOptimizer(model.parameters(), rule, theta, lr=0.5, chunk_size=64)

@@ -84,8 +84,9 @@ def test_the_compiled_step_is_another_execution_of_the_same_math() -> None:
     state = {key: torch.rand(value.shape, generator=gen) * 1e-3 if key in ("momentum", "rms") else value
              for key, value in rule.init_state(param[0]).items()}
     control = torch.tensor([[1.0, 1.0]])
-    eager = kernel_for(rule, theta)
-    expected, expected_state = eager.update_stack(param, grad, [state], 4, control=control)
+    eager = kernel_for(rule, theta)  # in place: it advances the state it gets
+    expected, expected_state = eager.update_stack(param, grad, [{key: value.clone() for key, value in state.items()}],
+                                                  4, control=control)
     compiled = CompiledKernel(kernel_for(rule, theta))
     actual, actual_state = compiled.update_stack(param, grad, [state], 4, control=control)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-9)
