@@ -50,8 +50,3 @@ class Buffers:
     def lender(self, like: Tensor) -> Callable[[str, tuple[int, ...]], Tensor]:
         """``buffer(name, shape)`` on ``like``'s device and dtype (:data:`lopt_hf.rules.features.Buffer`)."""
         return lambda name, shape: self.get(name, shape, like)
-
-    @property
-    def nbytes(self) -> int:
-        """The memory held."""
-        return sum(buffer.numel() * buffer.element_size() for buffer in self._buffers.values())

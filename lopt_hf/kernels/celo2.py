@@ -27,7 +27,6 @@ from .base import RuleKernel, register_kernel
 from .buffers import BUFFER_LIMIT, Buffers
 
 
-
 def symmetric_product(y: Tensor, base: Tensor | None = None, beta: float = 0.0, alpha: float = 1.0) -> Tensor:
     """``beta·base + alpha·y·yᵀ`` for a symmetric ``base`` (or none), by blocks of ≈ 256 rows: the
     blocks on and above the diagonal are computed, those below mirrored (k(k+1)/2 of k² products) —
