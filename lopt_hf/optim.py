@@ -19,9 +19,9 @@ torch optimizer:
   advanced, and the skip is counted — NaN never reaches the parameters. On the ``"adamw"`` route a
   gradient element of magnitude ≥ ``ADAMW_GRAD_LIMIT`` (1e19; its square overflows float32) counts
   as non-finite too, so one absurd gradient cannot make a second moment infinite. One exception to
-  "not advanced": the in-place kernels (:mod:`lopt_hf.kernels.in_place` — ``small_fc_lopt``, ``mlp_lopt``,
-  ``per_param_mlp``: every tensor; :mod:`lopt_hf.kernels.celo` and Celo2's: tensors of ≥ 4M elements; they keep
-  memory near AdamW's) advance the accumulators with the (finite) gradient while computing the step, so when only
+  "not advanced": the in-place kernels (``small_fc_lopt``, ``mlp_lopt``, ``per_param_mlp``, Celo, VeLO: every
+  tensor, eagerly; Celo-Adam's and Celo2's: tensors of ≥ 4M elements; :mod:`lopt_hf.kernels.in_place`,
+  :mod:`lopt_hf.kernels.celo`; they keep memory near AdamW's) advance the accumulators with the (finite) gradient while computing the step, so when only
   ``lr·step`` or the decayed parameter overflows afterwards (absurd ``lr`` / ``weight_decay``), the parameter and
   its step count stay untouched but its accumulators moved;
 * ``step()`` checks what could stop it (sparse gradients) before it changes anything;
@@ -131,8 +131,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             ``lopt_hf.layout.default_layout``. Ignored by other rules.
         compile: step through ``torch.compile`` (:mod:`lopt_hf.kernels.compiled`) where that pays: the
             rules with small or no per-element networks (Celo, VeLO, Celo-Adam, Opt2Vec; Celo's and VeLO's
-            steps 2.3–2.6× faster on CPU after a compilation of seconds per kind of tensor on the first
-            step). Results differ from the eager step in the last bits only. Other rules ignore it.
+            steps 1.7–2.7× faster on CPU in three benchmark runs, after a compilation of seconds per kind of
+            tensor on the first step; below 4M elements per tensor their compiled graph builds the new state
+            whole: about twice the eager peak memory). Results differ from the eager step in the last bits only. Other rules ignore it.
 
     A param group may set ``"route": "adamw"`` (with ``"betas"``, ``"eps"``; torch's AdamW
     defaults otherwise) to be stepped by AdamW instead of the rule.

@@ -16,11 +16,11 @@ functions (the same float operations, so the same bits) on pieces of the tensor
 * :meth:`InPlaceKernel.apply_step` subtracts ``lr·step`` piece by piece (the same rounding as
   :meth:`RuleKernel.apply_step` of a per-tensor rule, without a full-size ``lr·step``).
 
-``small_fc_lopt``, ``mlp_lopt`` and ``per_param_mlp`` take this path for every tensor
-(:attr:`InPlaceKernel.every_size`): on the benchmark MLP (``lopt-hf bench``) it measured as fast as the
-rule's own update and the peak extra memory 34–52 % lower. The scheduled rules' kernels
-(:mod:`lopt_hf.kernels.celo`) take it from :data:`IN_PLACE_MIN_NUMEL` elements (4M) on; smaller tensors take
-the rule's own update (and ``compile=True``'s compiled graph). The returned new state is the state
+``small_fc_lopt``, ``mlp_lopt`` and ``per_param_mlp`` — and Celo and VeLO (:mod:`lopt_hf.kernels.celo`) —
+take this path for every tensor (:attr:`InPlaceKernel.every_size`): on the benchmark MLP (``lopt-hf bench``)
+it measured as fast as the rule's own update with about half the peak extra memory. Celo-Adam's kernel takes
+it from :data:`IN_PLACE_MIN_NUMEL` elements (4M) on; smaller tensors take the rule's own update. Under
+``compile=True``, tensors below 4M take the compiled graph instead. The returned new state is the state
 handed in (its full-size tensors advanced), except that a full-size entry that is not contiguous is
 replaced by a contiguous copy first. So a kernel call advances the state even if the optimizer then
 does not commit the step (an update whose ``lr·step`` is not finite); the rule's own ``update`` leaves
