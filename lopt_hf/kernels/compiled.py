@@ -116,6 +116,9 @@ class CompiledKernel(RuleKernel):
             return self.eager.update_stack(params, grads, states, step, chunk_size, **kwargs)
         # the step count as a tensor: a Python int would be compiled in as a constant (a new graph every step)
         count = as_step_tensor(step, params)
+        # one memory order for every input: a transposed view among row-major states makes Inductor's loops
+        # transpose tiles (Celo on a 1024×1024 nn.Linear weight: 70–72 against 49–50 ms with contiguous copies)
+        params, grads = params.contiguous(), grads.contiguous()
 
         def compiled() -> tuple[Tensor, list[State]]:
             if len(states) == 1:  # a scheduled rule's control is per tensor (B, C); a loss is shared

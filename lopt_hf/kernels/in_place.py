@@ -40,7 +40,7 @@ from ..rules.features import StreamHooks, bias_folded_mlp, chunk_indices, ema
 from ..rules.mlp_lopt import MLPLOpt, advance_momentum
 from ..rules.per_param_mlp import PerParamMLP, feature_matrix
 from ..rules.small_fc_lopt import SmallFCLOpt, advance_moments
-from .base import RuleKernel, register_kernel
+from .base import RuleKernel, contiguous_below, register_kernel
 from .buffers import Buffers
 
 # Elements per piece of the scheduled rules' in-place pieces when no chunk size is given (4 MB of float32).
@@ -81,6 +81,7 @@ class InPlaceKernel(RuleKernel):
             raise TypeError(f"rule {self.rule.name!r} takes no keywords {sorted(set(kwargs) - self.per_tensor_keywords)}")
         if not self.in_place(params[0].numel()):
             return super().update_stack(params, grads, states, step, chunk_size, **kwargs)
+        params, grads = contiguous_below(params), contiguous_below(grads)
         direction = torch.empty(params.shape, dtype=torch.float32, device=params.device)
         with torch.no_grad():
             new_states = [self.update_into(direction[index], params[index], grads[index], state, step, chunk_size,
