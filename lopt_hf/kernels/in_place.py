@@ -14,7 +14,10 @@ functions (the same float operations, so the same bits) on pieces of the tensor
   the same memory for every piece and step (``StreamHooks.buffer``);
 * the step is written into one preallocated buffer (no list of pieces to concatenate);
 * :meth:`InPlaceKernel.apply_step` subtracts ``lr·step`` piece by piece (the same rounding as
-  :meth:`RuleKernel.apply_step` of a per-tensor rule, without a full-size ``lr·step``).
+  :meth:`RuleKernel.apply_step` of a per-tensor rule, without a full-size ``lr·step``);
+* a parameter and gradient handed in as views in another memory order (a layout-sensitive rule's
+  ``nn.Linear`` weight) are copied to contiguous memory first below 4M elements, as every kernel does
+  (:func:`~lopt_hf.kernels.base.contiguous_below`).
 
 ``small_fc_lopt``, ``mlp_lopt`` and ``per_param_mlp`` — and Celo and VeLO (:mod:`lopt_hf.kernels.celo`) —
 take this path for every tensor (:attr:`InPlaceKernel.every_size`): on the benchmark MLP (``lopt-hf bench``)
