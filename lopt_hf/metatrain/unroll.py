@@ -58,44 +58,15 @@ from torch import Tensor
 from torch.func import vmap
 
 from ..rules.base import UpdateRule
+from ..rules.features import SKINNY_COMPILE_OPTIONS, skinny_matmul
 from .tasks import Batch, Params, TaskDescriptor, TaskFamily
 
 aten = torch.ops.aten
 
-# Matmuls whose inner dimension is at most this become unrolled broadcast products...
-SKINNY_INNER = 8
-# ...and those with at most this many output columns a multiply-and-reduce.
-SKINNY_OUTER = 4
-
-
-def _skinny_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a @ b`` (``mm`` or ``bmm``) as broadcast products when one side is skinny, else NotImplemented."""
-    inner, outer = a.shape[-1], b.shape[-1]
-    if inner == 0:  # an empty sum (e.g. a scheduler without per-tensor summaries): leave it to aten
-        return NotImplemented
-    if inner <= SKINNY_INNER:
-        out = a[..., 0:1] * b[..., 0:1, :]
-        for k in range(1, inner):
-            out = out + a[..., k:k + 1] * b[..., k:k + 1, :]
-        return out
-    if outer <= SKINNY_OUTER:
-        # One multiply-and-reduce over K per output column, rows contiguous: Inductor vectorises
-        # over rows, inlines a's producer into every column and fuses the columns into one loop
-        # (so the producer is computed once). Columns are stacked on a leading axis and
-        # transposed back, so each column stays contiguous for the consumer (h[:, 0], h[:, 1]).
-        a_t = a.transpose(-1, -2)
-        columns = [(a_t * b[..., :, j:j + 1]).sum(-2) for j in range(outer)]
-        return torch.stack(columns, dim=-2).transpose(-1, -2)
-    return NotImplemented
-
-
-SKINNY_DECOMPOSITIONS = {aten.mm.default: _skinny_matmul, aten.bmm.default: _skinny_matmul}
-
-# Inductor realises (writes out) a pointwise value read by several consumers once it reads more
-# than 4 inputs; the per-element MLP's hidden layer reads 8 (4 features, 4 weights) and feeds
-# one reduction per output column. Inlined, the fused loop computes it once and never stores
-# it: ~25 % faster steps for per_param_mlp (measured, same process, 1 thread, 32 members).
-COMPILE_OPTIONS = {"realize_reads_threshold": 64}
+# The compiled inner step writes a per-element network's skinny products (the vmapped mm/bmm the trace sees)
+# as broadcast products, with the Inductor options they fuse best under: rules/features.py's, which
+# LearnedOptimizer(compile=True) uses too.
+SKINNY_DECOMPOSITIONS = {aten.mm.default: skinny_matmul, aten.bmm.default: skinny_matmul}
 
 # The opt_state entry holding a scheduled rule's whole-model state. "@" cannot occur in a Python
 # attribute name (so in no nn.Module parameter name) nor does it split the estimator state's
@@ -332,7 +303,7 @@ class VectorizedInnerTrainer:
 
         # Traced (and run) without autograd, where rules may rectify in place.
         graph = make_fx(flat_step, decomposition_table=SKINNY_DECOMPOSITIONS)(*[leaf.detach() for leaf in leaves])
-        return torch.compile(graph, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS), out_specs[-1]
+        return torch.compile(graph, dynamic=False, fullgraph=True, options=SKINNY_COMPILE_OPTIONS), out_specs[-1]
 
 
 def run_unroll(trainer: VectorizedInnerTrainer, theta: dict[str, Tensor], problems: InnerProblems,

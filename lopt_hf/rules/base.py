@@ -98,10 +98,16 @@ class UpdateRule(ABC):
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
         """A fresh random ``theta`` (deterministic given the generator's seed)."""
 
+    def network_layers(self) -> list[tuple[int, int]] | None:
+        """``(in, out)`` of each layer of the rule's per-element network, in order (biases not counted);
+        ``None`` for rules without one or whose network is not one plain chain of weight matrices."""
+        return None
+
     def per_element_flops(self) -> int | None:
         """FLOPs (2 per multiply-add) of the rule's per-element network for one parameter element.
         ``None`` for rules without one."""
-        return None
+        layers = self.network_layers()
+        return None if layers is None else sum(2 * inner * outer for inner, outer in layers)
 
     def tensor_flops(self, shape: tuple[int, ...]) -> int | None:
         """FLOPs (2 per multiply-add) of the matrix products in one step of a tensor of ``shape`` (in the

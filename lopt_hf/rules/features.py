@@ -79,6 +79,12 @@ def mlp_flops(weight_shapes: Iterable[tuple[int, ...]]) -> int:
     return sum(2 * int(shape[-2]) * int(shape[-1]) for shape in weight_shapes)
 
 
+def numbered_layers(shapes: dict[str, tuple[int, ...]]) -> list[tuple[int, int]]:
+    """``(in, out)`` of the weights ``w0``, ``w1``, … among theta ``shapes``, in layer order."""
+    numbered = {int(key[1:]): shape for key, shape in shapes.items() if key[0] == "w" and key[1:].isdigit()}
+    return [(int(numbered[layer][-2]), int(numbered[layer][-1])) for layer in sorted(numbered)]
+
+
 def init_mlp_theta(shapes: dict[str, tuple[int, ...]], generator: torch.Generator | None,
                    weight_init: str = "haiku") -> dict[str, Tensor]:
     """Random weights for every 2-D entry of ``shapes``, zeros for the rest (biases, offsets).
@@ -111,9 +117,56 @@ def truncated_normal_init(shape: tuple[int, ...], std: float, generator: torch.G
 # 148) are written out unit by unit when compiled (:func:`unrolls`): Inductor then fuses features,
 # network and readout into a few loops over the elements that never write a feature matrix (Celo's
 # step on the 1.59M-parameter MLP, `lopt-hf bench --compile`: 2.3× faster). Wider networks stay matrix
-# products, which BLAS runs faster than the unrolled code: per_param_mlp's 3→64→2 (320) measured
-# 63–140 ms compiled against 95 ms eager, small_fc_lopt's 39→32→32→2 (2,336) is BLAS-bound.
+# products, written as broadcast products where they are skinny (:func:`compiled_skinny_product`:
+# per_param_mlp's 3→64→2, 320) or left to BLAS (small_fc_lopt's 39→32→32→2, 2,336: BLAS-bound).
 UNROLL_MACS = 256
+
+# Products of a per-element network whose inner dimension is at most SKINNY_INNER become unrolled broadcast
+# products, those with at most SKINNY_OUTER output columns a multiply-and-reduce (:func:`skinny_matmul`), where a
+# compiler fuses them with their neighbours: meta-training's compiled inner step and ``compile=True``.
+SKINNY_INNER = 8
+SKINNY_OUTER = 4
+
+# Inductor options of the compiled steps with skinny products. Inductor realises (writes out) a pointwise value
+# read by several consumers once it reads more than 4 inputs; the per-element MLP's hidden layer reads 8 (4
+# features, 4 weights) and feeds one reduction per output column. Inlined, the fused loop computes it once and
+# never stores it: ~25 % faster steps for per_param_mlp (measured, same process, 1 thread, 32 members).
+SKINNY_COMPILE_OPTIONS = {"realize_reads_threshold": 64}
+
+
+def is_skinny(inner: int, outer: int) -> bool:
+    """Whether a product with this inner dimension and this many output columns is one :func:`skinny_matmul`
+    writes out."""
+    return 0 < inner <= SKINNY_INNER or (inner > 0 and outer <= SKINNY_OUTER)
+
+
+def skinny_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (2-D or batched) as broadcast products when one side is skinny (:func:`is_skinny`), else
+    ``NotImplemented`` (what a decomposition table reads as "leave it to aten")."""
+    inner, outer = a.shape[-1], b.shape[-1]
+    if not is_skinny(inner, outer):  # (an empty sum, e.g. a scheduler without per-tensor summaries, too)
+        return NotImplemented
+    if inner <= SKINNY_INNER:
+        out = a[..., 0:1] * b[..., 0:1, :]
+        for k in range(1, inner):
+            out = out + a[..., k:k + 1] * b[..., k:k + 1, :]
+        return out
+    # One multiply-and-reduce over K per output column, rows contiguous: Inductor vectorises
+    # over rows, inlines a's producer into every column and fuses the columns into one loop
+    # (so the producer is computed once). Columns are stacked on a leading axis and
+    # transposed back, so each column stays contiguous for the consumer (h[:, 0], h[:, 1]).
+    a_t = a.transpose(-1, -2)
+    columns = [(a_t * b[..., :, j:j + 1]).sum(-2) for j in range(outer)]
+    return torch.stack(columns, dim=-2).transpose(-1, -2)
+
+
+def compiled_skinny_product(a: Tensor, b: Tensor) -> Tensor | None:
+    """Inside ``torch.compile``, a skinny product ``a @ b`` of a per-element network as :func:`skinny_matmul`;
+    otherwise None (the caller's matrix product: eager results never change with this switch)."""
+    if not torch.compiler.is_compiling():
+        return None
+    product = skinny_matmul(a, b)
+    return None if product is NotImplemented else product
 
 
 def unrolls(layers: list[tuple[Tensor, Tensor]]) -> bool:
@@ -532,8 +585,11 @@ def bias_folded_mlp(x: Tensor, weights: list[Tensor], activation: str, in_place:
     """Apply :func:`bias_folded_weights` matrices to feature-major ``x`` ``(in + 1, N)`` whose last row
     is 1, element-major in memory (:func:`folded_layers`; ``scratch`` as there, layer 0 the first product).
     Returns ``(out, N)``."""
-    target = None if scratch is None else scratch(0, (int(x.shape[1]), int(weights[0].shape[0])))
-    first = torch.mm(x.t(), weights[0].t(), out=target).t()
+    first = compiled_skinny_product(x.t(), weights[0].t())
+    if first is None:
+        target = None if scratch is None else scratch(0, (int(x.shape[1]), int(weights[0].shape[0])))
+        first = torch.mm(x.t(), weights[0].t(), out=target)
+    first = first.t()
     later = None if scratch is None else (lambda layer, shape: scratch(layer + 1, shape))
     return folded_layers(first, weights[1:], activation, in_place=in_place, element_major=True, scratch=later)
 
@@ -565,8 +621,11 @@ def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, element
     last = len(matrices) - 1
     for layer, matrix in enumerate(matrices):
         if element_major:
-            target = None if scratch is None else scratch(layer, (h.shape[-1], matrix.shape[0]))
-            h = torch.matmul(act(h).mT, matrix.mT, out=target).mT
+            product = compiled_skinny_product(act(h).mT, matrix.mT)
+            if product is None:
+                target = None if scratch is None else scratch(layer, (h.shape[-1], matrix.shape[0]))
+                product = torch.matmul(act(h).mT, matrix.mT, out=target)
+            h = product.mT
             continue
         target = out if layer == last else None
         if target is None and scratch is not None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (StreamHooks, init_mlp_theta, mlp_flops, mlp_theta_shapes, normalized_mlp,
+from .features import (StreamHooks, init_mlp_theta, numbered_layers, mlp_theta_shapes, normalized_mlp,
                        step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
@@ -72,8 +72,8 @@ class MLPLOpt(UpdateRule):
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
         return init_mlp_theta(self.theta_shapes(), generator, "haiku")
 
-    def per_element_flops(self) -> int:
-        return mlp_flops(shape for key, shape in self.theta_shapes().items() if key[0] == "w" and key[1:].isdigit())
+    def network_layers(self) -> list[tuple[int, int]]:
+        return numbered_layers(self.theta_shapes())
 
     def init_state(self, param: Tensor) -> State:
         return {"momentum": torch.zeros((len(self.momentum_decays), *param.shape), dtype=torch.float32,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import (activation_fn, bias_folded_weights, chunk_indices, ema, init_mlp_theta, mlp_flops,
+from .features import (activation_fn, bias_folded_weights, chunk_indices, ema, init_mlp_theta, numbered_layers,
                        mlp_theta_shapes, streamed_mlp)
 
 NUM_INPUTS = 3  # param, momentum, grad
@@ -48,8 +48,8 @@ class PerParamMLP(UpdateRule):
         # The tutorial draws weights from a unit normal (no fan-in scaling) and zero biases.
         return init_mlp_theta(self.theta_shapes(), generator, "normal")
 
-    def per_element_flops(self) -> int:
-        return mlp_flops(shape for key, shape in self.theta_shapes().items() if key[0] == "w" and key[1:].isdigit())
+    def network_layers(self) -> list[tuple[int, int]]:
+        return numbered_layers(self.theta_shapes())
 
     def init_state(self, param: Tensor) -> State:
         return {"momentum": torch.zeros_like(param, dtype=torch.float32)}

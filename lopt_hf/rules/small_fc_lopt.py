@@ -36,7 +36,7 @@ from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
 from .features import (FactoredFeatures, StreamHooks, factored_accumulator_state, factored_dims, factored_features,
-                       factored_second_moments, init_mlp_theta, mlp_flops, mlp_theta_shapes, normalized_mlp,
+                       factored_second_moments, init_mlp_theta, numbered_layers, mlp_theta_shapes, normalized_mlp,
                        squared_gradient, step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
@@ -113,8 +113,8 @@ class SmallFCLOpt(UpdateRule):
     def init_theta(self, generator: torch.Generator | None = None) -> Theta:
         return init_mlp_theta(self.theta_shapes(), generator, "haiku")  # decay offsets start at 0
 
-    def per_element_flops(self) -> int:
-        return mlp_flops(shape for key, shape in self.theta_shapes().items() if key[0] == "w" and key[1:].isdigit())
+    def network_layers(self) -> list[tuple[int, int]]:
+        return numbered_layers(self.theta_shapes())
 
     def init_state(self, param: Tensor) -> State:
         shape = tuple(param.shape)

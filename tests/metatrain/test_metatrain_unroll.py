@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lopt_hf.metatrain.tasks import MLPImageTaskFamily
-from lopt_hf.metatrain.unroll import SKINNY_DECOMPOSITIONS, VectorizedInnerTrainer, _skinny_matmul, run_unroll
+from lopt_hf.rules.features import skinny_matmul
+from lopt_hf.metatrain.unroll import SKINNY_DECOMPOSITIONS, VectorizedInnerTrainer, run_unroll
 from lopt_hf.rules import build_rule
 
 MEMBERS = 4
@@ -38,7 +39,7 @@ def member_thetas(rule, seed: int = 1) -> dict[str, torch.Tensor]:
 def test_skinny_matmul_equals_matmul(shape_a, shape_b) -> None:
     generator = torch.Generator().manual_seed(0)
     a, b = torch.randn(shape_a, generator=generator), torch.randn(shape_b, generator=generator)
-    out = _skinny_matmul(a, b)
+    out = skinny_matmul(a, b)
     if shape_a[-1] > 8 and shape_b[-1] > 4:
         assert out is NotImplemented  # a regular matmul stays a BLAS call
     else:

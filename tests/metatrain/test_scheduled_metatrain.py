@@ -17,7 +17,8 @@ from lopt_hf.metatrain.estimators import build_estimator
 from lopt_hf.metatrain.lolo import LoLOPES
 from lopt_hf.metatrain.tasks import MLPImageTaskFamily
 from lopt_hf.metatrain.trainer import MetaTrainer, initial_theta
-from lopt_hf.metatrain.unroll import SCHEDULE_STATE, VectorizedInnerTrainer, _skinny_matmul, run_unroll
+from lopt_hf.rules.features import skinny_matmul
+from lopt_hf.metatrain.unroll import SCHEDULE_STATE, VectorizedInnerTrainer, run_unroll
 from lopt_hf.optim import LearnedOptimizer
 from lopt_hf.rules import build_rule
 
@@ -155,7 +156,7 @@ def test_scheduled_rules_need_the_planned_steps(family) -> None:
 
 def test_an_empty_matmul_is_left_to_aten() -> None:
     # Celo's scheduler has no per-tensor summaries: K = 0 products must not become broadcasts.
-    assert _skinny_matmul(torch.zeros(3, 0), torch.zeros(0, 4)) is NotImplemented
+    assert skinny_matmul(torch.zeros(3, 0), torch.zeros(0, 4)) is NotImplemented
 
 
 # ---------------------------------------------------------------------------- meta-training

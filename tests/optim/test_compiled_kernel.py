@@ -22,6 +22,7 @@ from lopt_hf.bench import COMPILED, compiled_names, make_optimizer
 from lopt_hf.kernels import kernel_for
 from lopt_hf.kernels.compiled import CompiledKernel, compiles
 from lopt_hf.rules import available_rules, build_rule
+from lopt_hf.rules.features import compiled_skinny_product
 
 CPU = torch.device("cpu")
 
@@ -98,7 +99,7 @@ def test_the_compiled_step_is_another_execution_of_the_same_math() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("rule_name, options", [("celo", {}), ("velo", {"lstm_hidden_size": 16, "param_inits": 4}),
                                                 ("celo_adam", {"orthogonalize": True, "tensor_features": True}),
-                                                ("opt2vec", {})])
+                                                ("opt2vec", {}), ("per_param_mlp", {})])
 def test_compiled_rules_train_like_the_eager_kernels_on_an_mlp(rule_name: str, options: dict) -> None:
     assert_trains_alike(rule_name, mlp, **options)
 
@@ -151,9 +152,10 @@ def test_a_failed_compilation_warns_and_steps_eagerly(tmp_path: Path) -> None:
 
 
 def test_compile_applies_to_the_rules_it_speeds_up() -> None:
-    """Small or no per-element networks compile; wide ones (BLAS-bound) keep their eager kernels."""
+    """Small, skinny or no per-element networks compile; wide ones (BLAS-bound) keep their eager kernels."""
     assert [name for name in available_rules() if compiles(build_rule(name))] == ["celo", "celo_adam", "opt2vec",
-                                                                                   "velo"]
+                                                                                   "per_param_mlp", "velo"]
+    assert not compiles(build_rule("per_param_mlp", hidden_sizes=[64, 64]))  # a 65×65 product is no skinny one
     model = linear()
     optimizer = load_lopt("lopt-hf/celo-adam-ns", model, compile=True)
     assert isinstance(optimizer.kernel_on(CPU), CompiledKernel)
@@ -188,6 +190,24 @@ def test_the_compiled_graph_gets_contiguous_tensors() -> None:
     kernel._one = recording
     loss = model(torch.randn(16, 8)).square().mean()
     loss.backward()
-    assert not model.weight.grad.mT.is_contiguous() or model.weight.grad.is_contiguous()  # (torch's own layout)
+    assert optimizer.layout_of(model.weight) == "linear"  # handed to the kernel as a transposed view
     optimizer.step(loss=loss.detach())
     assert seen == [(True, True), (True, True)] and not kernel._failed
+
+
+def test_the_compiled_per_param_mlp_writes_its_skinny_products_out() -> None:
+    """per_param_mlp's 3→64→2 products, compiled, are broadcast products (rules/features.py::skinny_matmul):
+    another order of the sums than the eager kernel's BLAS products — so it ran compiled — and the same step
+    up to rounding; outside torch.compile the rule's products are left as they are."""
+    rule = build_rule("per_param_mlp")
+    theta = rule.init_theta(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(3)
+    param, grad = torch.randn(1, 40, 30, generator=gen), 1e-2 * torch.randn(1, 40, 30, generator=gen)
+    state = {"momentum": 1e-2 * torch.randn(40, 30, generator=gen)}
+    eager = kernel_for(rule, theta)
+    expected, expected_state = eager.update_stack(param, grad, [{"momentum": state["momentum"].clone()}], 2)
+    actual, actual_state = CompiledKernel(kernel_for(rule, theta)).update_stack(param, grad, [state], 2)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-9)
+    assert not torch.equal(actual, expected)
+    torch.testing.assert_close(actual_state[0]["momentum"], expected_state[0]["momentum"], rtol=1e-6, atol=0)
+    assert compiled_skinny_product(torch.ones(5, 3), torch.ones(3, 2)) is None  # eager: the caller's product
