@@ -621,10 +621,11 @@ def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, element
     last = len(matrices) - 1
     for layer, matrix in enumerate(matrices):
         if element_major:
-            product = compiled_skinny_product(act(h).mT, matrix.mT)
+            inputs = act(h).mT  # (once: an in-place activation such as tanh_ must not run twice)
+            product = compiled_skinny_product(inputs, matrix.mT)
             if product is None:
                 target = None if scratch is None else scratch(layer, (h.shape[-1], matrix.shape[0]))
-                product = torch.matmul(act(h).mT, matrix.mT, out=target)
+                product = torch.matmul(inputs, matrix.mT, out=target)
             h = product.mT
             continue
         target = out if layer == last else None

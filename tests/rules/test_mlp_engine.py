@@ -27,11 +27,13 @@ def random_layers(sizes: list[int], seed: int) -> list[tuple[torch.Tensor, torch
 
 @pytest.mark.parametrize("activation, act", [("relu", torch.relu), ("tanh", torch.tanh)])
 @pytest.mark.parametrize("sizes", [[4, 2], [5, 7, 2], [6, 8, 8, 3]])
-def test_bias_folded_mlp_is_the_textbook_mlp(sizes: list[int], activation: str, act) -> None:
+@pytest.mark.parametrize("in_place", [False, True])
+def test_bias_folded_mlp_is_the_textbook_mlp(sizes: list[int], activation: str, act, in_place: bool) -> None:
+    """Also with deployment's in-place activations (each applied once: tanh twice would be another network)."""
     layers = random_layers(sizes, seed=len(sizes))
     x = torch.randn(50, sizes[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     features = torch.cat([x.t(), torch.ones(1, 50, dtype=torch.float64)])  # (in + 1, N), last row 1
-    folded = bias_folded_mlp(features, bias_folded_weights(layers, act), activation)
+    folded = bias_folded_mlp(features, bias_folded_weights(layers, act), activation, in_place=in_place)
     torch.testing.assert_close(folded, textbook_mlp(x, layers, act).t(), rtol=1e-12, atol=1e-12)
 
 
