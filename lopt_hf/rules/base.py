@@ -38,6 +38,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from .features import mlp_flops
+
 Theta = dict[str, Tensor]
 State = dict[str, Tensor]
 
@@ -107,7 +109,7 @@ class UpdateRule(ABC):
         """FLOPs (2 per multiply-add) of the rule's per-element network for one parameter element.
         ``None`` for rules without one."""
         layers = self.network_layers()
-        return None if layers is None else sum(2 * inner * outer for inner, outer in layers)
+        return None if layers is None else mlp_flops(layers)
 
     def tensor_flops(self, shape: tuple[int, ...]) -> int | None:
         """FLOPs (2 per multiply-add) of the matrix products in one step of a tensor of ``shape`` (in the
