@@ -55,7 +55,7 @@ demo: install
 # module fixtures (the README's blocks, the tiny meta-training run) are built once.
 # make test: everything but the tests marked slow (real subprocesses, multi-process runs, the README's
 # blocks, the memory and long fuzz runs) — the loop to run while working, ≈ 2 min on 2 cores;
-# make test-all: the whole suite, what CI (.ci/run) runs, ≈ 10.5 min on 2 cores.
+# make test-all: the whole suite, what CI (.ci/run) runs, ≈ 10–13 min on 2 cores.
 PYTEST := -m pytest -q -n auto --dist loadfile tests
 
 test: install
