@@ -130,10 +130,11 @@ class LearnedOptimizer(torch.optim.Optimizer):
             (``lopt_hf.layout.infer_layouts(model)``); unlisted tensors get
             ``lopt_hf.layout.default_layout``. Ignored by other rules.
         compile: step through ``torch.compile`` (:mod:`lopt_hf.kernels.compiled`) where that pays: the
-            rules with small or no per-element networks (Celo, VeLO, Celo-Adam, Opt2Vec; Celo's and VeLO's
-            steps 1.7–2.7× faster on CPU in three benchmark runs, after a compilation of seconds per kind of
-            tensor on the first step; below 4M elements per tensor their compiled graph builds the new state
-            whole: about twice the eager peak memory). Results differ from the eager step in the last bits only. Other rules ignore it.
+            rules with small, skinny or no per-element networks (Celo, VeLO, ``per_param_mlp``, Celo-Adam,
+            Opt2Vec; Celo's and VeLO's steps 2–3× and per_param_mlp's 3–3.7× faster on CPU in benchmark runs,
+            after a compilation of seconds per kind of tensor on the first step; below 4M elements per tensor
+            their compiled graph builds the new state whole: up to about twice the eager peak memory). Results
+            differ from the eager step in the last bits only. Other rules ignore it.
 
     A param group may set ``"route": "adamw"`` (with ``"betas"``, ``"eps"``; torch's AdamW
     defaults otherwise) to be stepped by AdamW instead of the rule.
