@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lopt_hf.rules.features import (StreamHooks, bias_folded_mlp, bias_folded_weights, folded_layers, streamed_mlp,
-                                    unrolled_mlp, unrolls)
+from lopt_hf.rules.features import (StreamHooks, bias_folded_mlp, bias_folded_weights, folded_layers,
+                                    row_sum_squares, streamed_mlp, unrolled_mlp, unrolls)
 
 
 def textbook_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], act) -> torch.Tensor:
@@ -111,3 +111,23 @@ def test_stream_hooks_refuse_a_buffer_without_an_out_buffer() -> None:
     with pytest.raises(ValueError, match="out buffer"):
         StreamHooks(buffer=lambda name, shape: torch.empty(shape))
     StreamHooks(buffer=lambda name, shape: torch.empty(shape), out=torch.empty(4))
+
+
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_row_sum_squares_of_broadcast_parts_is_the_materialised_sum(no_grad: bool) -> None:
+    """A factored feature is an expand-ed view; its rows' sums of squares, computed over its distinct elements
+    times their repeats, are those of the materialised tensor (float64: the same up to rounding), and the sums
+    of a part that is not broadcast are computed as they always were."""
+    gen = torch.Generator().manual_seed(3)
+    along_row = torch.rand(3, 1, 7, generator=gen, dtype=torch.float64).expand(3, 5, 7)
+    along_col = torch.rand(3, 5, 1, generator=gen, dtype=torch.float64).expand(3, 5, 7)
+    both = torch.rand(2, 1, 1, generator=gen, dtype=torch.float64).expand(2, 5, 7)
+    for part in (along_row, along_col, both, along_row[:, 1:4], along_col[:, :, 2:6]):
+        torch.testing.assert_close(row_sum_squares(part, no_grad),
+                                   torch.square(part.contiguous()).sum(dim=(1, 2)), rtol=1e-12, atol=0)
+    plain = torch.randn(4, 6, 5, generator=gen)
+    assert torch.equal(row_sum_squares(plain, no_grad), torch.square(torch.linalg.vector_norm(plain, dim=(1, 2)))
+                       if no_grad else torch.sum(torch.square(plain), dim=(1, 2)))
+    vector = torch.randn(4, generator=gen)  # a (k,) part: one element per row
+    assert torch.equal(row_sum_squares(vector, no_grad), torch.square(vector) if not no_grad
+                       else torch.square(torch.linalg.vector_norm(vector.unsqueeze(-1), dim=(1,))))
