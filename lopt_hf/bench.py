@@ -44,14 +44,14 @@ COMPILED = "+compile"
 
 
 def compiled_names(names: Sequence[str]) -> list[str]:
-    """``name + COMPILED`` for each named rule (or preset) that takes the compiled path
-    (:func:`~lopt_hf.kernels.compiled.compiles`)."""
-    from .kernels.compiled import compiles
+    """``name + COMPILED`` for each named rule (or preset) that ``compile=True`` steps otherwise
+    (:func:`~lopt_hf.kernels.compiled.takes_compiled_path`)."""
+    from .kernels.compiled import takes_compiled_path
 
     compiled = []
     for name in names:
         rule_name, rule_config, _ = setup_of(name)
-        if name != ADAMW and compiles(build_rule(rule_name, **rule_config)):
+        if name != ADAMW and takes_compiled_path(build_rule(rule_name, **rule_config)):
             compiled.append(name + COMPILED)
     return compiled
 

@@ -77,7 +77,7 @@ from torch import Tensor
 from .adamw import adamw_step
 from .kernels import RuleKernel, kernel_for
 from .kernels.base import stack_tensors
-from .kernels.compiled import CompiledKernel, compiles
+from .kernels.compiled import compiled_kernel
 from .layout import AS_IS, check_layouts, default_layout, from_rule_layout, to_rule_layout
 from .lr_schedules import describe_clipping, describe_trainer_schedule, on_learned_schedule
 from .rules.base import Theta, UpdateRule
@@ -155,7 +155,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
         self.compile = bool(compile)
         self._theta_cpu = {name: value.detach().to(torch.float32) for name, value in theta.items()}
         self._theta_by_device: dict[torch.device, Theta] = {}
-        self._kernels: dict[torch.device, RuleKernel] = {}
+        self._kernels: dict[torch.device, tuple[RuleKernel, bool]] = {}  # with whether compiled
         check_layouts(param_layouts)
         self.param_layouts: dict[Tensor, str] = dict(param_layouts or {})
         # Settings of the artifact this optimizer was loaded from (``load_lopt`` fills it in), so
@@ -208,13 +208,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
     def kernel_on(self, device: torch.device) -> RuleKernel:
         """The rule's deployment kernel with the meta-parameters on ``device`` (cached; rebuilt if ``rule`` or
         :attr:`compile` changes)."""
-        kernel = self._kernels.get(device)
-        compiled = self.compile and compiles(self.rule)
-        if kernel is None or kernel.rule is not self.rule or isinstance(kernel, CompiledKernel) != compiled:
+        kernel, compiled = self._kernels.get(device, (None, False))
+        if kernel is None or kernel.rule is not self.rule or compiled != self.compile:
             kernel = kernel_for(self.rule, self.theta_on(device))
-            if compiled:
-                kernel = CompiledKernel(kernel)
-            self._kernels[device] = kernel
+            if self.compile:
+                kernel = compiled_kernel(kernel)
+            self._kernels[device] = (kernel, self.compile)
         return kernel
 
     @property

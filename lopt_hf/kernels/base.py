@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from ..rules.base import State, Theta, UpdateRule
+
+if TYPE_CHECKING:
+    from .compiled import Compiler
 
 # Tensors below this size are handed to the rule as contiguous copies if they are views in another memory order
 # (:func:`contiguous_below`; the in-place kernels' threshold, so that large tensors stay near AdamW's memory).
@@ -84,6 +87,17 @@ class RuleKernel:
         near AdamW's) rather than computing it whole; the base kernel never does."""
         return False
 
+    # Whether :meth:`compile_parts` compiles anything (``LearnedOptimizer(compile=True)`` for a rule whose whole
+    # step does not compile, :func:`~lopt_hf.kernels.compiled.compiles`).
+    compiled_parts = False
+    # What compiles this kernel's step or parts of it under compile=True (it says whether compiling failed).
+    compiler: Compiler | None = None
+
+    def compile_parts(self, compiler: Compiler) -> None:
+        """Run the parts of the step that pay for it through ``compiler.compile`` (``torch.compile`` with an eager
+        fallback) from now on; the base kernel has none (:attr:`compiled_parts`)."""
+        self.compiler = compiler
+
 
 _KERNELS: dict[type[UpdateRule], type[RuleKernel]] = {}
 
@@ -98,12 +112,17 @@ def register_kernel(rule_class: type[UpdateRule]):  # noqa: ANN201  (a class dec
     return register
 
 
-def kernel_for(rule: UpdateRule, theta: Theta) -> RuleKernel:
-    """The deployment kernel of ``rule`` with ``theta`` (the most specific registered one, else :class:`RuleKernel`)."""
+def kernel_class(rule: UpdateRule) -> type[RuleKernel]:
+    """The class of ``rule``'s deployment kernel (the most specific registered one, else :class:`RuleKernel`)."""
     for cls in type(rule).__mro__:
         if cls in _KERNELS:
-            return _KERNELS[cls](rule, theta)
-    return RuleKernel(rule, theta)
+            return _KERNELS[cls]
+    return RuleKernel
+
+
+def kernel_for(rule: UpdateRule, theta: Theta) -> RuleKernel:
+    """The deployment kernel of ``rule`` with ``theta`` (:func:`kernel_class`)."""
+    return kernel_class(rule)(rule, theta)
 
 
 def stack_tensors(tensors: list[Tensor]) -> Tensor:

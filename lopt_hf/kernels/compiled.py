@@ -42,7 +42,8 @@ from torch import Tensor
 from ..rules.base import State, UpdateRule, as_step_tensor
 from ..rules.features import SKINNY_COMPILE_OPTIONS, UNROLL_MACS, is_skinny
 from . import in_place
-from .base import RuleKernel, stack_states, unstack_states
+from ..warning_location import stacklevel_outside_libraries
+from .base import RuleKernel, kernel_class, stack_states, unstack_states
 
 # Graphs kept per compiled function (torch's default, 8, is fewer than the distinct tensor shapes of many
 # models: each shape is a graph of its own, and a shape beyond the limit would silently run eagerly).
@@ -64,6 +65,56 @@ def compiles(rule: UpdateRule) -> bool:
     return layers is not None and all(is_skinny(inner + 1, outer + 1) for inner, outer in layers)
 
 
+def takes_compiled_path(rule: UpdateRule) -> bool:
+    """Whether ``compile=True`` changes how ``rule`` steps: its whole step compiles (:func:`compiles`) or its
+    kernel compiles parts of it (:attr:`~lopt_hf.kernels.base.RuleKernel.compiled_parts`: small_fc_lopt's
+    first pass)."""
+    return compiles(rule) or kernel_class(rule).compiled_parts
+
+
+def compiled_kernel(kernel: RuleKernel) -> RuleKernel:
+    """``kernel`` as ``LearnedOptimizer(compile=True)`` steps it: its whole step through ``torch.compile``
+    (:class:`CompiledKernel`) where the rule :func:`compiles`, else with its compiled parts
+    (:meth:`~lopt_hf.kernels.base.RuleKernel.compile_parts`), else as it is."""
+    if compiles(kernel.rule):
+        return CompiledKernel(kernel)
+    if kernel.compiled_parts:
+        kernel.compile_parts(Compiler(kernel.rule.name))
+    return kernel
+
+
+class Compiler:
+    """``torch.compile`` for one kernel, with an eager fallback: if compiling fails (e.g. no C++ compiler for
+    Inductor), one warning, and each of the kernel's compiled functions runs eagerly from then on."""
+
+    # One graph per shape (static shapes: Inductor's best loops; the dynamic-shape graph of Celo's step measured
+    # 1.4× slower on a 1024×1024 tensor).
+    OPTIONS: dict[str, Any] = {"fullgraph": True, "dynamic": False, "options": SKINNY_COMPILE_OPTIONS}
+
+    def __init__(self, rule_name: str) -> None:
+        self.rule_name = rule_name
+        self.failed = False
+
+    def compile(self, fn: Callable[..., _T]) -> Callable[..., _T]:
+        """``fn`` through ``torch.compile``, ``fn`` itself once compiling has failed."""
+        compiled = torch.compile(fn, **self.OPTIONS)
+        return lambda *args: self.run(lambda: compiled(*args), lambda: fn(*args))
+
+    def run(self, compiled: Callable[[], _T], eager: Callable[[], _T]) -> _T:
+        """``compiled()``; if compiling fails, one warning and ``eager()`` — now and for every later call."""
+        if self.failed:
+            return eager()
+        try:
+            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                return compiled()
+        except Exception as error:  # noqa: BLE001  (Inductor's failures have many types; the eager kernel is exact)
+            self.failed = True
+            warnings.warn(f"compiling the {self.rule_name!r} step failed ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0] if str(error) else ''}); stepping eagerly from now on",
+                          RuntimeWarning, stacklevel=stacklevel_outside_libraries())
+            return eager()
+
+
 class CompiledKernel(RuleKernel):
     """``eager``'s rule with ``torch.compile`` around ``rule.update_stacked``; everything else (state
     initialisation, how the step is subtracted, stacking) is ``eager``'s, so a run can switch between the
@@ -72,15 +123,12 @@ class CompiledKernel(RuleKernel):
     def __init__(self, eager: RuleKernel) -> None:
         super().__init__(eager.rule, eager.theta)
         self.eager = eager
-        self._failed = False
-        # One graph per shape (static shapes: Inductor's best loops; the dynamic-shape graph of Celo's step
-        # measured 1.4× slower on a 1024×1024 tensor); a stack of one tensor goes through ``update`` on the
-        # tensor itself, so the state it keeps is the compiled graph's own output, never a view (views add
-        # guards on their base).
-        options = {"fullgraph": True, "dynamic": False, "options": SKINNY_COMPILE_OPTIONS}
-        self._one = torch.compile(self._update_one, **options)
-        self._stack = torch.compile(self._update_stack, **options)
-        self._summary = torch.compile(self.eager.tensor_summary, **options)
+        self.compiler = Compiler(eager.rule.name)
+        # A stack of one tensor goes through ``update`` on the tensor itself, so the state it keeps is the
+        # compiled graph's own output, never a view (views add guards on their base).
+        self._one = torch.compile(self._update_one, **Compiler.OPTIONS)
+        self._stack = torch.compile(self._update_stack, **Compiler.OPTIONS)
+        self._summary = torch.compile(self.eager.tensor_summary, **Compiler.OPTIONS)
 
     @property
     def stacks(self) -> bool:
@@ -104,20 +152,6 @@ class CompiledKernel(RuleKernel):
                       kwargs: dict[str, Tensor]) -> tuple[Tensor, State]:
         return self.rule.update_stacked(theta, params, grads, states, step, None, **kwargs)
 
-    def _compiled_or_eager(self, compiled: Callable[[], _T], eager: Callable[[], _T]) -> _T:
-        """``compiled()``; if compiling fails, one warning and ``eager()`` — now and for every later call."""
-        if self._failed:
-            return eager()
-        try:
-            with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
-                return compiled()
-        except Exception as error:  # noqa: BLE001  (Inductor's failures have many types; the eager kernel is exact)
-            self._failed = True
-            warnings.warn(f"compiling the {self.rule.name!r} step failed ({type(error).__name__}: "
-                          f"{str(error).splitlines()[0] if str(error) else ''}); stepping eagerly from now on",
-                          RuntimeWarning, stacklevel=3)
-            return eager()
-
     def update_stack(self, params: Tensor, grads: Tensor, states: list[State], step: Tensor | int,
                      chunk_size: int | None = None, **kwargs: Any) -> tuple[Tensor, list[State]]:
         numel = params[0].numel()
@@ -139,9 +173,9 @@ class CompiledKernel(RuleKernel):
             direction, new_states = self._stack(self.theta, params, grads, stack_states(states), count, kwargs)
             return direction, unstack_states(new_states, len(states))
 
-        return self._compiled_or_eager(
+        return self.compiler.run(
             compiled, lambda: self.eager.update_stack(params, grads, states, step, chunk_size, **kwargs))
 
     def tensor_summary(self, param: Tensor, grad: Tensor, state: State) -> Tensor:
-        return self._compiled_or_eager(lambda: self._summary(param, grad, state),
+        return self.compiler.run(lambda: self._summary(param, grad, state),
                                        lambda: self.eager.tensor_summary(param, grad, state))

@@ -293,7 +293,7 @@ class FactoredFeatures:
     ``small_fc_lopt`` and ``celo``."""
 
     grad_factor: Factor
-    momentum_factor: Factor
+    momentum_factor: Factor | None  # None: the same as grad_factor (≥ 2-D tensors)
     row: Tensor
     col: Tensor
     rsqrt_row: Tensor
@@ -305,7 +305,7 @@ class FactoredFeatures:
 
     def momentum_factor_at(self, at: tuple, grad_factor: Tensor) -> Tensor:
         """The momentum's preconditioner at ``at``; ``grad_factor`` (:meth:`grad_factor_at`) is reused when equal."""
-        return grad_factor if self.momentum_factor is self.grad_factor else factor_at(self.momentum_factor, at)
+        return grad_factor if self.momentum_factor is None else factor_at(self.momentum_factor, at)
 
 
 def factor_at(factor: Factor, at: tuple) -> Tensor:
@@ -337,7 +337,7 @@ def factored_features(accumulators: dict[str, Tensor], factors: tuple[Tensor, ..
 
     v_row, v_col = accumulators["v_row"], accumulators["v_col"]
     pair = (along_row(factors[0]), along_col(factors[1]))
-    return FactoredFeatures(pair, pair, along_row(v_row), along_col(v_col), along_row(torch.rsqrt(v_row + 1e-8)),
+    return FactoredFeatures(pair, None, along_row(v_row), along_col(v_col), along_row(torch.rsqrt(v_row + 1e-8)),
                             along_col(torch.rsqrt(v_col + 1e-8)))
 
 
@@ -397,10 +397,15 @@ class StreamHooks:
     advance: Callable[[tuple], None] | None = None
     out: Tensor | None = None
     buffer: Buffer | None = None
+    # The features' per-tensor mean squares, computed by the kernel beforehand (its first pass over the whole
+    # tensor, fused by torch.compile: :func:`feature_mean_squares`); the streamed first pass is then skipped.
+    mean_square: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.buffer is not None and self.out is None:  # else the result could be a view of a reused buffer
             raise ValueError("StreamHooks.buffer needs an out buffer for the result")
+        if self.mean_square is not None and self.advance is not None:
+            raise ValueError("StreamHooks.advance is called by the first pass, which a given mean_square skips")
 
 
 def normalized_mlp(
@@ -468,11 +473,13 @@ def normalized_mlp(
     if len(pieces) == 1 and advance is None and out is None and unrolls(layers):
         return _unrolled_normalized_mlp(features(pieces[0]), layers, constant_inputs, readout, eps, shape)
     whole = None
-    if len(pieces) == 1:
+    if hooks.mean_square is not None:
+        mean_square = hooks.mean_square
+    elif len(pieces) == 1:
         if advance is not None:
             advance(pieces[0])
         whole = feature_matrix(pieces[0])
-        sum_square = sum_squares([whole[:-1]])
+        mean_square = sum_squares([whole[:-1]]) / max(numel, 1)
     else:
         sum_square = None
         for index in pieces:
@@ -481,7 +488,7 @@ def normalized_mlp(
             # Reduce each part where it lies: no concatenated copy on this pass.
             part = sum_squares(features(index))
             sum_square = part if sum_square is None else sum_square + part
-    mean_square = sum_square / max(numel, 1)
+        mean_square = sum_square / max(numel, 1)
     weights = bias_folded_weights(normalized_first_layer(layers, mean_square, constant_inputs, eps), torch.relu)
     # the activations of layer k into "hidden" (even k) or "features" (odd k: the piece's features are dead once
     # the first layer has read them): two buffers for any depth
@@ -490,6 +497,14 @@ def normalized_mlp(
     result = streamed_mlp(pieces, (lambda index: whole) if whole is not None else feature_matrix, weights, "relu",
                           readout, in_place=no_grad, out=out, scratch=scratch)
     return result.reshape(shape)
+
+
+def feature_mean_squares(features: Callable[[tuple], list[Tensor]], numel: int) -> Tensor:
+    """``(F,)``: each feature's mean square over the whole tensor of ``numel`` elements, ``features`` as for
+    :func:`normalized_mlp` (what its first pass computes piece by piece). Under ``torch.compile`` the features
+    are never materialised: one fused pass over the inputs (a kernel's compiled first pass,
+    :attr:`StreamHooks.mean_square`)."""
+    return torch.cat([row_sum_squares(part) for part in features(())]) / max(numel, 1)
 
 
 def row_sum_squares(part: Tensor, no_grad: bool = False) -> Tensor:

@@ -30,6 +30,7 @@ Theta names are the haiku ones without the ``nn/~/`` prefix (:data:`HAIKU_NAMES`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -166,6 +167,18 @@ class SmallFCLOpt(UpdateRule):
                      hooks: StreamHooks | None = None) -> Tensor:
         """The step from the new accumulators (:func:`~lopt_hf.rules.features.normalized_mlp`; ``hooks``: a
         deployment kernel's)."""
+        time_features = tanh_time_features(as_step_tensor(step, param))
+        features = self.features(param, grad, momentum, rms, fac)
+        return normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
+                              step_from_direction_magnitude(self.exp_mult, self.step_mult),
+                              chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
+
+    @staticmethod
+    def features(param: Tensor, grad: Tensor, momentum: Tensor, rms: Tensor,
+                 fac: FactoredFeatures) -> Callable[[tuple], list[Tensor]]:
+        """The network's per-element features from the new accumulators: ``features(index)`` of
+        ``tensor[index]``, as :func:`~lopt_hf.rules.features.normalized_mlp` takes them (the order of
+        the module docstring's list)."""
 
         def features(index: tuple) -> list[Tensor]:
             at = (slice(None), *index)
@@ -178,10 +191,7 @@ class SmallFCLOpt(UpdateRule):
                 m_i * fac.momentum_factor_at(at, fac_g_i),
             ]
 
-        time_features = tanh_time_features(as_step_tensor(step, param))
-        return normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
-                              step_from_direction_magnitude(self.exp_mult, self.step_mult),
-                              chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
+        return features
 
 
 def advance_moments(mom_decay: Tensor, rms_decay: Tensor, momentum: Tensor, rms: Tensor,

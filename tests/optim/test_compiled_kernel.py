@@ -20,7 +20,8 @@ from torch import nn
 from lopt_hf import LearnedOptimizer, load_lopt
 from lopt_hf.bench import COMPILED, compiled_names, make_optimizer
 from lopt_hf.kernels import kernel_for
-from lopt_hf.kernels.compiled import CompiledKernel, compiles
+from lopt_hf.kernels import in_place
+from lopt_hf.kernels.compiled import CompiledKernel, Compiler, compiles, takes_compiled_path
 from lopt_hf.rules import available_rules, build_rule
 from lopt_hf.rules.features import compiled_skinny_product
 
@@ -56,7 +57,9 @@ def mlp() -> nn.Module:
 def assert_trains_alike(rule_name: str, model_fn, **rule_options) -> None:
     eager_model, eager = train(rule_name, False, model_fn, **rule_options)
     compiled_model, compiled = train(rule_name, True, model_fn, **rule_options)
-    assert isinstance(compiled.kernel_on(CPU), CompiledKernel) and not compiled.kernel_on(CPU)._failed
+    kernel = compiled.kernel_on(CPU)
+    assert isinstance(kernel, CompiledKernel) == compiles(compiled.rule)  # else the kernel compiles parts
+    assert kernel.compiler is not None and not kernel.compiler.failed
     for expected, actual in zip(eager_model.parameters(), compiled_model.parameters()):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7)
     # the same state, key for key: a checkpoint of one loads into the other
@@ -73,6 +76,61 @@ def assert_trains_alike(rule_name: str, model_fn, **rule_options) -> None:
 
 def test_compiled_celo_trains_like_the_eager_kernel() -> None:
     assert_trains_alike("celo", linear)
+
+
+def test_compiled_small_fc_lopt_trains_like_the_eager_kernel() -> None:
+    """small_fc_lopt's network stays eager; its first pass (state advanced, features' mean squares) compiles."""
+    assert_trains_alike("small_fc_lopt", linear)
+
+
+def test_small_fc_lopts_compiled_first_pass_is_the_streamed_one() -> None:
+    """The compiled first pass over the whole tensor advances the state as the eager pieces do and gives the
+    features' mean squares up to rounding (another order of the sums: it ran compiled); a 2-D tensor and a
+    1-D one (factored and full second moments)."""
+    rule = build_rule("small_fc_lopt")
+    theta = rule.init_theta(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(4)
+    kernel = kernel_for(rule, theta)
+    kernel.compile_parts(Compiler(rule.name))
+    for shape in ((48, 40), (37,)):
+        param, grad = torch.randn(shape, generator=gen), 1e-2 * torch.randn(shape, generator=gen)
+        state = {key: torch.rand(value.shape, generator=gen) * 1e-3 for key, value in rule.init_state(param).items()}
+        mom_decay, rms_decay, fac_decay = rule.decays(theta, param)
+        _, fac = rule.factored_moments(fac_decay, grad, state)
+        eager_m, eager_rms = state["momentum"].clone(), state["rms"].clone()
+        expected = kernel.first_pass(param, grad, eager_m, eager_rms, fac, mom_decay, rms_decay)
+        momentum, rms = state["momentum"].clone(), state["rms"].clone()
+        actual = kernel._compiled_first_pass(param, grad, momentum, rms, fac, mom_decay, rms_decay)
+        assert not kernel.compiler.failed
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
+        assert not torch.equal(actual, expected)
+        torch.testing.assert_close(momentum, eager_m, rtol=1e-6, atol=0)
+        torch.testing.assert_close(rms, eager_rms, rtol=1e-6, atol=0)
+        # the eager streamed pass (chunks of 128 elements) agrees: the first pass is that pass at once
+        # the whole step: the compiled kernel's (first pass at once) and the eager kernel's (streamed, chunks of
+        # 128 elements) agree; each advances the state it gets
+        compiled_step, _ = kernel.update_stack(param.unsqueeze(0), grad.unsqueeze(0),
+                                               [{key: value.clone() for key, value in state.items()}], 3,
+                                               chunk_size=128)
+        streamed, _ = kernel_for(rule, theta).update_stack(param.unsqueeze(0), grad.unsqueeze(0), [state], 3,
+                                                           chunk_size=128)
+        torch.testing.assert_close(compiled_step, streamed, rtol=1e-5, atol=1e-9)
+
+
+def test_large_tensors_keep_the_streamed_first_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From IN_PLACE_MIN_NUMEL elements on the first pass stays streamed: the whole-tensor graph would hold
+    full-size temporaries where Inductor does not fuse them."""
+    rule = build_rule("small_fc_lopt")
+    kernel = kernel_for(rule, rule.init_theta(torch.Generator().manual_seed(0)))
+    kernel.compile_parts(Compiler(rule.name))
+    calls = []
+    kernel._compiled_first_pass = lambda *args: calls.append(args) or kernel.first_pass(*args)
+    param = torch.randn(1, 20, 10)
+    kernel.update_stack(param, 1e-2 * param, [rule.init_state(param[0])], 0)
+    assert len(calls) == 1
+    monkeypatch.setattr(in_place, "IN_PLACE_MIN_NUMEL", 200)
+    kernel.update_stack(param, 1e-2 * param, [rule.init_state(param[0])], 0)
+    assert len(calls) == 1
 
 
 def test_the_compiled_step_is_another_execution_of_the_same_math() -> None:
@@ -134,7 +192,7 @@ with warnings.catch_warnings(record=True) as caught:
     compiled_model, compiled = train("celo", True, linear)
 messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 assert len(messages) == 1 and "compiling the 'celo' step failed" in messages[0], messages
-assert compiled.kernel_on(CPU)._failed
+assert compiled.kernel_on(CPU).compiler.failed
 assert all(torch.equal(a, b) for a, b in zip(eager_model.parameters(), compiled_model.parameters()))
 print("fell back")
 """
@@ -162,11 +220,15 @@ def test_compile_applies_to_the_rules_it_speeds_up() -> None:
     optimizer.compile = False  # switched off (e.g. to compare): the eager kernel from the next step on
     assert not isinstance(optimizer.kernel_on(CPU), CompiledKernel)
     assert not isinstance(load_lopt("lopt-hf/celo-adam-ns", model).kernel_on(CPU), CompiledKernel)
-    assert not isinstance(load_lopt("lopt-hf/small-fc-lolo", model, compile=True).kernel_on(CPU), CompiledKernel)
+    small_fc = load_lopt("lopt-hf/small-fc-lolo", model, compile=True).kernel_on(CPU)
+    assert not isinstance(small_fc, CompiledKernel) and small_fc.compiler is not None  # its first pass compiles
+    assert [name for name in available_rules() if takes_compiled_path(build_rule(name))] == [
+        "celo", "celo_adam", "opt2vec", "per_param_mlp", "small_fc_lopt", "velo"]
 
 
 def test_bench_times_the_compiled_rules_as_rows_of_their_own() -> None:
-    assert compiled_names(["adamw", "celo", "small_fc_lopt", "celo2", "celo2-base"]) == ["celo" + COMPILED]
+    assert compiled_names(["adamw", "celo", "small_fc_lopt", "celo2", "celo2-base"]) == ["celo" + COMPILED,
+                                                                                       "small_fc_lopt" + COMPILED]
     assert make_optimizer("celo" + COMPILED, mlp()).compile
     assert not make_optimizer("celo", mlp()).compile
 
@@ -192,7 +254,7 @@ def test_the_compiled_graph_gets_contiguous_tensors() -> None:
     loss.backward()
     assert optimizer.layout_of(model.weight) == "linear"  # handed to the kernel as a transposed view
     optimizer.step(loss=loss.detach())
-    assert seen == [(True, True), (True, True)] and not kernel._failed
+    assert seen == [(True, True), (True, True)] and not kernel.compiler.failed
 
 
 def test_the_compiled_per_param_mlp_writes_its_skinny_products_out() -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lopt_hf.rules.features import (StreamHooks, bias_folded_mlp, bias_folded_weights, folded_layers,
-                                    row_sum_squares, streamed_mlp, unrolled_mlp, unrolls)
+from lopt_hf.rules.features import (StreamHooks, bias_folded_mlp, bias_folded_weights, feature_mean_squares,
+                                    folded_layers, normalized_mlp, row_sum_squares, streamed_mlp, unrolled_mlp,
+                                    unrolls)
 
 
 def textbook_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], act) -> torch.Tensor:
@@ -111,6 +112,30 @@ def test_stream_hooks_refuse_a_buffer_without_an_out_buffer() -> None:
     with pytest.raises(ValueError, match="out buffer"):
         StreamHooks(buffer=lambda name, shape: torch.empty(shape))
     StreamHooks(buffer=lambda name, shape: torch.empty(shape), out=torch.empty(4))
+
+
+def test_given_mean_squares_replace_the_first_pass() -> None:
+    """A kernel that computed the features' mean squares itself (feature_mean_squares, compiled) skips the
+    streamed first pass — and with it the advance hook, which that pass calls: the two are refused together."""
+    gen = torch.Generator().manual_seed(5)
+    rows, g = torch.randn(3, 1, 30, generator=gen), torch.randn(20, 30, generator=gen)
+
+    def features(index: tuple) -> list[torch.Tensor]:
+        return [g[index].unsqueeze(0), rows.expand(3, 20, 30)[(slice(None), *index)], torch.tanh(g[index]).unsqueeze(0)]
+
+    theta = {"w0": torch.randn(7, 6, generator=gen), "b0": torch.randn(6, generator=gen),
+             "w1": torch.randn(6, 2, generator=gen), "b1": torch.randn(2, generator=gen)}
+    constant, readout = torch.randn(2, generator=gen), (lambda out: out[0] * torch.exp(out[1]))
+    streamed = normalized_mlp(theta, features, g.shape, constant, 2, readout, chunk_size=64)
+    mean_square = feature_mean_squares(features, g.numel())
+    given = normalized_mlp(theta, features, g.shape, constant, 2, readout, chunk_size=64,
+                           hooks=StreamHooks(mean_square=mean_square))
+    torch.testing.assert_close(given, streamed, rtol=1e-5, atol=1e-7)
+    garbled = normalized_mlp(theta, features, g.shape, constant, 2, readout, chunk_size=64,
+                             hooks=StreamHooks(mean_square=2 * mean_square))
+    assert not torch.allclose(garbled, streamed)  # the given mean squares are the ones used
+    with pytest.raises(ValueError, match="advance"):
+        StreamHooks(mean_square=mean_square, advance=lambda index: None)
 
 
 @pytest.mark.parametrize("no_grad", [False, True])
