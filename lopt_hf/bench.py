@@ -258,16 +258,17 @@ def format_results(results: Sequence[StepResult], layers: Sequence[int], device:
     num_params = sum(fan_in * fan_out + fan_out for fan_in, fan_out in zip(layers[:-1], layers[1:]))
     gflops = gflops or (results[0].sgemm_gflops if results else None)
     rate = f", sgemm {gflops:.0f} GFLOP/s" if gflops else ""
+    width = max([16, *(len(r.name) + 2 for r in results)])  # "small_fc_lopt+compile" and its numbers stay apart
     lines = [f"optimizer step on MLP {'→'.join(map(str, layers))} ({num_params / 1e6:.2f}M parameters), "
              f"device={device}, torch {torch.__version__}, threads={torch.get_num_threads()}{rate}",
-             f"{'optimizer':<16}{'step ms':>10}{'× AdamW':>10}{'floor ms':>10}{'× floor':>9}{'state MB':>10}"
+             f"{'optimizer':<{width}}{'step ms':>10}{'× AdamW':>10}{'floor ms':>10}{'× floor':>9}{'state MB':>10}"
              f"{'peak extra MB':>15}"]
     for r in results:
         state = f"{r.state_mb:.1f}" if r.state_mb is not None else "n/a"
         peak = f"{r.peak_extra_mb:.1f}" if r.peak_extra_mb is not None else "n/a"
         floor = f"{r.floor_ms:.1f}" if r.floor_ms is not None else "-"
         to_floor = f"{r.ratio_to_floor:.1f}" if r.ratio_to_floor is not None else "-"
-        lines.append(f"{r.name:<16}{r.step_ms:>10.2f}{r.ratio_to_adamw:>10.1f}{floor:>10}{to_floor:>9}{state:>10}"
+        lines.append(f"{r.name:<{width}}{r.step_ms:>10.2f}{r.ratio_to_adamw:>10.1f}{floor:>10}{to_floor:>9}{state:>10}"
                      f"{peak:>15}")
     lines.append("floor: the FLOPs of the rule's matrix products (per-element network, Newton–Schulz) over the learned "
                  "tensors at the sgemm rate measured in this run ('-': none)")
