@@ -133,8 +133,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
             rules with small, skinny or no per-element networks (Celo, VeLO, ``per_param_mlp``, Celo-Adam,
             Opt2Vec; Celo's and VeLO's steps 2–3× and per_param_mlp's 3–3.7× faster on CPU in benchmark runs,
             after a compilation of seconds per kind of tensor on the first step; below 4M elements per tensor
-            their compiled graph builds the new state whole: up to about twice the eager peak memory). Results
-            differ from the eager step in the last bits only. Other rules ignore it.
+            their compiled graph builds the new state whole: up to about twice the eager peak memory), and
+            ``small_fc_lopt``'s first pass (its features' per-tensor statistics, fused into one pass; its network
+            stays eager). Results differ from the eager step in the last bits only. Other rules ignore it.
 
     A param group may set ``"route": "adamw"`` (with ``"betas"``, ``"eps"``; torch's AdamW
     defaults otherwise) to be stepped by AdamW instead of the rule.

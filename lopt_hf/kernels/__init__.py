@@ -15,7 +15,8 @@ math (tests prove each fast path equals the reference rule).
   ``per_param_mlp`` piece by piece, their full-size state advanced in place (memory ≤ 2× AdamW's);
   :mod:`~lopt_hf.kernels.celo` does the same for the scheduled ``celo``, ``velo`` and ``celo_adam``;
 * :class:`~lopt_hf.kernels.compiled.CompiledKernel` — ``LearnedOptimizer(compile=True)``: any of the above
-  for the rules it speeds up (:func:`~lopt_hf.kernels.compiled.compiles`), its step through ``torch.compile``.
+  for the rules it speeds up (:func:`~lopt_hf.kernels.compiled.compiles`), its step through ``torch.compile``;
+  other kernels may compile parts of their step (``RuleKernel.compile_parts``: small_fc_lopt's first pass).
 """
 
 from .base import RuleKernel, kernel_for, register_kernel

@@ -16,7 +16,10 @@ Inductor fuses into one loop over the elements — 5× faster than its eager ker
 (``small_fc_lopt``, ``mlp_lopt``, Celo2) keep their eager kernels: their time is in matrix products that BLAS
 runs faster than unrolled code (small_fc_lopt's skinny-compiled step measured 2.3× slower than eager), and
 compiled as a whole they measured slower or took minutes to compile (the chunked streaming unrolls into the
-graph).
+graph). A kernel may compile parts of its step instead (:meth:`~lopt_hf.kernels.base.RuleKernel.compile_parts`,
+:func:`compiled_kernel`): ``small_fc_lopt``'s first pass — its 28 features built and reduced piece by piece
+for the per-tensor normalisation, eagerly dozens of passes over memory — compiles over the whole tensor into
+one fused pass (no feature is materialised), while the network's products stay BLAS calls.
 
 The compiled step is the same math in another order of float operations (sums, the folded
 normalisation), so its results differ from the eager kernel's in the last bits (a test bounds the
