@@ -76,6 +76,34 @@ class InPlaceKernel(RuleKernel):
         goes into ``out`` (``advance`` or the features' ``mean_square``, :class:`~lopt_hf.rules.features.StreamHooks`)."""
         return StreamHooks(advance=advance, out=out.view(-1), buffer=self.buffers.lender(out), mean_square=mean_square)
 
+    # Under compile=True (:meth:`compile_parts`, kernels with a :meth:`first_pass`): the first pass through
+    # torch.compile, for tensors below IN_PLACE_MIN_NUMEL (larger ones keep the streamed pass, whose memory near
+    # AdamW's is measured; the compiled one is measured below).
+    _compiled_first_pass: Callable[..., Tensor] | None = None
+
+    def compile_parts(self, compiler: Compiler) -> None:
+        """Compile :meth:`first_pass` (kernels that set :attr:`compiled_parts`): the network's products stay BLAS
+        calls (the whole step compiled measured slower, :mod:`lopt_hf.kernels.compiled`), while the first pass —
+        the features built and reduced piece by piece, a dozen or dozens of passes over memory eagerly — fuses
+        into one. small_fc_lopt on the bench MLP: that pass alone 8 ms compiled against 85 ms for the same code
+        eagerly, the step 213 → 168 ms at the same peak memory. mlp_lopt's first pass (its features are views of
+        the gradient, value and momenta: reductions only) measured no faster compiled, so it stays eager."""
+        super().compile_parts(compiler)
+        self._compiled_first_pass = compiler.compile(self.first_pass)
+
+    def first_pass(self, *args: Any) -> Tensor:
+        """The streamed network's first pass over the whole tensor at once: the state advanced in place, the
+        features' mean squares returned (:func:`~lopt_hf.rules.features.feature_mean_squares`). Compiled,
+        nothing of the features is materialised; eagerly it would build them all."""
+        raise NotImplementedError
+
+    def stream_hooks(self, out: Tensor, advance: Callable[[tuple], None], *first_pass_args: Any) -> StreamHooks:
+        """:meth:`hooks` for one tensor: its compiled :meth:`first_pass` (``first_pass_args``) has advanced the
+        state and gives the mean squares, or (eagerly, or a large tensor) ``advance`` is called piece by piece."""
+        if self._compiled_first_pass is not None and out.numel() < IN_PLACE_MIN_NUMEL:
+            return self.hooks(out, None, self._compiled_first_pass(*first_pass_args))
+        return self.hooks(out, advance)
+
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                     chunk_size: int | None, **kwargs: Any) -> State:
         """Write the step of one tensor into ``out`` (``param``'s shape, contiguous) and return its new state.
@@ -177,23 +205,10 @@ class SmallFCLOptKernel(InPlaceKernel):
     rule: SmallFCLOpt
     every_size = True
     compiled_parts = True
-    # Under compile=True: :meth:`first_pass` through torch.compile, for tensors below IN_PLACE_MIN_NUMEL (larger
-    # ones keep the streamed pass, whose memory near AdamW's is measured; the compiled one is measured below)
-    _compiled_first_pass: Callable[..., Tensor] | None = None
-
-    def compile_parts(self, compiler: Compiler) -> None:
-        """Compile :meth:`first_pass`: the network's products stay BLAS calls (the whole step compiled measured
-        slower, :mod:`lopt_hf.kernels.compiled`), while the first pass — 28 features built and reduced piece by
-        piece, dozens of passes over memory eagerly — fuses into one: on the bench MLP that pass alone 8 ms
-        compiled against 85 ms for the same code eagerly, the step 213 → 168 ms at the same peak memory."""
-        super().compile_parts(compiler)
-        self._compiled_first_pass = compiler.compile(self.first_pass)
 
     def first_pass(self, param: Tensor, grad: Tensor, momentum: Tensor, rms: Tensor, fac: FactoredFeatures,
                    mom_decay: Tensor, rms_decay: Tensor) -> Tensor:
-        """The streamed network's first pass over the whole tensor at once: ``momentum`` and ``rms`` advanced
-        in place, the features' mean squares returned (:func:`~lopt_hf.rules.features.feature_mean_squares`).
-        Compiled, nothing of the features is materialised; eagerly it would build them all."""
+        """:meth:`InPlaceKernel.first_pass`: ``momentum`` and ``rms`` advanced, the 28 features' mean squares."""
         new_momentum, new_rms = advance_moments(mom_decay, rms_decay, momentum, rms, grad)
         momentum.copy_(new_momentum)
         rms.copy_(new_rms)
@@ -212,11 +227,7 @@ class SmallFCLOptKernel(InPlaceKernel):
             momentum[at].copy_(new_momentum)
             rms[at].copy_(new_rms)
 
-        if self._compiled_first_pass is not None and param.numel() < IN_PLACE_MIN_NUMEL:
-            mean_square = self._compiled_first_pass(param, grad, momentum, rms, fac, mom_decay, rms_decay)
-            hooks = self.hooks(out, None, mean_square)
-        else:
-            hooks = self.hooks(out, advance)
+        hooks = self.stream_hooks(out, advance, param, grad, momentum, rms, fac, mom_decay, rms_decay)
         self.rule.network_step(self.theta, param, grad, momentum, rms, fac, step, chunk_size, hooks=hooks)
         return {"momentum": momentum, "rms": rms, **accumulators}
 
