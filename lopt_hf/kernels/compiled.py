@@ -44,8 +44,8 @@ from torch import Tensor
 
 from ..rules.base import State, UpdateRule, as_step_tensor
 from ..rules.features import SKINNY_COMPILE_OPTIONS, UNROLL_MACS, is_skinny
-from . import in_place
 from ..warning_location import stacklevel_outside_libraries
+from . import in_place
 from .base import RuleKernel, kernel_class, stack_states, unstack_states
 
 # Graphs kept per compiled function (torch's default, 8, is fewer than the distinct tensor shapes of many
@@ -181,4 +181,4 @@ class CompiledKernel(RuleKernel):
 
     def tensor_summary(self, param: Tensor, grad: Tensor, state: State) -> Tensor:
         return self.compiler.run(lambda: self._summary(param, grad, state),
-                                       lambda: self.eager.tensor_summary(param, grad, state))
+                                 lambda: self.eager.tensor_summary(param, grad, state))
