@@ -89,7 +89,7 @@ class InPlaceKernel(RuleKernel):
         eagerly, the step 213 → 168 ms at the same peak memory. mlp_lopt's first pass (its features are views of
         the gradient, value and momenta: reductions only) measured no faster compiled, so it stays eager."""
         super().compile_parts(compiler)
-        self._compiled_first_pass = compiler.compile(self.first_pass)
+        self._compiled_first_pass = compiler.compile(self.first_pass_if_compiled)
 
     def first_pass(self, *args: Any) -> Tensor:
         """The streamed network's first pass over the whole tensor at once: the state advanced in place, the
@@ -97,11 +97,20 @@ class InPlaceKernel(RuleKernel):
         nothing of the features is materialised; eagerly it would build them all."""
         raise NotImplementedError
 
+    def first_pass_if_compiled(self, *args: Any) -> Tensor | None:
+        """:meth:`first_pass` while torch.compile traces it; None (nothing done) when it runs eagerly — compiling
+        failed, or dynamo runs a shape beyond its recompile limit eagerly —, so the caller takes the streamed
+        pass, whose memory stays a piece's, instead of building every feature of the tensor at once."""
+        return self.first_pass(*args) if torch.compiler.is_compiling() else None
+
     def stream_hooks(self, out: Tensor, advance: Callable[[tuple], None], *first_pass_args: Any) -> StreamHooks:
         """:meth:`hooks` for one tensor: its compiled :meth:`first_pass` (``first_pass_args``) has advanced the
-        state and gives the mean squares, or (eagerly, or a large tensor) ``advance`` is called piece by piece."""
+        state and gives the mean squares, or (eagerly, a large tensor, or a first pass that did not run
+        compiled) ``advance`` is called piece by piece."""
         if self._compiled_first_pass is not None and out.numel() < IN_PLACE_MIN_NUMEL:
-            return self.hooks(out, None, self._compiled_first_pass(*first_pass_args))
+            mean_square = self._compiled_first_pass(*first_pass_args)
+            if mean_square is not None:
+                return self.hooks(out, None, mean_square)
         return self.hooks(out, advance)
 
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,

@@ -23,7 +23,8 @@ from lopt_hf.kernels import kernel_for
 from lopt_hf.kernels import in_place
 from lopt_hf.kernels.compiled import CompiledKernel, Compiler, compiles, takes_compiled_path
 from lopt_hf.rules import available_rules, build_rule
-from lopt_hf.rules.features import compiled_skinny_product
+from lopt_hf.rules.features import compiled_skinny_product, feature_mean_squares
+from lopt_hf.rules.small_fc_lopt import advance_moments
 
 CPU = torch.device("cpu")
 
@@ -97,9 +98,12 @@ def test_small_fc_lopts_compiled_first_pass_is_the_streamed_one() -> None:
         state = {key: torch.rand(value.shape, generator=gen) * 1e-3 for key, value in rule.init_state(param).items()}
         mom_decay, rms_decay, fac_decay = rule.decays(theta, param)
         _, fac = rule.factored_moments(fac_decay, grad, state)
-        eager_m, eager_rms = state["momentum"].clone(), state["rms"].clone()
-        expected = kernel.first_pass(param, grad, eager_m, eager_rms, fac, mom_decay, rms_decay)
+        eager_m, eager_rms = advance_moments(mom_decay, rms_decay, state["momentum"], state["rms"], grad)
+        expected = feature_mean_squares(rule.features(param, grad, eager_m, eager_rms, fac), param.numel())
         momentum, rms = state["momentum"].clone(), state["rms"].clone()
+        # run eagerly (a failed compilation, dynamo's recompile limit) it does nothing: the caller streams
+        assert kernel.first_pass_if_compiled(param, grad, momentum, rms, fac, mom_decay, rms_decay) is None
+        assert torch.equal(momentum, state["momentum"]) and torch.equal(rms, state["rms"])
         actual = kernel._compiled_first_pass(param, grad, momentum, rms, fac, mom_decay, rms_decay)
         assert not kernel.compiler.failed
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
@@ -186,14 +190,15 @@ import sys, warnings
 sys.path.insert(0, sys.argv[1])
 from test_compiled_kernel import CPU, linear, train
 import torch
-eager_model, _ = train("celo", False, linear)
-with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    compiled_model, compiled = train("celo", True, linear)
-messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-assert len(messages) == 1 and "compiling the 'celo' step failed" in messages[0], messages
-assert compiled.kernel_on(CPU).compiler.failed
-assert all(torch.equal(a, b) for a, b in zip(eager_model.parameters(), compiled_model.parameters()))
+for rule in ("celo", "small_fc_lopt"):  # a whole compiled step; a compiled part (the streamed first pass instead)
+    eager_model, _ = train(rule, False, linear)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled_model, compiled = train(rule, True, linear)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and f"compiling the {rule!r} step failed" in messages[0], messages
+    assert compiled.kernel_on(CPU).compiler.failed
+    assert all(torch.equal(a, b) for a, b in zip(eager_model.parameters(), compiled_model.parameters()))
 print("fell back")
 """
 
@@ -201,7 +206,8 @@ print("fell back")
 def test_a_failed_compilation_warns_and_steps_eagerly(tmp_path: Path) -> None:
     """No C++ compiler for Inductor (``CXX`` names one that does not exist; a fresh process and an empty cache,
     since Inductor remembers the compiler it found for the life of a process): one RuntimeWarning, then the
-    eager kernel's exact results."""
+    eager kernel's exact results — for Celo (its whole step compiles) and small_fc_lopt (its first pass: the
+    streamed one instead)."""
     env = {**os.environ, "CXX": "/nonexistent/c++", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT, str(Path(__file__).parent)], env=env,
