@@ -465,9 +465,6 @@ def normalized_mlp(
             x[-1].fill_(1.0)
         return x.reshape(x.shape[0], -1)
 
-    def sum_squares(parts: list[Tensor]) -> Tensor:  # (F,): per feature, summed over the piece
-        return torch.cat([row_sum_squares(part, no_grad) for part in parts])
-
     w0 = theta["w0"]
     layers = [(w0, theta["b0"])] + [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, num_layers)]
     if len(pieces) == 1 and advance is None and out is None and unrolls(layers):
@@ -479,14 +476,14 @@ def normalized_mlp(
         if advance is not None:
             advance(pieces[0])
         whole = feature_matrix(pieces[0])
-        mean_square = sum_squares([whole[:-1]]) / max(numel, 1)
+        mean_square = feature_sum_squares([whole[:-1]], no_grad) / max(numel, 1)
     else:
         sum_square = None
         for index in pieces:
             if advance is not None:
                 advance(index)
             # Reduce each part where it lies: no concatenated copy on this pass.
-            part = sum_squares(features(index))
+            part = feature_sum_squares(features(index), no_grad)
             sum_square = part if sum_square is None else sum_square + part
         mean_square = sum_square / max(numel, 1)
     weights = bias_folded_weights(normalized_first_layer(layers, mean_square, constant_inputs, eps), torch.relu)
@@ -504,7 +501,12 @@ def feature_mean_squares(features: Callable[[tuple], list[Tensor]], numel: int) 
     :func:`normalized_mlp` (what its first pass computes piece by piece). Under ``torch.compile`` the features
     are never materialised: one fused pass over the inputs (a kernel's compiled first pass,
     :attr:`StreamHooks.mean_square`)."""
-    return torch.cat([row_sum_squares(part) for part in features(())]) / max(numel, 1)
+    return feature_sum_squares(features(())) / max(numel, 1)
+
+
+def feature_sum_squares(parts: list[Tensor], no_grad: bool = False) -> Tensor:
+    """``(F,)``: each feature's sum of squares over a piece, from its parts ``(k_i, …)`` (:func:`row_sum_squares`)."""
+    return torch.cat([row_sum_squares(part, no_grad) for part in parts])
 
 
 def row_sum_squares(part: Tensor, no_grad: bool = False) -> Tensor:
