@@ -99,6 +99,11 @@ class Celo2Kernel(RuleKernel):
         super().__init__(rule, theta)
         self.workspace = Celo2Workspace(rule, theta)
 
+    def in_place(self, numel: int) -> bool:
+        """The workspace's choice (:meth:`Celo2Workspace.in_place`); under ``compile=True`` such stacks keep this
+        kernel, whose peak memory stays near AdamW's."""
+        return self.workspace.in_place(numel)
+
     def init_state(self, param: Tensor) -> State:
         """The rule's zero state; for a matrix that is a transposed view, full-size entries column-major too
         (allocated so directly: no row-major copy first, which would double the state's peak memory)."""

@@ -8,12 +8,16 @@ network out unit by unit when it is being compiled, so no feature matrix is ever
 network (Celo-Adam: Adam's element-wise passes fused, Newton–Schulz's products stay library calls)
 compile too.
 
-``per_param_mlp``'s 3→64→2 network is too wide to unroll, but each of its products is skinny (4 inputs
-with the bias, 2 outputs): compiled, they are written as broadcast products
+Celo2's network (30→8→8→3) is larger, but its row and column statistics fold into per-row and per-column terms
+of the first layer, so each element's network is ~230 multiply-adds: compiled, ``Celo2._unrolled_network``
+writes it out unit by unit too (:attr:`~lopt_hf.rules.base.UpdateRule.unrolls_when_compiled`), fused with
+features and readout into one loop per tensor (its eager kernel runs dozens of passes and thin BLAS products
+per piece). ``per_param_mlp``'s 3→64→2 network is too wide to unroll, but each of its products is skinny (4
+inputs with the bias, 2 outputs): compiled, they are written as broadcast products
 (:func:`~lopt_hf.rules.features.compiled_skinny_product`, as meta-training's compiled step writes them) that
 Inductor fuses into one loop over the elements — 5× faster than its eager kernel's thin BLAS products on a
 1024×1024 tensor. :func:`compiles` says which rules take this path. Rules with wide products
-(``small_fc_lopt``, ``mlp_lopt``, Celo2) keep their eager kernels: their time is in matrix products that BLAS
+(``small_fc_lopt``, ``mlp_lopt``) keep their eager kernels: their time is in matrix products that BLAS
 runs faster than unrolled code (small_fc_lopt's skinny-compiled step measured 2.3× slower than eager), and
 compiled as a whole they measured slower or took minutes to compile (the chunked streaming unrolls into the
 graph). A kernel may compile parts of its step instead (:meth:`~lopt_hf.kernels.base.RuleKernel.compile_parts`,
@@ -58,11 +62,12 @@ _T = TypeVar("_T")
 def compiles(rule: UpdateRule) -> bool:
     """Whether ``rule`` takes the compiled path under ``compile=True``: it has no per-element network
     (element-wise arithmetic, Newton–Schulz), one of at most :data:`~lopt_hf.rules.features.UNROLL_MACS`
-    multiply-adds per element, which the compiled step unrolls, or one whose every layer (with its folded
-    bias input and carry unit) is a skinny product the compiled step writes as broadcast products
-    (:func:`~lopt_hf.rules.features.is_skinny`: per_param_mlp's 3→64→2)."""
+    multiply-adds per element or one the rule writes out itself
+    (:attr:`~lopt_hf.rules.base.UpdateRule.unrolls_when_compiled`: Celo2), which the compiled step unrolls, or
+    one whose every layer (with its folded bias input and carry unit) is a skinny product the compiled step
+    writes as broadcast products (:func:`~lopt_hf.rules.features.is_skinny`: per_param_mlp's 3→64→2)."""
     flops = rule.per_element_flops()
-    if flops is None or flops <= 2 * UNROLL_MACS:
+    if flops is None or flops <= 2 * UNROLL_MACS or rule.unrolls_when_compiled:
         return True
     layers = rule.network_layers()
     return layers is not None and all(is_skinny(inner + 1, outer + 1) for inner, outer in layers)
@@ -82,8 +87,19 @@ def compiled_kernel(kernel: RuleKernel) -> RuleKernel:
     if compiles(kernel.rule):
         return CompiledKernel(kernel)
     if kernel.compiled_parts:
-        kernel.compile_parts(Compiler(kernel.rule.name))
+        kernel.compile_parts(Compiler(kernel.rule))
     return kernel
+
+
+def compile_options(rule: UpdateRule) -> dict[str, Any]:
+    """``torch.compile``'s options for ``rule``'s step: :attr:`Compiler.OPTIONS`, except that a rule that
+    :attr:`~lopt_hf.rules.base.UpdateRule.unrolls_when_compiled` keeps Inductor's own choice of which shared
+    values to store: Celo2's per-row and per-column statistics each feed every element of their row or column,
+    and inlined (``SKINNY_COMPILE_OPTIONS``) every element recomputes them — its compiled graphs took 23 ms
+    instead of 15 ms per step on the GPT-2 of ``scripts/bench_trainer.py``."""
+    if rule.unrolls_when_compiled:
+        return {key: value for key, value in Compiler.OPTIONS.items() if key != "options"}
+    return Compiler.OPTIONS
 
 
 class Compiler:
@@ -94,13 +110,14 @@ class Compiler:
     # 1.4× slower on a 1024×1024 tensor).
     OPTIONS: dict[str, Any] = {"fullgraph": True, "dynamic": False, "options": SKINNY_COMPILE_OPTIONS}
 
-    def __init__(self, rule_name: str) -> None:
-        self.rule_name = rule_name
+    def __init__(self, rule: UpdateRule) -> None:
+        self.rule_name = rule.name
+        self.options = compile_options(rule)
         self.failed = False
 
     def compile(self, fn: Callable[..., _T]) -> Callable[..., _T]:
         """``fn`` through ``torch.compile``, ``fn`` itself once compiling has failed."""
-        compiled = torch.compile(fn, **self.OPTIONS)
+        compiled = torch.compile(fn, **self.options)
         return lambda *args: self.run(lambda: compiled(*args), lambda: fn(*args))
 
     def run(self, compiled: Callable[[], _T], eager: Callable[[], _T]) -> _T:
@@ -126,12 +143,12 @@ class CompiledKernel(RuleKernel):
     def __init__(self, eager: RuleKernel) -> None:
         super().__init__(eager.rule, eager.theta)
         self.eager = eager
-        self.compiler = Compiler(eager.rule.name)
+        self.compiler = Compiler(eager.rule)
         # A stack of one tensor goes through ``update`` on the tensor itself, so the state it keeps is the
         # compiled graph's own output, never a view (views add guards on their base).
-        self._one = torch.compile(self._update_one, **Compiler.OPTIONS)
-        self._stack = torch.compile(self._update_stack, **Compiler.OPTIONS)
-        self._summary = torch.compile(self.eager.tensor_summary, **Compiler.OPTIONS)
+        self._one = torch.compile(self._update_one, **self.compiler.options)
+        self._stack = torch.compile(self._update_stack, **self.compiler.options)
+        self._summary = torch.compile(self.eager.tensor_summary, **self.compiler.options)
 
     @property
     def stacks(self) -> bool:
@@ -142,7 +159,14 @@ class CompiledKernel(RuleKernel):
         return self.eager.fused_subtract
 
     def init_state(self, param: Tensor) -> State:
-        return self.eager.init_state(param)
+        """The eager kernel's state; for the tensors this kernel steps compiled, row-major (Celo2's kernel keeps an
+        ``nn.Linear`` weight's state column-major, its transposed memory order; the graph gets the parameter and
+        gradient row-major, and a mix of the two orders makes Inductor's loops transpose tiles — Celo2-base on the
+        bench MLP measured 2.7× slower than eager)."""
+        state = self.eager.init_state(param)
+        if param.numel() >= in_place.IN_PLACE_MIN_NUMEL and self.eager.in_place(param.numel()):
+            return state  # stepped by the eager kernel (update_stack), in its own memory order
+        return {key: value.contiguous() if isinstance(value, Tensor) else value for key, value in state.items()}
 
     def apply_step(self, params: Tensor, direction: Tensor, lr: float) -> None:
         self.eager.apply_step(params, direction, lr)

@@ -71,6 +71,10 @@ class UpdateRule(ABC):
     # ``schedule`` (not ``update``) advances.
     scheduled: ClassVar[bool] = False
     schedule_tensor_keys: ClassVar[tuple[str, ...]] = ()
+    # True: inside ``torch.compile`` the rule writes its per-element network out unit by unit whatever its
+    # size (Celo2: its row/column statistics fold into per-row and per-column terms, so each element's network
+    # is ~230 multiply-adds), so ``compile=True`` compiles its whole step (``lopt_hf.kernels.compiled``).
+    unrolls_when_compiled: ClassVar[bool] = False
 
     # ----------------------------------------------------------------- hyper-parameters
     def hyperparameters(self) -> dict[str, Any]:

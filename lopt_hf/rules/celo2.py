@@ -52,7 +52,9 @@ with biases and row/col statistics folded in. The deployment execution,
 features, activations and full-size temporaries in reused buffers, the network weights prepared
 once, the Newton–Schulz Gram products of large matrices as symmetric blocks. (Running the
 element-wise part on one intra-op thread looked 1.45× faster in isolation on the 2-core machine but
-was 10 % slower inside ``transformers.Trainer``, so it is not done.)
+was 10 % slower inside ``transformers.Trainer``, so it is not done.) Inside ``torch.compile``
+(``LearnedOptimizer(compile=True)``) the network is written out unit by unit instead of as products
+(:meth:`Celo2._unrolled_network`): Inductor fuses features, network and readout into one loop per tensor.
 
 **Stacks.** :meth:`Celo2.update_stacked` takes B tensors of one shape stacked on a leading axis
 (states too) and returns each tensor's own update: every statistic stays per tensor, the kernels
@@ -75,7 +77,8 @@ from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
 from .features import (bias_folded_weights, chunk_indices, factored_accumulator_state, factored_dims,
-                       factored_second_moments, folded_layers, mlp_flops, truncated_normal_init)
+                       factored_second_moments, folded_layers, mlp_flops, truncated_normal_init,
+                       unrolled_mlp)
 
 # Feature groups in the original's order, and how many numbers each contributes (with 3 momentum,
 # 1 rms and 3 adafactor decays). The first NUM_GROUPS_1D are used for tensors with < 2 dims.
@@ -182,6 +185,8 @@ class Celo2(UpdateRule):
     name = "celo2"
     # Computes in JAX layout: LearnedOptimizer maps torch Linear/Conv weights to it and back.
     layout_sensitive: ClassVar[bool] = True
+    # Inside torch.compile, _network writes the network out unit by unit (_unrolled_network): one fused loop.
+    unrolls_when_compiled: ClassVar[bool] = True
 
     hidden_size: int = 8
     hidden_layers: int = 2
@@ -465,6 +470,40 @@ class Celo2(UpdateRule):
             along_rows = torch.matmul(weight[:, count:split].mT, by_rows.transpose(0, 1))  # (L, hidden + 1, R)
             along_cols = torch.matmul(weight[:, split:].mT, by_cols.transpose(0, 1)) + along_cols  # (L, hidden + 1, C)
 
+        # 3. the per-element network: unit by unit inside torch.compile (one fused loop), else piece by piece
+        if torch.compiler.is_compiling():
+            out = self._unrolled_network(theta, inputs, first, along_rows, along_cols)
+        else:
+            out = self._network_by_pieces(inputs, pieces, cached, first, along_rows, along_cols, later, workspace)
+
+        # 4. output normalisation per slab (and Newton–Schulz)
+        eps = self.normalization_eps
+        square = workspace.buffer("out_square", tuple(out.shape), out) \
+            if workspace is not None and workspace.fits(out.numel()) else None
+        if torch.compiler.is_compiling():  # row by row, then the rows: a loop Inductor parallelises over rows too
+            sums = torch.square(out.view(num_slabs, rows, cols)).sum(-1).sum(-1)
+        else:
+            sums = _slab_dot(out, None, square)
+        out_scale = torch.rsqrt(eps + sums / slab_size).unsqueeze(-1)  # (L, 1)
+        shape = inputs.shape
+        if self.orthogonalize and len(shape) >= 2:
+            direction = newton_schulz(inputs.unflatten(out), tuple(self.ns_coeffs), int(self.ns_iters), self.ns_eps,
+                                      scale=out_scale.view(inputs.stack, *shape[:-2], 1, 1),
+                                      symmetric_product=None if workspace is None else workspace.symmetric_product,
+                                      overwrite=inputs.in_place)
+            per_tensor = tuple(range(1, direction.dim()))
+            factor = torch.rsqrt(torch.mean(torch.square(direction), dim=per_tensor, keepdim=True) + eps)
+            return direction.mul_(factor) if deploy else direction * factor
+        return inputs.unflatten(out.mul_(out_scale) if deploy else out * out_scale)
+
+    def _network_by_pieces(self, inputs: _Inputs, pieces: list[tuple[int, int, int, int]], cached: Tensor | None,
+                           first: Tensor, along_rows: Tensor | None, along_cols: Tensor, later: list[Tensor],
+                           workspace: Workspace | None) -> Tensor:
+        """Step 3 of :meth:`_network`, eagerly: ``(L, R·C)`` outputs of the network, piece by piece."""
+        deploy = workspace is not None
+        num_slabs, rows, cols = inputs.num_slabs, inputs.rows, inputs.cols
+        slab_size = rows * cols
+        count = inputs.num_elementwise
         # 3. the network, piece by piece. In deployment the features and hidden activations of
         # every piece go into scratch buffers kept across calls (fresh multi-MB tensors per piece
         # and tensor cost page faults), and the direction straight into the output.
@@ -522,22 +561,31 @@ class Celo2(UpdateRule):
             all_written = all_written and written
         if not all_written:
             out = _cat(outputs, 0).view(num_slabs, slab_size)
+        return out
 
-        # 4. output normalisation per slab (and Newton–Schulz)
-        eps = self.normalization_eps
-        square = workspace.buffer("out_square", tuple(out.shape), out) \
-            if workspace is not None and workspace.fits(out.numel()) else None
-        out_scale = torch.rsqrt(eps + _slab_dot(out, None, square) / slab_size).unsqueeze(-1)  # (L, 1)
-        shape = inputs.shape
-        if self.orthogonalize and len(shape) >= 2:
-            direction = newton_schulz(inputs.unflatten(out), tuple(self.ns_coeffs), int(self.ns_iters), self.ns_eps,
-                                      scale=out_scale.view(inputs.stack, *shape[:-2], 1, 1),
-                                      symmetric_product=None if workspace is None else workspace.symmetric_product,
-                                      overwrite=inputs.in_place)
-            per_tensor = tuple(range(1, direction.dim()))
-            factor = torch.rsqrt(torch.mean(torch.square(direction), dim=per_tensor, keepdim=True) + eps)
-            return direction.mul_(factor) if deploy else direction * factor
-        return inputs.unflatten(out.mul_(out_scale) if deploy else out * out_scale)
+    def _unrolled_network(self, theta: Theta, inputs: _Inputs, first: Tensor, along_rows: Tensor | None,
+                          along_cols: Tensor) -> Tensor:
+        """Step 3 of :meth:`_network` inside ``torch.compile``: the network over the whole tensor written out unit
+        by unit (:func:`~lopt_hf.rules.features.unrolled_mlp`), every feature, unit and broadcast contribution a
+        value of one element, so Inductor fuses features, network and readout into one loop and stores only the
+        output. ``(L, R·C)``; the same network as the pieces' products, its sums in another order."""
+        num_slabs, rows, cols = inputs.num_slabs, inputs.rows, inputs.cols
+        features = [x.view(num_slabs, rows, cols) for x in inputs.feature_rows((0, num_slabs, 0, rows))]
+        hidden = []
+        for unit in range(first.shape[1] - 1):  # (the last unit is the carry of the next layer's bias)
+            total = along_cols[:, unit, None, :]
+            if along_rows is not None:
+                total = total + along_rows[:, unit, :, None]
+            for index, x in enumerate(features):
+                total = total + x * first[:, unit, index, None, None]
+            hidden.append(torch.relu(total))
+        sizes = self.layer_sizes()
+        outputs = 1 if self.exp_mult == 0.0 else 2
+        layers = [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(1, len(sizes))]
+        layers[-1] = (layers[-1][0][:, :outputs], layers[-1][1][:outputs])
+        h = unrolled_mlp(hidden, layers, "relu")
+        direction = h[0] if outputs == 1 else h[0] * torch.exp(h[1] * self.exp_mult)
+        return direction.reshape(num_slabs, rows * cols)
 
     def network_weights(self, theta: Theta, order: tuple[int, ...]) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Theta as the network uses it: ``w0`` rows in feature ``order`` plus a zero carry column
@@ -560,11 +608,20 @@ class Celo2(UpdateRule):
         return w0, bias, later
 
 
-@functools.lru_cache(maxsize=64)
 def _decay_tensors(decays: tuple[float, ...], rank: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """``(decay, 1 − decay)`` as ``(k, 1, …, 1)`` float32 tensors against ``(k, *shape)`` of ``rank`` dims."""
+    """``(decay, 1 − decay)`` as ``(k, 1, …, 1)`` float32 tensors against ``(k, *shape)`` of ``rank`` dims
+    (made once per setting eagerly; inside ``torch.compile`` constants of the graph)."""
+    if torch.compiler.is_compiling():
+        return _new_decay_tensors(decays, rank, device)
+    return _cached_decay_tensors(decays, rank, device)
+
+
+def _new_decay_tensors(decays: tuple[float, ...], rank: int, device: torch.device) -> tuple[Tensor, Tensor]:
     decay = torch.tensor(decays, dtype=torch.float32, device=device).reshape(-1, *([1] * rank))
     return decay, 1.0 - decay
+
+
+_cached_decay_tensors = functools.lru_cache(maxsize=64)(_new_decay_tensors)
 
 
 def _column_major(x: Tensor) -> bool:
@@ -702,12 +759,9 @@ class _Inputs:
     def piece_numel(self, piece: tuple[int, int, int, int]) -> int:
         return (piece[1] - piece[0]) * (piece[3] - piece[2]) * self.cols
 
-    def features(self, piece: tuple[int, int, int, int], out: Tensor | None = None) -> Tensor:
-        """The element-wise features of a piece, ``(E, n)`` in ``order``.
-
-        With ``out`` (deployment: no autograd, no vmap) each feature is written straight into it
-        instead of into a temporary that a concatenation then copies.
-        """
+    def feature_specs(self, piece: tuple[int, int, int, int]) -> list[tuple]:
+        """How the element-wise features of a piece are computed, in ``order``: ``(function or None for "as is",
+        operands)``, each giving ``(k, n)`` rows (``k`` decays)."""
         slab_start, slab_stop, row_start, row_stop = piece
         first = slab_start * self.rows * self.cols + row_start * self.cols
         at = (slice(None), slice(first, first + self.piece_numel(piece)))
@@ -718,13 +772,21 @@ class _Inputs:
             fac = fac.view(fac.shape[0], -1)
         else:
             fac = self.fac[at]
-        # (function or None for "as is", operands), in theta order
         specs: list[tuple] = [(None, g), (_clip, g), (None, self.p[at]), (None, m), (None, self.rms[at]),
                               (torch.mul, m, rsqrt_rms), (None, rsqrt_rms), (torch.mul, g, fac),
                               (torch.mul, g, rsqrt_rms)]
         if len(self.order) > NUM_GROUPS_1D:
             specs += [(None, x[at]) for x in self.materialized]
             specs.append((torch.mul, m, fac))
+        return specs
+
+    def features(self, piece: tuple[int, int, int, int], out: Tensor | None = None) -> Tensor:
+        """The element-wise features of a piece, ``(E, n)`` in ``order``.
+
+        With ``out`` (deployment: no autograd, no vmap) each feature is written straight into it
+        instead of into a temporary that a concatenation then copies.
+        """
+        specs = self.feature_specs(piece)
         if out is None:
             return torch.cat([args[0] if fn is None else fn(*args) for fn, *args in specs])
         row = 0
@@ -736,6 +798,10 @@ class _Inputs:
                 fn(*args, out=out[row:row + size])
             row += size
         return out
+
+    def feature_rows(self, piece: tuple[int, int, int, int]) -> list[Tensor]:
+        """The element-wise features of a piece as ``E`` tensors of ``n`` (what an unrolled network reads)."""
+        return [row for fn, *args in self.feature_specs(piece) for row in (args[0] if fn is None else fn(*args))]
 
     def piece_sums(self, piece: tuple[int, int, int, int]) -> Tensor:
         """Closed-form sums of squares of a piece's element-wise features per slab (standard tensors).

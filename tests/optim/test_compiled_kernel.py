@@ -21,6 +21,7 @@ from lopt_hf import LearnedOptimizer, load_lopt
 from lopt_hf.bench import COMPILED, compiled_names, make_optimizer
 from lopt_hf.kernels import kernel_for
 from lopt_hf.kernels import in_place
+from lopt_hf.kernels.celo2 import is_column_major
 from lopt_hf.kernels.compiled import CompiledKernel, Compiler, compiles, takes_compiled_path
 from lopt_hf.rules import available_rules, build_rule
 from lopt_hf.rules.features import compiled_skinny_product, feature_mean_squares
@@ -29,12 +30,12 @@ from lopt_hf.rules.small_fc_lopt import advance_moments
 CPU = torch.device("cpu")
 
 
-def train(rule_name: str, compile: bool, model_fn, steps: int = 3,
+def train(rule_name: str, compile: bool, model_fn, steps: int = 3, lr: float = 1.0,
           **rule_options) -> tuple[nn.Module, LearnedOptimizer]:
     rule = build_rule(rule_name, **rule_options)
     theta = rule.init_theta(torch.Generator().manual_seed(0))
     model = model_fn()
-    optimizer = LearnedOptimizer(model.parameters(), rule, theta, compile=compile)
+    optimizer = LearnedOptimizer(model.parameters(), rule, theta, lr=lr, compile=compile)
     optimizer.set_total_steps(20)
     data = torch.randn(16, 8, generator=torch.Generator().manual_seed(1))
     for _ in range(steps):
@@ -55,9 +56,9 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
 
 
-def assert_trains_alike(rule_name: str, model_fn, **rule_options) -> None:
-    eager_model, eager = train(rule_name, False, model_fn, **rule_options)
-    compiled_model, compiled = train(rule_name, True, model_fn, **rule_options)
+def assert_trains_alike(rule_name: str, model_fn, lr: float = 1.0, **rule_options) -> None:
+    eager_model, eager = train(rule_name, False, model_fn, lr=lr, **rule_options)
+    compiled_model, compiled = train(rule_name, True, model_fn, lr=lr, **rule_options)
     kernel = compiled.kernel_on(CPU)
     assert isinstance(kernel, CompiledKernel) == compiles(compiled.rule)  # else the kernel compiles parts
     assert kernel.compiler is not None and not kernel.compiler.failed
@@ -79,6 +80,54 @@ def test_compiled_celo_trains_like_the_eager_kernel() -> None:
     assert_trains_alike("celo", linear)
 
 
+def test_compiled_celo2_trains_like_the_eager_kernel() -> None:
+    """Celo2-base on an ``nn.Linear``: the weight reaches the rule as a transposed view (its state column-major),
+    the bias is a 1-D tensor (every feature element-wise); the network is written out unit by unit."""
+    assert_trains_alike("celo2", linear)
+
+
+def test_compiled_celo2_keeps_row_major_state() -> None:
+    """Celo2's eager kernel keeps an ``nn.Linear`` weight's state column-major (the transposed view's memory
+    order); the compiled kernel keeps it row-major like the parameter and gradient it hands the graph (a mix of
+    orders made Inductor's loops transpose tiles: 2.7× slower than eager on the bench MLP)."""
+    rule = build_rule("celo2")
+    kernel = CompiledKernel(kernel_for(rule, rule.init_theta(torch.Generator().manual_seed(0))))
+    weight = torch.randn(4, 8).mT  # an nn.Linear weight in JAX layout: a transposed view
+    assert is_column_major(kernel.eager.init_state(weight)["momentum"])
+    state = kernel.init_state(weight)
+    assert all(value.is_contiguous() for value in state.values())
+    assert state.keys() == kernel.eager.init_state(weight).keys()
+
+
+@pytest.mark.parametrize("shape, column_major, orthogonalize", [((2, 12, 20), False, False), ((1, 20, 12), True, False),
+                                                               ((3, 7), False, False), ((2, 12, 20), False, True)])
+def test_compiled_celo2_is_another_execution_of_the_same_math(shape: tuple[int, ...], column_major: bool,
+                                                              orthogonalize: bool) -> None:
+    """The compiled Celo2 step (features, unrolled network and readout fused) agrees with the eager kernel's
+    pieces of BLAS products to float rounding and is not them bit for bit — so it did run compiled: a stack of
+    matrices, a matrix whose state lies column-major, a stack of vectors; and Celo2 proper, whose Newton–Schulz
+    iteration amplifies the network's rounding differences about five-fold (steps of unit RMS)."""
+    rule = build_rule("celo2", orthogonalize=orthogonalize)
+    theta = rule.init_theta(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(2)
+    param, grad = torch.randn(shape, generator=gen), 1e-2 * torch.randn(shape, generator=gen)
+    if column_major:
+        param, grad = param.mT.contiguous().mT, grad.mT.contiguous().mT
+    eager = kernel_for(rule, theta)
+    states = [eager.init_state(param[index]) for index in range(shape[0])]
+    for state in states:
+        for key, value in state.items():
+            value.copy_(torch.rand(value.shape, generator=gen) * 1e-3)
+    copies = [{key: value.clone() for key, value in state.items()} for state in states]
+    expected, expected_states = eager.update_stack(param, grad, copies, 3)
+    actual, actual_states = CompiledKernel(kernel_for(rule, theta)).update_stack(param, grad, states, 3)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=2e-5 if orthogonalize else 2e-6)
+    assert not torch.equal(actual, expected)
+    for expected_state, actual_state in zip(expected_states, actual_states):
+        for key, value in expected_state.items():  # (momenta near 0 after cancellation: an absolute bound too)
+            torch.testing.assert_close(actual_state[key], value, rtol=1e-6, atol=1e-9)
+
+
 def test_compiled_small_fc_lopt_trains_like_the_eager_kernel() -> None:
     """small_fc_lopt's network stays eager; its first pass (state advanced, features' mean squares) compiles."""
     assert_trains_alike("small_fc_lopt", linear)
@@ -92,7 +141,7 @@ def test_small_fc_lopts_compiled_first_pass_is_the_streamed_one() -> None:
     theta = rule.init_theta(torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(4)
     kernel = kernel_for(rule, theta)
-    kernel.compile_parts(Compiler(rule.name))
+    kernel.compile_parts(Compiler(rule))
     for shape in ((48, 40), (37,)):
         param, grad = torch.randn(shape, generator=gen), 1e-2 * torch.randn(shape, generator=gen)
         state = {key: torch.rand(value.shape, generator=gen) * 1e-3 for key, value in rule.init_state(param).items()}
@@ -126,7 +175,7 @@ def test_large_tensors_keep_the_streamed_first_pass(monkeypatch: pytest.MonkeyPa
     memory benchmark measures at such sizes)."""
     rule = build_rule("small_fc_lopt")
     kernel = kernel_for(rule, rule.init_theta(torch.Generator().manual_seed(0)))
-    kernel.compile_parts(Compiler(rule.name))
+    kernel.compile_parts(Compiler(rule))
     calls = []
     kernel._compiled_first_pass = lambda *args: calls.append(args) or kernel.first_pass(*args)
     param = torch.randn(1, 20, 10)
@@ -161,7 +210,10 @@ def test_the_compiled_step_is_another_execution_of_the_same_math() -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("rule_name, options", [("celo", {}), ("velo", {"lstm_hidden_size": 16, "param_inits": 4}),
                                                 ("celo_adam", {"orthogonalize": True, "tensor_features": True}),
-                                                ("opt2vec", {}), ("per_param_mlp", {})])
+                                                ("opt2vec", {}), ("per_param_mlp", {}),
+                                                # Celo2's steps have unit RMS: at lr 1 three steps amplify
+                                                # rounding beyond the bound; 1e-3 is its usual lr
+                                                ("celo2", {"lr": 1e-3})])
 def test_compiled_rules_train_like_the_eager_kernels_on_an_mlp(rule_name: str, options: dict) -> None:
     assert_trains_alike(rule_name, mlp, **options)
 
@@ -217,8 +269,8 @@ def test_a_failed_compilation_warns_and_steps_eagerly(tmp_path: Path) -> None:
 
 def test_compile_applies_to_the_rules_it_speeds_up() -> None:
     """Small, skinny or no per-element networks compile; wide ones (BLAS-bound) keep their eager kernels."""
-    assert [name for name in available_rules() if compiles(build_rule(name))] == ["celo", "celo_adam", "opt2vec",
-                                                                                   "per_param_mlp", "velo"]
+    assert [name for name in available_rules() if compiles(build_rule(name))] == [
+        "celo", "celo2", "celo_adam", "opt2vec", "per_param_mlp", "velo"]
     assert not compiles(build_rule("per_param_mlp", hidden_sizes=[64, 64]))  # a 65×65 product is no skinny one
     model = linear()
     optimizer = load_lopt("lopt-hf/celo-adam-ns", model, compile=True)
@@ -229,12 +281,12 @@ def test_compile_applies_to_the_rules_it_speeds_up() -> None:
     small_fc = load_lopt("lopt-hf/small-fc-lolo", model, compile=True).kernel_on(CPU)
     assert not isinstance(small_fc, CompiledKernel) and small_fc.compiler is not None  # its first pass compiles
     assert [name for name in available_rules() if takes_compiled_path(build_rule(name))] == [
-        "celo", "celo_adam", "opt2vec", "per_param_mlp", "small_fc_lopt", "velo"]
+        "celo", "celo2", "celo_adam", "opt2vec", "per_param_mlp", "small_fc_lopt", "velo"]
 
 
 def test_bench_times_the_compiled_rules_as_rows_of_their_own() -> None:
-    assert compiled_names(["adamw", "celo", "small_fc_lopt", "celo2", "celo2-base"]) == ["celo" + COMPILED,
-                                                                                       "small_fc_lopt" + COMPILED]
+    assert compiled_names(["adamw", "celo", "small_fc_lopt", "celo2", "celo2-base"]) == [
+        name + COMPILED for name in ("celo", "small_fc_lopt", "celo2", "celo2-base")]
     assert make_optimizer("celo" + COMPILED, mlp()).compile
     assert not make_optimizer("celo", mlp()).compile
 
