@@ -100,13 +100,16 @@ def test_compiled_celo2_keeps_row_major_state() -> None:
 
 
 @pytest.mark.parametrize("shape, column_major, orthogonalize", [((2, 12, 20), False, False), ((1, 20, 12), True, False),
-                                                               ((3, 7), False, False), ((2, 12, 20), False, True)])
+                                                               ((3, 7), False, False), ((2, 12, 20), False, True),
+                                                               ((1, 3, 3, 4, 8), False, False),  # HWIO conv kernel
+                                                               ((1, 5, 4, 2, 3), False, False)])  # every group full
 def test_compiled_celo2_is_another_execution_of_the_same_math(shape: tuple[int, ...], column_major: bool,
                                                               orthogonalize: bool) -> None:
     """The compiled Celo2 step (features, unrolled network and readout fused) agrees with the eager kernel's
     pieces of BLAS products to float rounding and is not them bit for bit — so it did run compiled: a stack of
-    matrices, a matrix whose state lies column-major, a stack of vectors; and Celo2 proper, whose Newton–Schulz
-    iteration amplifies the network's rounding differences about five-fold (steps of unit RMS)."""
+    matrices, a matrix whose state lies column-major, a stack of vectors, Celo2 proper (its Newton–Schulz iteration
+    amplifies the network's rounding differences about five-fold; steps of unit RMS), a conv kernel normalised per
+    spatial slab, one whose largest axes are not the last two (its row/column statistics built element-wise)."""
     rule = build_rule("celo2", orthogonalize=orthogonalize)
     theta = rule.init_theta(torch.Generator().manual_seed(0))
     gen = torch.Generator().manual_seed(2)
