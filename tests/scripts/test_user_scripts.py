@@ -102,9 +102,11 @@ def test_bench_trainer_times_the_compiled_default_beside_the_eager_one(tmp_path:
                "--n-head", "2", "--vocab-size", "64", "--seq-len", "16", "--batch-size", "2", "--threads", "1",
                "--optimizers", "adamw", "celo2-base", "lopt-hf/celo-adam-ns", "--compile", "--json", str(out))
     summary = json.loads(out.read_text())["summary"]
-    # celo2-base (BLAS-bound Celo2) is not compiled; the default (Celo-Adam) is, as a row of its own
-    assert sorted(summary) == ["adamw", "celo2-base", "lopt-hf/celo-adam-ns", "lopt-hf/celo-adam-ns+compile"]
+    # the converted Celo2-base and the default (Celo-Adam) compiled, each as a row of its own
+    assert sorted(summary) == ["adamw", "celo2-base", "celo2-base+compile", "lopt-hf/celo-adam-ns",
+                               "lopt-hf/celo-adam-ns+compile"]
     assert summary["lopt-hf/celo-adam-ns+compile"]["samples_per_s_median"] > 0
+    assert summary["celo2-base+compile"]["samples_per_s_median"] > 0
 
 
 def test_device_check_runs_every_rule_and_times_the_optimizers(tmp_path: Path) -> None:
