@@ -480,11 +480,7 @@ class Celo2(UpdateRule):
         eps = self.normalization_eps
         square = workspace.buffer("out_square", tuple(out.shape), out) \
             if workspace is not None and workspace.fits(out.numel()) else None
-        if torch.compiler.is_compiling():  # row by row, then the rows: a loop Inductor parallelises over rows too
-            sums = torch.square(out.view(num_slabs, rows, cols)).sum(-1).sum(-1)
-        else:
-            sums = _slab_dot(out, None, square)
-        out_scale = torch.rsqrt(eps + sums / slab_size).unsqueeze(-1)  # (L, 1)
+        out_scale = torch.rsqrt(eps + _slab_dot(out, None, square) / slab_size).unsqueeze(-1)  # (L, 1)
         shape = inputs.shape
         if self.orthogonalize and len(shape) >= 2:
             direction = newton_schulz(inputs.unflatten(out), tuple(self.ns_coeffs), int(self.ns_iters), self.ns_eps,
