@@ -161,6 +161,16 @@ def writable(value: Tensor) -> Tensor:
     return value if value.is_contiguous() else value.contiguous()
 
 
+def advance_moments_in_place(mom_decay: Tensor, rms_decay: Tensor, momentum: Tensor, rms: Tensor, grad: Tensor,
+                             index: tuple) -> None:
+    """small_fc_lopt's momentum and rms EMAs of ``grad[index]`` written into ``momentum`` / ``rms`` at ``index``
+    (``()``: the whole tensor): a streamed piece, or the compiled first pass."""
+    at, g = (slice(None), *index), grad[index]
+    new_momentum, new_rms = advance_moments(per_piece(mom_decay, g), per_piece(rms_decay, g), momentum[at], rms[at], g)
+    momentum[at].copy_(new_momentum)
+    rms[at].copy_(new_rms)
+
+
 def per_piece(decays: Tensor, piece: Tensor) -> Tensor:
     """Decays ``(k, 1, …, 1)`` against a piece's accumulators ``(k, *piece.shape)`` (a piece may have fewer axes)."""
     return decays.reshape(-1, *([1] * piece.dim()))
@@ -218,9 +228,7 @@ class SmallFCLOptKernel(InPlaceKernel):
     def first_pass(self, param: Tensor, grad: Tensor, momentum: Tensor, rms: Tensor, fac: FactoredFeatures,
                    mom_decay: Tensor, rms_decay: Tensor) -> Tensor:
         """:meth:`InPlaceKernel.first_pass`: ``momentum`` and ``rms`` advanced, the 28 features' mean squares."""
-        new_momentum, new_rms = advance_moments(mom_decay, rms_decay, momentum, rms, grad)
-        momentum.copy_(new_momentum)
-        rms.copy_(new_rms)
+        advance_moments_in_place(mom_decay, rms_decay, momentum, rms, grad, ())
         return feature_mean_squares(self.rule.features(param, grad, momentum, rms, fac), param.numel())
 
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
@@ -230,11 +238,7 @@ class SmallFCLOptKernel(InPlaceKernel):
         accumulators, fac = self.rule.factored_moments(fac_decay, grad, state)
 
         def advance(index: tuple) -> None:
-            at, g = (slice(None), *index), grad[index]
-            new_momentum, new_rms = advance_moments(per_piece(mom_decay, g), per_piece(rms_decay, g), momentum[at],
-                                                    rms[at], g)
-            momentum[at].copy_(new_momentum)
-            rms[at].copy_(new_rms)
+            advance_moments_in_place(mom_decay, rms_decay, momentum, rms, grad, index)
 
         hooks = self.stream_hooks(out, advance, param, grad, momentum, rms, fac, mom_decay, rms_decay)
         self.rule.network_step(self.theta, param, grad, momentum, rms, fac, step, chunk_size, hooks=hooks)

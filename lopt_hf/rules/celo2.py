@@ -472,7 +472,7 @@ class Celo2(UpdateRule):
 
         # 3. the per-element network: unit by unit inside torch.compile (one fused loop), else piece by piece
         if torch.compiler.is_compiling():
-            out = self._unrolled_network(theta, inputs, first, along_rows, along_cols)
+            out = self._unrolled_network(theta, inputs, cached, first, along_rows, along_cols)
         else:
             out = self._network_by_pieces(inputs, pieces, cached, first, along_rows, along_cols, later, workspace)
 
@@ -559,14 +559,16 @@ class Celo2(UpdateRule):
             out = _cat(outputs, 0).view(num_slabs, slab_size)
         return out
 
-    def _unrolled_network(self, theta: Theta, inputs: _Inputs, first: Tensor, along_rows: Tensor | None,
-                          along_cols: Tensor) -> Tensor:
+    def _unrolled_network(self, theta: Theta, inputs: _Inputs, cached: Tensor | None, first: Tensor,
+                          along_rows: Tensor | None, along_cols: Tensor) -> Tensor:
         """Step 3 of :meth:`_network` inside ``torch.compile``: the network over the whole tensor written out unit
         by unit (:func:`~lopt_hf.rules.features.unrolled_mlp`), every feature, unit and broadcast contribution a
         value of one element, so Inductor fuses features, network and readout into one loop and stores only the
-        output. ``(L, R·C)``; the same network as the pieces' products, its sums in another order."""
+        output. ``(L, R·C)``; the same network as the pieces' products, its sums in another order. ``cached``: the
+        features step 1 built for their mean squares (tensors without closed-form sums), else None."""
         num_slabs, rows, cols = inputs.num_slabs, inputs.rows, inputs.cols
-        features = [x.view(num_slabs, rows, cols) for x in inputs.feature_rows((0, num_slabs, 0, rows))]
+        rows_of_features = list(cached) if cached is not None else inputs.feature_rows((0, num_slabs, 0, rows))
+        features = [x.view(num_slabs, rows, cols) for x in rows_of_features]
         hidden = []
         for unit in range(first.shape[1] - 1):  # (the last unit is the carry of the next layer's bias)
             total = along_cols[:, unit, None, :]
