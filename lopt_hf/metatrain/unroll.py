@@ -37,7 +37,9 @@ K = 4) or a tiny output (``hidden @ W1`` has 2 columns): a poor fit for BLAS, an
 ``(M, n, hidden)`` activations make them memory-bound. The step is therefore traced with
 ``make_fx`` into an aten graph in which such *skinny* matmuls are rewritten as broadcast
 products (K ≤ 8: an unrolled sum of outer products; ≤ 4 output columns: one multiply-and-reduce
-over K per column), and the graph is compiled by Inductor, which fuses the per-element MLP
+over K per column), products with a narrow result (a task model's 10-class output layer and its weight
+gradient) are computed transposed (:func:`narrow_matmul`: BLAS is several times faster for the wide
+result), and the graph is compiled by Inductor, which fuses the per-element MLP
 into one loop vectorised over elements that never writes the hidden activations. Measured on
 the 2-core reference machine: the per_param_mlp per-element MLP over 64 members × 8,192
 elements ≈ 76 ms as two ``bmm`` calls, ≈ 3 ms fused; the tutorial's PES outer step (32 tasks ×
@@ -63,10 +65,40 @@ from .tasks import Batch, Params, TaskDescriptor, TaskFamily
 
 aten = torch.ops.aten
 
-# The compiled inner step writes a per-element network's skinny products (the vmapped mm/bmm the trace sees)
-# as broadcast products, with the Inductor options they fuse best under: rules/features.py's, which
+# Products with fewer result columns than this (and at least as many rows) run as their transpose in the
+# compiled inner step (:func:`narrow_matmul`).
+NARROW_COLUMNS = 16
+
+
+def narrow_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` (2-D or batched) whose result has fewer than :data:`NARROW_COLUMNS` columns and at least
+    that many rows, computed as ``(bᵀ aᵀ)ᵀ``; any other product is ``NotImplemented`` (left to aten).
+
+    Such narrow results are a task model's output layer and its weight gradient (10 classes), batched over
+    members by vmap. MKL's kernels for them are several times slower than for the transposed product,
+    whose result is wide: on the 2-core reference machine, 64 × (128×128 @ 128×10) took 0.75 ms as
+    written and 0.19 ms transposed; over 64 × (m×k @ k×n), m 32–512, k 64–256, the transposed form was
+    1.8–5× faster for n = 5–10, equal from n = 16 (2-D products: 1.1–2.8× for n = 5–10). The same sums of
+    products (each result element is one dot product; its summation order is BLAS's choice either way).
+    """
+    rows, columns = a.shape[-2], b.shape[-1]
+    if not columns < NARROW_COLUMNS <= rows:  # the transposed product is never narrow itself: no recursion
+        return NotImplemented
+    return torch.matmul(b.transpose(-1, -2), a.transpose(-1, -2)).transpose(-1, -2)
+
+
+def inner_step_matmul(a: Tensor, b: Tensor) -> Tensor:
+    """The compiled inner step's matrix products: a per-element network's skinny ones as broadcast products
+    (:func:`~lopt_hf.rules.features.skinny_matmul`), narrow results transposed (:func:`narrow_matmul`), the
+    rest as they are (``NotImplemented``)."""
+    product = skinny_matmul(a, b)
+    return narrow_matmul(a, b) if product is NotImplemented else product
+
+
+# The compiled inner step rewrites the vmapped mm/bmm the trace sees (:func:`inner_step_matmul`) and compiles
+# with the Inductor options skinny products fuse best under: rules/features.py's, which
 # LearnedOptimizer(compile=True) uses too.
-SKINNY_DECOMPOSITIONS = {aten.mm.default: skinny_matmul, aten.bmm.default: skinny_matmul}
+SKINNY_DECOMPOSITIONS = {aten.mm.default: inner_step_matmul, aten.bmm.default: inner_step_matmul}
 
 # The opt_state entry holding a scheduled rule's whole-model state. "@" cannot occur in a Python
 # attribute name (so in no nn.Module parameter name) nor does it split the estimator state's

@@ -7,7 +7,8 @@ import torch
 
 from lopt_hf.metatrain.tasks import MLPImageTaskFamily
 from lopt_hf.rules.features import skinny_matmul
-from lopt_hf.metatrain.unroll import SKINNY_DECOMPOSITIONS, VectorizedInnerTrainer, run_unroll
+from lopt_hf.metatrain.unroll import (SKINNY_DECOMPOSITIONS, VectorizedInnerTrainer, inner_step_matmul, narrow_matmul,
+                                      run_unroll)
 from lopt_hf.rules import build_rule
 
 MEMBERS = 4
@@ -45,6 +46,25 @@ def test_skinny_matmul_equals_matmul(shape_a, shape_b) -> None:
     else:
         torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
     assert set(SKINNY_DECOMPOSITIONS) == {torch.ops.aten.mm.default, torch.ops.aten.bmm.default}
+
+
+@pytest.mark.parametrize("shape_a, shape_b, narrow", [
+    ((3, 128, 64), (3, 64, 10), True),  # a task model's output layer under vmap
+    ((3, 64, 128), (3, 128, 10), True),  # its weight gradient (xᵀ @ dlogits)
+    ((200, 33), (33, 15), True),  # 2-D
+    ((3, 128, 64), (3, 64, 16), False),  # 16 columns: BLAS is as fast as written
+    ((3, 12, 64), (3, 64, 10), False),  # fewer rows than 16: the transpose would be narrow too
+    ((3, 10, 64), (3, 64, 128), False),  # the transposed form itself: no recursion
+])
+def test_narrow_matmul_equals_matmul(shape_a, shape_b, narrow: bool) -> None:
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(shape_a, generator=generator), torch.randn(shape_b, generator=generator)
+    out = narrow_matmul(a, b)
+    if not narrow:
+        assert out is NotImplemented
+        return
+    torch.testing.assert_close(out, a @ b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inner_step_matmul(a, b), a @ b, rtol=1e-5, atol=1e-5)  # not skinny: narrow
 
 
 @pytest.mark.parametrize("rule_name", ["per_param_mlp", "mlp_lopt"])
