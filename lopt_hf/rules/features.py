@@ -7,10 +7,11 @@ vmap-friendly (no in-place ops on their inputs, no data-dependent Python control
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -160,10 +161,34 @@ def skinny_matmul(a: Tensor, b: Tensor) -> Tensor:
     return torch.stack(columns, dim=-2).transpose(-1, -2)
 
 
+_compiled_traces = 0  # open tracing_for_inductor() blocks
+
+
+@contextlib.contextmanager
+def tracing_for_inductor() -> Iterator[None]:
+    """Marks a ``make_fx`` trace whose graph Inductor compiles (meta-training's compiled inner step), where
+    ``torch.compiler.is_compiling()`` is False: per-element networks are written as inside ``torch.compile``
+    (:func:`writes_skinny_products`)."""
+    global _compiled_traces
+    _compiled_traces += 1
+    try:
+        yield
+    finally:
+        _compiled_traces -= 1
+
+
+def writes_skinny_products() -> bool:
+    """Whether per-element networks write their skinny products out (:func:`compiled_skinny_product`, the
+    bias-folded network without its constants, :func:`bias_folded_mlp`): inside ``torch.compile``
+    (``LearnedOptimizer(compile=True)``) or a trace for Inductor (:func:`tracing_for_inductor`); never eagerly."""
+    return _compiled_traces > 0 or torch.compiler.is_compiling()
+
+
 def compiled_skinny_product(a: Tensor, b: Tensor) -> Tensor | None:
-    """Inside ``torch.compile``, a skinny product ``a @ b`` of a per-element network as :func:`skinny_matmul`;
-    otherwise None (the caller's matrix product: eager results never change with this switch)."""
-    if not torch.compiler.is_compiling():
+    """When compiling (:func:`writes_skinny_products`), a skinny product ``a @ b`` of a per-element network as
+    :func:`skinny_matmul`; otherwise None (the caller's matrix product: eager results never change with this
+    switch)."""
+    if not writes_skinny_products():
         return None
     product = skinny_matmul(a, b)
     return None if product is NotImplemented else product
@@ -614,6 +639,8 @@ def bias_folded_mlp(x: Tensor, weights: list[Tensor], activation: str, in_place:
     """Apply :func:`bias_folded_weights` matrices to feature-major ``x`` ``(in + 1, N)`` whose last row
     is 1, element-major in memory (:func:`folded_layers`; ``scratch`` as there, layer 0 the first product).
     Returns ``(out, N)``."""
+    if writes_skinny_products() and is_skinny(int(weights[0].shape[1]) - 1, int(weights[0].shape[0])):
+        return _written_out_mlp(x, weights, activation)
     first = compiled_skinny_product(x.t(), weights[0].t())
     if first is None:
         target = None if scratch is None else scratch(0, (int(x.shape[1]), int(weights[0].shape[0])))
@@ -622,6 +649,30 @@ def bias_folded_mlp(x: Tensor, weights: list[Tensor], activation: str, in_place:
     later = None if scratch is None else (lambda layer, shape: scratch(layer + 1, shape))
     return folded_layers(first, weights[1:], activation, in_place=in_place, element_major=True, scratch=later)
 
+
+
+def _written_out_mlp(x: Tensor, weights: list[Tensor], activation: str) -> Tensor:
+    """:func:`bias_folded_mlp` for compilation, when its first product is skinny (per_param_mlp's 3→64→2): the
+    constant input row and the carry units dropped, each bias added (as :func:`bias_folded_weights` folded it,
+    times the constant it rode on). Skinny products written out by Inductor then multiply nothing by 1 and
+    compute no carry unit: each hidden unit is 3 multiply-adds, a ReLU and 2 multiply-adds per element, and
+    with contracted multiply-adds (meta-training's ``INNER_STEP_COMPILE_OPTIONS``) the fused loop is bound by
+    its multiplies — 22 % faster than the folded network (per_param_mlp, 32 members × 9,610 elements, 1
+    thread). The same sums in the same order, except the bias added last. Returns ``(out, N)``."""
+    act = activation_fn(activation)
+    carried = torch.ones((), dtype=x.dtype, device=x.device)
+    h = x[:-1].t()  # (N, in): element-major, as the folded products read it
+    last = len(weights) - 1
+    for layer, matrix in enumerate(weights):
+        if layer:
+            h = act(h)
+        rows = matrix if layer == last else matrix[:-1]  # without the carry unit
+        product = skinny_matmul(h, rows[:, :-1].t())
+        if product is NotImplemented:  # a wide hidden layer: BLAS
+            product = torch.matmul(h, rows[:, :-1].t())
+        h = product + rows[:, -1] * carried
+        carried = act(carried)
+    return h.t()
 
 
 def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, element_major: bool = False,
