@@ -193,7 +193,9 @@ class VectorizedInnerTrainer:
         planned for ``total_steps[m]`` inner steps (one int per member; required for such rules,
         ignored by the others).
         """
-        state = {name: vmap(self.rule.init_state)(value) for name, value in params.items()}
+        # One vmap over all tensors: vmap's per-call cost (≈ 0.2 ms) dominates for zero states, and the
+        # estimators call this at every reset.
+        state = vmap(self._init_states)(params)
         if self.rule.scheduled:
             members = int(next(iter(params.values())).shape[0])
             if total_steps is None or len(total_steps) != members:
@@ -203,6 +205,9 @@ class VectorizedInnerTrainer:
             init = self._scheduled_rule.init_schedule_state
             state[SCHEDULE_STATE] = stack_dicts([init(int(count), device) for count in total_steps])
         return state
+
+    def _init_states(self, params: Params) -> dict[str, dict[str, Tensor]]:
+        return {name: self.rule.init_state(value) for name, value in params.items()}
 
     def theta_is_batched(self, theta: dict[str, Tensor]) -> bool:
         """True when ``theta`` carries a leading member axis (one copy per member)."""
