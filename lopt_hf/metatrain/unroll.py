@@ -99,8 +99,8 @@ def inner_step_matmul(a: Tensor, b: Tensor) -> Tensor:
 # with the Inductor options skinny products fuse best under (rules/features.py's, which
 # LearnedOptimizer(compile=True) uses too), its multiply-adds contracted (-ffp-contract=fast): a per-element
 # network's fused loop is bound by the CPU's add and multiply pipes, and a fused multiply-add moves each add
-# onto the multiply pipe (with the network written without constants, features.tracing_for_inductor: the
-# per_param_mlp kernel 2.26 → 1.76 ms, 32 members × 9,610 elements, 1 thread). Rounding differs from eager.
+# onto the multiply pipe (with the network written out, features.written_out_mlp: the per_param_mlp kernel
+# 2.26 → 1.76 ms, 32 members × 9,610 elements, 1 thread). Rounding differs from eager.
 SKINNY_DECOMPOSITIONS = {aten.mm.default: inner_step_matmul, aten.bmm.default: inner_step_matmul}
 INNER_STEP_COMPILE_OPTIONS = {**SKINNY_COMPILE_OPTIONS, "cpp.enable_floating_point_contract_flag": "fast"}
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
 from .features import (activation_fn, bias_folded_weights, chunk_indices, ema, init_mlp_theta, numbered_layers,
-                       mlp_theta_shapes, streamed_mlp)
+                       mlp_theta_shapes, streamed_mlp, writes_skinny_products, written_out_mlp)
 
 NUM_INPUTS = 3  # param, momentum, grad
 
@@ -70,6 +70,10 @@ class PerParamMLP(UpdateRule):
         weights = self.network(theta)
         in_place = not torch.is_grad_enabled()  # deployment: rectify activations in place
         flat_p, flat_m, flat_g = param.reshape(-1), momentum.reshape(-1), grad.reshape(-1)
+
+        if writes_skinny_products():  # compiling: the network written out on the inputs, no feature matrix
+            h = written_out_mlp([flat_p, flat_m, flat_g], weights, self.activation)
+            return self.readout(h).reshape(param.shape), {"momentum": momentum}
 
         def features(rows: tuple) -> Tensor:
             return feature_matrix(flat_p[rows], flat_m[rows], flat_g[rows])
