@@ -444,7 +444,9 @@ class _TruncatedEstimator(_Estimator):
         for key, value in state.items():
             if key.startswith(("params/", "opt_state/")):
                 copies = value.shape[1]
-                value = value.repeat_interleave(members // copies, dim=1).reshape(num_tasks * members, *value.shape[2:])
+                if members != copies:  # (PES stores every member: no copy to make)
+                    value = value.repeat_interleave(members // copies, dim=1)
+                value = value.reshape(num_tasks * members, *value.shape[2:])
                 if key.startswith("params/"):
                     params[key[len("params/"):]] = value
                 else:
@@ -516,8 +518,10 @@ class _TruncatedEstimator(_Estimator):
                 return current
             return self._apply_resets(current, plan.resets[t], members)
 
+        data = {key: value.repeat_interleave(members, dim=1) for key, value in plan.data.items()}  # (T, M, ...)
+
         def batch_at(t: int) -> Batch:
-            return self._expand({key: value[t] for key, value in plan.data.items()}, members)
+            return {key: value[t] for key, value in data.items()}
 
         return run_unroll(self.trainer, theta, problems, batch_at, self.options.truncation_length,
                           before_step or apply_resets, step=step)
