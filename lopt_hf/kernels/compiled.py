@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..rules.base import State, UpdateRule, as_step_tensor
-from ..rules.features import SKINNY_COMPILE_OPTIONS, UNROLL_MACS, is_skinny
+from ..rules.features import CONTRACTED_SKINNY_COMPILE_OPTIONS, SKINNY_COMPILE_OPTIONS, UNROLL_MACS, is_skinny
 from ..warning_location import stacklevel_outside_libraries
 from . import in_place
 from .base import RuleKernel, kernel_class, stack_states, unstack_states
@@ -67,8 +67,13 @@ def compiles(rule: UpdateRule) -> bool:
     one whose every layer (with its folded bias input and carry unit) is a skinny product the compiled step
     writes as broadcast products (:func:`~lopt_hf.rules.features.is_skinny`: per_param_mlp's 3→64→2)."""
     flops = rule.per_element_flops()
-    if flops is None or flops <= 2 * UNROLL_MACS or rule.unrolls_when_compiled:
-        return True
+    return flops is None or flops <= 2 * UNROLL_MACS or rule.unrolls_when_compiled or writes_skinny_network(rule)
+
+
+def writes_skinny_network(rule: UpdateRule) -> bool:
+    """Whether every layer of ``rule``'s per-element network (with its folded bias input and carry unit) is a
+    skinny product (:func:`~lopt_hf.rules.features.is_skinny`: per_param_mlp's 3→64→2), which the compiled step
+    writes as broadcast products."""
     layers = rule.network_layers()
     return layers is not None and all(is_skinny(inner + 1, outer + 1) for inner, outer in layers)
 
@@ -96,9 +101,13 @@ def compile_options(rule: UpdateRule) -> dict[str, Any]:
     :attr:`~lopt_hf.rules.base.UpdateRule.unrolls_when_compiled` keeps Inductor's own choice of which shared
     values to store: Celo2's per-row and per-column statistics each feed every element of their row or column,
     and inlined (``SKINNY_COMPILE_OPTIONS``) every element recomputes them — its compiled graphs took 23 ms
-    instead of 15 ms per step on the GPT-2 of ``scripts/bench_trainer.py``."""
+    instead of 15 ms per step on the GPT-2 of ``scripts/bench_trainer.py``; and that a rule whose network is
+    written out with skinny products (:func:`writes_skinny_network`) gets its multiply-adds contracted
+    (``CONTRACTED_SKINNY_COMPILE_OPTIONS``)."""
     if rule.unrolls_when_compiled:
         return {key: value for key, value in Compiler.OPTIONS.items() if key != "options"}
+    if writes_skinny_network(rule):
+        return {**Compiler.OPTIONS, "options": CONTRACTED_SKINNY_COMPILE_OPTIONS}
     return Compiler.OPTIONS
 
 

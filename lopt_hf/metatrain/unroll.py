@@ -60,7 +60,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from ..rules.base import UpdateRule
-from ..rules.features import SKINNY_COMPILE_OPTIONS, skinny_matmul, tracing_for_inductor
+from ..rules.features import CONTRACTED_SKINNY_COMPILE_OPTIONS, skinny_matmul, tracing_for_inductor
 from .tasks import Batch, Params, TaskDescriptor, TaskFamily
 
 aten = torch.ops.aten
@@ -96,13 +96,9 @@ def inner_step_matmul(a: Tensor, b: Tensor) -> Tensor:
 
 
 # The compiled inner step rewrites the vmapped mm/bmm the trace sees (:func:`inner_step_matmul`) and compiles
-# with the Inductor options skinny products fuse best under (rules/features.py's, which
-# LearnedOptimizer(compile=True) uses too), its multiply-adds contracted (-ffp-contract=fast): a per-element
-# network's fused loop is bound by the CPU's add and multiply pipes, and a fused multiply-add moves each add
-# onto the multiply pipe (with the network written out, features.written_out_mlp: the per_param_mlp kernel
-# 2.26 → 1.76 ms, 32 members × 9,610 elements, 1 thread). Rounding differs from eager.
+# with the Inductor options skinny products fuse best under, multiply-adds contracted (rules/features.py's, which
+# LearnedOptimizer(compile=True) uses for per_param_mlp too).
 SKINNY_DECOMPOSITIONS = {aten.mm.default: inner_step_matmul, aten.bmm.default: inner_step_matmul}
-INNER_STEP_COMPILE_OPTIONS = {**SKINNY_COMPILE_OPTIONS, "cpp.enable_floating_point_contract_flag": "fast"}
 
 # The opt_state entry holding a scheduled rule's whole-model state. "@" cannot occur in a Python
 # attribute name (so in no nn.Module parameter name) nor does it split the estimator state's
@@ -356,7 +352,7 @@ class VectorizedInnerTrainer:
         # Dynamo, whose frame evaluation, guards and module call cost ≈ 0.4 ms per call for a graph that has no
         # Python left to guard (6 % of the tutorial's inner step, measured in one process; same outputs, bit for
         # bit); this cache's key and the contiguous inputs pin what Dynamo's guards would check.
-        with inductor_config.patch(INNER_STEP_COMPILE_OPTIONS):
+        with inductor_config.patch(CONTRACTED_SKINNY_COMPILE_OPTIONS):
             return compile_fx(graph, example), out_specs[-1]
 
 

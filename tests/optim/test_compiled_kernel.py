@@ -22,9 +22,9 @@ from lopt_hf.bench import COMPILED, compiled_names, make_optimizer
 from lopt_hf.kernels import kernel_for
 from lopt_hf.kernels import in_place
 from lopt_hf.kernels.celo2 import is_column_major
-from lopt_hf.kernels.compiled import CompiledKernel, Compiler, compiles, takes_compiled_path
+from lopt_hf.kernels.compiled import CompiledKernel, Compiler, compile_options, compiles, takes_compiled_path
 from lopt_hf.rules import available_rules, build_rule
-from lopt_hf.rules.features import compiled_skinny_product, feature_mean_squares
+from lopt_hf.rules.features import CONTRACTED_SKINNY_COMPILE_OPTIONS, compiled_skinny_product, feature_mean_squares
 from lopt_hf.rules.small_fc_lopt import advance_moments
 
 CPU = torch.device("cpu")
@@ -334,3 +334,11 @@ def test_the_compiled_per_param_mlp_writes_its_skinny_products_out() -> None:
     assert not torch.equal(actual, expected)
     torch.testing.assert_close(actual_state[0]["momentum"], expected_state[0]["momentum"], rtol=1e-6, atol=0)
     assert compiled_skinny_product(torch.ones(5, 3), torch.ones(3, 2)) is None  # eager: the caller's product
+
+
+def test_only_skinny_networks_compile_with_contracted_multiply_adds() -> None:
+    """per_param_mlp's written-out network is bound by the add and multiply pipes: contracted; Celo's unrolled
+    network and Celo2's statistics keep their options (unmeasured / measured otherwise)."""
+    assert compile_options(build_rule("per_param_mlp"))["options"] == CONTRACTED_SKINNY_COMPILE_OPTIONS
+    assert compile_options(build_rule("celo")) == Compiler.OPTIONS
+    assert "options" not in compile_options(build_rule("celo2"))
