@@ -225,8 +225,11 @@ class _Estimator:
         return members
 
     @staticmethod
-    def _expand(tensors: dict[str, Tensor], repeats: int) -> dict[str, Tensor]:
-        return {key: value.repeat_interleave(repeats, dim=0) for key, value in tensors.items()}
+    def _batches_by_step(data: dict[str, Tensor], members: int) -> Callable[[int], Batch]:
+        """``batch_at(t)`` for :func:`run_unroll` from per-slot data ``(T, K, ...)``: each slot's batch for every
+        one of its ``members``, ``(M, ...)`` (expanded once for all steps, not per step)."""
+        expanded = {key: value.repeat_interleave(members, dim=1) for key, value in data.items()}  # (T, M, ...)
+        return lambda t: {key: value[t] for key, value in expanded.items()}
 
     def _stats(self, normalized: Tensor, raw: Tensor, grad_sum: dict[str, Tensor], num_tasks: int,
                mask: Tensor | None = None, **extra: float) -> dict[str, float]:
@@ -284,8 +287,7 @@ class _FullUnrollEstimator(_Estimator):
         problems = self.trainer.init_problems(
             [task for task in tasks for _ in range(members)], [init for init in params for _ in range(members)],
             [length for length in lengths for _ in range(members)])
-        raw, _ = run_unroll(self.trainer, theta, problems,
-                            lambda t: self._expand({key: value[t] for key, value in data.items()}, members), longest)
+        raw, _ = run_unroll(self.trainer, theta, problems, self._batches_by_step(data, members), longest)
         raw = raw.reshape(longest, len(task_ids), members)
         mask = (torch.arange(longest).unsqueeze(1) < lengths.unsqueeze(0)).to(raw.dtype)  # (T, K)
         return self.family.normalized_loss(raw), raw, mask
@@ -518,12 +520,8 @@ class _TruncatedEstimator(_Estimator):
                 return current
             return self._apply_resets(current, plan.resets[t], members)
 
-        data = {key: value.repeat_interleave(members, dim=1) for key, value in plan.data.items()}  # (T, M, ...)
-
-        def batch_at(t: int) -> Batch:
-            return {key: value[t] for key, value in data.items()}
-
-        return run_unroll(self.trainer, theta, problems, batch_at, self.options.truncation_length,
+        return run_unroll(self.trainer, theta, problems, self._batches_by_step(plan.data, members),
+                          self.options.truncation_length,
                           before_step or apply_resets, step=step)
 
     def _apply_resets(self, problems: InnerProblems, resets: list[TrajectoryStart],

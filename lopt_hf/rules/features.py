@@ -148,6 +148,15 @@ def is_skinny(inner: int, outer: int) -> bool:
     return 0 < inner <= SKINNY_INNER or (inner > 0 and outer <= SKINNY_OUTER)
 
 
+def sum_of_outer_products(columns: list[Tensor], b: Tensor) -> Tensor:
+    """``Σ_k columns[k] · b[..., k, :]`` for columns ``(..., n, 1)``: ``[columns] @ b`` as broadcast products, one
+    per inner index (the columns need not lie in one matrix)."""
+    out = columns[0] * b[..., 0:1, :]
+    for k in range(1, len(columns)):
+        out = out + columns[k] * b[..., k:k + 1, :]
+    return out
+
+
 def skinny_matmul(a: Tensor, b: Tensor) -> Tensor:
     """``a @ b`` (2-D or batched) as broadcast products when one side is skinny (:func:`is_skinny`), else
     ``NotImplemented`` (what a decomposition table reads as "leave it to aten")."""
@@ -155,10 +164,7 @@ def skinny_matmul(a: Tensor, b: Tensor) -> Tensor:
     if not is_skinny(inner, outer):  # (an empty sum, e.g. a scheduler without per-tensor summaries, too)
         return NotImplemented
     if inner <= SKINNY_INNER:
-        out = a[..., 0:1] * b[..., 0:1, :]
-        for k in range(1, inner):
-            out = out + a[..., k:k + 1] * b[..., k:k + 1, :]
-        return out
+        return sum_of_outer_products([a[..., k:k + 1] for k in range(inner)], b)
     # One multiply-and-reduce over K per output column, rows contiguous: Inductor vectorises
     # over rows, inlines a's producer into every column and fuses the columns into one loop
     # (so the producer is computed once). Columns are stacked on a leading axis and
@@ -675,9 +681,7 @@ def written_out_mlp(inputs: list[Tensor], weights: list[Tensor], activation: str
     for layer, matrix in enumerate(weights):
         rows = matrix if layer == last else matrix[:-1]  # without the carry unit
         if layer == 0:  # one broadcast product per input: no matrix of the inputs is ever stored
-            product = inputs[0].unsqueeze(-1) * rows[:, 0]
-            for k in range(1, len(inputs)):
-                product = product + inputs[k].unsqueeze(-1) * rows[:, k]
+            product = sum_of_outer_products([x.unsqueeze(-1) for x in inputs], rows[:, :-1].t())
         else:
             h = act(h)
             product = skinny_matmul(h, rows[:, :-1].t())

@@ -68,12 +68,11 @@ class PerParamMLP(UpdateRule):
                chunk_size: int | None = None) -> tuple[Tensor, State]:
         momentum = ema(state["momentum"], grad, self.momentum_decay)
         weights = self.network(theta)
-        in_place = not torch.is_grad_enabled()  # deployment: rectify activations in place
         flat_p, flat_m, flat_g = param.reshape(-1), momentum.reshape(-1), grad.reshape(-1)
-
         if writes_skinny_products():  # compiling: the network written out on the inputs, no feature matrix
             h = written_out_mlp([flat_p, flat_m, flat_g], weights, self.activation)
             return self.readout(h).reshape(param.shape), {"momentum": momentum}
+        in_place = not torch.is_grad_enabled()  # deployment: rectify activations in place
 
         def features(rows: tuple) -> Tensor:
             return feature_matrix(flat_p[rows], flat_m[rows], flat_g[rows])
