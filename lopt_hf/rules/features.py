@@ -416,7 +416,7 @@ def chunk_indices(shape: tuple[int, ...] | torch.Size, chunk_size: int | None,
 # computation's device, the same memory at every call with that name (its contents are not kept).
 Buffer = Callable[[str, tuple[int, ...]], Tensor]
 # ``scratch(layer, shape)``: a buffer for layer ``layer``'s product as it lies in memory (``shape``), or None
-# (:func:`folded_layers`).
+# (:func:`bias_folded_mlp`, :func:`folded_layers`).
 Scratch = Callable[[int, tuple[int, int]], "Tensor | None"]
 
 
@@ -598,9 +598,9 @@ def streamed_mlp(pieces: list[tuple], feature_matrix: Callable[[tuple], Tensor],
     ``feature_matrix(index)`` ``(F + 1, n)`` — one row per input, the last row all ones — through
     :func:`bias_folded_mlp` with ``weights`` (:func:`bias_folded_weights`), ``readout`` maps the
     ``(out, n)`` network output to ``(n,)``; the pieces' outputs concatenated, ``(N,)``. Only one
-    piece's features and activations exist at a time. ``in_place``: see :func:`folded_layers`.
+    piece's features and activations exist at a time. ``in_place``: see :func:`bias_folded_mlp`.
     ``out``: a flat ``(N,)`` buffer the pieces' outputs are written into (and returned) instead of
-    concatenated; ``scratch``: buffers for the activations (see :func:`folded_layers`).
+    concatenated; ``scratch``: buffers for the activations (see :func:`bias_folded_mlp`).
     """
 
     def network(index: tuple) -> Tensor:
@@ -628,11 +628,14 @@ def bias_folded_weights(layers: list[tuple[Tensor, Tensor]],
     The input gets a trailing constant 1 and every hidden layer a trailing unit that carries a
     constant: ``[[Wᵀ, b / c], [0 … 0, 1]]`` ``(out + 1, in + 1)`` (the last layer without the carry
     row) where ``c`` is the constant arriving at that layer (1 at the input, ``act(c)`` after each
-    hidden layer — exactly 1 for ReLU). Then each bias rides inside its matmul: an ``addmm`` bias
-    costs a full extra pass over the activations, while one more row and column cost almost nothing.
+    hidden layer — exactly 1 for ReLU). Then each bias rides inside its matmul — feature-major
+    (:func:`folded_layers`, Celo2's large slabs), where an ``addmm`` bias costs a full extra pass over the
+    activations. Element-major (:func:`bias_folded_mlp`) only the input's constant row is used: a carry unit
+    there makes the hidden products one column wider than the network, off BLAS's blocking.
 
-    Each matrix is the transpose of a contiguous ``(in + 1, out + 1)`` one, as the element-major
-    products of :func:`folded_layers` read it (a feature-major caller takes ``.contiguous()`` copies).
+    Each matrix is the transpose of a contiguous ``(in + 1, out + 1)`` one; :func:`folded_layers` (feature-major)
+    takes ``.contiguous()`` copies, :func:`bias_folded_mlp` (element-major) contiguous copies of the weight rows
+    it multiplies, without the carry unit and bias column.
     """
     carried = torch.ones((), dtype=layers[0][0].dtype, device=layers[0][0].device)
     matrices = []
@@ -650,81 +653,91 @@ def bias_folded_weights(layers: list[tuple[Tensor, Tensor]],
 def bias_folded_mlp(x: Tensor, weights: list[Tensor], activation: str, in_place: bool = False,
                     scratch: Scratch | None = None) -> Tensor:
     """Apply :func:`bias_folded_weights` matrices to feature-major ``x`` ``(in + 1, N)`` whose last row
-    is 1, element-major in memory (:func:`folded_layers`; ``scratch`` as there, layer 0 the first product).
-    Returns ``(out, N)``."""
-    first = compiled_skinny_product(x.t(), weights[0].t())
-    if first is None:
-        target = None if scratch is None else scratch(0, (int(x.shape[1]), int(weights[0].shape[0])))
-        first = torch.mm(x.t(), weights[0].t(), out=target)
-    first = first.t()
-    later = None if scratch is None else (lambda layer, shape: scratch(layer + 1, shape))
-    return folded_layers(first, weights[1:], activation, in_place=in_place, element_major=True, scratch=later)
+    is 1, element-major: every product ``(N, in) @ (in, out)``, one element's units together. Returns ``(out, N)``.
 
+    The first layer's bias rides on ``x``'s ones row; the hidden layers' carry units are not computed, each
+    later bias is added after its product (:func:`element_major_layers`). Deployment (2-D ``x``): ``in_place``
+    rectifies the activations and adds the biases in place; ``scratch(layer, (N, units))`` may return a buffer
+    for a layer's product (None: a new tensor)."""
+    first = weights[0] if len(weights) == 1 else weights[0][:-1]  # without the carry unit
+    product = compiled_skinny_product(x.t(), first.t())
+    if product is None:
+        target = None if scratch is None else scratch(0, (int(x.shape[-1]), int(first.shape[0])))
+        product = element_major_product(x.t(), first, target)
+    return element_major_layers(product, weights[1:], activation, in_place=in_place, scratch=scratch).mT
+
+
+def element_major_product(a: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
+    """``a @ rows.T`` for element-major activations ``a`` ``(…, N, in)`` and a layer's weight rows ``rows``
+    ``(out, in)`` (a view of a folded matrix), the rows made contiguous first: BLAS then reads the weights
+    column-major, which MKL multiplies 2–3× faster than a row-major ``(in, out)`` weight when ``out`` is small
+    (a per-element network's 2 outputs: 32,768 × (32 @ 32×2) 0.19 vs 0.55 ms, 2 threads). ``out``: a buffer
+    (deployment, 2-D)."""
+    weight = rows.contiguous().mT
+    return torch.matmul(a, weight) if out is None else torch.mm(a, weight, out=out)
+
+
+def element_major_layers(h: Tensor, weights: list[Tensor], activation: str, in_place: bool = False,
+                         scratch: Scratch | None = None) -> Tensor:
+    """The layers after the first of a :func:`bias_folded_weights` network, element-major: ``h`` ``(…, N, units)``
+    the first layer's output without its carry unit (bias included); returns ``(…, N, out)``.
+
+    No carry unit is computed: each layer multiplies ``act(h)`` by its weight columns alone and adds its bias
+    (the folded bias column times the constant the carry unit would hold: ``act(…act(1))``). A
+    carry unit makes every hidden product 33 columns wide instead of 32, off MKL's blocking: small_fc_lopt's
+    39→32→32→2 on 32,768 elements (2 threads) 2.4 → 1.8 ms per piece, a bias added in cache costing ≈ 0.05 ms.
+    ``in_place`` (deployment, no autograd): the activation and bias applied in place; ``scratch`` as for
+    :func:`bias_folded_mlp` (layer numbers from 1)."""
+    act = IN_PLACE_ACTIVATIONS.get(activation) if in_place else None
+    act = act or activation_fn(activation)
+    carried = activation_fn(activation)(torch.ones((), dtype=h.dtype, device=h.device))
+    last = len(weights) - 1
+    for layer, matrix in enumerate(weights):
+        rows = matrix if layer == last else matrix[:-1]  # without the carry unit
+        inputs = act(h)  # (once: an in-place activation such as tanh_ must not run twice)
+        product = compiled_skinny_product(inputs, rows[:, :-1].mT)
+        if product is None:
+            target = None if scratch is None else scratch(layer + 1, (int(h.shape[-2]), int(rows.shape[0])))
+            product = element_major_product(inputs, rows[:, :-1], target)
+        bias = rows[:, -1] * carried
+        h = product.add_(bias) if in_place else product + bias
+        carried = activation_fn(activation)(carried)
+    return h
 
 
 def written_out_mlp(inputs: list[Tensor], weights: list[Tensor], activation: str) -> Tensor:
     """The network of :func:`bias_folded_weights` matrices on ``inputs``, one ``(N,)`` tensor per input, as a
     compiled step writes it (per_param_mlp's 3→64→2 under :func:`writes_skinny_products`): no feature matrix,
-    no constant input, no carry units — the first layer one broadcast product per input, each bias added (as
-    :func:`bias_folded_weights` folded it, times the constant it rode on), later layers as
-    :func:`skinny_matmul` (a wide hidden layer: a matrix product). Inductor fuses it into one loop over the
-    elements in which each hidden unit costs 3 multiply-adds, a ReLU and 2 multiply-adds; with contracted
+    no constant input — the first layer one broadcast product per input, its bias added —, the later layers
+    as :func:`element_major_layers` (no carry units; skinny products written out by
+    :func:`compiled_skinny_product`, a wide hidden layer a matrix product). Inductor fuses it into one loop over
+    the elements in which each hidden unit costs 3 multiply-adds, a ReLU and 2 multiply-adds; with contracted
     multiply-adds (``CONTRACTED_SKINNY_COMPILE_OPTIONS``) that loop is bound by its multiplies. Measured
     against the folded network with its ones row and carry unit (per_param_mlp, 32 members × 9,610 elements, 1
     thread): its kernel 2.26 → 1.76 ms; not building the feature matrix: the tutorial's inner step 14 % and the
     784-256-256-10 MLP's 12 % faster again (2 threads). The same sums in the same order as
-    :func:`bias_folded_mlp` except each bias added last. Returns ``(out, N)``."""
-    act = activation_fn(activation)
-    carried = torch.ones((), dtype=weights[0].dtype, device=weights[0].device)
-    last = len(weights) - 1
-    h = None
-    for layer, matrix in enumerate(weights):
-        rows = matrix if layer == last else matrix[:-1]  # without the carry unit
-        if layer == 0:  # one broadcast product per input: no matrix of the inputs is ever stored
-            product = sum_of_outer_products([x.unsqueeze(-1) for x in inputs], rows[:, :-1].t())
-        else:
-            h = act(h)
-            product = skinny_matmul(h, rows[:, :-1].t())
-            if product is NotImplemented:  # a wide hidden layer: BLAS
-                product = torch.matmul(h, rows[:, :-1].t())
-        h = product + rows[:, -1] * carried
-        carried = act(carried)
-    return h.t()
+    :func:`bias_folded_mlp` except the first bias added last. Returns ``(out, N)``."""
+    first = weights[0] if len(weights) == 1 else weights[0][:-1]  # without the carry unit
+    h = sum_of_outer_products([x.unsqueeze(-1) for x in inputs], first[:, :-1].t()) + first[:, -1]
+    return element_major_layers(h, weights[1:], activation).mT
 
 
-def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, element_major: bool = False,
-                  in_place: bool = False, out: Tensor | None = None,
-                  scratch: Scratch | None = None) -> Tensor:
-    """The layers after the first of a bias-folded network: ``h ← matrix @ act(h)`` per matrix
-    (:func:`bias_folded_weights`), ``h`` ``(units, N)`` or a batch ``(B, units, N)`` of inputs to
-    the same matrices. Every per-element network of lopt_hf ends here: the feature-input rules
-    through :func:`bias_folded_mlp`, Celo2 after its own first layer (per-slab normalisation and
-    broadcast features).
-
-    ``element_major`` computes each product as ``(act(h)ᵀ @ matrixᵀ)ᵀ``: the same numbers, the
-    activations stored one element's units together (what small per-element networks over many
-    tensors — meta-training's vmapped and compiled steps — run fastest with); otherwise
-    feature-major, one unit's N elements together (Celo2's large slabs).
+def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, in_place: bool = False,
+                  out: Tensor | None = None, scratch: Scratch | None = None) -> Tensor:
+    """The layers after the first of a bias-folded network, feature-major: ``h ← matrix @ act(h)`` per matrix
+    (:func:`bias_folded_weights`), ``h`` ``(units, N)`` (one unit's N elements together) or a batch
+    ``(B, units, N)`` of inputs to the same matrices, the carry units computed: Celo2 after its own first layer
+    (per-slab normalisation and broadcast features). The feature-input rules run element-major instead
+    (:func:`bias_folded_mlp`).
 
     Deployment options (no autograd through them), with 2-D ``h``: ``in_place`` rectifies the activations
-    in place; ``scratch(layer, shape)`` may return a buffer for a layer's product as it lies in memory
-    (``(units, N)`` feature-major, ``(N, units)`` element-major; None: a new tensor); feature-major, ``out``
-    receives the last layer's output.
+    in place; ``scratch(layer, (units, N))`` may return a buffer for a layer's product (None: a new tensor);
+    ``out`` receives the last layer's output.
     """
-    if element_major and out is not None:
-        raise ValueError("an out buffer is feature-major only")
     act = IN_PLACE_ACTIVATIONS.get(activation) if in_place else None
     act = act or activation_fn(activation)
     last = len(matrices) - 1
     for layer, matrix in enumerate(matrices):
-        if element_major:
-            inputs = act(h).mT  # (once: an in-place activation such as tanh_ must not run twice)
-            product = compiled_skinny_product(inputs, matrix.mT)
-            if product is None:
-                target = None if scratch is None else scratch(layer, (h.shape[-1], matrix.shape[0]))
-                product = torch.matmul(inputs, matrix.mT, out=target)
-            h = product.mT
-            continue
         target = out if layer == last else None
         if target is None and scratch is not None:
             target = scratch(layer, (matrix.shape[0], h.shape[-1]))

@@ -1,12 +1,12 @@
-"""The one per-element MLP engine (lopt_hf.rules.features): bias-folded feature-major matrices and
-folded_layers, which the feature-input rules (streamed_mlp) and Celo2 both run."""
+"""The one per-element MLP engine (lopt_hf.rules.features): bias-folded matrices, run element-major by the
+feature-input rules (bias_folded_mlp through streamed_mlp) and feature-major by Celo2 (folded_layers)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lopt_hf.rules.features import (StreamHooks, bias_folded_mlp, bias_folded_weights, feature_mean_squares,
+from lopt_hf.rules.features import (StreamHooks, activation_fn, bias_folded_mlp, bias_folded_weights, feature_mean_squares,
                                     folded_layers, normalized_mlp, row_sum_squares, streamed_mlp, tracing_for_inductor,
                                     unrolled_mlp, unrolls, writes_skinny_products,
                                     written_out_mlp)
@@ -59,7 +59,7 @@ def test_only_compilation_writes_skinny_products() -> None:
 
 def test_folded_layers_deployment_options_change_no_bit() -> None:
     """In-place activations, the last layer into ``out`` and scratch buffers give the plain result exactly;
-    the element-major layout the same numbers; a batch ``(B, units, N)`` gives each member's (to rounding)."""
+    a batch ``(B, units, N)`` gives each member's (to rounding)."""
     gen = torch.Generator().manual_seed(3)
     matrices = bias_folded_weights([(torch.randn(9, 6, generator=gen), torch.randn(6, generator=gen)),
                                     (torch.randn(6, 1, generator=gen), torch.randn(1, generator=gen))], torch.relu)
@@ -74,22 +74,36 @@ def test_folded_layers_deployment_options_change_no_bit() -> None:
 
     deployed = folded_layers(h.clone(), matrices, "relu", in_place=True, out=out, scratch=scratch)
     assert deployed.data_ptr() == out.data_ptr() and torch.equal(out, plain) and len(buffers) == 1
-    element_major = folded_layers(h.clone(), matrices, "relu", element_major=True)
-    assert element_major.shape == plain.shape
-    torch.testing.assert_close(element_major, plain, rtol=1e-6, atol=1e-6)
-    buffers.clear()
-    element_major_deployed = folded_layers(h.clone(), matrices, "relu", element_major=True, in_place=True,
-                                           scratch=scratch)  # every layer's product in a buffer, (N, units)
-    assert [buffer.shape for buffer in buffers] == [(300, 7), (300, 1)]
-    assert element_major_deployed.data_ptr() == buffers[-1].data_ptr() and torch.equal(element_major_deployed,
-                                                                                        element_major)
-    with pytest.raises(ValueError, match="feature-major only"):
-        folded_layers(h, matrices, "relu", element_major=True, out=out)
     batch = torch.stack([h, 2 * h])
     batched = folded_layers(batch, matrices, "relu")
     # (a batched product is another BLAS call: on some CPUs — MKL's kernels on AMD EPYC — it sums in another order)
     torch.testing.assert_close(batched[0], plain, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(batched[1], folded_layers(2 * h, matrices, "relu"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_element_major_deployment_options_change_no_bit(activation: str) -> None:
+    """bias_folded_mlp with in-place activations and biases and every product in a scratch buffer ``(N, units)``
+    (no carry unit: the network's own widths) gives the plain result exactly, and it equals the feature-major
+    network with its carry units to rounding."""
+    gen = torch.Generator().manual_seed(3)
+    layers = [(torch.randn(9, 32, generator=gen), torch.randn(32, generator=gen)),
+              (torch.randn(32, 7, generator=gen), torch.randn(7, generator=gen)),
+              (torch.randn(7, 2, generator=gen), torch.randn(2, generator=gen))]
+    matrices = bias_folded_weights(layers, activation_fn(activation))
+    x = torch.cat([torch.randn(9, 300, generator=gen), torch.ones(1, 300)])
+    plain = bias_folded_mlp(x, matrices, activation)
+    buffers: list[torch.Tensor] = []
+
+    def scratch(layer: int, shape: tuple[int, int]) -> torch.Tensor:
+        buffers.append(torch.empty(shape))
+        return buffers[-1]
+
+    deployed = bias_folded_mlp(x, matrices, activation, in_place=True, scratch=scratch)
+    assert [tuple(buffer.shape) for buffer in buffers] == [(300, 32), (300, 7), (300, 2)]
+    assert deployed.data_ptr() == buffers[-1].data_ptr() and torch.equal(deployed, plain)
+    feature_major = folded_layers(matrices[0].contiguous() @ x, [m.contiguous() for m in matrices[1:]], activation)
+    torch.testing.assert_close(plain, feature_major, rtol=1e-5, atol=1e-5)
 
 
 def test_streamed_mlp_pieces_and_out_buffer_equal_one_piece() -> None:
