@@ -65,7 +65,6 @@ torch optimizer:
 
 from __future__ import annotations
 
-import math
 import sys
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -727,9 +726,36 @@ def _scalar_loss(loss: Tensor | float) -> Tensor:
 
 
 def _row_norms(stacked: Tensor) -> Tensor:
-    """The 2-norm of each tensor of a stack (leading axis)."""
+    """The 2-norm of each tensor of a stack (leading axis).
+
+    A CPU stack of one (every large tensor) takes BLAS's dot product, 2.6× faster than ``vector_norm``'s
+    reduction (1M float32 elements, 2 threads: 43 vs 113 µs; the step checks a gradient and a direction this
+    way). It sums float32 squares, which overflow from a norm of ≈ 1.8e19 on where ``vector_norm``'s double
+    accumulator does not: a non-finite result is computed again by ``vector_norm``, so NaN, inf and huge norms
+    come out as before."""
     dims = tuple(range(1, stacked.dim()))
-    return torch.linalg.vector_norm(stacked, dim=dims) if dims else stacked.abs()
+    if not dims:
+        return stacked.abs()
+    if stacked.shape[0] == 1 and stacked.device.type == "cpu" and stacked.is_contiguous():
+        flat = stacked.reshape(-1)
+        norm = torch.dot(flat, flat).sqrt().reshape(1)
+        if bool(torch.isfinite(norm)):
+            return norm
+    return torch.linalg.vector_norm(stacked, dim=dims)
+
+
+def _row_max_abs(stacked: Tensor) -> Tensor:
+    """The largest magnitude in each tensor of a stack (leading axis), NaN where a tensor holds one.
+
+    Not ``vector_norm(ord=inf)``, whose CPU kernel is 12–23× slower than a max reduction (1M float32 elements,
+    2 threads: 1.37 ms vs 60 µs for ``aminmax``, 79 µs for ``abs().amax``); a stack of one (every large tensor)
+    takes ``aminmax`` over all of it, which needs no temporary."""
+    if stacked.dim() == 1:
+        return stacked.abs()
+    if stacked.shape[0] == 1:
+        low, high = torch.aminmax(stacked)
+        return torch.maximum(low.abs(), high.abs()).reshape(1)
+    return stacked.reshape(stacked.shape[0], -1).abs().amax(dim=1)
 
 
 _FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -753,9 +779,7 @@ def _safe_rows(param32: Tensor, norms: Tensor, lr: float, weight_decay: float) -
     bound = lr * norms
     decay = abs(1.0 - lr * weight_decay)
     if decay != 0.0 and param32.numel() > 0:  # (an empty tensor's new value is empty: finite)
-        dims = tuple(range(1, param32.dim()))
-        param_max = torch.linalg.vector_norm(param32, ord=math.inf, dim=dims) if dims else param32.abs()
-        bound = bound + decay * param_max
+        bound = bound + decay * _row_max_abs(param32)
     return (bound < _SAFE_FLOAT32).tolist()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lopt_hf.optim import LearnedOptimizer
+from lopt_hf.optim import LearnedOptimizer, _row_max_abs, _row_norms
 from support import small_rule
 
 from lopt_hf.rules import available_rules, build_rule
@@ -122,6 +122,24 @@ def test_nonfinite_gradient_never_reaches_parameters(bad: float) -> None:
     skipped_state = opt.state_dict()["state"][0]
     assert skipped_state["step"] == state_before[0]["step"]
     assert torch.equal(skipped_state["momentum"], state_before[0]["momentum"])
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 7), (1, 5000), (4, 30, 3), (6,), (1, 1)])
+@pytest.mark.parametrize("fill", ["normal", "huge", "nan", "inf"])
+def test_the_step_checks_reductions_equal_vector_norm(shape: tuple[int, ...], fill: str) -> None:
+    """The 2-norms (a stack of one through BLAS's dot) and largest magnitudes (not ``vector_norm(ord=inf)``,
+    slow on CPU) the step's checks use equal ``vector_norm``'s, also where float32 squares overflow (a norm
+    past 1.8e19), and NaN / inf come out NaN / inf."""
+    stacked = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if fill == "huge":
+        stacked = stacked * 1e30
+    elif fill != "normal":
+        stacked.view(-1)[len(stacked.view(-1)) // 2] = float(fill)
+    dims = tuple(range(1, stacked.dim()))
+    expected_norms = torch.linalg.vector_norm(stacked, dim=dims) if dims else stacked.abs()
+    expected_max = torch.linalg.vector_norm(stacked, ord=float("inf"), dim=dims) if dims else stacked.abs()
+    torch.testing.assert_close(_row_norms(stacked), expected_norms, rtol=1e-5, atol=0.0, equal_nan=True)
+    torch.testing.assert_close(_row_max_abs(stacked), expected_max, rtol=0.0, atol=0.0, equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
