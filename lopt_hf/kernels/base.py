@@ -60,8 +60,8 @@ class RuleKernel:
 
     def apply_step(self, params: Tensor, direction: Tensor, lr: float) -> None:
         """``params -= lr·direction`` in place (float32), rounded as this rule's deployment always was
-        (:attr:`fused_subtract`)."""
-        if self.fused_subtract:
+        (:attr:`fused_subtract`; at ``lr == 1`` the two agree, ``1·direction`` being exact)."""
+        if self.fused_subtract or lr == 1.0:
             params.sub_(direction, alpha=lr)
         else:
             params.sub_(lr * direction)
