@@ -32,15 +32,17 @@ its input untouched.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
+from .inductor_graphs import InductorGraphs
 from ..rules.base import State, Theta, UpdateRule
-from ..rules.features import (FactoredFeatures, StreamHooks, bias_folded_mlp, chunk_indices, ema,
-                              feature_mean_squares)
+from ..rules.features import (CONTRACTED_SKINNY_COMPILE_OPTIONS, FactoredFeatures, StreamHooks, bias_folded_mlp,
+                              chunk_indices, ema, feature_mean_squares, piece_network)
 from ..rules.mlp_lopt import MLPLOpt, advance_momentum
 from ..rules.per_param_mlp import PerParamMLP, feature_matrix
 from ..rules.small_fc_lopt import SmallFCLOpt, advance_moments
@@ -73,23 +75,32 @@ class InPlaceKernel(RuleKernel):
     def hooks(self, out: Tensor, advance: Callable[[tuple], None] | None,
               mean_square: Tensor | None = None) -> StreamHooks:
         """What :func:`~lopt_hf.rules.features.normalized_mlp` gets from this kernel for a tensor whose step
-        goes into ``out`` (``advance`` or the features' ``mean_square``, :class:`~lopt_hf.rules.features.StreamHooks`)."""
-        return StreamHooks(advance=advance, out=out.view(-1), buffer=self.buffers.lender(out), mean_square=mean_square)
+        goes into ``out`` (``advance`` or the features' ``mean_square``, :class:`~lopt_hf.rules.features.StreamHooks`;
+        under compile=True its compiled pieces)."""
+        return StreamHooks(advance=advance, out=out.view(-1), buffer=self.buffers.lender(out), mean_square=mean_square,
+                           compiled_pieces=self._compiled_pieces)
 
     # Under compile=True (:meth:`compile_parts`, kernels with a :meth:`first_pass`): the first pass through
     # torch.compile, for tensors below IN_PLACE_MIN_NUMEL (larger ones keep the streamed pass, whose memory near
     # AdamW's is measured; the compiled one is measured below).
     _compiled_first_pass: Callable[..., Tensor] | None = None
+    # Under compile=True (:meth:`compile_parts`): each piece's features and network compiled (StreamHooks).
+    _compiled_pieces: CompiledPieces | None = None
+    # Whether the first pass pays for compiling (kernels that define :meth:`first_pass`).
+    compiles_first_pass = False
 
     def compile_parts(self, compiler: Compiler) -> None:
-        """Compile :meth:`first_pass` (kernels that set :attr:`compiled_parts`): the network's products stay BLAS
-        calls (the whole step compiled measured slower, :mod:`lopt_hf.kernels.compiled`), while the first pass —
-        the features built and reduced piece by piece, a dozen or dozens of passes over memory eagerly — fuses
-        into one. small_fc_lopt on the bench MLP: that pass alone 8 ms compiled against 85 ms for the same code
-        eagerly, the step 213 → 168 ms at the same peak memory. mlp_lopt's first pass (its features are views of
-        the gradient, value and momenta: reductions only) measured no faster compiled, so it stays eager."""
+        """Under compile=True (kernels that set :attr:`compiled_parts`: mlp_lopt, small_fc_lopt), the network of
+        every piece runs compiled (:class:`CompiledPieces`): its features and first layer fuse into one loop that
+        builds no feature matrix, the hidden layer stays a BLAS product, the output layer and readout fuse into one
+        more loop. And where :attr:`compiles_first_pass`, :meth:`first_pass` — the features built and reduced piece
+        by piece, dozens of passes over memory eagerly — fuses into one (small_fc_lopt on the bench MLP: that pass
+        alone 8 ms compiled against 85 ms for the same code eagerly); mlp_lopt's (its features are views of the
+        gradient, value and momenta: reductions only) measured no faster compiled, so it stays eager."""
         super().compile_parts(compiler)
-        self._compiled_first_pass = compiler.compile(self.first_pass_if_compiled)
+        self._compiled_pieces = CompiledPieces(compiler)
+        if self.compiles_first_pass:
+            self._compiled_first_pass = compiler.compile(self.first_pass_if_compiled)
 
     def first_pass(self, *args: Any) -> Tensor:
         """The streamed network's first pass over the whole tensor at once: the state advanced in place, the
@@ -161,6 +172,36 @@ class InPlaceKernel(RuleKernel):
                 params[index].sub_(lr * direction[index])
 
 
+class CompiledPieces:
+    """:func:`~lopt_hf.rules.features.piece_network` compiled by Inductor (:class:`~lopt_hf.kernels.inductor_graphs.InductorGraphs`:
+    one graph per piece shape, traced once, called without Dynamo's per-call cost — dozens of pieces per step),
+    one per ``(build, readout)`` of the rule; what a kernel lends :func:`~lopt_hf.rules.features.normalized_mlp`
+    under compile=True (``StreamHooks.compiled_pieces``), kept from step to step. Compiling goes through the
+    kernel's :class:`~lopt_hf.kernels.compiled.Compiler`: if it fails, one warning, that piece runs eagerly and
+    the kernel's eager network from then on (None)."""
+
+    def __init__(self, compiler: Compiler) -> None:
+        self.compiler = compiler
+        self._networks: dict[tuple, InductorGraphs] = {}
+
+    def __call__(self, build: Callable[..., list[Tensor]],
+                 readout: Callable[[Tensor], Tensor]) -> Callable[[list[Tensor], tuple], Tensor] | None:
+        if self.compiler.failed:
+            return None
+        key = (build, readout)
+        if key not in self._networks:
+            self._networks[key] = InductorGraphs(functools.partial(piece_network, build, readout),
+                                                 options=CONTRACTED_SKINNY_COMPILE_OPTIONS, fall_back=False,
+                                                 what=f"the {self.compiler.rule_name!r} network's pieces")
+        graphs = self._networks[key]
+
+        def network(weights: list[Tensor], sources: tuple) -> Tensor:
+            return self.compiler.run(lambda: graphs(weights, sources),
+                                     lambda: piece_network(build, readout, weights, sources))
+
+        return network
+
+
 def writable(value: Tensor) -> Tensor:
     """``value`` itself if contiguous (advanced in place), else a contiguous copy (the new state entry)."""
     return value if value.is_contiguous() else value.contiguous()
@@ -207,6 +248,13 @@ class MLPLOptKernel(InPlaceKernel):
 
     rule: MLPLOpt
     every_size = True
+    compiled_parts = True
+    compiles_first_pass = True
+
+    def first_pass(self, param: Tensor, grad: Tensor, momentum: Tensor, decays: Tensor) -> Tensor:
+        """:meth:`InPlaceKernel.first_pass`: the momenta advanced, the features' mean squares."""
+        advance_momentum_in_place(decays, momentum, grad, ())
+        return feature_mean_squares(self.rule.features(param, grad, momentum), param.numel())
 
     def update_into(self, out: Tensor, param: Tensor, grad: Tensor, state: State, step: Tensor | int,
                     chunk_size: int | None) -> State:
@@ -214,11 +262,18 @@ class MLPLOptKernel(InPlaceKernel):
         decays = self.rule.decays(param)
 
         def advance(index: tuple) -> None:
-            at, g = (slice(None), *index), grad[index]
-            momentum[at].copy_(advance_momentum(per_piece(decays, g), momentum[at], g))
+            advance_momentum_in_place(decays, momentum, grad, index)
 
-        self.rule.network_step(self.theta, param, grad, momentum, step, chunk_size, hooks=self.hooks(out, advance))
+        hooks = self.stream_hooks(out, advance, param, grad, momentum, decays)
+        self.rule.network_step(self.theta, param, grad, momentum, step, chunk_size, hooks=hooks)
         return {"momentum": momentum}
+
+
+def advance_momentum_in_place(decays: Tensor, momentum: Tensor, grad: Tensor, index: tuple) -> None:
+    """mlp_lopt's momenta of ``grad[index]`` written into ``momentum`` at ``index`` (``()``: the whole tensor): a
+    streamed piece, or the compiled first pass."""
+    at, g = (slice(None), *index), grad[index]
+    momentum[at].copy_(advance_momentum(per_piece(decays, g), momentum[at], g))
 
 
 @register_kernel(SmallFCLOpt)
@@ -229,6 +284,7 @@ class SmallFCLOptKernel(InPlaceKernel):
     rule: SmallFCLOpt
     every_size = True
     compiled_parts = True
+    compiles_first_pass = True
 
     def first_pass(self, param: Tensor, grad: Tensor, momentum: Tensor, rms: Tensor, fac: FactoredFeatures,
                    mom_decay: Tensor, rms_decay: Tensor) -> Tensor:

@@ -50,7 +50,7 @@ different execution (rounding differs); ``tests/metatrain/test_metatrain_unroll.
 from __future__ import annotations
 
 import dataclasses
-import warnings
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,8 +59,9 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import vmap
 
+from ..kernels.inductor_graphs import InductorGraphs
 from ..rules.base import UpdateRule
-from ..rules.features import CONTRACTED_SKINNY_COMPILE_OPTIONS, skinny_matmul, tracing_for_inductor
+from ..rules.features import CONTRACTED_SKINNY_COMPILE_OPTIONS, skinny_matmul
 from .tasks import Batch, Params, TaskDescriptor, TaskFamily
 
 aten = torch.ops.aten
@@ -164,7 +165,7 @@ class VectorizedInnerTrainer:
         self.family = family
         self.rule = rule
         self.compile = bool(compile)
-        self._compiled: dict[Any, Callable[..., Any]] = {}
+        self._compiled: dict[bool, InductorGraphs] = {}  # by whether theta is per member
         self._theta_dims = {key: len(shape) for key, shape in rule.theta_shapes().items()}
         if rule.scheduled and SCHEDULE_STATE in family.param_shapes:
             raise ValueError(f"inner parameter name {SCHEDULE_STATE!r} is reserved for the whole-model state of "
@@ -308,52 +309,16 @@ class VectorizedInnerTrainer:
         return self.rule.update(theta, param, grad, state, step, loss=loss)
 
     def _compiled_step(self, theta_batched: bool, args: tuple) -> tuple:
-        leaves, spec = pytree.tree_flatten(args)
-        # Inductor's graph is specialised to its inputs' sizes and strides (it asserts them). Inputs are made
-        # contiguous (a no-op for all but broadcast initial states, e.g. a scheduled rule's first step), so one
-        # graph serves every step of a signature.
-        leaves = [leaf.contiguous() for leaf in leaves]
-        key = (theta_batched, torch.is_grad_enabled(), spec, tuple((tuple(leaf.shape), leaf.dtype) for leaf in leaves))
-        entry = self._compiled.get(key)
-        if entry is None:
-            try:
-                compiled, out_spec = self._build_compiled(theta_batched, spec, leaves)
-                result = pytree.tree_unflatten(list(compiled(*leaves)), out_spec)  # compiles now
-                self._compiled[key] = (compiled, out_spec)
-                return result
-            except Exception as error:  # a rule/family that does not trace: same math, eagerly
-                warnings.warn(f"compiling the vectorised inner step failed ({type(error).__name__}: {error}); "
-                              "running it eagerly", RuntimeWarning, stacklevel=3)
-                self._compiled[key] = entry = (None, None)
-        compiled, out_spec = entry
-        if compiled is None:
-            return self._step_impl(theta_batched, *args)
-        return pytree.tree_unflatten(list(compiled(*leaves)), out_spec)
-
-    def _build_compiled(self, theta_batched: bool, spec: pytree.TreeSpec,
-                        leaves: list[Tensor]) -> tuple[Callable[..., Any], pytree.TreeSpec]:
-        from torch._inductor import config as inductor_config
-        from torch._inductor.compile_fx import compile_fx
-        from torch.fx.experimental.proxy_tensor import make_fx
-
-        out_specs: list[pytree.TreeSpec] = []
-
-        def flat_step(*flat: Tensor) -> list[Tensor]:
-            out_leaves, out_spec = pytree.tree_flatten(
-                self._step_impl(theta_batched, *pytree.tree_unflatten(list(flat), spec)))
-            out_specs.append(out_spec)
-            return out_leaves
-
-        # Traced (and run) without autograd, where rules may rectify in place.
-        example = [leaf.detach() for leaf in leaves]
-        with tracing_for_inductor():
-            graph = make_fx(flat_step, decomposition_table=SKINNY_DECOMPOSITIONS)(*example)
-        # Inductor compiles the aten graph directly, for these static shapes. torch.compile would wrap it in
-        # Dynamo, whose frame evaluation, guards and module call cost ≈ 0.4 ms per call for a graph that has no
-        # Python left to guard (6 % of the tutorial's inner step, measured in one process; same outputs, bit for
-        # bit); this cache's key and the contiguous inputs pin what Dynamo's guards would check.
-        with inductor_config.patch(CONTRACTED_SKINNY_COMPILE_OPTIONS):
-            return compile_fx(graph, example), out_specs[-1]
+        """:meth:`_step_impl` through Inductor (:class:`~lopt_hf.kernels.inductor_graphs.InductorGraphs`: traced with the
+        skinny and narrow products rewritten, one graph per signature). Inputs are made contiguous (a no-op for
+        all but broadcast initial states, e.g. a scheduled rule's first step), so one graph serves every step of
+        a signature."""
+        graphs = self._compiled.get(theta_batched)
+        if graphs is None:
+            graphs = self._compiled[theta_batched] = InductorGraphs(
+                functools.partial(self._step_impl, theta_batched), options=CONTRACTED_SKINNY_COMPILE_OPTIONS,
+                decompositions=SKINNY_DECOMPOSITIONS, what="the vectorised inner step")
+        return graphs(*pytree.tree_map(lambda leaf: leaf.contiguous(), args))
 
 
 def run_unroll(trainer: VectorizedInnerTrainer, theta: dict[str, Tensor], problems: InnerProblems,

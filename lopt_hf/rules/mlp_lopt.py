@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (StreamHooks, init_mlp_theta, numbered_layers, mlp_theta_shapes, normalized_mlp,
-                       step_from_direction_magnitude, tanh_time_features)
+from .features import (PieceFeatures, StreamHooks, init_mlp_theta, numbered_layers, mlp_theta_shapes,
+                       normalized_mlp, step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 
@@ -90,19 +90,27 @@ class MLPLOpt(UpdateRule):
         step_out = self.network_step(theta, param, grad, momentum, step, chunk_size)
         return step_out, {"momentum": momentum}
 
+    @staticmethod
+    def features(param: Tensor, grad: Tensor, momentum: Tensor) -> PieceFeatures:
+        """The network's per-element features from the new ``momentum``, by piece (``features(index)`` of
+        ``tensor[index]``, as :func:`~lopt_hf.rules.features.normalized_mlp` takes them): ``g``, ``p``, the momenta."""
+        return PieceFeatures(piece_features, (grad, param, momentum), tuple(param.shape))
+
     def network_step(self, theta: Theta, param: Tensor, grad: Tensor, momentum: Tensor, step: Tensor | int,
                      chunk_size: int | None = None, hooks: StreamHooks | None = None) -> Tensor:
         """The step from the new ``momentum`` (:func:`~lopt_hf.rules.features.normalized_mlp`; ``hooks``: a
         deployment kernel's)."""
 
-        def features(index: tuple) -> list[Tensor]:
-            decay_index = (slice(None), *index)
-            return [grad[index].unsqueeze(0), param[index].unsqueeze(0), momentum[decay_index]]
-
+        features = self.features(param, grad, momentum)
         time_features = tanh_time_features(as_step_tensor(step, param))
         return normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
                               step_from_direction_magnitude(self.exp_mult, self.step_mult),
                               chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
+
+
+def piece_features(grad: Tensor, param: Tensor, momentum: Tensor) -> list[Tensor]:
+    """mlp_lopt's per-element features of a piece: ``g``, ``p`` and the momenta (``(k, *piece)``)."""
+    return [grad.unsqueeze(0), param.unsqueeze(0), momentum]
 
 
 def advance_momentum(decays: Tensor, momentum: Tensor, grad: Tensor) -> Tensor:

@@ -30,15 +30,14 @@ Theta names are the haiku ones without the ``nn/~/`` prefix (:data:`HAIKU_NAMES`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (FactoredFeatures, StreamHooks, factored_accumulator_state, factored_dims, factored_features,
-                       factored_second_moments, init_mlp_theta, numbered_layers, mlp_theta_shapes, normalized_mlp,
-                       squared_gradient, step_from_direction_magnitude, tanh_time_features)
+from .features import (FactoredFeatures, PieceFeatures, StreamHooks, factored_accumulator_state, factored_dims,
+                       factored_features, factored_second_moments, init_mlp_theta, numbered_layers, mlp_theta_shapes,
+                       normalized_mlp, squared_gradient, step_from_direction_magnitude, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 DECAY_NAMES = ("momentum_decays", "rms_decays", "adafactor_decays")
@@ -174,24 +173,23 @@ class SmallFCLOpt(UpdateRule):
                               chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
 
     @staticmethod
-    def features(param: Tensor, grad: Tensor, momentum: Tensor, rms: Tensor,
-                 fac: FactoredFeatures) -> Callable[[tuple], list[Tensor]]:
-        """The network's per-element features from the new accumulators: ``features(index)`` of
-        ``tensor[index]``, as :func:`~lopt_hf.rules.features.normalized_mlp` takes them (the order of
-        the module docstring's list)."""
+    def features(param: Tensor, grad: Tensor, momentum: Tensor, rms: Tensor, fac: FactoredFeatures) -> PieceFeatures:
+        """The network's per-element features from the new accumulators, by piece (``features(index)`` of
+        ``tensor[index]``, as :func:`~lopt_hf.rules.features.normalized_mlp` takes them; the order of the module
+        docstring's list)."""
+        return PieceFeatures(piece_features, (param, grad, momentum, rms, fac), tuple(param.shape))
 
-        def features(index: tuple) -> list[Tensor]:
-            at = (slice(None), *index)
-            g_i, m_i = grad[index], momentum[at]
-            rsqrt_rms = torch.rsqrt(rms[at] + 1e-6)
-            fac_g_i = fac.grad_factor_at(at)
-            return [
-                g_i.unsqueeze(0), param[index].unsqueeze(0), m_i, rms[at], m_i * rsqrt_rms, rsqrt_rms,
-                g_i * fac_g_i, fac.row[at], fac.col[at], fac.rsqrt_row[at], fac.rsqrt_col[at],
-                m_i * fac.momentum_factor_at(at, fac_g_i),
-            ]
 
-        return features
+def piece_features(param: Tensor, grad: Tensor, momentum: Tensor, rms: Tensor, fac: FactoredFeatures) -> list[Tensor]:
+    """small_fc_lopt's 28 per-element features of a piece (:meth:`SmallFCLOpt.features`), each ``(k, *piece)``."""
+    whole = (slice(None),)
+    rsqrt_rms = torch.rsqrt(rms + 1e-6)
+    grad_factor = fac.grad_factor_at(whole)
+    return [
+        grad.unsqueeze(0), param.unsqueeze(0), momentum, rms, momentum * rsqrt_rms, rsqrt_rms,
+        grad * grad_factor, fac.row, fac.col, fac.rsqrt_row, fac.rsqrt_col,
+        momentum * fac.momentum_factor_at(whole, grad_factor),
+    ]
 
 
 def advance_moments(mom_decay: Tensor, rms_decay: Tensor, momentum: Tensor, rms: Tensor,

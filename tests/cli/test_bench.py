@@ -74,11 +74,12 @@ def test_cli_prints_the_floor_and_writes_it_to_json(tmp_path, capsys) -> None:
 
 
 def test_cli_times_the_compiled_rules_beside_the_eager_ones(tmp_path, capsys) -> None:
-    """``--compile``: a row ``NAME+compile`` for each rule that compiles (celo_adam), none for one that does not."""
+    """``--compile``: a row ``NAME+compile`` for each rule that compiles (celo_adam: its whole step; mlp_lopt: its
+    first pass and its network by pieces), none for AdamW."""
     out = tmp_path / "bench.json"
     assert main(["bench", "--rules", "celo_adam", "mlp_lopt", "--layers", "8,4", "--warmup", "1", "--repeats", "1",
                  "--no-memory", "--compile", "--json", str(out)]) == 0
     assert "celo_adam+compile" in capsys.readouterr().out
     rows = {row["name"]: row for row in json.loads(out.read_text())}
-    assert sorted(rows) == ["adamw", "celo_adam", "celo_adam+compile", "mlp_lopt"]
+    assert sorted(rows) == ["adamw", "celo_adam", "celo_adam+compile", "mlp_lopt", "mlp_lopt+compile"]
     assert rows["celo_adam+compile"]["step_ms"] > 0

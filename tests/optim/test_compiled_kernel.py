@@ -136,6 +136,31 @@ def test_compiled_small_fc_lopt_trains_like_the_eager_kernel() -> None:
     assert_trains_alike("small_fc_lopt", linear)
 
 
+def test_compiled_mlp_lopt_trains_like_the_eager_kernel() -> None:
+    """mlp_lopt's first pass compiles, and so does its network piece by piece (5 features: a skinny first layer)."""
+    assert_trains_alike("mlp_lopt", mlp)
+
+
+def test_mlp_lopts_compiled_pieces_are_the_streamed_network() -> None:
+    """Piece by piece (chunks of 128 elements, a last short piece: two graphs per shape), the compiled network
+    gives the eager streamed one's step up to rounding; one graph per piece shape, none more on the next step."""
+    rule = build_rule("mlp_lopt")
+    theta = rule.init_theta(torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(4)
+    kernel = kernel_for(rule, theta)
+    kernel.compile_parts(Compiler(rule))
+    param, grad = torch.randn(1, 30, 10, generator=gen), 1e-2 * torch.randn(1, 30, 10, generator=gen)
+    state = {key: 1e-3 * torch.randn(value.shape, generator=gen) for key, value in rule.init_state(param[0]).items()}
+    for step in (3, 4):
+        compiled_step, _ = kernel.update_stack(param, grad, [{key: value.clone() for key, value in state.items()}],
+                                               step, chunk_size=128)
+        streamed, _ = kernel_for(rule, theta).update_stack(param, grad, [dict(state)], step, chunk_size=128)
+        assert not kernel.compiler.failed
+        torch.testing.assert_close(compiled_step, streamed, rtol=1e-5, atol=1e-9)
+        assert not torch.equal(compiled_step, streamed)  # it ran compiled: another order of the sums
+        assert [len(graphs) for graphs in kernel._compiled_pieces._networks.values()] == [2]
+
+
 def test_small_fc_lopts_compiled_first_pass_is_the_streamed_one() -> None:
     """The compiled first pass over the whole tensor advances the state as the eager pieces do and gives the
     features' mean squares up to rounding (another order of the sums: it ran compiled); a 2-D tensor and a
@@ -245,7 +270,8 @@ import sys, warnings
 sys.path.insert(0, sys.argv[1])
 from test_compiled_kernel import CPU, linear, train
 import torch
-for rule in ("celo", "small_fc_lopt"):  # a whole compiled step; a compiled part (the streamed first pass instead)
+# a whole compiled step; compiled parts (the streamed first pass instead; and mlp_lopt's network by pieces)
+for rule in ("celo", "small_fc_lopt", "mlp_lopt"):
     eager_model, _ = train(rule, False, linear)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -261,8 +287,8 @@ print("fell back")
 def test_a_failed_compilation_warns_and_steps_eagerly(tmp_path: Path) -> None:
     """No C++ compiler for Inductor (``CXX`` names one that does not exist; a fresh process and an empty cache,
     since Inductor remembers the compiler it found for the life of a process): one RuntimeWarning, then the
-    eager kernel's exact results — for Celo (its whole step compiles) and small_fc_lopt (its first pass: the
-    streamed one instead)."""
+    eager kernel's exact results — for Celo (its whole step compiles), small_fc_lopt (its first pass: the
+    streamed one instead) and mlp_lopt (its first pass and its network's pieces: the eager ones instead)."""
     env = {**os.environ, "CXX": "/nonexistent/c++", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT, str(Path(__file__).parent)], env=env,
@@ -284,7 +310,7 @@ def test_compile_applies_to_the_rules_it_speeds_up() -> None:
     small_fc = load_lopt("lopt-hf/small-fc-lolo", model, compile=True).kernel_on(CPU)
     assert not isinstance(small_fc, CompiledKernel) and small_fc.compiler is not None  # its first pass compiles
     assert [name for name in available_rules() if takes_compiled_path(build_rule(name))] == [
-        "celo", "celo2", "celo_adam", "opt2vec", "per_param_mlp", "small_fc_lopt", "velo"]
+        "celo", "celo2", "celo_adam", "mlp_lopt", "opt2vec", "per_param_mlp", "small_fc_lopt", "velo"]
 
 
 def test_bench_times_the_compiled_rules_as_rows_of_their_own() -> None:
