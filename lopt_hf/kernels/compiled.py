@@ -21,9 +21,12 @@ Inductor fuses into one loop over the elements — 5× faster than its eager ker
 runs faster than unrolled code (small_fc_lopt's skinny-compiled step measured 2.3× slower than eager), and
 compiled as a whole they measured slower or took minutes to compile (the chunked streaming unrolls into the
 graph). A kernel may compile parts of its step instead (:meth:`~lopt_hf.kernels.base.RuleKernel.compile_parts`,
-:func:`compiled_kernel`): ``small_fc_lopt``'s first pass — its 28 features built and reduced piece by piece
-for the per-tensor normalisation, eagerly dozens of passes over memory — compiles over the whole tensor into
-one fused pass (no feature is materialised), while the network's products stay BLAS calls.
+:func:`compiled_kernel`): the first pass — ``small_fc_lopt``'s 28 features or ``mlp_lopt``'s momenta built and
+reduced piece by piece for the per-tensor normalisation, eagerly dozens of passes over memory — compiles over
+the whole tensor into one fused pass (no feature is materialised); and ``mlp_lopt``'s network, whose first layer
+is skinny (5 features), runs compiled piece by piece (:class:`~lopt_hf.kernels.in_place.CompiledPieces`:
+features and first layer fused, the 32-wide hidden product a BLAS call), while ``small_fc_lopt``'s products stay
+BLAS calls.
 
 The compiled step is the same math in another order of float operations (sums, the folded
 normalisation), so its results differ from the eager kernel's in the last bits (a test bounds the
@@ -80,8 +83,8 @@ def writes_skinny_network(rule: UpdateRule) -> bool:
 
 def takes_compiled_path(rule: UpdateRule) -> bool:
     """Whether ``compile=True`` changes how ``rule`` steps: its whole step compiles (:func:`compiles`) or its
-    kernel compiles parts of it (:attr:`~lopt_hf.kernels.base.RuleKernel.compiled_parts`: small_fc_lopt's
-    first pass)."""
+    kernel compiles parts of it (:attr:`~lopt_hf.kernels.base.RuleKernel.compiled_parts`: small_fc_lopt's and
+    mlp_lopt's first pass, mlp_lopt's network by pieces)."""
     return compiles(rule) or kernel_class(rule).compiled_parts
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator
@@ -815,12 +814,18 @@ def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, in_plac
     return h
 
 
-@functools.lru_cache(maxsize=None)
+@dataclasses.dataclass(frozen=True)
+class DirectionMagnitudeReadout:
+    """Readout ``direction * exp(magnitude * exp_mult) * step_mult`` of a 2-output network's ``(2, n)`` output. A
+    value (equal settings, equal readouts): a compiled piece's graph is kept per readout (:func:`piece_network`)."""
+
+    exp_mult: float
+    step_mult: float
+
+    def __call__(self, out: Tensor) -> Tensor:
+        return out[0] * torch.exp(out[1] * self.exp_mult) * self.step_mult
+
+
 def step_from_direction_magnitude(exp_mult: float, step_mult: float) -> Callable[[Tensor], Tensor]:
-    """Readout ``direction * exp(magnitude * exp_mult) * step_mult`` of a 2-output network's ``(2, n)`` output (one
-    function per setting: a compiled piece's graph is kept per readout, :func:`piece_network`)."""
-
-    def readout(out: Tensor) -> Tensor:
-        return out[0] * torch.exp(out[1] * exp_mult) * step_mult
-
-    return readout
+    """:class:`DirectionMagnitudeReadout` of these settings."""
+    return DirectionMagnitudeReadout(exp_mult, step_mult)
