@@ -457,6 +457,12 @@ class LearnedOptimizer(torch.optim.Optimizer):
             to_rule_layout(param32, layout, stacked=True), to_rule_layout(grads, layout, stacked=True), rule_states,
             states[0][STEP_KEY], chunk_size=self.chunk_size, **loss_kwargs)
         direction = from_rule_layout(direction, layout, stacked=True)
+        if param32.is_contiguous() and not direction.is_contiguous():
+            # a step computed in another memory order (a compiled Celo2 graph's: the rule layout, row-major) is
+            # copied into the parameter's order once, a blocked transpose: reductions and the subtraction over a
+            # transposed operand are strided loops (one 1024 × 1024 tensor: the subtraction alone 1.71 ms, against
+            # 0.69 ms for the copy and 0.05 ms for a subtraction in one order)
+            direction = direction.contiguous()
         norms = _row_norms(direction)
         # new − old = −lr·(direction + weight_decay·param)
         change_norms = norms if weight_decay == 0.0 else _row_norms(torch.add(direction, param32, alpha=weight_decay))
