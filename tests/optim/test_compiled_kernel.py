@@ -271,7 +271,7 @@ sys.path.insert(0, sys.argv[1])
 from test_compiled_kernel import CPU, linear, train
 import torch
 # a whole compiled step; compiled parts (the streamed first pass instead; and mlp_lopt's network by pieces)
-for rule in ("celo", "small_fc_lopt", "mlp_lopt"):
+for rule in ("celo", "small_fc_lopt", "mlp_lopt", "per_param_mlp"):
     eager_model, _ = train(rule, False, linear)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -288,7 +288,8 @@ def test_a_failed_compilation_warns_and_steps_eagerly(tmp_path: Path) -> None:
     """No C++ compiler for Inductor (``CXX`` names one that does not exist; a fresh process and an empty cache,
     since Inductor remembers the compiler it found for the life of a process): one RuntimeWarning, then the
     eager kernel's exact results — for Celo (its whole step compiles), small_fc_lopt (its first pass: the
-    streamed one instead) and mlp_lopt (its first pass and its network's pieces: the eager ones instead)."""
+    streamed one instead), mlp_lopt (its first pass and its network's pieces: the eager ones instead) and
+    per_param_mlp (its whole step, compiled without Dynamo)."""
     env = {**os.environ, "CXX": "/nonexistent/c++", "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT, str(Path(__file__).parent)], env=env,
@@ -355,11 +356,15 @@ def test_the_compiled_per_param_mlp_writes_its_skinny_products_out() -> None:
     state = {"momentum": 1e-2 * torch.randn(40, 30, generator=gen)}
     eager = kernel_for(rule, theta)
     expected, expected_state = eager.update_stack(param, grad, [{"momentum": state["momentum"].clone()}], 2)
-    actual, actual_state = CompiledKernel(kernel_for(rule, theta)).update_stack(param, grad, [state], 2)
+    compiled = CompiledKernel(kernel_for(rule, theta))
+    actual, actual_state = compiled.update_stack(param, grad, [state], 2)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-9)
     assert not torch.equal(actual, expected)
     torch.testing.assert_close(actual_state[0]["momentum"], expected_state[0]["momentum"], rtol=1e-6, atol=0)
     assert compiled_skinny_product(torch.ones(5, 3), torch.ones(3, 2)) is None  # eager: the caller's product
+    # compiled by Inductor without Dynamo (InductorGraphs): one graph, also for the next step's state
+    compiled.update_stack(param, grad, actual_state, 3)
+    assert len(compiled._one) == 1 and not compiled.compiler.failed
 
 
 def test_only_skinny_networks_compile_with_contracted_multiply_adds() -> None:
