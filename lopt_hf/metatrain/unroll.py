@@ -61,14 +61,10 @@ from torch.func import vmap
 
 from ..kernels.inductor_graphs import InductorGraphs
 from ..rules.base import UpdateRule
-from ..rules.features import CONTRACTED_SKINNY_COMPILE_OPTIONS, skinny_matmul
+from ..rules.features import CONTRACTED_SKINNY_COMPILE_OPTIONS, NARROW_COLUMNS, skinny_matmul
 from .tasks import Batch, Params, TaskDescriptor, TaskFamily
 
 aten = torch.ops.aten
-
-# Products with fewer result columns than this (and at least as many rows) run as their transpose in the
-# compiled inner step (:func:`narrow_matmul`).
-NARROW_COLUMNS = 16
 
 
 def narrow_matmul(a: Tensor, b: Tensor) -> Tensor:

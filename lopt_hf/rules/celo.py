@@ -61,9 +61,9 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, as_step_tensor, register_rule
-from .features import (FactoredFeatures, StreamHooks, factored_accumulator_state, factored_features,
-                       factored_second_moments, mlp_flops, normalized_mlp, squared_gradient,
-                       step_from_direction_magnitude, truncated_normal_init)
+from .features import (DirectionMagnitudeReadout, FactoredFeatures, StreamHooks, factored_accumulator_state,
+                       factored_features, factored_second_moments, mlp_flops, normalized_mlp, squared_gradient,
+                       truncated_normal_init)
 from .scheduler import RANK_SLOTS, ScheduledRule, accumulator_summary
 
 FF = "ff_mod_stack/~/"
@@ -245,7 +245,7 @@ class Celo(ClippedGradient, ScheduledRule):
         weights = self.network_weights(theta, control[1:])
         no_inputs = torch.zeros(0, dtype=torch.float32, device=p.device)
         return normalized_mlp(weights, features, p.shape, no_inputs, int(self.ff_hidden_layers) + 1,
-                              step_from_direction_magnitude(self.exp_mult, self.step_mult),
+                              DirectionMagnitudeReadout(self.exp_mult, self.step_mult),
                               chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
 
     def step_scale(self, p: Tensor, control: Tensor) -> Tensor:

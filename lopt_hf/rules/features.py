@@ -444,7 +444,7 @@ class StreamHooks:
     # step to step (None once compiling has failed); features given as :class:`PieceFeatures` with a skinny first
     # layer then run their pieces through it.
     compiled_pieces: Callable[[Callable[..., list[Tensor]], Callable[[Tensor], Tensor]],
-                              Callable[[list[Tensor], tuple], Tensor] | None] | None = None
+                              Callable[[ElementMajorWeights, tuple], Tensor] | None] | None = None
 
     def __post_init__(self) -> None:
         if self.buffer is not None and self.out is None:  # else the result could be a view of a reused buffer
@@ -531,7 +531,7 @@ def normalized_mlp(
             part = feature_sum_squares(features(index), no_grad)
             sum_square = part if sum_square is None else sum_square + part
         mean_square = sum_square / max(numel, 1)
-    weights = bias_folded_weights(normalized_first_layer(layers, mean_square, constant_inputs, eps), torch.relu)
+    weights = element_major_weights(normalized_first_layer(layers, mean_square, constant_inputs, eps))
     # the activations of layer k into "hidden" (even k) or "features" (odd k: the piece's features are dead once
     # the first layer has read them): two buffers for any depth
     scratch = None if buffer is None else (
@@ -541,12 +541,7 @@ def normalized_mlp(
             and is_skinny(int(mean_square.shape[0]), int(w0.shape[1]))):
         network = hooks.compiled_pieces(features.build, readout)  # (None: compiling failed)
     if network is not None:
-        start = 0
-        for index in pieces:
-            piece = network(weights, features.at(index))
-            out[start:start + piece.shape[0]].copy_(piece)
-            start += piece.shape[0]
-        return out.reshape(shape)
+        return written_pieces(pieces, lambda index: network(weights, features.at(index)), out).reshape(shape)
     result = streamed_mlp(pieces, (lambda index: whole) if whole is not None else feature_matrix, weights, "relu",
                           readout, in_place=no_grad, out=out, scratch=scratch)
     return result.reshape(shape)
@@ -588,10 +583,10 @@ def _cut(source: Any, index: tuple, rank: int) -> Any:
     raise TypeError(f"a feature source must be a tensor, a tuple or dataclass of them, or None; got {type(source)}")
 
 
-def piece_network(build: Callable[..., list[Tensor]], readout: Callable[[Tensor], Tensor], weights: list[Tensor],
+def piece_network(build: Callable[..., list[Tensor]], readout: Callable[[Tensor], Tensor], weights: ElementMajorWeights,
                   sources: tuple) -> Tensor:
     """The normalised network's output ``(n,)`` on one piece, from its sources (:class:`PieceFeatures`) and
-    :func:`bias_folded_weights` matrices (normalisation and constant inputs folded in): the features one
+    :func:`element_major_weights` (normalisation and constant inputs folded in): the features one
     tensor each, the network :func:`written_out_mlp`, ``readout``. What ``compile=True`` runs per piece of
     a feature-input rule whose first layer is skinny (:func:`is_skinny`: mlp_lopt's 5 features, the time features
     folded into the bias): compiled, the features and the first layer fuse into one loop that stores only the
@@ -660,12 +655,12 @@ def _unrolled_normalized_mlp(parts: list[Tensor], layers: list[tuple[Tensor, Ten
     return readout(outputs.reshape(outputs.shape[0], -1)).reshape(shape)
 
 
-def streamed_mlp(pieces: list[tuple], feature_matrix: Callable[[tuple], Tensor], weights: list[Tensor],
+def streamed_mlp(pieces: list[tuple], feature_matrix: Callable[[tuple], Tensor], weights: ElementMajorWeights,
                  activation: str, readout: Callable[[Tensor], Tensor], in_place: bool = False,
                  out: Tensor | None = None, scratch: Scratch | None = None) -> Tensor:
     """The per-element MLP of the feature-input rules, streamed: piece by piece (:func:`chunk_indices`),
     ``feature_matrix(index)`` ``(F + 1, n)`` — one row per input, the last row all ones — through
-    :func:`bias_folded_mlp` with ``weights`` (:func:`bias_folded_weights`), ``readout`` maps the
+    :func:`bias_folded_mlp` with ``weights`` (:func:`element_major_weights`), ``readout`` maps the
     ``(out, n)`` network output to ``(n,)``; the pieces' outputs concatenated, ``(N,)``. Only one
     piece's features and activations exist at a time. ``in_place``: see :func:`bias_folded_mlp`.
     ``out``: a flat ``(N,)`` buffer the pieces' outputs are written into (and returned) instead of
@@ -675,6 +670,12 @@ def streamed_mlp(pieces: list[tuple], feature_matrix: Callable[[tuple], Tensor],
     def network(index: tuple) -> Tensor:
         return readout(bias_folded_mlp(feature_matrix(index), weights, activation, in_place=in_place, scratch=scratch))
 
+    return written_pieces(pieces, network, out)
+
+
+def written_pieces(pieces: list[tuple], network: Callable[[tuple], Tensor], out: Tensor | None) -> Tensor:
+    """The pieces' outputs ``network(index)`` ``(n,)`` in order, ``(N,)``: written into the flat buffer ``out``
+    (returned), or concatenated when there is none."""
     if out is not None:
         start = 0
         for index in pieces:
@@ -691,20 +692,17 @@ IN_PLACE_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {"relu": torch.rel
 
 def bias_folded_weights(layers: list[tuple[Tensor, Tensor]],
                         activation: Callable[[Tensor], Tensor]) -> list[Tensor]:
-    """An MLP's ``(weight (in, out), bias)`` layers as bias-free feature-major matrices for
-    :func:`bias_folded_mlp` / :func:`folded_layers`.
+    """An MLP's ``(weight (in, out), bias)`` layers as bias-free feature-major matrices for :func:`folded_layers`
+    (Celo2).
 
     The input gets a trailing constant 1 and every hidden layer a trailing unit that carries a
     constant: ``[[Wᵀ, b / c], [0 … 0, 1]]`` ``(out + 1, in + 1)`` (the last layer without the carry
     row) where ``c`` is the constant arriving at that layer (1 at the input, ``act(c)`` after each
-    hidden layer — exactly 1 for ReLU). Then each bias rides inside its matmul — feature-major
-    (:func:`folded_layers`, Celo2's large slabs), where an ``addmm`` bias costs a full extra pass over the
-    activations. Element-major (:func:`bias_folded_mlp`) only the input's constant row is used: a carry unit
-    there makes the hidden products one column wider than the network, off BLAS's blocking.
+    hidden layer — exactly 1 for ReLU). Then each bias rides inside its matmul: feature-major, on Celo2's large
+    slabs, an ``addmm`` bias costs a full extra pass over the activations. (Element-major networks carry no unit:
+    :func:`element_major_weights`.)
 
-    Each matrix is the transpose of a contiguous ``(in + 1, out + 1)`` one; :func:`folded_layers` (feature-major)
-    takes ``.contiguous()`` copies, :func:`bias_folded_mlp` (element-major) contiguous copies of the weight rows
-    it multiplies, without the carry unit and bias column.
+    Each matrix is the transpose of a contiguous ``(in + 1, out + 1)`` one (callers take ``.contiguous()`` copies).
     """
     carried = torch.ones((), dtype=layers[0][0].dtype, device=layers[0][0].device)
     matrices = []
@@ -719,76 +717,80 @@ def bias_folded_weights(layers: list[tuple[Tensor, Tensor]],
     return matrices
 
 
-def bias_folded_mlp(x: Tensor, weights: list[Tensor], activation: str, in_place: bool = False,
+# Products with fewer result columns than this are "narrow": MKL multiplies them several times slower than their
+# transpose, so element-major weights with such outputs are stored column-major (:func:`element_major_weights`)
+# and meta-training's compiled inner step computes them transposed (``metatrain.unroll.narrow_matmul``).
+NARROW_COLUMNS = 16
+# An element-major network (:func:`element_major_weights`): the first layer's ``[W; b]`` and the later ``(W, b)``.
+ElementMajorWeights = tuple[Tensor, list[tuple[Tensor, Tensor]]]
+
+
+def element_major_weights(layers: list[tuple[Tensor, Tensor]]) -> ElementMajorWeights:
+    """An MLP's ``(weight (in, out), bias)`` layers as :func:`bias_folded_mlp` runs them element-major: the first
+    layer ``[W; b]`` ``(in + 1, out)``, its bias riding on the features' constant-one row, and the later layers
+    ``(W, b)``. No carry unit: one would make every hidden product a column wider than the network, off MKL's
+    blocking (small_fc_lopt's 39→32→32→2 on 32,768 elements, 2 threads: 2.4 → 1.8 ms per piece with the bias added
+    in cache instead, ≈ 0.05 ms). A weight with a narrow output (fewer than :data:`NARROW_COLUMNS` columns: the
+    2-output layer) is stored column-major (the transpose of a contiguous ``(out, in)`` matrix), which MKL
+    multiplies 2–3× faster (32,768 × (32 @ 32×2): 0.19 vs 0.55 ms); the others row-major, which a compiled
+    written-out layer reads one contiguous row of outputs at a time (column-major there: mlp_lopt's compiled
+    pieces 0.27 → 1.17 ms). Made once per tensor; every piece reuses it."""
+
+    def laid_out(weight: Tensor) -> Tensor:
+        return weight.t().contiguous().t() if weight.shape[1] < NARROW_COLUMNS else weight.contiguous()
+
+    (first_weight, first_bias), rest = layers[0], layers[1:]
+    return (laid_out(torch.cat([first_weight, first_bias.unsqueeze(0)])),
+            [(laid_out(weight), bias) for weight, bias in rest])
+
+
+def bias_folded_mlp(x: Tensor, weights: ElementMajorWeights, activation: str, in_place: bool = False,
                     scratch: Scratch | None = None) -> Tensor:
-    """Apply :func:`bias_folded_weights` matrices to feature-major ``x`` ``(in + 1, N)`` whose last row
-    is 1, element-major: every product ``(N, in) @ (in, out)``, one element's units together. Returns ``(out, N)``.
-
-    The first layer's bias rides on ``x``'s ones row; the hidden layers' carry units are not computed, each
-    later bias is added after its product (:func:`element_major_layers`). Deployment (2-D ``x``): ``in_place``
-    rectifies the activations and adds the biases in place; ``scratch(layer, (N, units))`` may return a buffer
-    for a layer's product (None: a new tensor)."""
-    first = weights[0] if len(weights) == 1 else weights[0][:-1]  # without the carry unit
-    product = compiled_skinny_product(x.t(), first.t())
+    """The network of :func:`element_major_weights` on feature-major ``x`` ``(in + 1, N)`` whose last row is 1
+    (it carries the first bias), element-major: every product ``(N, in) @ (in, out)``, one element's units
+    together. Returns ``(out, N)``. Deployment (2-D ``x``): ``in_place`` rectifies the activations and adds the
+    biases in place; ``scratch(layer, (N, units))`` may return a buffer for a layer's product (None: a new tensor)."""
+    first, later = weights
+    product = compiled_skinny_product(x.t(), first)
     if product is None:
-        target = None if scratch is None else scratch(0, (int(x.shape[-1]), int(first.shape[0])))
-        product = element_major_product(x.t(), first, target)
-    return element_major_layers(product, weights[1:], activation, in_place=in_place, scratch=scratch).mT
+        target = None if scratch is None else scratch(0, (int(x.shape[-1]), int(first.shape[1])))
+        product = torch.matmul(x.t(), first) if target is None else torch.mm(x.t(), first, out=target)
+    return element_major_layers(product, later, activation, in_place=in_place, scratch=scratch).mT
 
 
-def element_major_product(a: Tensor, rows: Tensor, out: Tensor | None = None) -> Tensor:
-    """``a @ rows.T`` for element-major activations ``a`` ``(…, N, in)`` and a layer's weight rows ``rows``
-    ``(out, in)`` (a view of a folded matrix), the rows made contiguous first: BLAS then reads the weights
-    column-major, which MKL multiplies 2–3× faster than a row-major ``(in, out)`` weight when ``out`` is small
-    (a per-element network's 2 outputs: 32,768 × (32 @ 32×2) 0.19 vs 0.55 ms, 2 threads). ``out``: a buffer
-    (deployment, 2-D)."""
-    weight = rows.contiguous().mT
-    return torch.matmul(a, weight) if out is None else torch.mm(a, weight, out=out)
-
-
-def element_major_layers(h: Tensor, weights: list[Tensor], activation: str, in_place: bool = False,
-                         scratch: Scratch | None = None) -> Tensor:
-    """The layers after the first of a :func:`bias_folded_weights` network, element-major: ``h`` ``(…, N, units)``
-    the first layer's output without its carry unit (bias included); returns ``(…, N, out)``.
-
-    No carry unit is computed: each layer multiplies ``act(h)`` by its weight columns alone and adds its bias
-    (the folded bias column times the constant the carry unit would hold: ``act(…act(1))``). A
-    carry unit makes every hidden product 33 columns wide instead of 32, off MKL's blocking: small_fc_lopt's
-    39→32→32→2 on 32,768 elements (2 threads) 2.4 → 1.8 ms per piece, a bias added in cache costing ≈ 0.05 ms.
-    ``in_place`` (deployment, no autograd): the activation and bias applied in place; ``scratch`` as for
-    :func:`bias_folded_mlp` (layer numbers from 1)."""
+def element_major_layers(h: Tensor, layers: list[tuple[Tensor, Tensor]], activation: str,
+                         in_place: bool = False, scratch: Scratch | None = None) -> Tensor:
+    """The layers after the first of an :func:`element_major_weights` network: ``h`` ``(…, N, units)`` the first
+    layer's output; returns ``(…, N, out)``. Each layer multiplies ``act(h)`` by its weight (a skinny product
+    written out when compiling, :func:`compiled_skinny_product`) and adds its bias. ``in_place`` (deployment, no
+    autograd): the activation and bias applied in place; ``scratch`` as for :func:`bias_folded_mlp` (layer
+    numbers from 1)."""
     act = IN_PLACE_ACTIVATIONS.get(activation) if in_place else None
     act = act or activation_fn(activation)
-    carried = activation_fn(activation)(torch.ones((), dtype=h.dtype, device=h.device))
-    last = len(weights) - 1
-    for layer, matrix in enumerate(weights):
-        rows = matrix if layer == last else matrix[:-1]  # without the carry unit
+    for layer, (weight, bias) in enumerate(layers):
         inputs = act(h)  # (once: an in-place activation such as tanh_ must not run twice)
-        product = compiled_skinny_product(inputs, rows[:, :-1].mT)
+        product = compiled_skinny_product(inputs, weight)
         if product is None:
-            target = None if scratch is None else scratch(layer + 1, (int(h.shape[-2]), int(rows.shape[0])))
-            product = element_major_product(inputs, rows[:, :-1], target)
-        bias = rows[:, -1] * carried
+            target = None if scratch is None else scratch(layer + 1, (int(h.shape[-2]), int(weight.shape[1])))
+            product = torch.matmul(inputs, weight) if target is None else torch.mm(inputs, weight, out=target)
         h = product.add_(bias) if in_place else product + bias
-        carried = activation_fn(activation)(carried)
     return h
 
 
-def written_out_mlp(inputs: list[Tensor], weights: list[Tensor], activation: str) -> Tensor:
-    """The network of :func:`bias_folded_weights` matrices on ``inputs``, one ``(N,)`` tensor per input, as a
-    compiled step writes it (per_param_mlp's 3→64→2 under :func:`writes_skinny_products`): no feature matrix,
-    no constant input — the first layer one broadcast product per input, its bias added —, the later layers
-    as :func:`element_major_layers` (no carry units; skinny products written out by
-    :func:`compiled_skinny_product`, a wide hidden layer a matrix product). Inductor fuses it into one loop over
-    the elements in which each hidden unit costs 3 multiply-adds, a ReLU and 2 multiply-adds; with contracted
-    multiply-adds (``CONTRACTED_SKINNY_COMPILE_OPTIONS``) that loop is bound by its multiplies. Measured
-    against the folded network with its ones row and carry unit (per_param_mlp, 32 members × 9,610 elements, 1
-    thread): its kernel 2.26 → 1.76 ms; not building the feature matrix: the tutorial's inner step 14 % and the
-    784-256-256-10 MLP's 12 % faster again (2 threads). The same sums in the same order as
-    :func:`bias_folded_mlp` except the first bias added last. Returns ``(out, N)``."""
-    first = weights[0] if len(weights) == 1 else weights[0][:-1]  # without the carry unit
-    h = sum_of_outer_products([x.unsqueeze(-1) for x in inputs], first[:, :-1].t()) + first[:, -1]
-    return element_major_layers(h, weights[1:], activation).mT
+def written_out_mlp(inputs: list[Tensor], weights: ElementMajorWeights, activation: str) -> Tensor:
+    """The network of :func:`element_major_weights` on ``inputs``, one ``(N,)`` tensor per input, as a compiled
+    step writes it (per_param_mlp's 3→64→2 under :func:`writes_skinny_products`, mlp_lopt's pieces): no feature
+    matrix, no constant input — the first layer one broadcast product per input, its bias added —, the later
+    layers :func:`element_major_layers`. Inductor fuses it into one loop over the elements in which each hidden
+    unit costs 3 multiply-adds, a ReLU and 2 multiply-adds; with contracted multiply-adds
+    (``CONTRACTED_SKINNY_COMPILE_OPTIONS``) that loop is bound by its multiplies. Measured against the folded
+    network with its ones row and carry unit (per_param_mlp, 32 members × 9,610 elements, 1 thread): its kernel
+    2.26 → 1.76 ms; not building the feature matrix: the tutorial's inner step 14 % and the 784-256-256-10 MLP's
+    12 % faster again (2 threads). The same sums in the same order as :func:`bias_folded_mlp` except the first
+    bias added last. Returns ``(out, N)``."""
+    first, later = weights  # first: (in + 1, out), the last row the bias
+    h = sum_of_outer_products([x.unsqueeze(-1) for x in inputs], first[:-1]) + first[-1]
+    return element_major_layers(h, later, activation).mT
 
 
 def folded_layers(h: Tensor, matrices: list[Tensor], activation: str, *, in_place: bool = False,
@@ -824,8 +826,3 @@ class DirectionMagnitudeReadout:
 
     def __call__(self, out: Tensor) -> Tensor:
         return out[0] * torch.exp(out[1] * self.exp_mult) * self.step_mult
-
-
-def step_from_direction_magnitude(exp_mult: float, step_mult: float) -> Callable[[Tensor], Tensor]:
-    """:class:`DirectionMagnitudeReadout` of these settings."""
-    return DirectionMagnitudeReadout(exp_mult, step_mult)

@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (PieceFeatures, StreamHooks, init_mlp_theta, numbered_layers, mlp_theta_shapes,
-                       normalized_mlp, step_from_direction_magnitude, tanh_time_features)
+from .features import (DirectionMagnitudeReadout, PieceFeatures, StreamHooks, init_mlp_theta, numbered_layers,
+                       mlp_theta_shapes, normalized_mlp, tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 
@@ -104,7 +104,7 @@ class MLPLOpt(UpdateRule):
         features = self.features(param, grad, momentum)
         time_features = tanh_time_features(as_step_tensor(step, param))
         return normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
-                              step_from_direction_magnitude(self.exp_mult, self.step_mult),
+                              DirectionMagnitudeReadout(self.exp_mult, self.step_mult),
                               chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
 
 

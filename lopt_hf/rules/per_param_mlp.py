@@ -13,8 +13,8 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, register_rule
-from .features import (activation_fn, bias_folded_weights, chunk_indices, ema, init_mlp_theta, numbered_layers,
-                       mlp_theta_shapes, streamed_mlp, writes_skinny_products, written_out_mlp)
+from .features import (ElementMajorWeights, activation_fn, chunk_indices, ema, element_major_weights, init_mlp_theta,
+                       numbered_layers, mlp_theta_shapes, streamed_mlp, writes_skinny_products, written_out_mlp)
 
 NUM_INPUTS = 3  # param, momentum, grad
 
@@ -54,11 +54,10 @@ class PerParamMLP(UpdateRule):
     def init_state(self, param: Tensor) -> State:
         return {"momentum": torch.zeros_like(param, dtype=torch.float32)}
 
-    def network(self, theta: Theta) -> list[Tensor]:
-        """The MLP as :func:`~lopt_hf.rules.features.bias_folded_weights` matrices (input rows ``[p, m, g, 1]``)."""
+    def network(self, theta: Theta) -> ElementMajorWeights:
+        """The MLP as :func:`~lopt_hf.rules.features.element_major_weights` (input rows ``[p, m, g, 1]``)."""
         num_layers = len(self._layer_sizes) - 1
-        layers = [(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(num_layers)]
-        return bias_folded_weights(layers, activation_fn(self.activation))
+        return element_major_weights([(theta[f"w{layer}"], theta[f"b{layer}"]) for layer in range(num_layers)])
 
     def readout(self, h: Tensor) -> Tensor:
         """The step ``a * step_mult * exp(b * exp_mult)`` from the network's ``(2, n)`` output."""
@@ -83,6 +82,6 @@ class PerParamMLP(UpdateRule):
 
 
 def feature_matrix(param: Tensor, momentum: Tensor, grad: Tensor) -> Tensor:
-    """``[p, m, g, 1]`` per element, ``(4, n)`` for flat ``(n,)`` inputs; the trailing 1 carries the
-    biases (see :func:`~lopt_hf.rules.features.bias_folded_weights`)."""
+    """``[p, m, g, 1]`` per element, ``(4, n)`` for flat ``(n,)`` inputs; the trailing 1 carries the first
+    layer's bias (see :func:`~lopt_hf.rules.features.element_major_weights`)."""
     return torch.stack([param, momentum, grad, torch.ones_like(param)])

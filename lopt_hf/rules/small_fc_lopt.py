@@ -35,9 +35,10 @@ import torch
 from torch import Tensor
 
 from .base import State, Theta, UpdateRule, as_step_tensor, register_rule
-from .features import (FactoredFeatures, PieceFeatures, StreamHooks, factored_accumulator_state, factored_dims,
-                       factored_features, factored_second_moments, init_mlp_theta, numbered_layers, mlp_theta_shapes,
-                       normalized_mlp, squared_gradient, step_from_direction_magnitude, tanh_time_features)
+from .features import (DirectionMagnitudeReadout, FactoredFeatures, PieceFeatures, StreamHooks,
+                       factored_accumulator_state, factored_dims, factored_features, factored_second_moments,
+                       init_mlp_theta, numbered_layers, mlp_theta_shapes, normalized_mlp, squared_gradient,
+                       tanh_time_features)
 
 NUM_TIME_FEATURES = 11
 DECAY_NAMES = ("momentum_decays", "rms_decays", "adafactor_decays")
@@ -169,7 +170,7 @@ class SmallFCLOpt(UpdateRule):
         time_features = tanh_time_features(as_step_tensor(step, param))
         features = self.features(param, grad, momentum, rms, fac)
         return normalized_mlp(theta, features, param.shape, time_features, int(self.hidden_layers) + 1,
-                              step_from_direction_magnitude(self.exp_mult, self.step_mult),
+                              DirectionMagnitudeReadout(self.exp_mult, self.step_mult),
                               chunk_size=chunk_size, eps=self.normalization_eps, hooks=hooks)
 
     @staticmethod

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lopt_hf.rules.features import (StreamHooks, activation_fn, bias_folded_mlp, bias_folded_weights, feature_mean_squares,
-                                    folded_layers, normalized_mlp, row_sum_squares, streamed_mlp, tracing_for_inductor,
-                                    unrolled_mlp, unrolls, writes_skinny_products,
-                                    written_out_mlp)
+from lopt_hf.rules.features import (StreamHooks, activation_fn, bias_folded_mlp, bias_folded_weights,
+                                    element_major_weights, feature_mean_squares, folded_layers, normalized_mlp,
+                                    row_sum_squares, streamed_mlp, tracing_for_inductor, unrolled_mlp, unrolls,
+                                    writes_skinny_products, written_out_mlp)
 
 
 def textbook_mlp(x: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tensor]], act) -> torch.Tensor:
@@ -35,7 +35,7 @@ def test_bias_folded_mlp_is_the_textbook_mlp(sizes: list[int], activation: str, 
     layers = random_layers(sizes, seed=len(sizes))
     x = torch.randn(50, sizes[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     features = torch.cat([x.t(), torch.ones(1, 50, dtype=torch.float64)])  # (in + 1, N), last row 1
-    folded = bias_folded_mlp(features, bias_folded_weights(layers, act), activation, in_place=in_place)
+    folded = bias_folded_mlp(features, element_major_weights(layers), activation, in_place=in_place)
     torch.testing.assert_close(folded, textbook_mlp(x, layers, act).t(), rtol=1e-12, atol=1e-12)
 
 
@@ -46,7 +46,7 @@ def test_written_out_network_is_the_textbook_mlp(sizes: list[int], activation: s
     matrix product)."""
     layers = random_layers(sizes, seed=len(sizes))
     x = torch.randn(50, sizes[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    written = written_out_mlp(list(x.t()), bias_folded_weights(layers, act), activation)
+    written = written_out_mlp(list(x.t()), element_major_weights(layers), activation)
     torch.testing.assert_close(written, textbook_mlp(x, layers, act).t(), rtol=1e-12, atol=1e-12)
 
 
@@ -91,15 +91,16 @@ def test_element_major_deployment_options_change_no_bit(activation: str) -> None
               (torch.randn(32, 7, generator=gen), torch.randn(7, generator=gen)),
               (torch.randn(7, 2, generator=gen), torch.randn(2, generator=gen))]
     matrices = bias_folded_weights(layers, activation_fn(activation))
+    weights = element_major_weights(layers)
     x = torch.cat([torch.randn(9, 300, generator=gen), torch.ones(1, 300)])
-    plain = bias_folded_mlp(x, matrices, activation)
+    plain = bias_folded_mlp(x, weights, activation)
     buffers: list[torch.Tensor] = []
 
     def scratch(layer: int, shape: tuple[int, int]) -> torch.Tensor:
         buffers.append(torch.empty(shape))
         return buffers[-1]
 
-    deployed = bias_folded_mlp(x, matrices, activation, in_place=True, scratch=scratch)
+    deployed = bias_folded_mlp(x, weights, activation, in_place=True, scratch=scratch)
     assert [tuple(buffer.shape) for buffer in buffers] == [(300, 32), (300, 7), (300, 2)]
     assert deployed.data_ptr() == buffers[-1].data_ptr() and torch.equal(deployed, plain)
     feature_major = folded_layers(matrices[0].contiguous() @ x, [m.contiguous() for m in matrices[1:]], activation)
@@ -110,7 +111,7 @@ def test_streamed_mlp_pieces_and_out_buffer_equal_one_piece() -> None:
     gen = torch.Generator().manual_seed(4)
     layers = [(torch.randn(3, 5, generator=gen), torch.randn(5, generator=gen)),
               (torch.randn(5, 2, generator=gen), torch.randn(2, generator=gen))]
-    weights = bias_folded_weights(layers, torch.relu)
+    weights = element_major_weights(layers)
     features = torch.cat([torch.randn(3, 100, generator=gen), torch.ones(1, 100)])
 
     def readout(out: torch.Tensor) -> torch.Tensor:
